@@ -1,0 +1,1 @@
+"""Board platforms, top levels and bitstream flows."""

@@ -1,0 +1,1 @@
+"""ONNX -> vitamin program compiler."""

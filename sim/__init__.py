@@ -1,0 +1,1 @@
+"""cocotb + Verilator harness and the RTL backend."""
