@@ -72,6 +72,11 @@ class Config:
         The GELU correction table covers |x| in [0, gelu_range); beyond, gelu(x) = relu(x).
     watchdog_cycles : int
         A handshake stalled this long is reported as a watchdog error instead of hanging.
+    cmd_depth : int
+        Depth of each module's instruction queue. Fetch dispatches in program order and stalls
+        when the target queue is full; the golden model checks that no program deadlocks on it.
+    token_depth : int
+        Depth of each dependency-token queue between two modules (a push stalls when full).
     """
 
     name: str
@@ -98,6 +103,8 @@ class Config:
     gelu_step_log2: int = 6
     gelu_range: int = 8
     watchdog_cycles: int = 1 << 20
+    cmd_depth: int = 16
+    token_depth: int = 16
 
     def __post_init__(self):
         def need(cond, field, msg):
@@ -121,14 +128,15 @@ class Config:
              "must be in 32..48 (the requantiser multiplies it by 16 bits in a 64-bit product)")
         pow2("max_k")
         need(self.max_k >= self.rows, "max_k", f"must be at least rows={self.rows}")
-        # Products of two 16-bit words are < 2^30 in magnitude (|-32768 * -32768| = 2^30);
+        # Products of two 16-bit words are at most 2^30 in magnitude (-32768 * -32768);
         # max_k of them need 31 + log2(max_k) bits plus sign.
         need_acc = 31 + int(math.log2(self.max_k)) + 1
         if self.acc_bits < need_acc:
             raise ConfigError(f"{self.name}: field 'acc_bits' must be >= {need_acc} to hold "
                               f"max_k={self.max_k} products of 16-bit words, not {self.acc_bits}")
         pow2("max_dim")
-        need(self.max_dim <= 65536, "max_dim", "must be <= 65536 (16-bit count fields)")
+        need(self.max_dim <= 32768, "max_dim", "must be <= 32768 (16-bit count fields)")
+        need(self.max_k <= 32768, "max_k", "must be <= 32768 (16-bit count fields)")
         need(isinstance(self.spad_words, int) and 1024 <= self.spad_words <= (1 << 22),
              "spad_words", "must be in 1024..4194304 (22-bit element addresses)")
         need(self.spad_words % (self.rows * self.cols) == 0 and self.spad_words % self.row_lanes == 0,
@@ -158,6 +166,10 @@ class Config:
         need(self.gelu_range in (4, 8, 16), "gelu_range", "must be 4, 8 or 16")
         need(isinstance(self.watchdog_cycles, int) and self.watchdog_cycles >= 1024,
              "watchdog_cycles", "must be >= 1024")
+        need(isinstance(self.cmd_depth, int) and 2 <= self.cmd_depth <= 1024, "cmd_depth",
+             "must be in 2..1024")
+        need(isinstance(self.token_depth, int) and 1 <= self.token_depth <= 255, "token_depth",
+             "must be in 1..255")
 
     # -- derived figures (computed here only) ---------------------------------------------------
 
@@ -218,8 +230,8 @@ class Config:
     def fingerprint(self) -> bytes:
         """8-byte fingerprint of everything that changes the bits a program computes or encodes.
 
-        The name and the nominal clock are left out: renaming a preset or retiming it does not
-        change the meaning of a program.
+        The name, the nominal clock and the watchdog limit are left out: they do not change the
+        meaning of a program.
         """
         d = dataclasses.asdict(self)
         d.pop("name")

@@ -18,7 +18,7 @@ __all__ = [
     "INSTR_BITS", "INSTR_BYTES", "Opcode", "Unit", "DType", "Mem", "DmaMode", "AccIn", "OutMode",
     "Act", "SmMode", "VecOp", "ErrorCode", "Header", "Dma", "Matmul", "Softmax", "LayerNorm",
     "TopK", "Route", "Spans", "Vec", "Mark", "End", "FORMATS", "UNIT_OF", "encode", "decode",
-    "decode_header", "isa_table", "DecodeError",
+    "decode_header", "isa_table", "format_isa_table", "DecodeError", "SIGNED_FIELDS",
 ]
 
 INSTR_BITS = 512
@@ -28,7 +28,7 @@ INSTR_BYTES = INSTR_BITS // 8
 SPAD_ADDR = 22   # scratchpad element address (config.spad_words <= 2^22)
 DRAM_ADDR = 32   # byte address inside the accelerator's DRAM window
 IDX_ADDR = 20    # index-memory entry address
-COUNT = 16       # counts hold 0..65535 (config.max_dim <= 65536)
+COUNT = 16       # counts hold 0..65535 (config.max_dim, config.max_k <= 32768)
 MULT = 16        # signed 16-bit multipliers
 SHIFT = 6        # right shifts 0..63
 
@@ -346,8 +346,10 @@ def encode(opcode: Opcode, **fields) -> bytes:
     hdr = {"opcode": opcode}
     body = {}
     for name, value in fields.items():
-        if name in hdr_names and name != "opcode":
-            hdr[name] = int(value)
+        if name in ("hdr", "opcode"):
+            raise ValueError(f"{opcode.name}: field {name!r} is set by encode itself")
+        if name in hdr_names:
+            hdr[name] = value
         else:
             body[name] = value
     known = {n for n, _ in layout}
@@ -357,14 +359,20 @@ def encode(opcode: Opcode, **fields) -> bytes:
                              f"{', '.join(sorted(known - {'hdr'}))}")
     for name, value in list(body.items()):
         f = layout[name]
-        if isinstance(value, enum.Enum):
-            continue
         shape = f.shape
         if isinstance(shape, type) and issubclass(shape, enum.Enum):
-            body[name] = shape(value)
+            if isinstance(value, enum.Enum) and not isinstance(value, shape):
+                raise ValueError(f"{opcode.name}: field {name!r} takes a {shape.__name__}, "
+                                 f"not {value!r}")
+            try:
+                body[name] = shape(value)
+            except ValueError:
+                raise ValueError(f"{opcode.name}: field {name!r} = {value!r} is not a "
+                                 f"{shape.__name__} ({', '.join(m.name for m in shape)})"
+                                 ) from None
             continue
         width = f.width
-        v = int(value)
+        v = _as_int(opcode, name, value)
         if name in SIGNED_FIELDS:
             lo, hi = -(1 << (width - 1)), (1 << (width - 1)) - 1
         else:
@@ -378,11 +386,28 @@ def encode(opcode: Opcode, **fields) -> bytes:
     for name, value in hdr.items():
         if name == "opcode":
             continue
+        value = hdr[name] = _as_int(opcode, name, value)
         if not 0 <= value < (1 << hf[name].width):
             raise ValueError(f"{opcode.name}: header field {name!r} = {value} does not fit "
                              f"{hf[name].width} bits")
     word = layout.const({"hdr": hdr, **body}).as_bits()
     return word.to_bytes(INSTR_BYTES, "little")
+
+
+def _as_int(opcode, name, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        try:
+            import numpy as np
+            if isinstance(value, np.integer):
+                return int(value)
+        except ImportError:  # pragma: no cover
+            pass
+        raise ValueError(f"{opcode.name}: field {name!r} must be an integer, not {value!r}")
+    return int(value)
+
+
+_HEADER_BITS = data.Layout.cast(Header).size
+_OPCODE_FIELD = data.Layout.cast(Header)["opcode"]
 
 
 def _signed(v: int, width: int) -> int:
@@ -392,7 +417,7 @@ def _signed(v: int, width: int) -> int:
 def decode_header(word):
     if isinstance(word, (bytes, bytearray, memoryview)):
         word = int.from_bytes(bytes(word), "little")
-    return data.Layout.cast(Header).from_bits(word & ((1 << 18) - 1))
+    return data.Layout.cast(Header).from_bits(word & ((1 << _HEADER_BITS) - 1))
 
 
 def decode(word) -> "tuple[Opcode, dict]":
@@ -404,7 +429,9 @@ def decode(word) -> "tuple[Opcode, dict]":
         if len(word) != INSTR_BYTES:
             raise DecodeError(f"instruction word must be {INSTR_BYTES} bytes, not {len(word)}")
         word = int.from_bytes(bytes(word), "little")
-    raw_op = word & 0x1F
+    if not 0 <= word < (1 << INSTR_BITS):
+        raise DecodeError(f"instruction word must be an unsigned {INSTR_BITS}-bit integer")
+    raw_op = (word >> _OPCODE_FIELD.offset) & ((1 << _OPCODE_FIELD.width) - 1)
     try:
         opcode = Opcode(raw_op)
     except ValueError:
@@ -436,7 +463,15 @@ def decode(word) -> "tuple[Opcode, dict]":
 def isa_table():
     """The instruction set as rows (opcode, unit, field, bit offset, width, signedness)."""
     rows = []
+    for name, f in data.Layout.cast(Header):
+        kind = f.shape.__name__ if name == "opcode" else "unsigned"
+        rows.append({"opcode": "(all)", "value": None, "unit": None, "field": name,
+                     "offset": f.offset, "width": f.width, "kind": kind})
     for op, fmt in FORMATS.items():
+        if len(list(data.Layout.cast(fmt))) == 1:
+            rows.append({"opcode": op.name, "value": op.value, "unit": UNIT_OF[op].name,
+                         "field": "(header only)", "offset": _HEADER_BITS, "width": 0,
+                         "kind": ""})
         for name, f in data.Layout.cast(fmt):
             if name == "hdr":
                 continue
@@ -452,12 +487,9 @@ def format_isa_table() -> str:
     """The markdown table printed by ``vitamin isa`` and embedded in docs/ISA.md."""
     lines = ["| opcode | value | unit | field | bits | width | kind |",
              "|---|---|---|---|---|---|---|"]
-    for name, f in data.Layout.cast(Header):
-        kind = f.shape.__name__ if name == "opcode" else "unsigned"
-        lines.append(f"| (all) | | | {name} | {f.offset}..{f.offset + f.width - 1} | {f.width} "
-                     f"| {kind} |")
     for r in isa_table():
-        lines.append(f"| {r['opcode']} | {r['value']} | {r['unit']} | {r['field']} | "
-                     f"{r['offset']}..{r['offset'] + r['width'] - 1} | {r['width']} | "
+        bits = f"{r['offset']}..{r['offset'] + r['width'] - 1}" if r["width"] else "-"
+        lines.append(f"| {r['opcode']} | {'' if r['value'] is None else r['value']} | "
+                     f"{r['unit'] or ''} | {r['field']} | {bits} | {r['width']} | "
                      f"{r['kind']} |")
     return "\n".join(lines)
