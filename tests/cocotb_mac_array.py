@@ -18,9 +18,9 @@ import cocotb
 import numpy as np
 from cocotb.clock import Clock
 from cocotb.triggers import FallingEdge, ReadOnly, RisingEdge
+from vitamin.hw.mac_array import a_line_layout, psum_line_layout, weight_line_layout
 
 from vitamin.config import Config
-from vitamin.hw.mac_array import a_line_layout, psum_line_layout, weight_line_layout
 
 
 def _config():
@@ -144,7 +144,7 @@ async def mac_array_random_backpressure(dut):
     cocotb.start_soon(a_src.send(a_items))
     await sink.receive(len(expected))
 
-    for k, (bits, (want, first, last)) in enumerate(zip(sink.received, expected)):
+    for k, (bits, (want, first, last)) in enumerate(zip(sink.received, expected, strict=True)):
         got = o_layout.from_bits(bits)
         got_data = np.array([got.data[c] for c in range(config.cols)], dtype=np.int64)
         np.testing.assert_array_equal(got_data, want, err_msg=f"output line {k}")

@@ -39,7 +39,13 @@ async def stream_put(ctx, stream, payload, *, rng=None, p_idle=0.0):
     await _random_wait(ctx, rng, p_idle)
     ctx.set(stream.payload, payload)
     ctx.set(stream.valid, 1)
-    await ctx.tick().until(stream.ready)
+    # A loop of plain ticks rather than `ctx.tick().until()`: when another testbench fails, the
+    # simulator abandons this one, and an abandoned `until()` raises again on garbage collection
+    # ("aclose(): asynchronous generator is already running"), burying the real failure.
+    while True:
+        _, _, ready = await ctx.tick().sample(stream.ready)
+        if ready:
+            break
     ctx.set(stream.valid, 0)
 
 
@@ -58,7 +64,10 @@ async def stream_get(ctx, stream, *, rng=None, p_stall=0.0):
     """
     await _random_wait(ctx, rng, p_stall)
     ctx.set(stream.ready, 1)
-    (payload,) = await ctx.tick().sample(stream.payload).until(stream.valid)
+    while True:  # not `.until()`, see stream_put
+        _, _, valid, payload = await ctx.tick().sample(stream.valid, stream.payload)
+        if valid:
+            break
     ctx.set(stream.ready, 0)
     return payload
 
@@ -87,9 +96,8 @@ def run_sim(dut, *testbenches, processes=(), deadline_cycles=None, vcd=None):
         sim.add_testbench(tb, background=True)
     if deadline_cycles is not None:
         async def watchdog(ctx):
-            # A plain loop rather than `ctx.tick().repeat()`: a background testbench is left
-            # suspended when the simulation ends, and an abandoned `repeat()` async generator
-            # raises on garbage collection.
+            # A plain loop rather than `ctx.tick().repeat()`: this testbench is abandoned when
+            # the others finish (see stream_put).
             for _ in range(deadline_cycles):
                 await ctx.tick()
             raise AssertionError(f"testbenches did not finish within {deadline_cycles} cycles")

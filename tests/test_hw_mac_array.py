@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from amaranth.hdl import signed
 from hwutil import make_rng, run_sim, stream_get, stream_put
-
-from vitamin.config import PRESETS, Config, ConfigError
 from vitamin.hw.mac_array import MacArray, a_line_layout
 from vitamin.sim.verilator import run_cocotb, write_verilog
+
+from vitamin.config import PRESETS, Config, ConfigError
 
 TINY = PRESETS["tiny"]
 SQUARE4 = Config(name="square4", rows=4, cols=4)
@@ -92,9 +92,12 @@ def test_signature_and_latency():
 
 
 @pytest.mark.parametrize("config", [TINY, SQUARE4], ids=lambda c: c.name)
-def test_random_tiles_with_backpressure(config):
-    tiles = _random_tiles(config, seed=config.rows, n_tiles=8)
-    got, flags = _simulate_tiles(config, tiles, seed=1, p_idle=0.3, p_stall=0.4)
+@pytest.mark.parametrize("p_idle,p_stall", [(0.0, 0.0), (0.3, 0.4), (0.8, 0.1), (0.1, 0.8)])
+def test_random_tiles_with_backpressure(config, p_idle, p_stall):
+    """Back-to-back tiles (the next tile loads while one computes) under backpressure: sparse
+    sources (``p_idle``) leave bubbles in the pipeline, a slow sink (``p_stall``) stalls it."""
+    tiles = _random_tiles(config, seed=config.rows, n_tiles=16)
+    got, flags = _simulate_tiles(config, tiles, seed=1, p_idle=p_idle, p_stall=p_stall)
     _check(config, tiles, got, flags)
 
 
@@ -152,7 +155,8 @@ def test_full_throughput_and_latency():
 
 
 def test_output_stall_holds_pipeline():
-    """A stalled consumer fills exactly ``latency`` stages, then the input stalls; nothing is lost."""
+    """A stalled consumer fills exactly ``latency`` stages, then the input stalls; nothing is
+    lost."""
     config = TINY
     dut = MacArray(config)
     rng = np.random.default_rng(5)
@@ -171,7 +175,7 @@ def test_output_stall_holds_pipeline():
         for _ in range(20):  # the output never becomes ready in this phase
             _, _, a_ready, o_valid = await ctx.tick().sample(dut.a_stream.ready,
                                                               dut.o_stream.valid)
-            if a_ready:
+            if a_ready and sent < len(a) - 1:
                 sent += 1
                 ctx.set(dut.a_stream.payload, _a_line(a[sent], False, False))
         accepted.append(sent)

