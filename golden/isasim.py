@@ -167,6 +167,7 @@ class Machine:
         self.dram = dram
         self.spad = np.zeros(config.spad_words, dtype=np.int64)
         self.acc = np.zeros((config.acc_lines, config.cols), dtype=np.int64)
+        self.acc_valid = np.zeros(config.acc_lines, dtype=bool)   # lines holding partial sums
         self.idx = np.zeros((config.idx_entries, 2), dtype=np.int64)
         self.rs = units.RowState(config.rowstate_rows)
         self.regs = np.zeros(N_REGS, dtype=np.int64)
@@ -363,9 +364,13 @@ class Machine:
         self.field_check(not (f["out"] == OutMode.SPAD_ADD and not f["scatter"]),
                          "out = SPAD_ADD needs scatter = 1")
         tiles = -(-n // cfg.cols)
-        if f["acc_addr"] + tiles * m > cfg.acc_lines:
+        # Architectural ACC region: tiles*m lines when partial sums are read or kept; an
+        # instruction that neither reads nor keeps them uses min(tiles, 2)*m lines as scratch.
+        arch = f["out"] == OutMode.ACC or f["acc_in"] != AccIn.ZERO
+        used = (tiles if arch else min(tiles, 2)) * m
+        if f["acc_addr"] + used > cfg.acc_lines:
             self.fault(ErrorCode.ACC_RANGE, f"accumulator lines {f['acc_addr']}.."
-                       f"{f['acc_addr'] + tiles * m - 1} outside 0..{cfg.acc_lines - 1}")
+                       f"{f['acc_addr'] + used - 1} outside 0..{cfg.acc_lines - 1}")
         a_rows = toks if f["gather"] else np.arange(rows)
         a = self.spad[self.spad_idx(f["a_addr"], a_rows, f["a_stride"], k, "A")]
         if f["b_trans"]:
@@ -385,6 +390,11 @@ class Machine:
                 self.fault(ErrorCode.ROWSTATE_RANGE, f"row state {lo}..{lo + rows - 1} outside "
                            f"0..{cfg.rowstate_rows - 1}")
             rs_rows = slice(lo, lo + rows)
+        if f["acc_in"] != AccIn.ZERO:
+            stale = ~self.acc_valid[np.unique(lines)]
+            if stale.any():
+                self.fault(ErrorCode.BAD_FIELD, "MATMUL reads accumulator lines that hold no "
+                           "partial sums (never written, or clobbered by an epilogue MATMUL)")
         if f["acc_in"] == AccIn.ZERO:
             acc = prod
         elif f["acc_in"] == AccIn.ACC:
@@ -398,7 +408,10 @@ class Machine:
         if f["out"] == OutMode.ACC:
             self.field_check(not f["scatter"], "scatter needs an epilogue output")
             self.acc[lines, lanes] = acc
+            self.acc_valid[np.unique(lines)] = True
             return
+        # an epilogue MATMUL leaves the accumulator lines it used undefined
+        self.acc_valid[f["acc_addr"]:f["acc_addr"] + used] = False
         # epilogue
         if f["chan_en"]:
             ch = self.spad[self.spad_idx(f["chan_addr"], n, 4, 4, "channel table")]

@@ -1,0 +1,767 @@
+"""Lowering: canonical IR graph + quantisation plan -> vitamin program.
+
+Strategy (activation-resident, weight-streaming):
+
+* Every activation lives in the scratchpad for its lifetime (allocated first-fit, freed after its
+  last use). A model whose live activations do not fit is rejected with the node and the sizes.
+* Weights stream from DRAM in column tiles through two scratchpad buffers (double buffering):
+  the load of tile t+2 is issued after the last MATMUL of tile t and waits for that MATMUL's
+  "buffer free" token, so weight loads overlap compute, across layer boundaries too.
+* Small constants (LayerNorm parameters, position embeddings, CLS rows) are loaded once at start.
+* Fusion: linear -> (gelu | relu) -> add(residual) and linear -> mul(scalar) become one MATMUL with
+  its epilogue; row selection, column slices, reshapes and concatenation are views (no copies).
+* Attention: per head, S = Q_h K_h^T (scores stay on chip), softmax in place, O_h = P V_h written
+  to the head's columns of the output.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from vitamin.asm import Assembler, Ref
+from vitamin.golden.numerics import requant_params
+from vitamin.isa import Act, DType, Opcode, OutMode
+
+from . import ir
+from .quantize import QuantPlan, quantize_weight
+
+__all__ = ["lower", "View"]
+
+
+@dataclass
+class View:
+    """A 2-D activation in the scratchpad."""
+    addr: int
+    rows: int
+    cols: int
+    stride: int
+    buf: int            # id of the owning buffer
+
+
+class _Alloc:
+    """First-fit allocator of scratchpad words."""
+
+    def __init__(self, base: int, limit: int, align: int):
+        self.free = [(base, limit)]
+        self.align = align
+        self.base, self.limit = base, limit
+        self.peak = 0
+
+    def alloc(self, size: int, what: str) -> int:
+        size = -(-max(size, 1) // self.align) * self.align
+        for i, (a, b) in enumerate(self.free):
+            if b - a >= size:
+                self.free[i] = (a + size, b)
+                if self.free[i][0] == self.free[i][1]:
+                    self.free.pop(i)
+                self.peak = max(self.peak, self.used())
+                return a
+        raise ir.CompileError(
+            f"model too large for the configuration: {what} needs {size} scratchpad words, "
+            f"but only {self.largest()} contiguous words are free of {self.limit - self.base} "
+            f"for activations (weights use the rest); choose a larger preset")
+
+    def release(self, addr: int, size: int):
+        size = -(-max(size, 1) // self.align) * self.align
+        self.free.append((addr, addr + size))
+        self.free.sort()
+        merged = []
+        for a, b in self.free:
+            if merged and merged[-1][1] == a:
+                merged[-1] = (merged[-1][0], b)
+            else:
+                merged.append((a, b))
+        self.free = merged
+
+    def largest(self) -> int:
+        return max((b - a for a, b in self.free), default=0)
+
+    def used(self) -> int:
+        return (self.limit - self.base) - sum(b - a for a, b in self.free)
+
+
+def _as2d(shape) -> tuple[int, int]:
+    shape = tuple(int(s) for s in shape)
+    if len(shape) == 0:
+        return 1, 1
+    if len(shape) == 1:
+        return 1, shape[0]
+    lead = int(np.prod(shape[:-1]))
+    return lead, shape[-1]
+
+
+def _chan_words(bias, mult, shift):
+    bias = np.asarray(bias, dtype=np.int64)
+    t = np.zeros((len(bias), 4), dtype=np.int64)
+    lo = bias & 0xFFFF
+    t[:, 0] = np.where(lo >= 32768, lo - 65536, lo)
+    t[:, 1] = bias >> 16
+    t[:, 2] = mult
+    t[:, 3] = shift
+    return t
+
+
+class _Lowering:
+    def __init__(self, graph: ir.Graph, config, plan: QuantPlan, name: str):
+        self.g = graph
+        self.cfg = config
+        self.plan = plan
+        self.asm = Assembler(config)
+        self.asm.meta["model"] = name
+        self.views: dict = {}
+        self.buf_size: dict = {}
+        self.buf_refs: dict = {}
+        self.nbuf = 0
+        self.layers = []          # per MARK id: {"name", "op", "macs"}
+        # token bookkeeping
+        self.l2c_groups = 0       # load groups whose token has been pushed
+        self.l2c_popped = 0
+        self.open_group = False   # loads emitted since the last push
+        self.last_load = None
+        self.c2s_pushed = False
+
+    # -- helpers -----------------------------------------------------------------------------
+
+    def scale(self, v: str) -> float:
+        if v not in self.plan.scale:
+            raise ir.CompileError(f"no calibrated range for {v!r}")
+        return self.plan.scale[v]
+
+    def const(self, v: str):
+        return self.g.values[v].const
+
+    def is_const(self, v: str) -> bool:
+        return self.g.values[v].is_const
+
+    def new_buf(self, rows, cols, what) -> View:
+        size = rows * cols
+        addr = self.alloc.alloc(size, what)
+        b = self.nbuf
+        self.nbuf += 1
+        self.buf_size[b] = (addr, size)
+        self.buf_refs[b] = 0
+        return View(addr, rows, cols, cols, b)
+
+    def load(self, **f):
+        self.asm.load(**f)
+        self.last_load = len(self.asm.instrs) - 1
+        self.open_group = True
+
+    def push_group(self) -> int:
+        """Close the open load group with a token; returns its sequence number (1-based)."""
+        if self.open_group:
+            op, f = self.asm.instrs[self.last_load]
+            f["push_next"] = 1
+            self.l2c_groups += 1
+            self.open_group = False
+        return self.l2c_groups
+
+    def wait_group(self, seq: int) -> dict:
+        """Token fields for a compute instruction that needs load group ``seq``."""
+        while self.l2c_popped < seq - 1:
+            self.asm.mark(0xFFFF, pop_prev=1)
+            self.l2c_popped += 1
+        if self.l2c_popped < seq:
+            self.l2c_popped += 1
+            return {"pop_prev": 1}
+        return {}
+
+    # -- planning ----------------------------------------------------------------------------
+
+    def plan_fusion(self):
+        g = self.g
+        self.absorbed = set()
+        self.fused = {}
+        for n in g.nodes:
+            if n.op != "linear":
+                continue
+            out = n.outputs[0]
+            info = {"act": None, "factor": 1.0, "res": None, "out": out}
+            cons = g.consumers(out)
+            if len(cons) == 1 and cons[0].op in ("mul", "div") and \
+                    self.is_const(cons[0].inputs[1]) and \
+                    np.size(self.const(cons[0].inputs[1])) == 1 and cons[0].inputs[0] == out:
+                c = float(np.asarray(self.const(cons[0].inputs[1])).reshape(()))
+                info["factor"] = c if cons[0].op == "mul" else 1.0 / c
+                self.absorbed.add(id(cons[0]))
+                out = cons[0].outputs[0]
+                cons = g.consumers(out)
+            if len(cons) == 1 and cons[0].op in ("gelu", "relu") and \
+                    cons[0].attrs.get("approximate", "none") in ("none",):
+                info["act"] = cons[0].op
+                self.absorbed.add(id(cons[0]))
+                out = cons[0].outputs[0]
+                cons = g.consumers(out)
+            if len(cons) == 1 and cons[0].op == "add" and out not in g.outputs:
+                other = [i for i in cons[0].inputs if i != out]
+                if len(other) == 1 and _as2d(g.shape(other[0])) == _as2d(g.shape(out)):
+                    info["res"] = other[0]
+                    self.absorbed.add(id(cons[0]))
+                    out = cons[0].outputs[0]
+            info["out"] = out
+            self.fused[id(n)] = info
+
+    def plan_lifetimes(self):
+        """Last node index at which each value (through its aliases) is read."""
+        g = self.g
+        self.alias_of = {}          # view value -> base value
+        for n in g.nodes:
+            if n.op in ("reshape", "slice", "gather") and not self.is_const(n.inputs[0]):
+                self.alias_of[n.outputs[0]] = self.root(n.inputs[0])
+        self.last_use = {}
+        for idx, n in enumerate(g.nodes):
+            for i in n.inputs:
+                if i and not self.is_const(i):
+                    self.last_use[self.root(i)] = idx
+        for o in g.outputs:
+            self.last_use[self.root(o)] = len(g.nodes)
+        # concat targets: an input produced for a concat is written straight into it
+        self.concat_into = {}
+        for n in g.nodes:
+            if n.op == "concat":
+                if n.attrs.get("axis", 0) not in (0, -2) and \
+                        len(g.shape(n.outputs[0])) >= 2 and n.attrs.get("axis") != \
+                        len(g.shape(n.outputs[0])) - 2:
+                    raise ir.CompileError(f"node {n.name!r}: concat along axis "
+                                          f"{n.attrs.get('axis')} is not supported (rows only)")
+                row = 0
+                for i in n.inputs:
+                    r, _ = _as2d(g.shape(i))
+                    if not self.is_const(i):
+                        self.concat_into[i] = (n.outputs[0], row)
+                    row += r
+
+    def root(self, v):
+        while v in self.alias_of:
+            v = self.alias_of[v]
+        return v
+
+    # -- emission ----------------------------------------------------------------------------
+
+    def run(self):
+        cfg = self.cfg
+        g = self.g
+        self.plan_fusion()
+        self.plan_lifetimes()
+        # weight tiles of every linear, in program order
+        self.tiles = []
+        for n in g.nodes:
+            if n.op == "linear":
+                self.tiles.extend(self.make_tiles(n))
+        wmax = max((t["k"] * t["nt"] for t in self.tiles), default=0)
+        cmax = max((4 * t["nt"] for t in self.tiles), default=0)
+        align = max(cfg.rows * cfg.cols, cfg.row_lanes, 16)
+        wsz = -(-wmax // align) * align
+        csz = -(-cmax // align) * align
+        self.wbuf = [0, wsz]
+        self.cbuf = [2 * wsz, 2 * wsz + csz]
+        base = 2 * wsz + 2 * csz
+        if base >= cfg.spad_words:
+            raise ir.CompileError(f"model too large for the configuration: weight tiles need "
+                                  f"{base} of {cfg.spad_words} scratchpad words")
+        self.alloc = _Alloc(base, cfg.spad_words, align)
+        # inputs
+        for name in g.inputs:
+            self.emit_input(name)
+        # resident constants (loaded in the first group)
+        self.resident = {}
+        self.prepare_residents()
+        # first two weight tiles
+        self.next_tile = 0
+        for _ in range(2):
+            self.emit_tile_load()
+        for idx, n in enumerate(g.nodes):
+            self.idx = idx
+            if id(n) in self.absorbed:
+                self.release_dead(idx)
+                continue
+            getattr(self, "lower_" + n.op)(n)
+            self.release_dead(idx)
+        self.wait_group(self.l2c_groups)     # every load token is consumed before END
+        self.emit_outputs()
+        self.asm.meta["layers"] = self.layers
+        self.asm.meta["spad_peak_words"] = self.alloc.peak + base
+        self.asm.meta["weight_tiles"] = len(self.tiles)
+        return self.asm.link()
+
+    def release_dead(self, idx):
+        for v, last in list(self.last_use.items()):
+            if last == idx and v in self.views and v not in self.g.outputs:
+                b = self.views[v].buf
+                self.buf_refs[b] -= 1
+                if self.buf_refs[b] <= 0 and b in self.buf_size:
+                    addr, size = self.buf_size.pop(b)
+                    self.alloc.release(addr, size)
+                del self.last_use[v]
+
+    def bind(self, v: str, view: View):
+        self.views[v] = view
+        if v not in self.alias_of:
+            self.buf_refs[view.buf] = self.buf_refs.get(view.buf, 0) + 1
+
+    def out_view(self, v: str, rows: int, cols: int, what: str) -> View:
+        """The view a node writes ``v`` into: a slice of a concat buffer or a new buffer."""
+        if v in self.concat_into:
+            cv, row = self.concat_into[v]
+            if cv not in self.views:
+                r, c = _as2d(self.g.shape(cv))
+                self.bind(cv, self.new_buf(r, c, f"concat {cv!r}"))
+            base = self.views[cv]
+            view = View(base.addr + row * base.stride, rows, cols, base.stride, base.buf)
+            self.views[v] = view
+            self.alias_of[v] = cv
+            return view
+        view = self.new_buf(rows, cols, what)
+        self.bind(v, view)
+        return view
+
+    def mark(self, n, macs=0, **tokens):
+        lid = len(self.layers)
+        self.layers.append({"name": n.name or n.outputs[0], "op": n.op, "macs": int(macs)})
+        self.asm.mark(lid, **tokens)
+
+    # inputs and outputs ---------------------------------------------------------------------
+
+    def emit_input(self, name):
+        g = self.g
+        shape = g.shape(name)
+        s = self.scale(name)
+        ref = self.asm.tensor(name, "input", shape, "i16", s)
+        cons = g.consumers(name)
+        if len(cons) == 1 and cons[0].op == "im2col":
+            self.emit_im2col(cons[0], name, ref)
+            return
+        rows, cols = _as2d(shape)
+        view = self.new_buf(rows, cols, f"input {name!r}")
+        self.bind(name, view)
+        self.load(dram_addr=ref, spad_addr=view.addr, run=cols, n0=rows, ds0=2 * cols,
+                  ss0=view.stride, dtype=DType.I16)
+
+    def lower_im2col(self, n):
+        if n.outputs[0] not in self.views:
+            raise ir.CompileError(f"node {n.name!r}: im2col must read a graph input")
+        self.mark(n)
+
+    def emit_im2col(self, n, name, ref):
+        """Patch extraction by the DMA: one 3-level strided LOAD per row of patches."""
+        g = self.g
+        shape = g.shape(name)
+        c, h, w = shape[-3:]
+        k = n.attrs["kernel"]
+        ph, pw = h // k, w // k
+        rows, cols = ph * pw, c * k * k
+        view = self.out_view(n.outputs[0], rows, cols, f"patches of {name!r}")
+        self.scale_alias(n.outputs[0], name)
+        for py in range(ph):
+            self.load(dram_addr=ref + 2 * (py * k * w), spad_addr=view.addr + py * pw * view.stride,
+                      run=k, n0=k, ds0=2 * w, ss0=k, n1=c, ds1=2 * h * w, ss1=k * k,
+                      n2=pw, ds2=2 * k, ss2=view.stride, dtype=DType.I16)
+
+    def scale_alias(self, v, src):
+        if v not in self.plan.scale:
+            self.plan.scale[v] = self.plan.scale[src]
+        elif abs(self.plan.scale[v] - self.plan.scale[src]) > 1e-12 * self.plan.scale[src]:
+            raise ir.CompileError(f"internal: {v!r} and {src!r} share storage but not a scale")
+
+    def emit_outputs(self):
+        # one token from COMPUTE to STORE covers every output (they are final)
+        self.asm.mark(0xFFFE, push_next=1)
+        first = True
+        for name in self.g.outputs:
+            view = self.views[name]
+            shape = self.g.shape(name)
+            ref = self.asm.tensor(name, "output", shape, "i16", self.scale(name))
+            self.asm.store(dram_addr=ref, spad_addr=view.addr, run=view.cols, n0=view.rows,
+                           ds0=2 * view.cols, ss0=view.stride, dtype=DType.I16,
+                           pop_prev=1 if first else 0)
+            first = False
+        self.asm.end()
+
+    # constants ------------------------------------------------------------------------------
+
+    def prepare_residents(self):
+        """Load LayerNorm tables, constant residuals/additions and concat constants."""
+        g = self.g
+        for n in g.nodes:
+            if n.op == "layernorm":
+                self.resident_ln(n)
+            elif n.op == "concat":
+                out = n.outputs[0]
+                if out not in self.views:
+                    r, c = _as2d(g.shape(out))
+                    self.bind(out, self.new_buf(r, c, f"concat {out!r}"))
+                base = self.views[out]
+                row = 0
+                for i in n.inputs:
+                    r, c = _as2d(g.shape(i))
+                    if self.is_const(i):
+                        q = self.quant_act_const(self.const(i).reshape(r, c), self.scale(out))
+                        ref = self.asm.const(f"{i}@{out}", q, "i16")
+                        self.load(dram_addr=ref, spad_addr=base.addr + row * base.stride,
+                                  run=c, n0=r, ds0=2 * c, ss0=base.stride, dtype=DType.I16)
+                    row += r
+            elif n.op in ("add", "sub") or (n.op == "linear" and id(n) in self.fused):
+                cands = n.inputs if n.op != "linear" else \
+                    ([self.fused[id(n)]["res"]] if self.fused[id(n)]["res"] else [])
+                for i in cands:
+                    if i and self.is_const(i) and i not in self.resident:
+                        cval = np.asarray(self.const(i), dtype=np.float64)
+                        target = n.outputs[0] if n.op != "linear" else self.fused[id(n)]["out"]
+                        r, c = _as2d(g.shape(target))
+                        cval = np.broadcast_to(cval.reshape(-1, cval.shape[-1]) if cval.ndim
+                                               else cval.reshape(1, 1), (r, c))
+                        s = max(float(np.abs(cval).max()), 1e-9) / self.cfg.act_max
+                        q = self.quant_act_const(cval, s)
+                        ref = self.asm.const(i, q, "i16")
+                        view = self.new_buf(r, c, f"constant {i!r}")
+                        self.load(dram_addr=ref, spad_addr=view.addr, run=c, n0=r, ds0=2 * c,
+                                  ss0=c, dtype=DType.I16)
+                        self.resident[i] = (view, s)
+        self.push_group()
+
+    def quant_act_const(self, x, s):
+        q = np.round(np.asarray(x, dtype=np.float64) / s)
+        return np.clip(q, self.cfg.act_min, self.cfg.act_max).astype(np.int64)
+
+    def resident_ln(self, n):
+        g = self.g
+        x, gamma, beta = n.inputs
+        c = int(g.shape(x)[-1])
+        s_x, s_y = self.scale(x), self.scale(n.outputs[0])
+        gam = np.asarray(self.const(gamma), dtype=np.float64).reshape(-1)
+        bet = np.asarray(self.const(beta), dtype=np.float64).reshape(-1)
+        gmax = max(float(np.abs(gam).max()), 1e-12)
+        # out = (x_hat_Q12 * g + b) >> shift  ==  gamma * x_hat + beta  at scale s_y
+        shift = int(math.floor(math.log2(32767 * s_y * 4096 / gmax)))
+        shift = min(max(shift, 0), 40)
+        gq = np.round(gam * 2.0 ** shift / (s_y * 4096)).astype(np.int64)
+        bq = np.round(bet * 2.0 ** shift / s_y).astype(np.int64)
+        if np.abs(gq).max() > 32767:
+            raise ir.CompileError(f"node {n.name!r}: LayerNorm gamma does not fit the output "
+                                  f"scale")
+        if np.abs(bq).max() >= 2 ** 31:
+            raise ir.CompileError(f"node {n.name!r}: LayerNorm beta too large for its scale")
+        tab = np.zeros((c, 4), dtype=np.int64)
+        tab[:, 0] = gq
+        lo = bq & 0xFFFF
+        tab[:, 1] = np.where(lo >= 32768, lo - 65536, lo)
+        tab[:, 2] = bq >> 16
+        eps = float(n.attrs.get("eps", 1e-5))
+        eps_val = c * c * eps / (s_x * s_x)
+        eps_e = max(0, math.ceil(math.log2(max(eps_val, 1.0))) - 15)
+        eps_m = max(1, min(65535, round(eps_val / 2 ** eps_e)))
+        if eps_e > 40:
+            raise ir.CompileError(f"node {n.name!r}: LayerNorm epsilon out of range for the "
+                                  f"input scale")
+        ref = self.asm.const(f"{n.name or n.outputs[0]}.ln", tab, "i16")
+        view = self.new_buf(c, 4, f"LayerNorm parameters of {n.name!r}")
+        self.load(dram_addr=ref, spad_addr=view.addr, run=4 * c, dtype=DType.I16)
+        self.resident[id(n)] = (view, eps_m, eps_e, shift)
+
+    # linear ---------------------------------------------------------------------------------
+
+    def make_tiles(self, n):
+        cfg = self.cfg
+        g = self.g
+        w = np.asarray(self.const(n.inputs[1]), dtype=np.float64)
+        if w.ndim != 2:
+            raise ir.CompileError(f"node {n.name!r}: linear weight must be 2-D, not {w.shape}")
+        k, nn = w.shape
+        if k > cfg.max_k:
+            raise ir.CompileError(f"node {n.name!r}: reduction length {k} exceeds the "
+                                  f"configuration's max_k={cfg.max_k}")
+        budget = cfg.spad_words // 8
+        nt = (budget // k) // cfg.cols * cfg.cols
+        if nt < cfg.cols:
+            raise ir.CompileError(f"node {n.name!r}: a weight tile of {k} x {cfg.cols} words does "
+                                  f"not fit the scratchpad budget of {budget} words")
+        nt = min(nt, -(-nn // cfg.cols) * cfg.cols, cfg.max_dim)
+        wq, sw = quantize_weight(w, cfg.weight_bits)
+        info = self.fused[id(n)]
+        x = n.inputs[0]
+        s_x = self.scale(x)
+        s_y = self.scale(info["out"])
+        b = np.zeros(nn) if len(n.inputs) < 3 or not n.inputs[2] else \
+            np.asarray(self.const(n.inputs[2]), dtype=np.float64).reshape(-1)
+        fac = info["factor"]
+        bias_q = np.round(b / (s_x * sw)).astype(np.int64)
+        if np.abs(bias_q).max(initial=0) >= 2 ** 31:
+            raise ir.CompileError(f"node {n.name!r}: bias too large for its accumulator scale")
+        if info["act"] == "gelu":
+            rq = [requant_params(fac * s_x * sw[j] * 2 ** 16) for j in range(nn)]
+        else:
+            rq = [requant_params(fac * s_x * sw[j] / s_y) for j in range(nn)]
+        chan = _chan_words(bias_q, [m for m, _ in rq], [s for _, s in rq])
+        wdt = "i8" if cfg.weight_bits <= 8 else "i16"
+        wref = self.asm.const(f"{n.name or n.outputs[0]}.W", wq, wdt)
+        cref = self.asm.const(f"{n.name or n.outputs[0]}.chan", chan, "i16")
+        tiles = []
+        for j0 in range(0, nn, nt):
+            w_ = min(nt, nn - j0)
+            tiles.append({"node": id(n), "k": k, "n": nn, "j0": j0, "nt": w_, "wref": wref,
+                          "cref": cref, "wbytes": 1 if wdt == "i8" else 2})
+        return tiles
+
+    def emit_tile_load(self):
+        t = self.next_tile
+        if t >= len(self.tiles):
+            return
+        tile = self.tiles[t]
+        slot = t % 2
+        extra = {"pop_next": 1} if t >= 2 else {}
+        wb = tile["wbytes"]
+        self.load(dram_addr=tile["wref"] + wb * tile["j0"], spad_addr=self.wbuf[slot],
+                  run=tile["nt"], n0=tile["k"], ds0=wb * tile["n"], ss0=tile["nt"],
+                  dtype=DType.I8 if wb == 1 else DType.I16, **extra)
+        self.load(dram_addr=tile["cref"] + 8 * tile["j0"], spad_addr=self.cbuf[slot],
+                  run=4 * tile["nt"], dtype=DType.I16)
+        tile["group"] = self.push_group()
+        self.next_tile += 1
+
+    def lower_linear(self, n):
+        cfg = self.cfg
+        g = self.g
+        info = self.fused[id(n)]
+        x = self.views[n.inputs[0]]
+        k = int(g.shape(n.inputs[1])[0])
+        nn = int(g.shape(n.inputs[1])[1])
+        if x.cols != k:
+            raise ir.CompileError(f"node {n.name!r}: input has {x.cols} features, weight {k}")
+        out = info["out"]
+        s_y = self.scale(out)
+        res = info["res"]
+        res_view = None
+        res_fields = {}
+        if res is not None:
+            if res in self.resident:
+                res_view, s_r = self.resident[res]
+            else:
+                res_view, s_r = self.views[res], self.scale(res)
+            rm, rs = requant_params(s_r / s_y)
+            res_fields = dict(res_en=1, res_mult=rm, res_shift=rs)
+        # in place over a residual that dies here
+        if res is not None and res not in self.resident and res_view.stride == nn and \
+                self.last_use.get(self.root(res)) == self.idx and out not in self.concat_into \
+                and out not in g.outputs and self.root(res) == res:
+            y = View(res_view.addr, x.rows, nn, nn, res_view.buf)
+            self.bind(out, y)
+            self.buf_refs[y.buf] += 1
+        else:
+            y = self.out_view(out, x.rows, nn, f"output of {n.name!r}")
+        act_fields = {}
+        if info["act"] == "gelu":
+            am, ash = requant_params(2.0 ** -16 / s_y)
+            act_fields = dict(act=Act.GELU, act_mult=am, act_shift=ash)
+        elif info["act"] == "relu":
+            act_fields = dict(act=Act.RELU)
+        mlim = max(1, min(cfg.max_dim, cfg.acc_lines // 2))
+        self.mark(n, macs=x.rows * k * nn)
+        tiles = [t for t in self.tiles if t["node"] == id(n)]
+        for t in tiles:
+            ti = self.tiles.index(t)
+            slot = ti % 2
+            chunks = list(range(0, x.rows, mlim))
+            for ci, r0 in enumerate(chunks):
+                m = min(mlim, x.rows - r0)
+                tok = self.wait_group(t["group"]) if ci == 0 else {}
+                last = ci == len(chunks) - 1
+                if last and ti + 2 < len(self.tiles):
+                    tok["push_prev"] = 1
+                fields = dict(m=m, k=k, n=t["nt"], a_addr=x.addr + r0 * x.stride,
+                              a_stride=x.stride, b_addr=self.wbuf[slot], b_stride=t["nt"],
+                              out=OutMode.SPAD, out_addr=y.addr + r0 * y.stride + t["j0"],
+                              out_stride=y.stride, chan_en=1, chan_addr=self.cbuf[slot],
+                              **act_fields, **tok)
+                if res_view is not None:
+                    fields.update(res_addr=res_view.addr + r0 * res_view.stride + t["j0"],
+                                  **res_fields)
+                    if res_view.stride != y.stride:
+                        raise ir.CompileError(f"node {n.name!r}: residual layout differs from "
+                                              f"the output's")
+                self.asm.matmul(**fields)
+            if ti + 2 < len(self.tiles):
+                self.emit_tile_load()
+
+    # element-wise and row ops ---------------------------------------------------------------
+
+    def lower_layernorm(self, n):
+        x = self.views[n.inputs[0]]
+        view, eps_m, eps_e, shift = self.resident[id(n)]
+        y = self.out_view(n.outputs[0], x.rows, x.cols, f"output of {n.name!r}")
+        self.mark(n)
+        tok = self.wait_group(1)
+        self.asm.layernorm(m=x.rows, n=x.cols, in_addr=x.addr, in_stride=x.stride,
+                           out_addr=y.addr, out_stride=y.stride, param_addr=view.addr,
+                           eps_m=eps_m, eps_e=eps_e, shift=shift, **tok)
+
+    def lower_add(self, n, sub=False):
+        a, b = n.inputs
+        out = n.outputs[0]
+        s_y = self.scale(out)
+        va, sa_ = (self.resident[a] if a in self.resident else (self.views[a], self.scale(a)))
+        vb, sb_ = (self.resident[b] if b in self.resident else (self.views[b], self.scale(b)))
+        if (va.rows, va.cols) != (vb.rows, vb.cols):
+            raise ir.CompileError(f"node {n.name!r}: element-wise operands of shapes "
+                                  f"{(va.rows, va.cols)} and {(vb.rows, vb.cols)} are not "
+                                  f"supported (only equal 2-D shapes)")
+        ma, sa = requant_params(sa_ / s_y)
+        mb, sb = requant_params((-1 if sub else 1) * sb_ / s_y)
+        y = self.out_view(out, va.rows, va.cols, f"output of {n.name!r}")
+        self.mark(n)
+        tok = self.wait_group(1)
+        self.asm.vec(op=1, m=va.rows, n=va.cols, a_addr=va.addr, a_stride=va.stride,
+                     b_addr=vb.addr, b_stride=vb.stride, out_addr=y.addr, out_stride=y.stride,
+                     ma=ma, sa=sa, mb=mb, sb=sb, **tok)
+
+    def lower_sub(self, n):
+        self.lower_add(n, sub=True)
+
+    def lower_mul(self, n):
+        a, b = n.inputs
+        if not self.is_const(b) or np.size(self.const(b)) != 1:
+            raise ir.CompileError(f"node {n.name!r}: only multiplication by a scalar constant is "
+                                  f"supported outside a linear layer")
+        c = float(np.asarray(self.const(b)).reshape(()))
+        if n.op == "div":
+            c = 1.0 / c
+        va = self.views[a]
+        mm, ss = requant_params(c * self.scale(a) / self.scale(n.outputs[0]))
+        y = self.out_view(n.outputs[0], va.rows, va.cols, f"output of {n.name!r}")
+        self.mark(n)
+        self.asm.vec(op=0, m=va.rows, n=va.cols, a_addr=va.addr, a_stride=va.stride,
+                     out_addr=y.addr, out_stride=y.stride, ma=mm, sa=ss)
+
+    def lower_div(self, n):
+        self.lower_mul(n)
+
+    def lower_softmax(self, n):
+        x = self.views[n.inputs[0]]
+        sm, ss = requant_params(self.scale(n.inputs[0]) * math.log2(math.e) * 2 ** 16)
+        y = self.out_view(n.outputs[0], x.rows, x.cols, f"output of {n.name!r}")
+        self.plan.scale[n.outputs[0]] = 2.0 ** -(self.cfg.act_bits - 1)
+        self.mark(n)
+        self.asm.softmax(m=x.rows, n=x.cols, in_addr=x.addr, in_stride=x.stride,
+                         out_addr=y.addr, out_stride=y.stride, mult=sm, shift=ss)
+
+    def lower_gelu(self, n):
+        raise ir.CompileError(f"node {n.name!r}: GELU must follow a linear layer (it runs in the "
+                              f"MAC array's output lane)")
+
+    def lower_relu(self, n):
+        raise ir.CompileError(f"node {n.name!r}: ReLU must follow a linear layer (it runs in the "
+                              f"MAC array's output lane)")
+
+    # views ----------------------------------------------------------------------------------
+
+    def lower_reshape(self, n):
+        src = self.views[n.inputs[0]]
+        r, c = _as2d(self.g.shape(n.outputs[0]))
+        if (r, c) != (src.rows, src.cols):
+            raise ir.CompileError(f"node {n.name!r}: reshape from {(src.rows, src.cols)} to "
+                                  f"{(r, c)} changes the token-major layout; not supported")
+        self.views[n.outputs[0]] = src
+        self.scale_alias(n.outputs[0], n.inputs[0])
+
+    def lower_slice(self, n):
+        src = self.views[n.inputs[0]]
+        shape = self.g.shape(n.inputs[0])
+        axis = n.attrs["axis"] % len(shape)
+        start, stop, step = n.attrs["start"], n.attrs["stop"], n.attrs.get("step", 1)
+        if step != 1:
+            raise ir.CompileError(f"node {n.name!r}: slices with step {step} are not supported")
+        if axis == len(shape) - 1:
+            v = View(src.addr + start, src.rows, stop - start, src.stride, src.buf)
+        elif int(np.prod(shape[axis + 1:-1])) == 1 and all(s == 1 for s in shape[:axis]):
+            v = View(src.addr + start * src.stride, stop - start, src.cols, src.stride, src.buf)
+        else:
+            raise ir.CompileError(f"node {n.name!r}: slice along axis {axis} of {shape} is not "
+                                  f"supported")
+        self.views[n.outputs[0]] = v
+        self.scale_alias(n.outputs[0], n.inputs[0])
+
+    def lower_gather(self, n):
+        src = self.views[n.inputs[0]]
+        shape = self.g.shape(n.inputs[0])
+        axis = n.attrs["axis"] % len(shape)
+        idx = np.asarray(n.attrs["index"]).reshape(-1)
+        if len(idx) != 1 or axis != len(shape) - 2 or any(s != 1 for s in shape[:axis]):
+            raise ir.CompileError(f"node {n.name!r}: only the selection of one row (token) is "
+                                  f"supported, not index {idx.tolist()} on axis {axis}")
+        r = int(idx[0]) % src.rows
+        self.views[n.outputs[0]] = View(src.addr + r * src.stride, 1, src.cols, src.stride,
+                                        src.buf)
+        self.scale_alias(n.outputs[0], n.inputs[0])
+
+    def lower_concat(self, n):
+        out = n.outputs[0]
+        base = self.views[out]
+        row = 0
+        for i in n.inputs:
+            r, c = _as2d(self.g.shape(i))
+            if not self.is_const(i) and self.views[i].addr != base.addr + row * base.stride:
+                raise ir.CompileError(f"node {n.name!r}: concat input {i!r} was not produced in "
+                                      f"place")
+            row += r
+        self.mark(n)
+
+    # attention ------------------------------------------------------------------------------
+
+    def lower_attention(self, n):
+        cfg = self.cfg
+        q, k, v = (self.views[i] for i in n.inputs)
+        sq, sk, sv = (self.scale(i) for i in n.inputs)
+        out = n.outputs[0]
+        so = self.scale(out)
+        h, d = n.attrs["heads"], n.attrs["head_dim"]
+        t, tk = q.rows, k.rows
+        s_s = self.plan.score_scale[n.name]
+        y = self.out_view(out, t, h * d, f"output of {n.name!r}")
+        sbuf = self.new_buf(t, tk, f"attention scores of {n.name!r}")
+        mlim = max(1, min(cfg.max_dim, cfg.acc_lines // 2))
+        mq, shq = requant_params(n.attrs["scale"] * sq * sk / s_s)
+        smm, sms = requant_params(s_s * math.log2(math.e) * 2 ** 16)
+        p_scale = 2.0 ** -(cfg.act_bits - 1)
+        mo, sho = requant_params(p_scale * sv / so)
+        self.mark(n, macs=2 * h * t * tk * d)
+        causal = 1 if n.attrs.get("causal") else 0
+        for hh in range(h):
+            for r0 in range(0, t, mlim):
+                m = min(mlim, t - r0)
+                self.asm.matmul(m=m, k=d, n=tk, a_addr=q.addr + r0 * q.stride + hh * d,
+                                a_stride=q.stride, b_addr=k.addr + hh * d, b_stride=k.stride,
+                                b_trans=1, out=OutMode.SPAD, out_addr=sbuf.addr + r0 * tk,
+                                out_stride=tk, mult=mq, shift=shq)
+            self.asm.softmax(m=t, n=tk, in_addr=sbuf.addr, in_stride=tk, out_addr=sbuf.addr,
+                             out_stride=tk, mult=smm, shift=sms, causal=causal)
+            for r0 in range(0, t, mlim):
+                m = min(mlim, t - r0)
+                self.asm.matmul(m=m, k=tk, n=d, a_addr=sbuf.addr + r0 * tk, a_stride=tk,
+                                b_addr=v.addr + hh * d, b_stride=v.stride, out=OutMode.SPAD,
+                                out_addr=y.addr + r0 * y.stride + hh * d, out_stride=y.stride,
+                                mult=mo, shift=sho)
+        addr, size = self.buf_size.pop(sbuf.buf)
+        self.alloc.release(addr, size)
+
+    def lower_matmul(self, n):
+        raise ir.CompileError(f"node {n.name!r}: a MatMul of two activations outside a "
+                              f"recognised attention pattern is not supported")
+
+    def lower_transpose(self, n):
+        raise ir.CompileError(f"node {n.name!r}: Transpose left after canonicalisation is not "
+                              f"supported")
+
+    def lower_topk(self, n):
+        raise ir.CompileError(f"node {n.name!r}: TopK outside a mixture-of-experts gate is not "
+                              f"supported")
+
+
+def lower(graph: ir.Graph, config, plan: QuantPlan, name: str = "model"):
+    """Lower a canonical graph with its quantisation plan to a :class:`vitamin.program.Program`."""
+    return _Lowering(graph, config, plan, name).run()
+
+
+# keep the imported names used by type checkers
+_ = (Opcode, Ref)
