@@ -496,7 +496,10 @@ class _Lowering:
             rq = [requant_params(fac * s_x * sw[j] / s_y) for j in range(nn)]
         chan = _chan_words(bias_q, [m for m, _ in rq], [s for _, s in rq])
         wdt = "i8" if cfg.weight_bits <= 8 else "i16"
-        wref = self.asm.const(f"{n.name or n.outputs[0]}.W", wq, wdt)
+        # DRAM holds the weights tile by tile ([k x nt] blocks, each contiguous) so that every
+        # tile is one burst-friendly contiguous transfer
+        blocks = [wq[:, j0:j0 + nt].reshape(-1) for j0 in range(0, nn, nt)]
+        wref = self.asm.const(f"{n.name or n.outputs[0]}.W", np.concatenate(blocks), wdt)
         cref = self.asm.const(f"{n.name or n.outputs[0]}.chan", chan, "i16")
         tiles = []
         for j0 in range(0, nn, nt):
@@ -513,8 +516,9 @@ class _Lowering:
         slot = t % 2
         extra = {"pop_next": 1} if t >= 2 else {}
         wb = tile["wbytes"]
-        self.load(dram_addr=tile["wref"] + wb * tile["j0"], spad_addr=self.wbuf[slot],
-                  run=tile["nt"], n0=tile["k"], ds0=wb * tile["n"], ss0=tile["nt"],
+        self.load(dram_addr=tile["wref"] + wb * tile["k"] * tile["j0"],
+                  spad_addr=self.wbuf[slot], run=tile["nt"], n0=tile["k"],
+                  ds0=wb * tile["nt"], ss0=tile["nt"],
                   dtype=DType.I8 if wb == 1 else DType.I16, **extra)
         self.load(dram_addr=tile["cref"] + 8 * tile["j0"], spad_addr=self.cbuf[slot],
                   run=4 * tile["nt"], dtype=DType.I16)

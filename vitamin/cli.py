@@ -62,7 +62,7 @@ class Command:
 COMMANDS: dict[str, Command] = {}
 """The registry, in registration order (which is the order of ``vitamin --help``)."""
 
-COMMAND_MODULES: list[str] = []
+COMMAND_MODULES: list[str] = ["vitamin.commands"]
 """Modules (dotted names) that register further subcommands; imported by :func:`build_parser`."""
 
 

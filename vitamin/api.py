@@ -1,0 +1,168 @@
+"""The public Python API: compile a model, run a program, compare with onnxruntime.
+
+>>> import vitamin
+>>> prog = vitamin.compile("model.onnx", "ecp5")
+>>> prog.save("model.vit")
+>>> out = vitamin.run(prog, {"input": x})          # float in, float out
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .config import get_config
+from .program import Program
+
+__all__ = ["compile", "run", "RunOutput", "quantize_inputs", "load_calibration", "compare",
+           "BACKENDS"]
+
+BACKENDS = ("golden", "rtl")
+
+
+def load_calibration(path) -> list:
+    """Calibration samples from an ``.npz`` file: one array per graph input name, with the
+    samples stacked along a new leading axis (or a single sample without it)."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{path}: no such calibration file")
+    try:
+        data = dict(np.load(p))
+    except Exception as e:  # noqa: BLE001 - numpy raises many types for a bad file
+        raise ValueError(f"{path}: not a readable .npz file ({e})") from None
+    return data
+
+
+def _samples_from(graph, data) -> list:
+    if isinstance(data, list):
+        return data
+    missing = [n for n in graph.inputs if n not in data]
+    if missing:
+        raise ValueError(f"calibration data lacks input(s) {', '.join(missing)}; it has "
+                         f"{', '.join(data) or 'nothing'}")
+    out = []
+    first = data[graph.inputs[0]]
+    shape = tuple(graph.shape(graph.inputs[0]))
+    n = 1 if tuple(first.shape) == shape else first.shape[0]
+    for i in range(n):
+        smp = {}
+        for name in graph.inputs:
+            arr = np.asarray(data[name])
+            want = tuple(graph.shape(name))
+            smp[name] = arr.reshape(want) if tuple(arr.shape) == want else \
+                arr[i].reshape(want)
+        out.append(smp)
+    return out
+
+
+def compile(model, config, calibration=None, *, input_shapes=None, name=None) -> Program:
+    """Compile an ONNX model (path or ``onnx.ModelProto``) for ``config`` (preset or Config).
+
+    ``calibration`` is a dict {input name: array of samples} (as in an .npz file), a list of
+    {input name: array} samples, or None for the documented default (8 samples of N(0, 1)).
+    """
+    from .compiler import frontend, passes
+    from .compiler.lower import lower
+    from .compiler.quantize import calibrate, default_calibration
+
+    cfg = get_config(config)
+    graph = frontend.load_onnx(model, input_shapes=input_shapes)
+    graph = passes.run_pipeline(graph)
+    samples = default_calibration(graph) if calibration is None else \
+        _samples_from(graph, calibration)
+    plan = calibrate(graph, samples, cfg, evaluate=_evaluator())
+    label = name or (Path(model).stem if isinstance(model, (str, Path)) else graph.name)
+    return lower(graph, cfg, plan, name=label)
+
+
+def _evaluator():
+    from .compiler import passes
+    return getattr(passes, "evaluate_graph", None) or __import__(
+        "vitamin.compiler.ir", fromlist=["evaluate"]).evaluate
+
+
+@dataclass
+class RunOutput:
+    outputs: dict                       # name -> float array (dequantised)
+    raw: dict                           # name -> integer array
+    counters: dict = field(default_factory=dict)
+    cycles: int | None = None
+    result: object = None
+
+
+def quantize_inputs(program: Program, inputs: dict) -> dict:
+    """Float inputs -> integers at each input symbol's scale (round half to even, saturate)."""
+    out = {}
+    names = [s.name for s in program.inputs]
+    for name in names:
+        if name not in inputs:
+            raise ValueError(f"missing input {name!r}; the program's inputs are "
+                             f"{', '.join(names)}")
+    for name, v in inputs.items():
+        sym = program.symbol(name)
+        if sym.kind != "input":
+            raise ValueError(f"{name!r} is not an input of the program")
+        v = np.asarray(v, dtype=np.float64)
+        if v.size != int(np.prod(sym.shape)):
+            raise ValueError(f"input {name!r}: shape {v.shape} does not match the program's "
+                             f"{tuple(sym.shape)}")
+        if not np.isfinite(v).all():
+            raise ValueError(f"input {name!r} holds non-finite values")
+        info = np.iinfo({"i8": np.int8, "u8": np.uint8, "i16": np.int16,
+                         "i32": np.int32}[sym.dtype])
+        q = np.clip(np.rint(v / sym.scale), info.min, info.max).astype(np.int64)
+        out[name] = q.reshape(sym.shape)
+    return out
+
+
+def run(program, inputs: dict, backend: str = "golden", *, regs=None, trace=False,
+        **backend_options) -> RunOutput:
+    """Run ``program`` (Program or path) on float ``inputs``; returns dequantised outputs.
+
+    A hardware fault raises :class:`vitamin.golden.isasim.Fault` naming the instruction.
+    """
+    if not isinstance(program, Program):
+        program = Program.load(program)
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")
+    q = quantize_inputs(program, inputs)
+    if backend == "golden":
+        from .golden.isasim import run_program
+        res, raw = run_program(program, q, regs=regs, trace=trace)
+        res.check()
+        outs = {name: raw[name].astype(np.float64) * program.symbol(name).scale for name in raw}
+        return RunOutput(outputs=outs, raw=raw, counters=res.counters, result=res)
+    try:
+        from .sim import rtl_backend
+    except ImportError:
+        raise ValueError("the rtl backend is not available in this version: the accelerator "
+                         "gateware (hw/) is not complete yet; use --backend golden") from None
+    return rtl_backend.run(program, q, regs=regs, trace=trace, **backend_options)
+
+
+def compare(outputs: dict, reference: dict, classifier: bool | None = None) -> dict:
+    """Per output: max abs error, cosine similarity, and top-1 agreement for classifiers."""
+    rep = {}
+    for name, ref in reference.items():
+        if name not in outputs:
+            raise ValueError(f"reference output {name!r} missing from the accelerator outputs")
+        y = np.asarray(outputs[name], dtype=np.float64)
+        r = np.asarray(ref, dtype=np.float64)
+        if y.size != r.size:
+            raise ValueError(f"output {name!r}: accelerator shape {y.shape} vs reference "
+                             f"{r.shape}")
+        y = y.reshape(r.shape)
+        nrm = np.linalg.norm(y) * np.linalg.norm(r)
+        entry = {"max_abs_err": float(np.abs(y - r).max()),
+                 "cosine": float((y.ravel() @ r.ravel()) / nrm) if nrm > 0 else
+                 float(np.array_equal(y, r)),
+                 "finite": bool(np.isfinite(y).all())}
+        is_cls = classifier if classifier is not None else (r.ndim <= 2 and r.shape[-1] > 1
+                                                            and r.size == r.shape[-1])
+        if is_cls:
+            entry["top1_agreement"] = float(np.argmax(y.reshape(-1, r.shape[-1]), axis=-1)[0]
+                                            == np.argmax(r.reshape(-1, r.shape[-1]), axis=-1)[0])
+        rep[name] = entry
+    return rep

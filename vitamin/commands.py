@@ -1,0 +1,224 @@
+"""Subcommands ``compile``, ``run`` and ``report`` (registered in :mod:`vitamin.cli`)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import numpy as np
+
+from .cli import command
+
+
+def _parse_shapes(items):
+    shapes = {}
+    for it in items or []:
+        if "=" not in it:
+            raise ValueError(f"--input-shape {it!r}: expected NAME=D0,D1,...")
+        name, dims = it.split("=", 1)
+        try:
+            shapes[name] = tuple(int(d) for d in dims.replace("x", ",").split(","))
+        except ValueError:
+            raise ValueError(f"--input-shape {it!r}: dimensions must be integers") from None
+    return shapes
+
+
+def _compile_args(p):
+    p.add_argument("model", help="ONNX model file")
+    p.add_argument("--config", default="ecp5", help="configuration preset (default: ecp5)")
+    p.add_argument("-o", "--output", help="program file to write (default: MODEL.vit)")
+    p.add_argument("--calibration", help=".npz with sample inputs, keyed by input name")
+    p.add_argument("--input-shape", action="append", metavar="NAME=D0,D1,...",
+                   help="static shape for an input with symbolic dimensions")
+
+
+@command("compile", "compile an ONNX model to a vitamin program", arguments=_compile_args)
+def _compile(args):
+    from pathlib import Path
+
+    from . import api
+    t0 = time.time()
+    cal = api.load_calibration(args.calibration) if args.calibration else None
+    prog = api.compile(args.model, args.config, cal, input_shapes=_parse_shapes(args.input_shape))
+    out = args.output or str(Path(args.model).with_suffix(".vit"))
+    prog.save(out)
+    dt = time.time() - t0
+    layers = prog.meta.get("layers", [])
+    print(f"{'#':>4} {'layer':<40} {'op':<10} {'MMACs':>9}")
+    for i, layer in enumerate(layers):
+        print(f"{i:>4} {layer['name'][:40]:<40} {layer['op']:<10} {layer['macs'] / 1e6:>9.3f}")
+    total = sum(layer["macs"] for layer in layers)
+    print(f"compiled {args.model} for {prog.config.name} in {dt:.1f} s: {prog.n_instr} "
+          f"instructions, {total / 1e6:.1f} M MACs, {len(prog.consts) / 1024:.0f} KiB constants, "
+          f"DRAM window {prog.dram_size / 1024:.0f} KiB -> {out}")
+    return 0
+
+
+def _run_args(p):
+    p.add_argument("program", help="program file (.vit)")
+    p.add_argument("--input", help=".npz with the inputs, keyed by input name (default: random)")
+    p.add_argument("--backend", default="golden", choices=["golden", "rtl"])
+    p.add_argument("--compare", metavar="MODEL.onnx",
+                   help="also run onnxruntime on the same input and report the agreement")
+    p.add_argument("--task", type=int, help="task index (multi-task models)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random input")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--trace", action="store_true", help="record/compare after every instruction")
+    p.add_argument("--vcd", help="waveform file (rtl backend)")
+
+
+def _onnx_reference(model, inputs):
+    import onnxruntime as ort
+    sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
+    feeds = {}
+    for i in sess.get_inputs():
+        if i.name not in inputs:
+            raise ValueError(f"--compare: the model's input {i.name!r} is not in the program")
+        v = np.asarray(inputs[i.name])
+        dt = np.float32 if "float" in i.type else np.int64
+        feeds[i.name] = v.astype(dt)
+    names = [o.name for o in sess.get_outputs()]
+    return dict(zip(names, sess.run(names, feeds)))
+
+
+@command("run", "run a program on the golden model or the RTL simulation", arguments=_run_args)
+def _run(args):
+    from . import api
+    from .program import Program
+    prog = Program.load(args.program)
+    if args.input:
+        data = api.load_calibration(args.input)
+        inputs = {s.name: data[s.name] for s in prog.inputs if s.name in data}
+    else:
+        rng = np.random.default_rng(args.seed)
+        inputs = {s.name: rng.standard_normal(s.shape) for s in prog.inputs}
+    regs = {}
+    for r in prog.regs:
+        if r["name"] == "task":
+            val = args.task if args.task is not None else int(np.asarray(
+                inputs.pop("task", 0)).reshape(-1)[0]) if "task" in inputs else 0
+            if not r["min"] <= val <= r["max"]:
+                raise ValueError(f"task {val} out of range {r['min']}..{r['max']}")
+            regs[r["reg"]] = val
+    opts = {"vcd": args.vcd} if args.vcd else {}
+    t0 = time.time()
+    out = api.run(prog, inputs, backend=args.backend, regs=regs, trace=args.trace, **opts)
+    wall = time.time() - t0
+    report = {"backend": args.backend, "wall_s": wall, "cycles": out.cycles, **out.counters}
+    status = 0
+    if args.compare:
+        ref = _onnx_reference(args.compare, inputs)
+        cmp = api.compare(out.outputs, ref)
+        report["compare"] = cmp
+        for name, c in cmp.items():
+            for k in ("max_abs_err", "cosine", "top1_agreement"):
+                if k in c:
+                    report.setdefault(k, c[k])
+            if not c["finite"]:
+                status = 1
+    for name, v in out.outputs.items():
+        if not np.isfinite(v).all():
+            status = 1
+    if args.json:
+        report["outputs"] = {k: np.asarray(v).tolist() for k, v in out.outputs.items()}
+        json.dump(report, sys.stdout)
+        print()
+    else:
+        print(f"ran {args.program} on the {args.backend} backend in {wall:.2f} s")
+        for k, v in report.items():
+            if k not in ("compare", "backend", "wall_s") and v is not None:
+                print(f"  {k:<20} {v}")
+        for name, v in out.outputs.items():
+            flat = np.asarray(v).ravel()
+            print(f"  output {name} {tuple(np.shape(v))}: "
+                  f"{np.array2string(flat[:10], precision=4)}{' ...' if flat.size > 10 else ''}")
+        for name, c in report.get("compare", {}).items():
+            print(f"  vs onnxruntime {name}: max_abs_err {c['max_abs_err']:.4g} cosine "
+                  f"{c['cosine']:.6f}" + (f" top1 {c['top1_agreement']:.0f}"
+                                          if "top1_agreement" in c else ""))
+    return status
+
+
+def _report_args(p):
+    p.add_argument("program", help="program file (.vit)")
+    p.add_argument("--clock", type=float, help="clock in MHz (default: the preset's nominal clock)")
+    p.add_argument("--html", metavar="DIR", help="write report.html, report.json and a PNG plot")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def build_report(prog, clock_mhz=None) -> dict:
+    """Per-layer cycles, MACs, utilisation and DRAM bytes from the cost model."""
+    from .compiler.cost import estimate
+    cfg = prog.config
+    est = estimate(prog)
+    clk = clock_mhz or cfg.clock_mhz
+    return {
+        "model": prog.meta.get("model", ""), "config": cfg.name, "clock_mhz": clk,
+        "cycles": est.cycles, "macs": est.macs, "utilisation": est.utilisation(cfg),
+        "latency_ms": est.cycles / (clk * 1e3), "images_per_s": clk * 1e6 / max(est.cycles, 1),
+        "dram_read_bytes": est.dram_read_bytes, "dram_write_bytes": est.dram_write_bytes,
+        "busy": est.busy, "layers": est.layers,
+        "source": "cost model (docs/ARCHITECTURE.md); RTL cycles once the RTL backend exists",
+    }
+
+
+def _plot(rep, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    layers = [lay for lay in rep["layers"] if lay["macs_executed"]]
+    fig, ax = plt.subplots(figsize=(max(6, 0.18 * len(layers)), 3.5))
+    ax.bar(range(len(layers)), [100 * lay["utilisation"] for lay in layers])
+    ax.set_xticks(range(len(layers)))
+    ax.set_xticklabels([lay["name"] for lay in layers], rotation=90, fontsize=6)
+    ax.set_ylabel("MAC utilisation (%)")
+    ax.set_ylim(0, 105)
+    ax.set_title(f"{rep['model']} on {rep['config']}: {100 * rep['utilisation']:.1f}% overall")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+@command("report", "per-layer performance report of a program (cost model)",
+         arguments=_report_args)
+def _report(args):
+    from pathlib import Path
+
+    from .program import Program
+    prog = Program.load(args.program)
+    rep = build_report(prog, args.clock)
+    if args.html:
+        d = Path(args.html)
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "report.json").write_text(json.dumps(rep, indent=1))
+        _plot(rep, d / "utilisation.png")
+        rows = "".join(
+            f"<tr><td>{i}</td><td>{lay['name']}</td><td>{lay['op']}</td><td>{lay['cycles']}</td>"
+            f"<td>{lay['macs_executed']}</td><td>{100 * lay['utilisation']:.1f}</td>"
+            f"<td>{lay['dram_bytes']}</td></tr>" for i, lay in enumerate(rep["layers"]))
+        (d / "report.html").write_text(
+            f"<html><body><h1>{rep['model']} on {rep['config']}</h1>"
+            f"<p>{rep['cycles']} cycles, {100 * rep['utilisation']:.1f}% MAC utilisation, "
+            f"{rep['latency_ms']:.3f} ms at {rep['clock_mhz']} MHz ({rep['source']})</p>"
+            f"<img src='utilisation.png'><table border=1><tr><th>#</th><th>layer</th><th>op</th>"
+            f"<th>cycles</th><th>MACs</th><th>util %</th><th>DRAM bytes</th></tr>{rows}</table>"
+            f"</body></html>")
+    if args.json:
+        json.dump(rep, sys.stdout)
+        print()
+        return 0
+    print(f"{rep['model']} on {rep['config']} ({rep['source']})")
+    print(f"{'#':>4} {'layer':<32} {'op':<10} {'cycles':>10} {'MMACs':>9} {'util%':>6} "
+          f"{'DRAM KiB':>9}")
+    for i, lay in enumerate(rep["layers"]):
+        print(f"{i:>4} {lay['name'][:32]:<32} {lay['op']:<10} {lay['cycles']:>10} "
+              f"{lay['macs_executed'] / 1e6:>9.3f} {100 * lay['utilisation']:>6.1f} "
+              f"{lay['dram_bytes'] / 1024:>9.1f}")
+    print(f"total: {rep['cycles']} cycles, {rep['macs'] / 1e6:.1f} M MACs, "
+          f"{100 * rep['utilisation']:.1f}% MAC utilisation, {rep['latency_ms']:.3f} ms "
+          f"({rep['images_per_s']:.1f} images/s) at {rep['clock_mhz']} MHz; DRAM read "
+          f"{rep['dram_read_bytes'] / 1024:.0f} KiB")
+    if args.html:
+        print(f"report written to {args.html}/report.html")
+    return 0
