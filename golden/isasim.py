@@ -84,11 +84,17 @@ def decode_program(dram: np.ndarray, n_instr: int):
 
 
 def check_tokens(instrs, config) -> None:
-    """Check that the dependency-token protocol completes with the configured queue depths.
+    """Check that the dependency-token protocol is well formed and completes.
 
-    Models the fetch unit dispatching in program order into per-module queues of ``cmd_depth``
-    and the four token queues of ``token_depth``; raises ``Fault(DEADLOCK)`` naming the stuck
-    instructions, or ``Fault(BAD_FIELD)`` for a token towards a module that does not exist.
+    1. Program order: the n-th pop from a token queue must come after the n-th push into it in
+       program order, so that program-order execution (this simulator) and the decoupled
+       hardware order every pair of dependent instructions the same way (BAD_FIELD otherwise).
+    2. Progress: models the fetch unit dispatching in program order into per-module queues of
+       ``cmd_depth`` instructions, and the four token queues of ``token_depth``; a module's head
+       instruction pops its tokens (waiting until they are there), executes, then pushes
+       (waiting while the token queue is full). Raises ``Fault(DEADLOCK)`` naming the stuck
+       instructions, or when tokens are left unconsumed at END.
+    Also ``Fault(BAD_FIELD)`` for a token towards a module that does not exist.
     """
     units_of = [isa.UNIT_OF[op] for op, _ in instrs]
     for pc, ((op, f), u) in enumerate(zip(instrs, units_of)):
@@ -96,52 +102,70 @@ def check_tokens(instrs, config) -> None:
             raise Fault(ErrorCode.BAD_FIELD, pc, "LOAD has no previous module for a token")
         if u == Unit.STORE and (f["pop_next"] or f["push_next"]):
             raise Fault(ErrorCode.BAD_FIELD, pc, "STORE has no next module for a token")
-    # token queues: (from, to) -> count
-    tok = {(0, 1): 0, (1, 0): 0, (1, 2): 0, (2, 1): 0}
-    queues = [deque(), deque(), deque()]
-    fetch = 0
-    n = len(instrs)
-    depth, tdepth = config.cmd_depth, config.token_depth
 
     def pops(pc):
         u = units_of[pc].value
         f = instrs[pc][1]
-        need = []
-        if f["pop_prev"]:
-            need.append((u - 1, u))
-        if f["pop_next"]:
-            need.append((u + 1, u))
-        return need
+        return ([(u - 1, u)] if f["pop_prev"] else []) + ([(u + 1, u)] if f["pop_next"] else [])
 
     def pushes(pc):
         u = units_of[pc].value
         f = instrs[pc][1]
-        out = []
-        if f["push_prev"]:
-            out.append((u, u - 1))
-        if f["push_next"]:
-            out.append((u, u + 1))
-        return out
+        return ([(u, u - 1)] if f["push_prev"] else []) + ([(u, u + 1)] if f["push_next"] else [])
 
+    names = {0: "LOAD", 1: "COMPUTE", 2: "STORE"}
+    total = {(0, 1): 0, (1, 0): 0, (1, 2): 0, (2, 1): 0}
+    for pc in range(len(instrs)):
+        for k in pushes(pc):
+            total[k] += 1
+    pushed = {(0, 1): 0, (1, 0): 0, (1, 2): 0, (2, 1): 0}
+    npop = {(0, 1): 0, (1, 0): 0, (1, 2): 0, (2, 1): 0}
+    for pc in range(len(instrs)):
+        for k in pops(pc):
+            pushed[k] -= 1
+            npop[k] += 1
+            if npop[k] > total[k]:
+                raise Fault(ErrorCode.DEADLOCK, pc,
+                            f"dependency tokens deadlock: {instrs[pc][0].name} pops a "
+                            f"{names[k[0]]}->{names[k[1]]} token that is never pushed")
+            if pushed[k] < 0:
+                raise Fault(ErrorCode.BAD_FIELD, pc,
+                            f"{instrs[pc][0].name} pops a {names[k[0]]}->{names[k[1]]} token that "
+                            f"no earlier instruction (in program order) pushes")
+        for k in pushes(pc):
+            pushed[k] += 1
+
+    tok = {(0, 1): 0, (1, 0): 0, (1, 2): 0, (2, 1): 0}
+    queues = [deque(), deque(), deque()]
+    popped = [False, False, False]      # head of each module queue has taken its tokens
+    fetch = 0
+    n = len(instrs)
+    depth, tdepth = config.cmd_depth, config.token_depth
     while True:
         progress = False
         while fetch < n and len(queues[units_of[fetch].value]) < depth:
             queues[units_of[fetch].value].append(fetch)
             fetch += 1
             progress = True
-        for q in queues:
+        for ui, q in enumerate(queues):
             while q:
                 pc = q[0]
                 if instrs[pc][0] == Opcode.END and (fetch < n or any(x for x in queues
                                                                      if x is not q)):
                     break
-                if any(tok[k] == 0 for k in pops(pc)) or any(tok[k] >= tdepth for k in pushes(pc)):
+                if not popped[ui]:
+                    if any(tok[k] == 0 for k in pops(pc)):
+                        break
+                    for k in pops(pc):
+                        tok[k] -= 1
+                    popped[ui] = True
+                    progress = True
+                if any(tok[k] >= tdepth for k in pushes(pc)):
                     break
-                for k in pops(pc):
-                    tok[k] -= 1
                 for k in pushes(pc):
                     tok[k] += 1
                 q.popleft()
+                popped[ui] = False
                 progress = True
         if fetch == n and not any(queues):
             break
@@ -151,7 +175,7 @@ def check_tokens(instrs, config) -> None:
             raise Fault(ErrorCode.DEADLOCK, heads[0] if heads else fetch,
                         f"dependency tokens deadlock; stuck: {desc}"
                         + (" (fetch blocked on a full instruction queue)" if fetch < n else ""))
-    left = {f"{a}->{b}": c for (a, b), c in tok.items() if c}
+    left = {f"{names[a]}->{names[b]}": c for (a, b), c in tok.items() if c}
     if left:
         raise Fault(ErrorCode.DEADLOCK, n - 1, f"tokens left unconsumed at END: {left}")
 
@@ -205,6 +229,8 @@ class Machine:
         return a
 
     def idx_check(self, lo, n, what):
+        if n < 0:
+            self.fault(ErrorCode.BAD_FIELD, f"{what}: negative count {n}")
         if lo < 0 or lo + n > self.cfg.idx_entries:
             self.fault(ErrorCode.IDX_RANGE, f"{what}: index entries {lo}..{lo + n - 1} outside "
                        f"0..{self.cfg.idx_entries - 1}")
@@ -254,6 +280,24 @@ class Machine:
         base = f["dram_addr"] + blk
         e = np.arange(run, dtype=np.int64)
         if f["mode"] == DmaMode.STRIDED:
+            # range-check from the loops' extreme values before building any address array
+            lo = hi = base
+            for cnt, st in ((f["n2"], f["ds2"]), (f["n1"], f["ds1"]), (f["n0"], f["ds0"])):
+                ext = (cnt - 1) * st
+                lo, hi = lo + min(0, ext), hi + max(0, ext)
+            hi += run * esize
+            if lo < 0 or hi > len(self.dram):
+                bad = lo if lo < 0 else hi - esize
+                self.fault(ErrorCode.DRAM_RANGE, f"DRAM address {bad:#x} outside the window "
+                           f"0..{len(self.dram) - 1:#x}")
+            lim = self.cfg.spad_words if f["mem"] == Mem.SPAD else self.cfg.idx_entries
+            slo = shi = f["spad_addr"]
+            for cnt, st in ((f["n2"], f["ss2"]), (f["n1"], f["ss1"]), (f["n0"], f["ss0"])):
+                shi += (cnt - 1) * st
+            shi += run - 1
+            if shi >= lim:
+                code = ErrorCode.SPAD_RANGE if f["mem"] == Mem.SPAD else ErrorCode.IDX_RANGE
+                self.fault(code, f"{f['mem'].name} address {shi:#x} outside 0..{lim - 1:#x}")
             i2, i1, i0 = np.meshgrid(np.arange(f["n2"]), np.arange(f["n1"]), np.arange(f["n0"]),
                                      indexing="ij")
             i2, i1, i0 = (x.reshape(-1, 1).astype(np.int64) for x in (i2, i1, i0))
@@ -265,6 +309,13 @@ class Machine:
             sp = self.idx[f["idx_addr"]:f["idx_addr"] + count]
             if (sp[:, 1] < 0).any():
                 self.fault(ErrorCode.BAD_FIELD, "span with negative length")
+            total = int(sp[:, 1].sum()) if count else 0
+            lim = self.cfg.spad_words if f["mem"] == Mem.SPAD else self.cfg.idx_entries
+            if total > lim or (count and (sp[:, 0].min() < 0 or
+                                          base + (int((sp[:, 0] + sp[:, 1]).max()) + 1) * f["ds0"]
+                                          > len(self.dram) + abs(f["ds0"]) * 2)):
+                self.fault(ErrorCode.DRAM_RANGE if total <= lim else ErrorCode.SPAD_RANGE,
+                           f"span list selects rows outside the window ({total} rows)")
             rows = np.concatenate([np.arange(a, a + n, dtype=np.int64) for a, n in sp]) \
                 if count else np.zeros(0, dtype=np.int64)
             q = np.arange(len(rows), dtype=np.int64)
