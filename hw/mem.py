@@ -1,0 +1,150 @@
+"""On-chip memories behind the port contracts of :mod:`vitamin.hw.ports`.
+
+``Scratchpad`` is banked: ``spad_lanes`` banks of 16-bit words, element ``e`` in bank
+``e % lanes`` at row ``e // lanes``, so any ``lanes`` consecutive elements sit in distinct banks and
+one access of ``lanes`` words at any element address takes one cycle. Reads rotate the banks'
+outputs into element order (latency ``SPAD_READ_LATENCY`` = 2: bank read, then rotate register);
+writes rotate the data and mask into bank order.
+
+``AccMemory``, ``IdxMemory`` and ``RowStateMemory`` are plain one-read, one-write memories with a
+read latency of 1.
+
+Each memory serves ONE port (a unit's, granted by the controller); its ``port`` member is the
+flipped port signature, so ``wiring.connect(m, unit.spad, spad.port)`` joins them. Tests preload
+and inspect contents with :meth:`Scratchpad.init_words` or through ``mem.banks[b].data[row]``
+in the simulator.
+"""
+
+from __future__ import annotations
+
+from amaranth import Module, Signal, signed
+from amaranth.lib import data, memory, wiring
+from amaranth.lib.wiring import In
+
+from .ports import (AccPort, IdxPort, RowStateLayout, RowStatePort, SpadPort, idx_entry_layout,
+                    spad_lanes)
+
+__all__ = ["Scratchpad", "AccMemory", "IdxMemory", "RowStateMemory"]
+
+
+class Scratchpad(wiring.Component):
+    """Banked scratchpad of ``config.spad_words`` 16-bit words.
+
+    Ports
+    -----
+    port : In(SpadPort(config))
+        One read (latency 2) and one write per cycle, ``spad_lanes`` consecutive words each.
+    """
+
+    def __init__(self, config, init=None):
+        self._cfg = config
+        self._lanes = spad_lanes(config)
+        if config.spad_words % self._lanes:
+            raise ValueError(f"spad_words {config.spad_words} is not a multiple of the "
+                             f"{self._lanes} scratchpad lanes")
+        self._depth = config.spad_words // self._lanes
+        self._init = list(init or [])
+        super().__init__({"port": In(SpadPort(config))})
+        self.banks = []
+
+    @property
+    def lanes(self) -> int:
+        return self._lanes
+
+    def init_words(self, words):
+        """Initial contents (element order), for simulation; call before elaboration."""
+        self._init = list(words)
+
+    def elaborate(self, platform):
+        m = Module()
+        lanes, depth = self._lanes, self._depth
+        p = self.port
+        lb = max(1, (lanes - 1).bit_length())
+        self.banks = []
+        rd_rot = Signal(range(lanes))
+        for b in range(lanes):
+            init = [self._init[r * lanes + b] if r * lanes + b < len(self._init) else 0
+                    for r in range(depth)]
+            mem = memory.Memory(shape=signed(16), depth=depth, init=init)
+            m.submodules[f"bank{b}"] = mem
+            self.banks.append(mem)
+        # read: bank b serves element a + ((b - a) mod lanes)
+        ra = p.rd_addr
+        ra_lo = ra[:lb] if lanes > 1 else 0
+        ra_hi = ra >> lb if lanes > 1 else ra
+        outs = []
+        for b, mem in enumerate(self.banks):
+            rp = mem.read_port()
+            off = Signal(range(lanes), name=f"rd_off{b}")
+            m.d.comb += off.eq((b - ra_lo) % lanes if lanes > 1 else 0)
+            m.d.comb += [rp.addr.eq(ra_hi + ((ra_lo + off) >> lb) if lanes > 1 else ra),
+                         rp.en.eq(p.rd_en)]
+            outs.append(rp.data)
+        with m.If(p.rd_en):
+            m.d.sync += rd_rot.eq(ra_lo)
+        # rotate register: lane i <- bank (rot + i) % lanes
+        rot = Signal(data.ArrayLayout(signed(16), lanes))
+        for i in range(lanes):
+            with m.Switch(rd_rot):
+                for r in range(lanes):
+                    with m.Case(r):
+                        m.d.sync += rot[i].eq(outs[(r + i) % lanes])
+        m.d.comb += p.rd_data.eq(rot)
+        # write: lane i -> bank (a + i) % lanes at row (a + i) // lanes
+        wa = p.wr_addr
+        wa_lo = wa[:lb] if lanes > 1 else 0
+        wa_hi = wa >> lb if lanes > 1 else wa
+        for b, mem in enumerate(self.banks):
+            wp = mem.write_port()
+            lane = Signal(range(lanes), name=f"wr_lane{b}")
+            m.d.comb += lane.eq((b - wa_lo) % lanes if lanes > 1 else 0)
+            m.d.comb += wp.addr.eq(wa_hi + ((wa_lo + lane) >> lb) if lanes > 1 else wa)
+            with m.Switch(lane):
+                for i in range(lanes):
+                    with m.Case(i):
+                        m.d.comb += [wp.data.eq(p.wr_data[i]),
+                                     wp.en.eq(p.wr_en & p.wr_mask[i])]
+        return m
+
+
+class _Plain(wiring.Component):
+    def __init__(self, sig, shape, depth, init=None):
+        self._shape = shape
+        self._depth = depth
+        self._init = list(init or [])
+        super().__init__({"port": In(sig)})
+        self.mem = None
+
+    def elaborate(self, platform):
+        m = Module()
+        self.mem = mem = memory.Memory(shape=self._shape, depth=self._depth,
+                                       init=self._init[:self._depth])
+        m.submodules.mem = mem
+        rp = mem.read_port()
+        wp = mem.write_port()
+        p = self.port
+        m.d.comb += [rp.addr.eq(p.rd_addr), rp.en.eq(p.rd_en), p.rd_data.eq(rp.data),
+                     wp.addr.eq(p.wr_addr), wp.data.eq(p.wr_data), wp.en.eq(p.wr_en)]
+        return m
+
+
+class AccMemory(_Plain):
+    """``acc_lines`` lines of ``cols`` accumulators; port: In(AccPort(config))."""
+
+    def __init__(self, config, init=None):
+        super().__init__(AccPort(config), data.ArrayLayout(signed(config.acc_bits), config.cols),
+                         config.acc_lines, init)
+
+
+class IdxMemory(_Plain):
+    """``idx_entries`` entries of (a, b) signed 32-bit pairs; port: In(IdxPort(config))."""
+
+    def __init__(self, config, init=None):
+        super().__init__(IdxPort(config), idx_entry_layout(), config.idx_entries, init)
+
+
+class RowStateMemory(_Plain):
+    """``rowstate_rows`` row states; port: In(RowStatePort(config))."""
+
+    def __init__(self, config, init=None):
+        super().__init__(RowStatePort(config), RowStateLayout(), config.rowstate_rows, init)
