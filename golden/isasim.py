@@ -262,8 +262,9 @@ class Machine:
                            f"0..{self.cfg.max_experts - 1}")
             if self.qlen[q] == 0:
                 self.counters["skipped"] += 1
-                return
+                return False
         getattr(self, "op_" + op.name.lower())(f)
+        return True
 
     def op_end(self, f):
         pass
@@ -647,22 +648,34 @@ def simulate(config, dram: np.ndarray, n_instr: int, *, regs=None, trace: bool =
     mach = Machine(config, dram, regs)
     res = RunResult(dram=dram)
     try:
-        instrs = decode_program(dram, n_instr)
-        if check:
-            check_tokens(instrs, config)
-        for pc, (op, f) in enumerate(instrs):
+        # The token protocol is checked over the decodable prefix of the program before anything
+        # runs (a deadlocking program would hang the hardware until its watchdog fires). An
+        # undecodable word faults when execution reaches it, after the instructions before it
+        # have executed, as in the hardware.
+        prefix = []
+        try:
+            prefix = decode_program(dram, n_instr)
+        except Fault:
+            prefix = None
+        if check and prefix is not None:
+            check_tokens(prefix, config)
+        pc = 0
+        while True:
             mach.pc = pc
+            op, f = prefix[pc] if prefix is not None else _fetch(dram, pc, n_instr)
             mach.writes = []
-            mach.step(op, f)
-            if op == Opcode.MARK:
+            executed = mach.step(op, f)
+            if op == Opcode.MARK and executed:
                 res.marks.append((f["id"], mach.snapshot()))
             if trace:
                 res.trace.append({"pc": pc, "op": op.name, "writes": list(mach.writes),
                                   "dram_crc": zlib.crc32(dram.tobytes())})
+            if op == Opcode.END:
+                break
+            pc += 1
     except Fault as e:
         res.status, res.error_pc, res.message = e.code, e.pc, e.message
     res.counters = mach.snapshot()
-    mach.counters["sat_events"] = mach.sat.events
     return res
 
 

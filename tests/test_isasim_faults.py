@@ -97,10 +97,14 @@ def test_no_end_within_n_instr():
 
 
 def test_fetch_past_the_dram_image():
-    prog = _copy_prog().link()
-    img = prog.dram_image()[:3 * 64]                           # image ends before END
+    a = Assembler(TINY)
+    for i in range(3):
+        a.mark(i)
+    a.end()
+    img = a.link().dram_image()[:3 * 64]                       # image ends before END
     res = simulate(TINY, img, 10)
     _expect(res, ErrorCode.DRAM_RANGE, 3, "fetch", "outside")
+    assert res.counters["instructions"] == 3                   # the MARKs before it ran
 
 
 # -- address faults ------------------------------------------------------------------------------

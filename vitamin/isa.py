@@ -124,7 +124,7 @@ class ErrorCode(enum.Enum, shape=4):
 class Header(data.Struct):
     """Common to every instruction (bits 0..17)."""
     opcode: Opcode
-    pop_prev: 1    # wait for a token from the previous module (LOAD <- COMPUTE <- STORE order)
+    pop_prev: 1    # wait for a token from the previous module (module number - 1; LOAD=0..STORE=2)
     pop_next: 1    # wait for a token from the next module
     push_prev: 1   # signal the previous module
     push_next: 1   # signal the next module
@@ -174,7 +174,7 @@ class Matmul(data.Struct):
     chan_en: 1        # per-column bias/mult/shift from the channel table at chan_addr
     res_en: 1         # add a residual read from res_addr (row stride out_stride)
     row_norm: 1       # multiply row i by 1/s of row state rs_base + i before the epilogue
-    gather: 1         # A row i is A row token(queue entry i); m = length of queue `queue`
+    gather: 1         # A row i is A row token(queue entry i); rows = queue length (<= m)
     scatter: 1        # output row i goes to row token(queue entry i)
     queue: 8
     m: COUNT
@@ -296,7 +296,7 @@ class Vec(data.Struct):
 
 
 class Mark(data.Struct):
-    """Profiling marker: the counters are snapshotted under `id` when COMPUTE reaches it."""
+    """Profiling marker: the counters are snapshotted under `id` when COMPUTE executes it."""
     hdr: Header
     id: 16
 
