@@ -182,7 +182,8 @@ def ViT(img_size, patch, in_chans, num_classes, dim, depth, heads, mlp_ratio=4.0
     Parameters
     ----------
     img_size, patch, in_chans : int
-        Square input ``[B, in_chans, img_size, img_size]``, square patches (``img_size % patch == 0``).
+        Square input ``[B, in_chans, img_size, img_size]``; square patches, ``img_size % patch``
+        must be 0.
     num_classes, dim, depth, heads : int
         Head outputs, embedding width, number of blocks, attention heads (``dim % heads == 0``).
     mlp_ratio : float
@@ -253,6 +254,8 @@ def export_onnx(model, path, dynamo: bool, batch: int = 1, *, opset: int | None 
     external_data : bool, optional
         Dynamo only: weights in ``<path>.data``. Default: only when the weights exceed 1 MiB.
     """
+    import logging
+
     import torch
 
     path = Path(path)
@@ -263,21 +266,33 @@ def export_onnx(model, path, dynamo: bool, batch: int = 1, *, opset: int | None 
     # The exporters warn about their own internals (TracerWarning, deprecations of the
     # TorchScript path, onnxscript version notes); none of it concerns the caller, and the test
     # suite turns warnings into errors.
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")
-        if not dynamo:
-            torch.onnx.export(
-                model, (x,), str(path), dynamo=False, opset_version=17 if opset is None else opset,
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}} if dynamic_batch
-                else None, **names)
-        else:
-            if external_data is None:
-                external_data = sum(p.numel() * 4 for p in model.parameters()) > 1 << 20
-            if path.with_name(path.name + ".data").exists():
-                os.remove(path.with_name(path.name + ".data"))
-            dyn = ({"x": {0: torch.export.Dim("batch", min=1, max=64)}} if dynamic_batch
-                   else None)
-            torch.onnx.export(model, (x,), str(path), dynamo=True, opset_version=opset,
-                              external_data=external_data, dynamic_shapes=dyn, report=False,
-                              verbose=False, **names)
+    # The dynamo exporter also logs that torchvision's ops are missing (we never use them).
+    quiet = logging.getLogger("torch.onnx._internal.exporter._registration")
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    # The exporters warn about their own internals (TracerWarning, deprecations of the
+    # TorchScript path, onnxscript version notes); none of it concerns the caller, and the test
+    # suite turns warnings into errors.
+    try:
+        with warnings.catch_warnings(), torch.no_grad():
+            warnings.simplefilter("ignore")
+            if not dynamo:
+                torch.onnx.export(
+                    model, (x,), str(path), dynamo=False,
+                    opset_version=17 if opset is None else opset,
+                    dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}
+                    if dynamic_batch else None, **names)
+            else:
+                if external_data is None:
+                    external_data = sum(p.numel() * 4 for p in model.parameters()) > 1 << 20
+                data = path.with_name(path.name + ".data")
+                if data.exists():       # a stale weights file from an earlier export
+                    os.remove(data)
+                dyn = ({"x": {0: torch.export.Dim("batch", min=1, max=64)}} if dynamic_batch
+                       else None)
+                torch.onnx.export(model, (x,), str(path), dynamo=True, opset_version=opset,
+                                  external_data=external_data, dynamic_shapes=dyn,
+                                  report=False, verbose=False, **names)
+    finally:
+        quiet.setLevel(level)
     return path
