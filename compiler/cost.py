@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from vitamin.isa import DmaMode, Opcode, Unit, UNIT_OF
+from vitamin.isa import UNIT_OF, DmaMode, Opcode, Unit
 
 __all__ = ["estimate", "Estimate", "instr_cycles", "MM_FILL", "ROW_FILL", "DMA_LATENCY"]
 

@@ -57,7 +57,9 @@ def primitive(op: str):
     return deco
 
 
-_erf = np.vectorize(math.erf, otypes=[np.float64])
+def _erf(x):
+    from scipy.special import erf
+    return erf(x)
 
 
 @primitive("erf")

@@ -465,7 +465,6 @@ class _Lowering:
 
     def make_tiles(self, n):
         cfg = self.cfg
-        g = self.g
         w = np.asarray(self.const(n.inputs[1]), dtype=np.float64)
         if w.ndim != 2:
             raise ir.CompileError(f"node {n.name!r}: linear weight must be 2-D, not {w.shape}")
@@ -476,8 +475,10 @@ class _Lowering:
         budget = cfg.spad_words // 8
         nt = (budget // k) // cfg.cols * cfg.cols
         if nt < cfg.cols:
-            raise ir.CompileError(f"node {n.name!r}: a weight tile of {k} x {cfg.cols} words does "
-                                  f"not fit the scratchpad budget of {budget} words")
+            raise ir.CompileError(f"model too large for the configuration: node {n.name!r} needs a "
+                                  f"weight tile of {k} x {cfg.cols} words, more than the weight "
+                                  f"buffer budget of {budget} scratchpad words; choose a larger "
+                                  f"preset")
         nt = min(nt, -(-nn // cfg.cols) * cfg.cols, cfg.max_dim)
         wq, sw = quantize_weight(w, cfg.weight_bits)
         info = self.fused[id(n)]

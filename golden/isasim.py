@@ -15,8 +15,19 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from vitamin import isa
-from vitamin.isa import (AccIn, Act, DmaMode, DType, ErrorCode, Mem, Opcode, OutMode, SmMode,
-                         Unit, VecOp)
+from vitamin.isa import (
+    AccIn,
+    Act,
+    DmaMode,
+    DType,
+    ErrorCode,
+    Mem,
+    Opcode,
+    OutMode,
+    SmMode,
+    Unit,
+    VecOp,
+)
 
 from . import units
 from .numerics import Sat, rshift_round
@@ -292,7 +303,7 @@ class Machine:
                 self.fault(ErrorCode.DRAM_RANGE, f"DRAM address {bad:#x} outside the window "
                            f"0..{len(self.dram) - 1:#x}")
             lim = self.cfg.spad_words if f["mem"] == Mem.SPAD else self.cfg.idx_entries
-            slo = shi = f["spad_addr"]
+            shi = f["spad_addr"]
             for cnt, st in ((f["n2"], f["ss2"]), (f["n1"], f["ss1"]), (f["n0"], f["ss0"])):
                 shi += (cnt - 1) * st
             shi += run - 1

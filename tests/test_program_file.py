@@ -12,8 +12,14 @@ from vitamin.asm import Assembler
 from vitamin.golden.isasim import run_program
 from vitamin.golden.numerics import requant_params
 from vitamin.isa import Act, DType, ErrorCode, OutMode
-from vitamin.program import (ConfigMismatch, CorruptProgram, NotAProgram, Program,
-                             TruncatedProgram, VersionMismatch)
+from vitamin.program import (
+    ConfigMismatch,
+    CorruptProgram,
+    NotAProgram,
+    Program,
+    TruncatedProgram,
+    VersionMismatch,
+)
 
 M, K, N = 12, 24, 16          # tokens, input features, hidden features
 S_X = 2.0 ** -10              # input scale

@@ -1,7 +1,8 @@
 """The one hardware configuration.
 
-Every part of vitamin (gateware, compiler, golden model, cost model) reads a :class:`Config`. Derived
-constants are computed here and nowhere else, so that the simulator and the hardware cannot drift.
+Every part of vitamin (gateware, compiler, golden model, cost model) reads a :class:`Config`.
+Derived constants are computed here and nowhere else, so that the simulator and the hardware
+cannot drift.
 """
 
 from __future__ import annotations
@@ -139,7 +140,8 @@ class Config:
         need(self.max_k <= 32768, "max_k", "must be <= 32768 (16-bit count fields)")
         need(isinstance(self.spad_words, int) and 1024 <= self.spad_words <= (1 << 22),
              "spad_words", "must be in 1024..4194304 (22-bit element addresses)")
-        need(self.spad_words % (self.rows * self.cols) == 0 and self.spad_words % self.row_lanes == 0,
+        need(self.spad_words % (self.rows * self.cols) == 0
+             and self.spad_words % self.row_lanes == 0,
              "spad_words", "must be a multiple of rows*cols and of row_lanes")
         need(isinstance(self.acc_lines, int) and 16 <= self.acc_lines <= (1 << 16), "acc_lines",
              "must be in 16..65536")

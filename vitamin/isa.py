@@ -12,6 +12,8 @@ The semantics of every field are documented in docs/ISA.md and implemented in
 
 
 
+from functools import lru_cache
+
 from amaranth.lib import data, enum
 
 __all__ = [
@@ -429,6 +431,12 @@ def decode(word) -> "tuple[Opcode, dict]":
         if len(word) != INSTR_BYTES:
             raise DecodeError(f"instruction word must be {INSTR_BYTES} bytes, not {len(word)}")
         word = int.from_bytes(bytes(word), "little")
+    op, fields = _decode_cached(word)
+    return op, dict(fields)
+
+
+@lru_cache(maxsize=1 << 16)
+def _decode_cached(word: int):
     if not 0 <= word < (1 << INSTR_BITS):
         raise DecodeError(f"instruction word must be an unsigned {INSTR_BITS}-bit integer")
     raw_op = (word >> _OPCODE_FIELD.offset) & ((1 << _OPCODE_FIELD.width) - 1)
