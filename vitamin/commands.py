@@ -222,3 +222,15 @@ def _report(args):
     if args.html:
         print(f"report written to {args.html}/report.html")
     return 0
+
+
+def _demo_args(p):
+    p.add_argument("--config", default="tiny", help="preset (default: tiny)")
+    p.add_argument("--limit", type=int, default=0, help="only the first N test images")
+
+
+@command("demo", "the main job on the shipped digits ViT (make demo)", arguments=_demo_args)
+def _demo(args):
+    from . import demo
+    argv = ["--config", args.config] + (["--limit", str(args.limit)] if args.limit else [])
+    return demo.main(argv)
