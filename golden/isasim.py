@@ -596,7 +596,11 @@ class Machine:
             self.fault(ErrorCode.ROUTE_RANGE, str(e))
         self.idx_check(f["q_addr"], len(toks), "expert queues")
         self.idx_check(f["qtab_addr"], ne, "queue table")
-        qa = f["q_addr"]
+        qa, ia, nq = f["q_addr"], f["idx_addr"], len(toks)
+        # the hardware's second pass re-reads the input while it writes the queues
+        self.field_check(nq == 0 or qa >= ia + m * k or ia >= qa + nq,
+                         f"expert queues {qa}..{qa + nq - 1} overlap the routing input "
+                         f"{ia}..{ia + m * k - 1}")
         self.idx[qa:qa + len(toks), 0] = toks
         self.idx[qa:qa + len(toks), 1] = ps
         self.idx[f["qtab_addr"]:f["qtab_addr"] + ne, 0] = offs + qa
@@ -609,6 +613,9 @@ class Machine:
     def op_spans(self, f):
         k = f["k"]
         self.field_check(f["block"] >= 1, "block must be >= 1")
+        # spans lie in [0, limit): keeping limit below 2^31 keeps every start, length and row
+        # count inside the 32-bit index entries and registers
+        self.field_check(f["limit"] < (1 << 31), f"limit = {f['limit']} must be below 2^31")
         self.idx_check(f["idx_addr"], k, "block list")
         blocks = self.idx[f["idx_addr"]:f["idx_addr"] + k, 0]
         sp = units.spans(blocks, f["block"], f["sink"], f["diag_lo"], f["diag_n"], f["limit"])

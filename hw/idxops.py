@@ -1,0 +1,537 @@
+"""Index-memory units: ROUTE (MoE token queues) and SPANS (block-sparse gather lists).
+
+Both units execute one instruction per ``ctl.start`` pulse (docs/ISA.md, ROUTE and SPANS; the
+golden model is ``Machine.op_route`` / ``op_spans`` with ``golden.units.route`` / ``spans``).
+Every field and range check happens before the first write, so a faulting instruction leaves the
+index memory, the registers and the queue registers as they were.
+
+Control (``hw/ports.py``, ``UnitControl``): ``busy`` is high from the cycle after ``start``
+up to the last cycle of the instruction; ``done`` is a one-cycle pulse in the cycle after that
+(``busy`` is already low); ``error`` holds the instruction's :class:`~vitamin.isa.ErrorCode`
+from the ``done`` cycle until the next ``start``. A ``start`` while busy is ignored.
+
+ROUTE: a counting sort
+----------------------
+The ``m * k`` routing entries ``(expert, probability)`` are read twice::
+
+    COUNT   read every entry, cnt[e] += 1 (e >= 0), check -1 <= e < n_experts, count nq
+    CHECK2  ROUTE_RANGE, queue entries and queue table (IDX_RANGE), overlap (BAD_FIELD)
+    PREFIX  for e < n_experts: ptr[e] = q_addr + run; queue register e = (q_addr + run, cnt[e])
+    PLACE   read every entry again, IDX[ptr[e]++] = (token, probability) (e >= 0);
+            meanwhile the queue registers of experts n_experts .. max_experts-1 are cleared
+    TABLE   for e < n_experts: IDX[qtab_addr + e] = (q_addr + run, cnt[e]); cnt[e] = 0
+
+Entries are read in token order, so each queue fills in ascending token order; the experts'
+queues are laid out in ascending expert order by the prefix sums. ``cnt`` and ``ptr`` are
+``max_experts``-deep memories (one read, one write port; the read port is transparent, so that
+consecutive entries of one expert see each other's increments). ``cnt`` is all zero between
+instructions: TABLE clears it, and so does a CLEAR scan after a fault found in CHECK2; after a
+reset (which may cut an instruction short) an INIT scan clears all ``max_experts`` counts, and a
+``start`` that arrives meanwhile waits for it. The queue
+table is written last, after the queue entries, as the golden model does, so the two may
+overlap. Cycles from ``start`` to ``done`` of a successful ROUTE (:meth:`RouteUnit.cycles`)::
+
+    1 + (m*k + 2) + 1 + (n_experts + 1) + max(m*k + 2, max_experts - n_experts + 1)
+      + (n_experts + 1) + 1
+    = 2 * m * k + 2 * n_experts + 9      unless clearing the unused queue registers is longer
+
+e.g. 197 tokens, top-2, 16 experts: 829 cycles. A fault is reported after CHECK (2 cycles) or
+after COUNT and CLEAR (``m*k + n_experts + 6``).
+
+Restriction (the golden model must mirror it): PLACE re-reads the routing input while it writes
+queue entries, so the queue entries ``q_addr .. q_addr + nq - 1`` (``nq`` = entries with an
+expert >= 0) must not overlap the input ``idx_addr .. idx_addr + m*k - 1``; otherwise ROUTE
+faults with ``BAD_FIELD``, checked after the queue table's ``IDX_RANGE``. (The alternative, a copy
+of the input, would be as large as the index memory.)
+
+SPANS: a merge over a sorted walk
+---------------------------------
+The ``k`` block entries are first copied into a local 128-entry list (only blocks >= 0), so the
+span output may overlap the input (it is read completely before the first write, as in the golden
+model). The selected set is the union of three kinds of pieces: the sink ``[0, sink)``, the
+diagonal ``[max(diag_lo, 0), diag_lo + diag_n)`` and one ``[b, b + 1)`` per listed block. A walk
+keeps ``x``, the first block not handled yet, and ``L``, the smallest listed block ``>= x`` (found
+by a scan of the list; a rescan is needed only after ``L`` itself has been used, because no listed
+block lies in ``[x_old, L)``). Each step takes the piece that starts first (``s``; the longest of
+those starting at ``s``, ending at ``e``), computes the rows ``s * block`` and ``e * block`` with
+one shared 32 x 16 multiplier, stops when ``s * block >= limit``, extends the open span when it
+ends at row ``s * block`` and otherwise emits it, and continues from ``x = e``. An emitted span
+``[rs, re)`` is written as ``(rs, min(re, limit) - rs)``. This is exactly the golden model's
+ascending merge, with no bound on block indices, ``sink``, ``diag_n`` or ``limit``.
+
+The number of spans is at most ``n_l + 2`` (``n_l`` = listed blocks >= 0): every span starts at
+block 0, at ``max(diag_lo, 0)`` or at a listed block. When ``out_addr + n_l + 2 <=
+idx_entries`` no span can fault, and the walk writes as it goes (one pass); otherwise a first
+walk only counts, the count is range-checked (``IDX_RANGE``) and a second walk writes. Cycles
+from ``start`` to ``done`` (:meth:`SpansUnit.max_cycles` bounds them)::
+
+    1 + (k + 2)                 check, copy the list (1 cycle for k = 0)
+    walk:  (r + 1) * (n_l + 1)  scans of the list; r = rescans <= distinct listed blocks used
+         + 4 * steps + 2        steps <= r + 3 (one per piece taken, plus the final one)
+    + 3                         registers, done
+
+with two walks when the output lies within ``n_l + 2`` entries of the end of the index memory.
+E.g. 8 distinct listed blocks, a sink block and 2 diagonal blocks: 141 cycles (k = 16: 389,
+k = 32: 1,265; the scans make it quadratic in k).
+
+Widths: span starts and lengths are written as 32-bit words and ``REG[rows_reg]`` is a signed
+32-bit register; ``limit`` must be below 2^31 (``BAD_FIELD`` otherwise, as in the golden model),
+so every row number, length and count is exact.
+"""
+
+from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from vitamin.config import get_config
+from vitamin.isa import INSTR_BITS, ErrorCode, Route, Spans
+
+from .ports import IdxPort, QueuePort, RegPort, UnitControl
+
+__all__ = ["RouteUnit", "SpansUnit", "SPANS_LIST_DEPTH"]
+
+#: Entries of the SPANS unit's local block list: the ``k`` field has 7 bits.
+SPANS_LIST_DEPTH = 1 << data.Layout.cast(Spans)["k"].width
+
+
+def _bits(n: int) -> int:
+    # Same as hw/ports.py: address bits of an n-entry memory (at least 1).
+    return max(1, (n - 1).bit_length())
+
+
+def _view(fmt, instr):
+    """The instruction register seen through its format (the format is narrower than 512)."""
+    return data.View(fmt, instr[:data.Layout.cast(fmt).size])
+
+
+class _Control:
+    """Instruction latch, ``busy``/``done``/``error`` of one unit (see the module docstring)."""
+
+    def __init__(self, m, ctl, fmt):
+        self.instr = Signal(INSTR_BITS)
+        self.f = _view(fmt, self.instr)
+        self.done = Signal()
+        self.err = Signal(ErrorCode)
+        self._m = m
+        m.d.sync += self.done.eq(0)
+        m.d.comb += [ctl.done.eq(self.done), ctl.error.eq(self.err), ctl.sat_inc.eq(0)]
+
+    def idle(self, ctl, first_state):
+        """Body of the IDLE state."""
+        m = self._m
+        with m.If(ctl.start):
+            m.d.sync += [self.instr.eq(ctl.instr), self.err.eq(ErrorCode.OK)]
+            m.next = first_state
+
+    def finish(self, code=None):
+        """End the instruction (from inside a state): ``done`` next cycle, with ``code``."""
+        m = self._m
+        m.d.sync += self.done.eq(1)
+        if code is not None:
+            m.d.sync += self.err.eq(code)
+        m.next = "IDLE"
+
+
+class RouteUnit(wiring.Component):
+    """ROUTE: per-expert token queues from top-k routing entries (a counting sort).
+
+    Parameters
+    ----------
+    config : Config or str
+        The accelerator configuration (``idx_entries``, ``max_experts``, ``max_topk``,
+        ``max_dim``).
+
+    Ports
+    -----
+    ctl : In(UnitControl())
+        One ROUTE instruction per ``start`` pulse.
+    idx : Out(IdxPort(config))
+        Index memory: routing input, queue entries, queue table.
+    queues : Out(QueuePort(config))
+        Expert queue registers; every expert's ``(offset, length)`` is written, experts
+        ``>= n_experts`` get ``(0, 0)``. ``queues.q`` is not read.
+    """
+
+    def __init__(self, config):
+        self._cfg = get_config(config)
+        super().__init__({
+            "ctl": In(UnitControl()),
+            "idx": Out(IdxPort(self._cfg)),
+            "queues": Out(QueuePort(self._cfg)),
+        })
+
+    def cycles(self, m: int, k: int, n_experts: int) -> int:
+        """Cycles from ``start`` to ``done`` of a ROUTE that does not fault."""
+        mk = m * k
+        place = max(mk + 2, self._cfg.max_experts - n_experts + 1)
+        # CHECK, COUNT, CHECK2, PREFIX, PLACE, TABLE, then the done cycle.
+        return 1 + (mk + 2) + 1 + (n_experts + 1) + place + (n_experts + 1) + 1
+
+    def elaborate(self, platform):
+        cfg = self._cfg
+        m = Module()
+        n_ent = cfg.idx_entries
+        aw = _bits(n_ent) + 1           # counts and addresses 0 .. idx_entries (QueuePort width)
+        ctl = _Control(m, self.ctl, Route)
+        f = ctl.f
+        idx, qp = self.idx, self.queues
+
+        m.submodules.cnt = cnt = Memory(shape=unsigned(aw), depth=cfg.max_experts, init=[])
+        m.submodules.ptr = ptr = Memory(shape=unsigned(aw), depth=cfg.max_experts, init=[])
+        cnt_w = cnt.write_port()
+        cnt_r = cnt.read_port(transparent_for=(cnt_w,))
+        ptr_w = ptr.write_port()
+        ptr_r = ptr.read_port(transparent_for=(ptr_w,))
+
+        mk = Signal(range(cfg.max_dim * cfg.max_topk + 1))
+        ri = Signal.like(mk)                        # entries read so far
+        tok = Signal(range(cfg.max_dim))            # token and slot of entry ri
+        slot = Signal(range(cfg.max_topk))
+        nq = Signal(aw)                             # entries with an expert >= 0
+        bad_expert = Signal()
+        sc = Signal(range(cfg.max_experts + 1))     # expert scan (PREFIX, TABLE, CLEAR)
+        zq = Signal(range(cfg.max_experts + 1))     # queue registers cleared in PLACE
+        run = Signal(aw)                            # prefix sum of the queue lengths
+        # Pipeline: s1 = IDX data of the read issued in the previous cycle; s2 = cnt/ptr data.
+        s1_v = Signal()
+        s1_tok = Signal.like(tok)
+        s2_v = Signal()
+        s2_e = Signal(range(cfg.max_experts))
+        s2_tok = Signal.like(tok)
+        s2_p = Signal(signed(32))
+        p_v = Signal()                              # scan pipeline (cnt data valid)
+        p_e = Signal(range(cfg.max_experts))
+        m.d.sync += [s1_v.eq(0), s2_v.eq(0), p_v.eq(0)]
+
+        e_in = idx.rd_data.a
+        p_in = idx.rd_data.b
+        ne = f.n_experts
+        issue = Signal()
+        m.d.comb += [idx.rd_addr.eq(f.idx_addr + ri), issue.eq(ri < mk)]
+
+        def read_entries():
+            m.d.comb += idx.rd_en.eq(issue)
+            with m.If(issue):
+                m.d.sync += [ri.eq(ri + 1), s1_v.eq(1), s1_tok.eq(tok)]
+                with m.If(slot == f.k - 1):
+                    m.d.sync += [slot.eq(0), tok.eq(tok + 1)]
+                with m.Else():
+                    m.d.sync += slot.eq(slot + 1)
+
+        def scan_experts():
+            """Issue cnt reads for experts 0 .. ne-1; returns "the scan is over"."""
+            m.d.comb += cnt_r.addr.eq(sc)
+            with m.If(sc < ne):
+                m.d.sync += [sc.eq(sc + 1), p_v.eq(1), p_e.eq(sc)]
+            # The last expert's data is used in the cycle in which the scan is over.
+            return sc == ne
+
+        pend = Signal()     # a start arrived during INIT
+        with m.FSM(init="INIT") as fsm:
+            with m.State("INIT"):
+                # After reset, cnt holds whatever an instruction cut short by the reset left
+                # in it (memories are not reset): clear all of it. A start is kept for later.
+                m.d.comb += [cnt_w.en.eq(1), cnt_w.addr.eq(sc), cnt_w.data.eq(0)]
+                m.d.sync += sc.eq(sc + 1)
+                with m.If(self.ctl.start & ~pend):
+                    m.d.sync += [ctl.instr.eq(self.ctl.instr), ctl.err.eq(ErrorCode.OK),
+                                 pend.eq(1)]
+                with m.If(sc == cfg.max_experts - 1):
+                    m.d.sync += pend.eq(0)
+                    with m.If(pend | self.ctl.start):
+                        m.next = "CHECK"
+                    with m.Else():
+                        m.next = "IDLE"
+
+            with m.State("IDLE"):
+                ctl.idle(self.ctl, "CHECK")
+
+            with m.State("CHECK"):
+                m.d.sync += [mk.eq(f.m * f.k), ri.eq(0), tok.eq(0), slot.eq(0), nq.eq(0),
+                             bad_expert.eq(0)]
+                with m.If((f.m < 1) | (f.m > cfg.max_dim) | (f.k < 1) | (f.k > cfg.max_topk)
+                          | (ne < 1) | (ne > cfg.max_experts)):
+                    ctl.finish(ErrorCode.BAD_FIELD)
+                with m.Elif(f.idx_addr + f.m * f.k > n_ent):
+                    ctl.finish(ErrorCode.IDX_RANGE)
+                with m.Else():
+                    m.next = "COUNT"
+
+            with m.State("COUNT"):
+                read_entries()
+                with m.If(s1_v):
+                    with m.If((e_in < -1) | (e_in >= ne)):
+                        m.d.sync += bad_expert.eq(1)
+                    with m.Elif(e_in >= 0):
+                        m.d.comb += cnt_r.addr.eq(e_in)
+                        m.d.sync += [s2_v.eq(1), s2_e.eq(e_in), nq.eq(nq + 1)]
+                m.d.comb += [cnt_w.en.eq(s2_v), cnt_w.addr.eq(s2_e),
+                             cnt_w.data.eq(cnt_r.data + 1)]
+                with m.If(~issue & ~s1_v):   # the last increment (s2) is written now
+                    m.next = "CHECK2"
+
+            with m.State("CHECK2"):
+                m.d.sync += [sc.eq(0), run.eq(0)]
+                overlap = ((nq != 0) & (f.q_addr < f.idx_addr + mk)
+                           & (f.idx_addr < f.q_addr + nq))
+                with m.If(bad_expert):
+                    m.d.sync += ctl.err.eq(ErrorCode.ROUTE_RANGE)
+                    m.next = "CLEAR"
+                with m.Elif((f.q_addr + nq > n_ent) | (f.qtab_addr + ne > n_ent)):
+                    m.d.sync += ctl.err.eq(ErrorCode.IDX_RANGE)
+                    m.next = "CLEAR"
+                with m.Elif(overlap):
+                    m.d.sync += ctl.err.eq(ErrorCode.BAD_FIELD)
+                    m.next = "CLEAR"
+                with m.Else():
+                    m.next = "PREFIX"
+
+            with m.State("PREFIX"):
+                over = scan_experts()
+                with m.If(p_v):
+                    m.d.comb += [qp.wr_en.eq(1), qp.wr_addr.eq(p_e),
+                                 qp.wr_off.eq(f.q_addr + run), qp.wr_len.eq(cnt_r.data),
+                                 ptr_w.en.eq(1), ptr_w.addr.eq(p_e),
+                                 ptr_w.data.eq(f.q_addr + run)]
+                    m.d.sync += run.eq(run + cnt_r.data)
+                with m.If(over):
+                    m.d.sync += [ri.eq(0), tok.eq(0), slot.eq(0), zq.eq(ne)]
+                    m.next = "PLACE"
+
+            with m.State("PLACE"):
+                read_entries()
+                with m.If(s1_v & (e_in >= 0)):
+                    m.d.comb += ptr_r.addr.eq(e_in)
+                    m.d.sync += [s2_v.eq(1), s2_e.eq(e_in), s2_tok.eq(s1_tok), s2_p.eq(p_in)]
+                with m.If(s2_v):
+                    m.d.comb += [idx.wr_en.eq(1), idx.wr_addr.eq(ptr_r.data),
+                                 idx.wr_data.a.eq(s2_tok), idx.wr_data.b.eq(s2_p),
+                                 ptr_w.en.eq(1), ptr_w.addr.eq(s2_e),
+                                 ptr_w.data.eq(ptr_r.data + 1)]
+                with m.If(zq < cfg.max_experts):
+                    m.d.comb += [qp.wr_en.eq(1), qp.wr_addr.eq(zq), qp.wr_off.eq(0),
+                                 qp.wr_len.eq(0)]
+                    m.d.sync += zq.eq(zq + 1)
+                with m.If(~issue & ~s1_v & (zq == cfg.max_experts)):
+                    m.d.sync += [sc.eq(0), run.eq(0)]
+                    m.next = "TABLE"
+
+            with m.State("TABLE"):
+                over = scan_experts()
+                with m.If(p_v):
+                    m.d.comb += [idx.wr_en.eq(1), idx.wr_addr.eq(f.qtab_addr + p_e),
+                                 idx.wr_data.a.eq(f.q_addr + run), idx.wr_data.b.eq(cnt_r.data),
+                                 cnt_w.en.eq(1), cnt_w.addr.eq(p_e), cnt_w.data.eq(0)]
+                    m.d.sync += run.eq(run + cnt_r.data)
+                with m.If(over):
+                    ctl.finish()
+
+            with m.State("CLEAR"):
+                # After a fault found in CHECK2: zero the counts of COUNT (experts < ne only).
+                m.d.comb += [cnt_w.en.eq(sc < ne), cnt_w.addr.eq(sc), cnt_w.data.eq(0)]
+                m.d.sync += sc.eq(sc + 1)
+                with m.If(sc >= ne):
+                    ctl.finish()
+
+        m.d.comb += self.ctl.busy.eq(~fsm.ongoing("IDLE") & ~fsm.ongoing("INIT") | pend)
+        return m
+
+
+class SpansUnit(wiring.Component):
+    """SPANS: selected blocks -> ascending merged row spans (a sorted walk, see module docstring).
+
+    Parameters
+    ----------
+    config : Config or str
+        The accelerator configuration (``idx_entries``).
+
+    Ports
+    -----
+    ctl : In(UnitControl())
+        One SPANS instruction per ``start`` pulse.
+    idx : Out(IdxPort(config))
+        Index memory: block list input, span output.
+    regs : Out(RegPort())
+        ``REG[dst_reg]`` <- number of spans, then ``REG[rows_reg]`` <- total rows (a register
+        field of 0 is not written). ``regs.regs`` is not read.
+    """
+
+    def __init__(self, config):
+        self._cfg = get_config(config)
+        super().__init__({
+            "ctl": In(UnitControl()),
+            "idx": Out(IdxPort(self._cfg)),
+            "regs": Out(RegPort()),
+        })
+
+    @staticmethod
+    def max_cycles(k: int, walks: int = 2) -> int:
+        """Upper bound of the cycles from ``start`` to ``done`` of a SPANS of ``k`` entries
+        (``walks = 1`` when ``out_addr + k + 2 <= idx_entries``)."""
+        walk = (k + 1) * (k + 1) + 4 * (k + 3) + 2
+        return 1 + (k + 2) + walks * walk + 3
+
+    def elaborate(self, platform):
+        cfg = self._cfg
+        m = Module()
+        n_ent = cfg.idx_entries
+        ctl = _Control(m, self.ctl, Spans)
+        f = ctl.f
+        idx, rp = self.idx, self.regs
+        depth = SPANS_LIST_DEPTH
+
+        m.submodules.lst = lst = Memory(shape=unsigned(31), depth=depth, init=[])
+        lst_w = lst.write_port()
+        lst_r = lst.read_port()
+
+        diag_lo = f.diag_lo.as_signed()
+        block = f.block
+        limit = f.limit
+
+        ri = Signal(range(depth + 1))      # entries of IDX read (LOAD), list entries read (SCAN)
+        s1_v = Signal()
+        n_l = Signal(range(depth + 1))     # listed blocks >= 0
+        emit = Signal()                    # this walk writes its spans
+        x = Signal(32)                     # first block not handled yet
+        lo = Signal(31)                    # smallest listed block >= x, when lo_ok
+        lo_ok = Signal()
+        s = Signal(32)                     # the step's piece [s, e)
+        e = Signal(32)
+        has = Signal()
+        ps = Signal(48)                    # s * block, e * block
+        pe = Signal(48)
+        open_ = Signal()                   # a span [rs, re) (rows, re unclipped) is open
+        rs = Signal(48)
+        re = Signal(48)
+        count = Signal(range(depth + 3))
+        rows = Signal(32)
+        m.d.sync += s1_v.eq(0)
+
+        # Pieces starting at or after x: sink [x, sink), diagonal [max(x, dlo), dend), list
+        # [lo, lo + 1). All values are below 2^32 (dend <= 2^31 - 1 + 65535).
+        dlo = Signal(32)
+        dend = Signal(signed(34))
+        m.d.comb += [dlo.eq(Mux(diag_lo < 0, 0, diag_lo)), dend.eq(diag_lo + f.diag_n)]
+        pieces = [
+            (x < f.sink, x, f.sink),
+            ((x < dend) & (dlo < dend), Mux(x > dlo, x, dlo), dend[:32]),
+            (lo_ok, lo, lo + 1),
+        ]
+        c_s = Const((1 << 32) - 1, 33)
+        for p_has, p_s, _ in pieces:
+            c_s = Mux(p_has & (p_s < c_s), p_s, c_s)
+        c_e = Const(0, 33)
+        for p_has, p_s, p_e in pieces:
+            c_e = Mux(p_has & (p_s == c_s) & (p_e > c_e), p_e, c_e)
+        c_has = pieces[0][0] | pieces[1][0] | pieces[2][0]
+
+        mul_a = Signal(32)
+        prod = Signal(48)
+        m.d.comb += prod.eq(mul_a * block)
+
+        def emit_span():
+            end = Mux(re < limit, re, limit)
+            length = Signal(32)
+            m.d.comb += length.eq(end - rs)
+            with m.If(emit):
+                m.d.comb += [idx.wr_en.eq(1), idx.wr_addr.eq(f.out_addr + count),
+                             idx.wr_data.a.eq(rs[:32]), idx.wr_data.b.eq(length)]
+            m.d.sync += [count.eq(count + 1), rows.eq(rows + length)]
+
+        def start_walk():
+            m.d.sync += [x.eq(0), lo_ok.eq(0), open_.eq(0), count.eq(0), rows.eq(0), ri.eq(0)]
+            m.next = "SCAN"
+
+        with m.FSM() as fsm:
+            with m.State("IDLE"):
+                ctl.idle(self.ctl, "CHECK")
+
+            with m.State("CHECK"):
+                m.d.sync += [ri.eq(0), n_l.eq(0)]
+                with m.If((block == 0) | limit[31]):   # limit must be below 2^31 (golden)
+                    ctl.finish(ErrorCode.BAD_FIELD)
+                with m.Elif(f.idx_addr + f.k > n_ent):
+                    ctl.finish(ErrorCode.IDX_RANGE)
+                with m.Else():
+                    m.next = "LOAD"
+
+            with m.State("LOAD"):
+                m.d.comb += [idx.rd_en.eq(ri < f.k), idx.rd_addr.eq(f.idx_addr + ri)]
+                with m.If(ri < f.k):
+                    m.d.sync += [ri.eq(ri + 1), s1_v.eq(1)]
+                with m.If(s1_v & (idx.rd_data.a >= 0)):
+                    m.d.comb += [lst_w.en.eq(1), lst_w.addr.eq(n_l),
+                                 lst_w.data.eq(idx.rd_data.a)]
+                    m.d.sync += n_l.eq(n_l + 1)
+                with m.If((ri == f.k) & ~s1_v):
+                    m.d.sync += emit.eq(f.out_addr + n_l + 2 <= n_ent)
+                    start_walk()
+
+            with m.State("SCAN"):
+                # lo = smallest listed block >= x (lo_ok = 0 on entry).
+                m.d.comb += lst_r.addr.eq(ri)
+                with m.If(ri < n_l):
+                    m.d.sync += [ri.eq(ri + 1), s1_v.eq(1)]
+                with m.If(s1_v & (lst_r.data >= x) & (~lo_ok | (lst_r.data < lo))):
+                    m.d.sync += [lo.eq(lst_r.data), lo_ok.eq(1)]
+                with m.If(ri == n_l):       # the last entry is compared now
+                    m.next = "CAND"
+
+            with m.State("CAND"):
+                m.d.sync += [s.eq(c_s), e.eq(c_e), has.eq(c_has)]
+                m.next = "MUL_S"
+
+            with m.State("MUL_S"):
+                m.d.comb += mul_a.eq(s)
+                m.d.sync += ps.eq(prod)
+                m.next = "MUL_E"
+
+            with m.State("MUL_E"):
+                m.d.comb += mul_a.eq(e)
+                m.d.sync += pe.eq(prod)
+                m.next = "DECIDE"
+
+            with m.State("DECIDE"):
+                with m.If(~has | (ps >= limit)):
+                    m.next = "FLUSH"
+                with m.Else():
+                    with m.If(open_ & (ps == re)):
+                        m.d.sync += re.eq(pe)
+                    with m.Else():
+                        with m.If(open_):
+                            emit_span()
+                        m.d.sync += [rs.eq(ps), re.eq(pe), open_.eq(1)]
+                    m.d.sync += x.eq(e)
+                    with m.If(lo_ok & (lo < e)):
+                        m.d.sync += [ri.eq(0), lo_ok.eq(0)]
+                        m.next = "SCAN"
+                    with m.Else():
+                        m.next = "CAND"
+
+            with m.State("FLUSH"):
+                with m.If(open_):
+                    emit_span()
+                m.next = "WALKED"
+
+            with m.State("WALKED"):
+                with m.If(emit):
+                    m.next = "REG_DST"
+                with m.Elif(f.out_addr + count > n_ent):
+                    ctl.finish(ErrorCode.IDX_RANGE)
+                with m.Else():
+                    m.d.sync += emit.eq(1)
+                    start_walk()
+
+            with m.State("REG_DST"):
+                m.d.comb += [rp.wr_en.eq(f.dst_reg != 0), rp.wr_addr.eq(f.dst_reg),
+                             rp.wr_data.eq(count)]
+                m.next = "REG_ROWS"
+
+            with m.State("REG_ROWS"):
+                m.d.comb += [rp.wr_en.eq(f.rows_reg != 0), rp.wr_addr.eq(f.rows_reg),
+                             rp.wr_data.eq(rows)]
+                ctl.finish()
+
+        m.d.comb += self.ctl.busy.eq(~fsm.ongoing("IDLE"))
+        return m
