@@ -518,8 +518,14 @@ class Machine:
             cnt = int(self.regs[f["count_reg"]]) if f["count_reg"] else f["n_spans"]
             self.idx_check(f["idx_addr"], cnt, "key spans")
             sp = self.idx[f["idx_addr"]:f["idx_addr"] + cnt]
-            kpos = np.concatenate([np.arange(a, a + b, dtype=np.int64) for a, b in sp]) \
-                if cnt else np.zeros(0, dtype=np.int64)
+            parts, have = [], 0
+            for a, b in sp:                     # only the first n positions are needed
+                if have >= n:
+                    break
+                take = int(max(0, min(b, n - have)))
+                parts.append(np.arange(a, a + take, dtype=np.int64))
+                have += take
+            kpos = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
             if len(kpos) < n:
                 self.fault(ErrorCode.BAD_FIELD, f"key spans cover {len(kpos)} positions, fewer "
                            f"than n = {n}")
