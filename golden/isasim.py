@@ -440,8 +440,6 @@ class Machine:
             b = self.spad[self.spad_idx(f["b_addr"], n, f["b_stride"], k, "B^T")].T
         else:
             b = self.spad[self.spad_idx(f["b_addr"], k, f["b_stride"], n, "B")]
-        prod = units.matmul_exact(a, b)
-        self.counters["macs"] += rows * k * n
         # ACC lines: element (i, j) at line acc_addr + (j // cols) * m + i, lane j % cols
         j = np.arange(n)
         lines = f["acc_addr"] + (j // cfg.cols)[None, :] * m + np.arange(rows)[:, None]
@@ -458,43 +456,50 @@ class Machine:
             if stale.any():
                 self.fault(ErrorCode.BAD_FIELD, "MATMUL reads accumulator lines that hold no "
                            "partial sums (never written, or clobbered by an epilogue MATMUL)")
+        if f["acc_in"] not in (AccIn.ZERO, AccIn.ACC, AccIn.SCALE):
+            self.fault(ErrorCode.BAD_FIELD, f"acc_in {f['acc_in']}")
+        # every check comes before any state changes: a faulting instruction changes nothing
+        if f["out"] == OutMode.ACC:
+            self.field_check(not f["scatter"], "scatter needs an epilogue output")
+        else:
+            if f["chan_en"]:
+                ch = self.spad[self.spad_idx(f["chan_addr"], n, 4, 4, "channel table")]
+                bias = (ch[:, 1] << 16) | (ch[:, 0] & 0xFFFF)
+                mult, shift = ch[:, 2], ch[:, 3]
+            else:
+                bias = np.zeros(n, dtype=np.int64)
+                mult = np.full(n, f["mult"], dtype=np.int64)
+                shift = np.full(n, f["shift"], dtype=np.int64)
+            self.shift_ok(shift, "requantisation")
+            self.shift_ok(f["act_shift"], "act_shift")
+            self.shift_ok(f["res_shift"], "res_shift")
+            out_rows = toks if f["scatter"] else np.arange(rows)
+            residual = None
+            if f["res_en"]:
+                residual = self.spad[self.spad_idx(f["res_addr"], out_rows, f["out_stride"], n,
+                                                   "residual")]
+            act = {Act.NONE: "none", Act.GELU: "gelu", Act.RELU: "relu"}.get(f["act"])
+            if act is None:
+                self.fault(ErrorCode.BAD_FIELD, f"act {f['act']}")
+            if f["out"] not in (OutMode.SPAD, OutMode.SPAD_ADD):
+                self.fault(ErrorCode.BAD_FIELD, f"out {f['out']}")
+            dst = self.spad_idx(f["out_addr"], out_rows, f["out_stride"], n, "output")
+        prod = units.matmul_exact(a, b)
         if f["acc_in"] == AccIn.ZERO:
             acc = prod
         elif f["acc_in"] == AccIn.ACC:
             acc = self.sat(self.acc[lines, lanes] + prod, cfg.acc_bits)
-        elif f["acc_in"] == AccIn.SCALE:
+        else:
             c = self.rs.c[rs_rows]
             acc = self.sat(rshift_round(self.acc[lines, lanes] * c[:, None], 15) + prod,
                            cfg.acc_bits)
-        else:
-            self.fault(ErrorCode.BAD_FIELD, f"acc_in {f['acc_in']}")
+        self.counters["macs"] += rows * k * n
         if f["out"] == OutMode.ACC:
-            self.field_check(not f["scatter"], "scatter needs an epilogue output")
             self.acc[lines, lanes] = acc
             self.acc_valid[np.unique(lines)] = True
             return
         # an epilogue MATMUL leaves the accumulator lines it used undefined
         self.acc_valid[f["acc_addr"]:f["acc_addr"] + used] = False
-        # epilogue
-        if f["chan_en"]:
-            ch = self.spad[self.spad_idx(f["chan_addr"], n, 4, 4, "channel table")]
-            bias = (ch[:, 1] << 16) | (ch[:, 0] & 0xFFFF)
-            mult, shift = ch[:, 2], ch[:, 3]
-        else:
-            bias = np.zeros(n, dtype=np.int64)
-            mult = np.full(n, f["mult"], dtype=np.int64)
-            shift = np.full(n, f["shift"], dtype=np.int64)
-        self.shift_ok(shift, "requantisation")
-        self.shift_ok(f["act_shift"], "act_shift")
-        self.shift_ok(f["res_shift"], "res_shift")
-        out_rows = toks if f["scatter"] else np.arange(rows)
-        residual = None
-        if f["res_en"]:
-            residual = self.spad[self.spad_idx(f["res_addr"], out_rows, f["out_stride"], n,
-                                               "residual")]
-        act = {Act.NONE: "none", Act.GELU: "gelu", Act.RELU: "relu"}.get(f["act"])
-        if act is None:
-            self.fault(ErrorCode.BAD_FIELD, f"act {f['act']}")
         row_r = row_k = None
         if f["row_norm"]:
             row_r, row_k = self.rs.r[rs_rows], self.rs.k[rs_rows]
@@ -502,14 +507,11 @@ class Machine:
                            act_mult=f["act_mult"], act_shift=f["act_shift"], residual=residual,
                            res_mult=f["res_mult"], res_shift=f["res_shift"], row_r=row_r,
                            row_k=row_k)
-        dst = self.spad_idx(f["out_addr"], out_rows, f["out_stride"], n, "output")
         if f["out"] == OutMode.SPAD_ADD:
             y2 = rshift_round(y * probs[:, None], cfg.act_bits - 1)
             self.spad[dst] = self.sat(self.spad[dst] + y2, cfg.act_bits)
-        elif f["out"] == OutMode.SPAD:
-            self.spad[dst] = y
         else:
-            self.fault(ErrorCode.BAD_FIELD, f"out {f['out']}")
+            self.spad[dst] = y
 
     # Row units ------------------------------------------------------------------------------
 

@@ -20,6 +20,18 @@ freezes the pipeline and nothing is lost)::
     14 o = sat_act(y + rr)               event: residual saturation (never without res_en)
     15 output register: o, event count of the line
 
+Optional stages (constructor flags, both off by default):
+
+* ``row_norm=True`` puts three stages in front (MATMUL ``row_norm``, the online-softmax divide):
+  ``p = acc * r``, ``t = (2p) >> (15 + k - exp_shift)``, ``acc' = sat_acc((t + 1) >> 1)`` (an event
+  when it clamps), with the row's ``r``, ``k`` travelling with the line. Without ``op.row_norm``
+  the accumulator passes unchanged. Cost per lane: an ``acc_bits x 17`` multiplier and an
+  ``acc_bits + 18``-bit barrel shifter.
+* ``spad_add=True`` puts two stages behind (``OutMode.SPAD_ADD``, the MoE combine):
+  ``p = o * prob``, then ``sat_act(old + rnd(p >> (act_bits - 1)))`` (an event when it clamps),
+  with ``old`` the destination word of the lane and ``prob`` the row's queue probability. Cost per
+  lane: an ``act_bits x 32`` multiplier, and ``old`` is delayed alongside the line.
+
 Rounding. ``rnd(a >> s) = (a + 2^(s-1)) >> s`` (round half up) is computed as
 ``((2a >> s) + 1) >> 1``: for ``s >= 1`` both equal ``floor((floor(a / 2^(s-1)) + 1) / 2)``, and
 for ``s = 0`` the second form gives ``a``. The rounding adder then sits after the shifter, and
@@ -47,12 +59,14 @@ from amaranth.lib.wiring import In, Out
 
 from vitamin.config import Config, get_config
 from vitamin.golden.tables import make_table, table_spec
-from vitamin.golden.units import GELU_FRAC
+from vitamin.golden.units import GELU_FRAC, exp_shift
 from vitamin.isa import MULT, SHIFT, Act
 
+from .ports import RowStateLayout
 from .rom import INTERP_LATENCY, build_interp, interp_input_bits
 
-__all__ = ["Epilogue", "BIAS_BITS", "RES_BITS", "lane_layout", "op_layout", "epilogue_in_layout",
+__all__ = ["Epilogue", "BIAS_BITS", "RES_BITS", "OLD_BITS", "PROB_BITS", "ROW_NORM_STAGES",
+           "SPAD_ADD_STAGES", "lane_layout", "op_layout", "epilogue_in_layout",
            "epilogue_out_layout"]
 
 #: Bias width: the channel table stores the bias as two 16-bit scratchpad words (lo, hi), see
@@ -62,11 +76,20 @@ BIAS_BITS = 32
 RES_BITS = 16
 # GELU works on Q.GELU_FRAC values saturated to 32 bits (golden/units.py, epilogue()).
 _GELU_BITS = 32
-# Saturation events per element: acc, 32-bit (GELU), activation, residual.
+# Saturation events per element: acc, 32-bit (GELU), activation, residual; plus one for each of
+# the optional row-norm and SPAD_ADD stages.
 _EVENTS_PER_LANE = 4
+#: Register stages added by ``row_norm=True`` (product, shift, round + saturate).
+ROW_NORM_STAGES = 3
+#: Register stages added by ``spad_add=True`` (product, round + add + saturate).
+SPAD_ADD_STAGES = 2
+#: Width of the destination word read back for ``SPAD_ADD`` (a scratchpad word).
+OLD_BITS = 16
+#: Width of the queue probability (index-memory word ``w1``).
+PROB_BITS = 32
 
 
-def lane_layout(config):
+def lane_layout(config, *, spad_add=False):
     """Layout of one column of an input line.
 
     Fields
@@ -82,18 +105,23 @@ def lane_layout(config):
         the rounded shift by 63 for it).
     res : ``signed(16)``
         Residual operand of the column (ignored unless ``op.res_en``).
+    old : ``signed(16)``, only with ``spad_add``
+        The destination word that ``SPAD_ADD`` adds to (ignored unless ``op.add``).
     """
     config = get_config(config)
-    return data.StructLayout({
+    members = {
         "acc": signed(config.acc_bits),
         "bias": signed(BIAS_BITS),
         "mult": signed(MULT),
         "shift": unsigned(SHIFT),
         "res": signed(RES_BITS),
-    })
+    }
+    if spad_add:
+        members["old"] = signed(OLD_BITS)
+    return data.StructLayout(members)
 
 
-def op_layout():
+def op_layout(*, row_norm=False, spad_add=False):
     """Layout of the per-instruction parameters that travel with every line.
 
     Fields
@@ -107,42 +135,62 @@ def op_layout():
         Add the residual ``rnd(res * res_mult >> res_shift)`` and saturate again.
     res_mult : ``signed(16)``, res_shift : ``unsigned(6)``
         Residual scaling.
+    row_norm : 1 bit, only with ``row_norm``
+        Multiply the accumulator by ``r * 2^-(15 + k - exp_shift)`` first.
+    add : 1 bit, only with ``spad_add``
+        ``SPAD_ADD``: scale by ``prob`` and add into ``old``.
     """
-    return data.StructLayout({
+    members = {
         "act": Act,
         "act_mult": signed(MULT),
         "act_shift": unsigned(SHIFT),
         "res_en": 1,
         "res_mult": signed(MULT),
         "res_shift": unsigned(SHIFT),
-    })
+    }
+    if row_norm:
+        members["row_norm"] = 1
+    if spad_add:
+        members["add"] = 1
+    return data.StructLayout(members)
 
 
-def epilogue_in_layout(config):
+def epilogue_in_layout(config, *, row_norm=False, spad_add=False):
     """Layout of one input line: ``cols`` lanes (:func:`lane_layout`) and ``op``
-    (:func:`op_layout`)."""
+    (:func:`op_layout`); with ``row_norm`` the row's ``r`` and ``k`` (shapes of
+    :class:`vitamin.hw.ports.RowStateLayout`), with ``spad_add`` the row's ``prob``
+    (``signed(32)``)."""
     config = get_config(config)
-    return data.StructLayout({
-        "lanes": data.ArrayLayout(lane_layout(config), config.cols),
-        "op": op_layout(),
-    })
+    members = {
+        "lanes": data.ArrayLayout(lane_layout(config, spad_add=spad_add), config.cols),
+        "op": op_layout(row_norm=row_norm, spad_add=spad_add),
+    }
+    if row_norm:
+        rs = RowStateLayout()
+        members["r"] = rs.members["r"]
+        members["k"] = rs.members["k"]
+    if spad_add:
+        members["prob"] = signed(PROB_BITS)
+    return data.StructLayout(members)
 
 
-def epilogue_out_layout(config):
+def epilogue_out_layout(config, *, row_norm=False, spad_add=False):
     """Layout of one output line.
 
     Fields
     ------
     data : ``ArrayLayout(signed(act_bits), cols)``
         The activations.
-    sat : ``range(4 * cols + 1)``
+    sat : ``range(e * cols + 1)``
         Saturation events of the line, counted as :class:`vitamin.golden.numerics.Sat` counts
-        them (one per clamped element of each saturation).
+        them (one per clamped element of each saturation); ``e`` is 4, plus one for each of
+        ``row_norm`` and ``spad_add``.
     """
     config = get_config(config)
+    events = _EVENTS_PER_LANE + int(row_norm) + int(spad_add)
     return data.StructLayout({
         "data": data.ArrayLayout(signed(config.act_bits), config.cols),
-        "sat": range(_EVENTS_PER_LANE * config.cols + 1),
+        "sat": range(events * config.cols + 1),
     })
 
 
@@ -185,10 +233,11 @@ class Epilogue(wiring.Component):
     """MATMUL output lane: ``cols`` accumulators to ``cols`` activations per cycle.
 
     Computes :func:`vitamin.golden.units.epilogue` exactly, column by column, for one line per
-    transfer, with ``row_r=None``: the row-normalising multiply of the online softmax (MATMUL
-    ``row_norm``) and the probability scaling of ``OutMode.SPAD_ADD`` (MoE combine) are not part
-    of this block. The per-instruction parameters travel in every line (field ``op``), so lines
-    of consecutive instructions can follow each other without draining the pipeline.
+    transfer. By default ``row_r=None``: the row-normalising multiply of the online softmax
+    (MATMUL ``row_norm``) and the probability scaling of ``OutMode.SPAD_ADD`` (MoE combine) are
+    added as extra stages by the ``row_norm`` and ``spad_add`` flags (see the module docstring).
+    The per-instruction parameters travel in every line (field ``op``), so lines of consecutive
+    instructions can follow each other without draining the pipeline.
 
     Throughput is one line per cycle while the output is ready; outputs leave in input order,
     :attr:`latency` cycles after the input was accepted when nothing stalls. ``i_stream.ready``
@@ -199,16 +248,21 @@ class Epilogue(wiring.Component):
     config : :class:`~vitamin.config.Config` or str
         Hardware configuration or preset name; uses ``cols``, ``acc_bits``, ``act_bits`` and the
         GELU table parameters.
+    row_norm : bool
+        Add the ``row_norm`` stages (line fields ``r``, ``k``, op field ``row_norm``).
+    spad_add : bool
+        Add the ``SPAD_ADD`` stages (line field ``prob``, lane field ``old``, op field ``add``).
 
     Attributes
     ----------
-    i_stream : ``In(stream.Signature(epilogue_in_layout(config)))``
-        Input lines: per column ``acc``, ``bias``, ``mult``, ``shift``, ``res``; per line ``op``.
-    o_stream : ``Out(stream.Signature(epilogue_out_layout(config)))``
+    i_stream : ``In(stream.Signature(epilogue_in_layout(config, ...)))``
+        Input lines: per column ``acc``, ``bias``, ``mult``, ``shift``, ``res`` (and ``old``);
+        per line ``op`` (and ``r``, ``k``, ``prob``).
+    o_stream : ``Out(stream.Signature(epilogue_out_layout(config, ...)))``
         Output lines: ``cols`` activations and the line's saturation event count.
     """
 
-    def __init__(self, config):
+    def __init__(self, config, *, row_norm=False, spad_add=False):
         if isinstance(config, str):
             config = get_config(config)  # raises ConfigError for an unknown preset
         if not isinstance(config, Config):
@@ -220,13 +274,16 @@ class Epilogue(wiring.Component):
         if not 2 <= config.act_bits <= _GELU_BITS:
             raise ValueError(f"Epilogue act_bits must be in 2..32, not {config.act_bits!r}")
         self._config = config
+        self._row_norm = bool(row_norm)
+        self._spad_add = bool(spad_add)
         self._gelu_spec = table_spec("gelu", config)
         if interp_input_bits(self._gelu_spec) >= _GELU_BITS:
             raise ValueError(f"Epilogue gelu_range must be below 2^{_GELU_BITS - GELU_FRAC - 1}, "
                              f"not {config.gelu_range!r}")
+        opts = {"row_norm": self._row_norm, "spad_add": self._spad_add}
         super().__init__({
-            "i_stream": In(stream.Signature(epilogue_in_layout(config))),
-            "o_stream": Out(stream.Signature(epilogue_out_layout(config))),
+            "i_stream": In(stream.Signature(epilogue_in_layout(config, **opts))),
+            "o_stream": Out(stream.Signature(epilogue_out_layout(config, **opts))),
         })
 
     @property
@@ -236,14 +293,16 @@ class Epilogue(wiring.Component):
 
     @property
     def latency(self):
-        """Cycles from accepting a line to its output being valid, without stalls (15).
+        """Cycles from accepting a line to its output being valid, without stalls.
 
-        Four stages to the 32-bit requantised value, one for ``|x|``, the GELU table's
-        :data:`~vitamin.hw.rom.INTERP_LATENCY`, five for the GELU subtraction, the
+        15 for the base lane: four stages to the 32-bit requantised value, one for ``|x|``, the
+        GELU table's :data:`~vitamin.hw.rom.INTERP_LATENCY`, five for the GELU subtraction, the
         requantisation of the activation and the residual, one output register. Every activation
-        takes the GELU path's latency, so lines of different instructions never reorder.
+        takes the GELU path's latency, so lines of different instructions never reorder. Plus
+        :data:`ROW_NORM_STAGES` with ``row_norm`` and :data:`SPAD_ADD_STAGES` with ``spad_add``.
         """
-        return 5 + INTERP_LATENCY + 6
+        return (5 + INTERP_LATENCY + 6 + ROW_NORM_STAGES * self._row_norm
+                + SPAD_ADD_STAGES * self._spad_add)
 
     def elaborate(self, platform):
         m = Module()
@@ -267,16 +326,15 @@ class Epilogue(wiring.Component):
         # Data registers have no reset (it would cost logic and keep yosys from packing them
         # into DSP and block RAM registers); only `valid` says whether a stage holds a line.
         def reg(value, name, shape=None):
-            value = Value.cast(value)
-            sig = Signal(value.shape() if shape is None else shape, name=name, reset_less=True)
+            if isinstance(value, data.View):
+                sig = Signal(data.Layout.cast(value.shape()), name=name, reset_less=True)
+            else:
+                value = Value.cast(value)
+                sig = Signal(value.shape() if shape is None else shape, name=name,
+                             reset_less=True)
             with m.If(advance):
                 m.d.sync += sig.eq(value)
             return sig
-
-        def delay(value, n, name, shape=None):
-            for k in range(n):
-                value = reg(value, f"{name}_d{k}", shape)
-            return value
 
         def chain(value, n, name, shape=None):
             """``[value, value one stage later, ..., n stages later]``."""
@@ -285,11 +343,35 @@ class Epilogue(wiring.Component):
                 out.append(reg(out[-1], f"{name}_{k}", shape))
             return out
 
-        # In the names below, `_k` is the register of stage k (the line accepted k enabled cycles
-        # ago); the logic that computes stage k reads stage k - 1.
+        line = i_in.payload
+
+        # -- optional row_norm stages in front: acc' = sat_acc(rnd(acc * r >> (15 + k - es))) --
+        # `core` is the line as the base lane sees it, `acc_core` its accumulators and
+        # `ev_rn_core` the row-norm saturation events, all aligned with `core`.
+        if self._row_norm:
+            rn_en = chain(line.op.row_norm, 2, "rn_en")
+            # 15 + k - exp_shift >= 15 - 15 = 0 for any k (exp_shift <= 15 as act_bits >= 2).
+            sh_1 = reg(15 + line.k - exp_shift(cfg), "rn_sh_1", unsigned(8))
+            acc_core, ev_rn_core = [], []
+            for c in range(cols):
+                acc = chain(line.lanes[c].acc, 2, f"rn_acc_{c}")
+                p_1 = reg(acc[0] * line.r, f"rn_p_1_{c}", signed(cfg.acc_bits + 18))
+                t_2 = reg((p_1 << 1) >> sh_1, f"rn_t_2_{c}", signed(cfg.acc_bits + 19))
+                v, ev = _saturate(_round_shifted(t_2), cfg.acc_bits)
+                acc_core.append(reg(Mux(rn_en[2], v, acc[2]), f"rn_v_3_{c}",
+                                    signed(cfg.acc_bits)))
+                ev_rn_core.append(reg(ev & rn_en[2], f"rn_ev_3_{c}"))
+            core = chain(line, ROW_NORM_STAGES, "rn_line")[-1]
+        else:
+            core = line
+            acc_core = [line.lanes[c].acc for c in range(cols)]
+            ev_rn_core = []
+
+        # In the names below, `_k` is the register of stage k of the base lane (the line entered
+        # it k enabled cycles ago); the logic that computes stage k reads stage k - 1.
 
         # -- per-instruction parameters, carried along with the line ----------------------------
-        op = i_in.payload.op
+        op = core.op
         act = chain(op.act, 11, "act", Act)
         act_mult = chain(op.act_mult, 10, "act_mult")
         act_shift = chain(op.act_shift, 11, "act_shift")
@@ -301,12 +383,14 @@ class Epilogue(wiring.Component):
         # -- stages 1..5 per lane ----------------------------------------------------------------
         ev_early, u_5, x_9, inr_9, res_10 = [], [], [], [], []
         for c in range(cols):
-            lane = i_in.payload.lanes[c]
+            lane = core.lanes[c]
             # 1: bias with saturation to acc_bits; relu before the requantisation.
-            v, ev_v = _saturate(lane.acc + lane.bias, cfg.acc_bits)
+            v, ev_v = _saturate(acc_core[c] + lane.bias, cfg.acc_bits)
             v_1 = reg(Mux((act[0] == Act.RELU) & v[-1], 0, v), f"v_1_{c}",
                       signed(cfg.acc_bits))
             ev_v_4 = chain(ev_v, 4, f"ev_v_{c}")[4]
+            if ev_rn_core:
+                ev_early.append(chain(ev_rn_core[c], 4, f"ev_rn_{c}")[4])
             mult_1 = reg(lane.mult, f"mult_1_{c}")
             shift_2 = chain(lane.shift, 2, f"shift_{c}")[2]
             res_10.append(chain(lane.res, 10, f"res_{c}")[10])
@@ -359,14 +443,35 @@ class Epilogue(wiring.Component):
             o, ev_o = _saturate(y_13 + rr_13, cfg.act_bits)
             o_14.append(reg(o, f"o_14_{c}", signed(cfg.act_bits)))
             ev_o_14.append(reg(ev_o, f"ev_o_14_{c}"))
-        count_shape = epilogue_out_layout(cfg).members["sat"]
+        count_shape = o_out.payload.sat.shape()
         n_mid_14 = reg(n_early[8] + _popcount(ev_y_13), "n_mid_14", count_shape)
 
-        # -- 15: output register -----------------------------------------------------------------
+        # -- 15: output register of the base lane ------------------------------------------------
+        o_15 = [reg(o_14[c], f"o_15_{c}") for c in range(cols)]
+        n_15 = reg(n_mid_14 + _popcount(ev_o_14), "n_15", count_shape)
+
+        # -- optional SPAD_ADD stages: sat_act(old + rnd(o * prob >> (act_bits - 1))) -----------
+        if self._spad_add:
+            add = chain(core.op.add, 16, "add")
+            prob_15 = chain(core.prob, 15, "prob")[15]
+            n_16 = reg(n_15, "n_16", count_shape)
+            out, ev_add = [], []
+            for c in range(cols):
+                old_16 = chain(core.lanes[c].old, 16, f"old_{c}")[16]
+                o_16 = reg(o_15[c], f"o_16_{c}")
+                p_16 = reg(o_15[c] * prob_15, f"pa_16_{c}", signed(cfg.act_bits + PROB_BITS))
+                y2 = (p_16 + (1 << (cfg.act_bits - 2))) >> (cfg.act_bits - 1)
+                s, ev_s = _saturate(old_16 + y2, cfg.act_bits)
+                out.append(reg(Mux(add[16], s, o_16), f"o_17_{c}", signed(cfg.act_bits)))
+                ev_add.append(ev_s & add[16])
+            n_out = reg(n_16 + _popcount(ev_add), "n_17", count_shape)
+        else:
+            out, n_out = o_15, n_15
+
         for c in range(cols):
-            m.d.comb += o_out.payload.data[c].eq(reg(o_14[c], f"o_15_{c}"))
+            m.d.comb += o_out.payload.data[c].eq(out[c])
         m.d.comb += [
-            o_out.payload.sat.eq(reg(n_mid_14 + _popcount(ev_o_14), "n_15", count_shape)),
+            o_out.payload.sat.eq(n_out),
             o_out.valid.eq(valid[-1]),
         ]
         return m
