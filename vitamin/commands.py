@@ -234,3 +234,49 @@ def _demo(args):
     from . import demo
     argv = ["--config", args.config] + (["--limit", str(args.limit)] if args.limit else [])
     return demo.main(argv)
+
+
+#: Extra lint waivers for the whole accelerator, all of them properties of generated code: range
+#: checks that a small preset makes constant (CMPCONST, UNSIGNED: e.g. ``k <= 15`` on a 4-bit
+#: field) and Amaranth's constant-driven ``always @*`` blocks (ALWNEVER). Errors are never waived.
+LINT_WAIVERS = ("ALWNEVER", "CMPCONST", "UNSIGNED")
+
+
+def _rtl_args(p):
+    p.add_argument("--config", default="ecp5", help="configuration preset (default: ecp5)")
+    p.add_argument("-o", "--output", default="accel.v", help="Verilog file to write")
+    p.add_argument("--no-lint", action="store_true", help="skip `verilator --lint-only`")
+
+
+@command("rtl", "write the Verilog of the whole accelerator and lint it", arguments=_rtl_args)
+def _rtl(args):
+    import subprocess
+    from pathlib import Path
+
+    from .config import get_config
+    cfg = get_config(args.config)
+    from .hw.accel import Accelerator
+    from .sim.verilator import VERILATOR_WARNINGS_OFF, ensure_verilator_on_path, write_verilog
+    t0 = time.time()
+    out = Path(args.output)
+    name = out.stem.replace("-", "_") or "vitamin_accel"
+    path = write_verilog(Accelerator(cfg), out.parent if str(out.parent) else ".", name=name)
+    if path != out:
+        path.replace(out)
+        path = out
+    text = path.read_text()
+    print(f"{path}: {len(text.splitlines())} lines of Verilog, {len(text) / 1024:.0f} KiB, "
+          f"module {name} for preset {cfg.name} ({cfg.rows}x{cfg.cols} MACs), "
+          f"{time.time() - t0:.1f} s")
+    if args.no_lint:
+        return 0
+    exe = ensure_verilator_on_path()
+    waived = (*VERILATOR_WARNINGS_OFF, *LINT_WAIVERS)
+    cmd = [exe, "--lint-only", *[f"-Wno-{w}" for w in waived], str(path)]
+    r = subprocess.run(cmd, capture_output=True, text=True)
+    if r.returncode != 0:
+        print(r.stderr[-4000:], file=sys.stderr)
+        raise ValueError(f"verilator --lint-only failed on {path} (exit {r.returncode})")
+    print(f"verilator --lint-only: clean (waived warnings of generated code: "
+          f"{', '.join(waived)})")
+    return 0
