@@ -163,16 +163,17 @@ def _eval_node(n: Node, ins: list) -> list:
     if op == "attention":
         q, k, v = ins
         h, d = a["heads"], a["head_dim"]
-        t = q.shape[0]
-        out = np.zeros((t, h * d))
-        for i in range(h):
-            sl = slice(i * d, (i + 1) * d)
-            s = a["scale"] * (q[:, sl] @ k[:, sl].T)
-            if a.get("causal"):
-                s = np.where(np.tril(np.ones((t, k.shape[0]), dtype=bool)), s, -np.inf)
-            e = np.exp(s - s.max(axis=-1, keepdims=True))
-            out[:, sl] = (e / e.sum(axis=-1, keepdims=True)) @ v[:, sl]
-        return [out]
+        tq, tk = q.shape[0], k.shape[0]
+        dv = v.shape[1] // h
+        qh = q.reshape(tq, h, d).transpose(1, 0, 2)
+        kh = k.reshape(tk, h, d).transpose(1, 0, 2)
+        vh = v.reshape(tk, h, dv).transpose(1, 0, 2)
+        s = np.matmul(qh, kh.transpose(0, 2, 1)) * a["scale"]
+        if a.get("causal"):
+            s = np.where(np.triu(np.ones((tq, tk), dtype=bool), 1), -np.inf, s)
+        e = np.exp(s - s.max(axis=-1, keepdims=True))
+        p = e / e.sum(axis=-1, keepdims=True)
+        return [np.matmul(p, vh).transpose(1, 0, 2).reshape(tq, h * dv)]
     if op == "topk":
         x = ins[0]
         k = a["k"]
@@ -181,8 +182,12 @@ def _eval_node(n: Node, ins: list) -> list:
     raise CompileError(f"node {n.name!r}: no evaluator for op {op!r}")
 
 
-def evaluate(graph: Graph, inputs: dict, *, keep: bool = False) -> dict:
-    """Run the graph in float64 NumPy. Returns the outputs (all values with ``keep``)."""
+def evaluate(graph: Graph, inputs: dict, *, keep: bool = False, evaluators=None) -> dict:
+    """Run the graph in float64 NumPy. Returns the outputs (all values with ``keep``).
+
+    ``evaluators`` maps extra op names (e.g. the frontend's primitives) to ``f(node, inputs)``.
+    """
+    extra = evaluators or {}
     env = {}
     for name, v in graph.values.items():
         if v.is_const:
@@ -193,7 +198,8 @@ def evaluate(graph: Graph, inputs: dict, *, keep: bool = False) -> dict:
             raise CompileError(f"missing input {name!r}; inputs: {', '.join(graph.inputs)}")
         env[name] = np.asarray(inputs[name], dtype=np.float64)
     for n in graph.nodes:
-        outs = _eval_node(n, [env[i] if i else None for i in n.inputs])
+        ins = [env[i] if i else None for i in n.inputs]
+        outs = extra[n.op](n, ins) if n.op in extra else _eval_node(n, ins)
         for o, v in zip(n.outputs, outs):
             env[o] = v
     if keep:

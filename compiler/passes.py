@@ -38,7 +38,7 @@ import time
 import numpy as np
 
 from . import ir
-from .frontend import PRIMITIVES, causal_mask, softmax
+from .frontend import PRIMITIVES
 from .ir import CompileError, Graph, Node, Value
 
 __all__ = ["PIPELINE", "run_pipeline", "evaluate_graph", "eval_node", "CANONICAL_OPS",
@@ -54,47 +54,19 @@ CANONICAL_OPS = ("im2col", "linear", "add", "mul", "gelu", "relu", "layernorm", 
 # Evaluation
 # --------------------------------------------------------------------------------------------
 
-def _eval_attention(n, ins):
-    q, k, v = ins
-    h, d = n.attrs["heads"], n.attrs["head_dim"]
-    tq, tk = q.shape[0], k.shape[0]
-    dv = v.shape[1] // h
-    qh = q.reshape(tq, h, d).transpose(1, 0, 2)
-    kh = k.reshape(tk, h, d).transpose(1, 0, 2)
-    vh = v.reshape(tk, h, dv).transpose(1, 0, 2)
-    s = np.matmul(qh, kh.transpose(0, 2, 1)) * n.attrs["scale"]
-    if n.attrs.get("causal", False):
-        s = np.where(causal_mask(tq, tk), -np.inf, s)
-    return [np.matmul(softmax(s), vh).transpose(1, 0, 2).reshape(tq, h * dv)]
-
-
-#: Evaluators of the ops ``ir._eval_node`` does not know.
-EVALUATORS = {"attention": _eval_attention, **PRIMITIVES}
+#: Evaluators of the frontend's primitive ops, which ``ir._eval_node`` does not know.
+EVALUATORS = dict(PRIMITIVES)
 
 
 def eval_node(n: Node, ins: list) -> list:
-    """Evaluate one node: ``attention`` and primitives here, canonical ops by the IR."""
+    """Evaluate one node: the frontend's primitives here, canonical ops by the IR."""
     fn = EVALUATORS.get(n.op)
     return fn(n, ins) if fn is not None else ir._eval_node(n, ins)
 
 
 def evaluate_graph(graph: Graph, inputs: dict, *, keep: bool = False) -> dict:
-    """Run ``graph`` in float64 NumPy, like :func:`ir.evaluate`, with ``attention`` and the
-    frontend's primitive ops. Returns the outputs (every value with ``keep``)."""
-    env = {}
-    for name, v in graph.values.items():
-        if v.is_const:
-            env[name] = np.asarray(v.const, dtype=np.float64) if v.const.dtype.kind == "f" \
-                else v.const
-    for name in graph.inputs:
-        if name not in inputs:
-            raise CompileError(f"missing input {name!r}; inputs: {', '.join(graph.inputs)}")
-        env[name] = np.asarray(inputs[name], dtype=np.float64)
-    for n in graph.nodes:
-        outs = eval_node(n, [env[i] if i else None for i in n.inputs])
-        for o, v in zip(n.outputs, outs, strict=False):
-            env[o] = v
-    return env if keep else {o: env[o] for o in graph.outputs}
+    """:func:`ir.evaluate` with the frontend's primitive ops too."""
+    return ir.evaluate(graph, inputs, keep=keep, evaluators=EVALUATORS)
 
 
 # --------------------------------------------------------------------------------------------
