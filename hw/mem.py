@@ -21,8 +21,15 @@ from amaranth import Module, Signal, signed
 from amaranth.lib import data, memory, wiring
 from amaranth.lib.wiring import In
 
-from .ports import (AccPort, IdxPort, RowStateLayout, RowStatePort, SpadPort, idx_entry_layout,
-                    spad_lanes)
+from .ports import (
+    AccPort,
+    IdxPort,
+    RowStateLayout,
+    RowStatePort,
+    SpadPort,
+    idx_entry_layout,
+    spad_lanes,
+)
 
 __all__ = ["Scratchpad", "AccMemory", "IdxMemory", "RowStateMemory"]
 

@@ -18,9 +18,9 @@ import cocotb
 import numpy as np
 from cocotb.clock import Clock
 from cocotb.triggers import FallingEdge, ReadOnly, RisingEdge
-from vitamin.hw.mac_array import a_line_layout, psum_line_layout, weight_line_layout
 
 from vitamin.config import Config
+from vitamin.hw.mac_array import a_line_layout, psum_line_layout, weight_line_layout
 
 
 def _config():

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from amaranth.hdl import signed
 from hwutil import make_rng, run_sim, stream_get, stream_put
-from vitamin.hw.mac_array import MacArray, a_line_layout
-from vitamin.sim.verilator import run_cocotb, write_verilog
 
 from vitamin.config import PRESETS, Config, ConfigError
+from vitamin.hw.mac_array import MacArray, a_line_layout
+from vitamin.sim.verilator import run_cocotb, write_verilog
 
 TINY = PRESETS["tiny"]
 SQUARE4 = Config(name="square4", rows=4, cols=4)

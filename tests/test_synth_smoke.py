@@ -5,10 +5,10 @@ adder trees) and a change that stops multipliers from mapping to DSP blocks.
 """
 
 import pytest
-from vitamin.hw.mac_array import MacArray
-from vitamin.sim.synth import FAMILIES, parse_stat_json, synthesize, yosys_version
 
 from vitamin.config import PRESETS
+from vitamin.hw.mac_array import MacArray
+from vitamin.sim.synth import FAMILIES, parse_stat_json, synthesize, yosys_version
 
 
 def test_yosys_version_is_pinned():
