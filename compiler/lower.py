@@ -278,7 +278,16 @@ class _Lowering:
             if id(n) in self.absorbed:
                 self.release_dead(idx)
                 continue
+            nlayers = len(self.layers)
             getattr(self, "lower_" + n.op)(n)
+            if len(self.layers) > nlayers:
+                # where the layer's result lives, for the per-layer quantisation report
+                out = self.fused[id(n)]["out"] if id(n) in self.fused else n.outputs[0]
+                v = self.views.get(out)
+                if v is not None and out in self.plan.scale:
+                    self.layers[-1]["out"] = {"value": out, "addr": v.addr, "rows": v.rows,
+                                              "cols": v.cols, "stride": v.stride,
+                                              "scale": self.plan.scale[out]}
             self.release_dead(idx)
         self.wait_group(self.l2c_groups)     # every load token is consumed before END
         self.emit_outputs()

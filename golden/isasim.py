@@ -662,13 +662,14 @@ class Machine:
 
 
 def simulate(config, dram: np.ndarray, n_instr: int, *, regs=None, trace: bool = False,
-             check: bool = True) -> RunResult:
+             check: bool = True, snapshot_spad: bool = False) -> RunResult:
     """Run the program in ``dram`` (code at address 0, ``n_instr`` instructions at most).
 
     Returns a :class:`RunResult` with the final DRAM image (a copy), the status (a fault halts the
     machine and is reported, never raised), the counters, the MARK snapshots and, with
     ``trace``, one record per executed instruction: pc, opcode, the DRAM byte ranges it wrote and
-    a CRC of the DRAM after it.
+    a CRC of the DRAM after it. With ``snapshot_spad`` each MARK snapshot also holds a copy of
+    the scratchpad (``counters["spad"]``), for per-layer reports.
     """
     dram = np.array(dram, dtype=np.uint8, copy=True)
     mach = Machine(config, dram, regs)
@@ -692,7 +693,10 @@ def simulate(config, dram: np.ndarray, n_instr: int, *, regs=None, trace: bool =
             mach.writes = []
             executed = mach.step(op, f)
             if op == Opcode.MARK and executed:
-                res.marks.append((f["id"], mach.snapshot()))
+                snap = mach.snapshot()
+                if snapshot_spad:
+                    snap["spad"] = mach.spad.copy()
+                res.marks.append((f["id"], snap))
             if trace:
                 res.trace.append({"pc": pc, "op": op.name, "writes": list(mach.writes),
                                   "dram_crc": zlib.crc32(dram.tobytes())})

@@ -77,6 +77,13 @@ def test_demo_model_accuracy():
     data = np.load(ROOT / "models" / "digits_data.npz")
     model = ROOT / "models" / "digits_vit.onnx"
     prog = vitamin.compile(model, "tiny", {"input": data["x_cal"]})
+    # the per-layer quantisation report: every layer measured, no saturation, small errors
+    qrep = prog.meta["quant_report"]
+    assert len(qrep) == len(prog.meta["layers"])
+    measured = [e for e in qrep if "rel_err" in e]
+    assert len(measured) >= 30
+    assert all(e["sat_events"] == 0 for e in qrep)
+    assert max(e["rel_err"] for e in measured) < 0.05
     sess = ort.InferenceSession(str(model), providers=["CPUExecutionProvider"])
     agree = correct_f = correct_a = 0
     for x, y in zip(data["x_test"], data["y_test"]):

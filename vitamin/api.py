@@ -74,7 +74,48 @@ def compile(model, config, calibration=None, *, input_shapes=None, name=None) ->
         _samples_from(graph, calibration)
     plan = calibrate(graph, samples, cfg, evaluate=_evaluator())
     label = name or (Path(model).stem if isinstance(model, (str, Path)) else graph.name)
-    return lower(graph, cfg, plan, name=label)
+    prog = lower(graph, cfg, plan, name=label)
+    prog.meta["quant_report"] = quant_report(prog, graph, samples[0])
+    return prog
+
+
+def quant_report(prog, graph, sample) -> list:
+    """Per layer: saturation events and error of its quantised result against float, measured
+    by running the golden model on one calibration sample (scratchpad snapshots at the layer
+    boundaries) next to the float graph."""
+    from .golden.isasim import simulate
+    env = _evaluator()(graph, sample, keep=True)
+    img = prog.dram_image()
+    for name, v in quantize_inputs(prog, {n: sample[n] for n in graph.inputs}).items():
+        prog.write_tensor(img, name, v)
+    res = simulate(prog.config, img, prog.n_instr, snapshot_spad=True)
+    if not res.ok:
+        raise ValueError(f"the compiled program faults on a calibration sample: {res.message}")
+    layers = prog.meta.get("layers", [])
+    snaps = {}
+    for lid, snap in res.marks:
+        snaps.setdefault(lid, snap)
+    end = snaps.get(0xFFFE)
+    rep = []
+    prev_sat = 0
+    for i, layer in enumerate(layers):
+        after = snaps.get(i + 1, end) if i + 1 < len(layers) else end
+        if after is None:
+            continue
+        entry = {"layer": i, "name": layer["name"], "op": layer["op"],
+                 "sat_events": int(after["sat_events"] - prev_sat)}
+        prev_sat = after["sat_events"]
+        out = layer.get("out")
+        if out and out["value"] in env:
+            ref = np.asarray(env[out["value"]], dtype=np.float64).reshape(out["rows"], -1)
+            idx = out["addr"] + np.arange(out["rows"])[:, None] * out["stride"] + \
+                np.arange(out["cols"])[None, :]
+            got = after["spad"][idx] * out["scale"]
+            amax = float(np.abs(ref).max()) or 1.0
+            entry["max_abs_err"] = float(np.abs(got - ref).max())
+            entry["rel_err"] = entry["max_abs_err"] / amax
+        rep.append(entry)
+    return rep
 
 
 def _evaluator():

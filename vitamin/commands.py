@@ -45,9 +45,16 @@ def _compile(args):
     prog.save(out)
     dt = time.time() - t0
     layers = prog.meta.get("layers", [])
-    print(f"{'#':>4} {'layer':<40} {'op':<10} {'MMACs':>9}")
+    qrep = {e["layer"]: e for e in prog.meta.get("quant_report", [])}
+    print(f"{'#':>4} {'layer':<36} {'op':<10} {'MMACs':>9} {'sat':>5} {'max err':>9} "
+          f"{'rel err':>8}")
     for i, layer in enumerate(layers):
-        print(f"{i:>4} {layer['name'][:40]:<40} {layer['op']:<10} {layer['macs'] / 1e6:>9.3f}")
+        q = qrep.get(i, {})
+        err = f"{q['max_abs_err']:>9.2e} {q['rel_err']:>8.1e}" if "max_abs_err" in q else \
+            f"{'':>9} {'':>8}"
+        print(f"{i:>4} {layer['name'][:36]:<36} {layer['op']:<10} {layer['macs'] / 1e6:>9.3f} "
+              f"{q.get('sat_events', 0):>5} {err}")
+    print("(sat: saturation events, err: quantised result vs float, on one calibration sample)")
     total = sum(layer["macs"] for layer in layers)
     print(f"compiled {args.model} for {prog.config.name} in {dt:.1f} s: {prog.n_instr} "
           f"instructions, {total / 1e6:.1f} M MACs, {len(prog.consts) / 1024:.0f} KiB constants, "
