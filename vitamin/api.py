@@ -57,25 +57,42 @@ def _samples_from(graph, data) -> list:
     return out
 
 
-def compile(model, config, calibration=None, *, input_shapes=None, name=None) -> Program:
+def compile(model, config, calibration=None, *, input_shapes=None, name=None,
+            progress=None) -> Program:
     """Compile an ONNX model (path or ``onnx.ModelProto``) for ``config`` (preset or Config).
 
     ``calibration`` is a dict {input name: array of samples} (as in an .npz file), a list of
     {input name: array} samples, or None for the documented default (8 samples of N(0, 1)).
+    ``progress(stage, seconds)`` is called after each stage (import, passes, calibration,
+    lowering, quantisation report).
     """
+    import time
+    t0 = [time.perf_counter()]
+
+    def step(stage):
+        if progress is not None:
+            now = time.perf_counter()
+            progress(stage, now - t0[0])
+            t0[0] = now
+
     from .compiler import frontend, passes
     from .compiler.lower import lower
     from .compiler.quantize import calibrate, default_calibration
 
     cfg = get_config(config)
     graph = frontend.load_onnx(model, input_shapes=input_shapes)
+    step(f"imported ONNX ({len(graph.nodes)} nodes)")
     graph = passes.run_pipeline(graph)
+    step(f"passes ({len(graph.nodes)} canonical nodes)")
     samples = default_calibration(graph) if calibration is None else \
         _samples_from(graph, calibration)
     plan = calibrate(graph, samples, cfg, evaluate=_evaluator())
+    step(f"calibrated on {len(samples)} samples")
     label = name or (Path(model).stem if isinstance(model, (str, Path)) else graph.name)
     prog = lower(graph, cfg, plan, name=label)
+    step(f"lowered to {prog.n_instr} instructions")
     prog.meta["quant_report"] = quant_report(prog, graph, samples[0])
+    step("measured per-layer quantisation error")
     return prog
 
 

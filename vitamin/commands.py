@@ -40,7 +40,8 @@ def _compile(args):
     from . import api
     t0 = time.time()
     cal = api.load_calibration(args.calibration) if args.calibration else None
-    prog = api.compile(args.model, args.config, cal, input_shapes=_parse_shapes(args.input_shape))
+    prog = api.compile(args.model, args.config, cal, input_shapes=_parse_shapes(args.input_shape),
+                       progress=lambda stage, dt: print(f"  {stage} ({dt:.1f} s)", flush=True))
     out = args.output or str(Path(args.model).with_suffix(".vit"))
     prog.save(out)
     dt = time.time() - t0
