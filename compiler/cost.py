@@ -1,33 +1,73 @@
 """The cost model: cycles, DRAM bytes and MAC utilisation of a program, without running it.
 
-Each instruction gets a duration from the micro-architecture the ISA was designed for
-(docs/ARCHITECTURE.md); the three modules (LOAD, COMPUTE, STORE) then run their instructions in
-order, concurrently, each waiting for the dependency tokens it pops, exactly as the hardware's
-token queues order them. The result is a timeline: per-instruction start and end cycles, per-layer
-(MARK to MARK) cycles on the COMPUTE module, and the total.
+Two machines are modelled (``estimate(program, machine=...)``):
 
-Durations (cycles):
+``"v1"`` (the default): the accelerator as built (``hw/accel.py``)
+    The controller issues instructions SEQUENTIALLY: fetch one 64-byte instruction over the AXI
+    read channel, decode it, start its unit, wait for ``done``, repeat. The total is therefore
+    the sum over the instructions of (fetch + decode [+ dispatch + unit cycles]), with
 
-* MATMUL: ceil(k / rows) * ceil(n / cols) * m  +  ``MM_FILL`` (array and epilogue pipeline)
-* SOFTMAX, LAYERNORM: 2 passes of ceil(n / row_lanes) per row  +  ``ROW_FILL``
-* VEC, TOPK: ceil(n / row_lanes) per row (POOL reads m * group rows)  +  ``ROW_FILL``
-* LOAD, STORE: ceil(bytes / bus_bytes) beats  +  ``DMA_LATENCY`` per burst of contiguous bytes
-  (a run, bounded by ``BURST_BYTES``)
-* MARK, END, ROUTE, SPANS: ``SMALL``
+    * fetch and decode (:func:`fetch_cycles`): the controller's FETCH, FETCH_AR, FETCH_R and
+      DECODE states, ``64 / bus_bytes`` beats plus the read latency of the memory
+      (:data:`DRAM_READ_LATENCY`, 2 cycles for the simulation RAM of ``sim/simtop.py``);
+      a unit instruction adds the DISPATCH cycle; MARK, END and an instruction skipped by its
+      predicate cost the fetch and decode only.
+    * unit cycles, from the units' own figures where they exist:
+      ``MatmulUnit.cycles`` (exact), ``RouteUnit.cycles`` (exact), the row units' ``row_cycles``
+      plus a per-instruction overhead measured on the RTL (:data:`ROW_OVERHEAD`), the TOPK row
+      pipeline, the key-span walk of SOFTMAX and the SPANS walk (replicated from
+      ``hw/rowops.py`` and ``hw/idxops.py``), and LOAD/STORE from a model of ``hw/dma.py``
+      against the simulation RAM (one burst at a time, one beat per cycle): the LOAD data path
+      takes one run at a time (its bytes are packed before the next run's beats are accepted),
+      the STORE runs through its FIFOs and the AW/W/B handshakes of every burst.
 
-Dynamic quantities (expert queue lengths of gathered MATMULs) are taken from an optional ISA
-simulator run; without one the instruction's ``m`` field (its capacity) is used.
+    Calibrated against the Verilator model (tests/test_cost_rtl.py): the cycles of every
+    instruction agree exactly on compiled ViTs and on random programs (golden/progen.py), on
+    the ``tiny``, ``ecp5`` and ``zcu102`` presets. It models the simulation RAM; a real
+    memory's latency and stalls (``throttle``) add cycles to every fetch and DMA burst.
+    Data-dependent figures (expert queue lengths, skipped instructions, span lists, register
+    values) need a :class:`DynamicProfile` (:func:`profile_program`: one golden-model run);
+    without one, a gathered MATMUL processes its capacity ``m`` rows, predicated instructions
+    execute, and span lists are guessed (see :func:`v1_unit_cycles`).
+
+``"v2"``: the planned decoupled machine (docs/ARCHITECTURE.md)
+    Each instruction gets a duration from the micro-architecture the ISA was designed for; the
+    three modules (LOAD, COMPUTE, STORE) then run their instructions in order, concurrently,
+    each waiting for the dependency tokens it pops, exactly as the hardware's token queues
+    order them. Durations (cycles):
+
+    * MATMUL: ceil(k / rows) * ceil(n / cols) * m  +  ``MM_FILL`` (array and epilogue pipeline)
+    * SOFTMAX, LAYERNORM: 2 passes of ceil(n / row_lanes) per row  +  ``ROW_FILL``
+    * VEC, TOPK: ceil(n / row_lanes) per row (POOL reads m * group rows)  +  ``ROW_FILL``
+    * LOAD, STORE: ceil(bytes / bus_bytes) beats  +  ``DMA_LATENCY`` per burst of contiguous
+      bytes (a run, bounded by ``BURST_BYTES``)
+    * MARK, END, ROUTE, SPANS: ``SMALL``
+
+    Dynamic quantities (expert queue lengths of gathered MATMULs) are taken from an optional
+    profile (``sim_result.dyn_m``); without one the instruction's ``m`` field is used.
+
+Both give a timeline: per-instruction start and end cycles, per-layer (MARK to MARK) cycles and
+the total. A v1 estimate also carries the v2 figure (``v2_cycles``) and the RTL counters it
+predicts (``counters``: ``cycles``, ``fetch_cycles``, ``busy_<op>``, ...).
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from vitamin.isa import UNIT_OF, DmaMode, Opcode, Unit
+from vitamin.isa import UNIT_OF, DmaMode, Mem, Opcode, OutMode, SmMode, Unit
 
-__all__ = ["estimate", "Estimate", "instr_cycles", "MM_FILL", "ROW_FILL", "DMA_LATENCY"]
+__all__ = ["estimate", "Estimate", "instr_cycles", "MM_FILL", "ROW_FILL", "DMA_LATENCY",
+           "MACHINES", "DynamicProfile", "profile_program", "fetch_cycles", "v1_unit_cycles",
+           "DRAM_READ_LATENCY", "ROW_OVERHEAD"]
+
+#: Machines :func:`estimate` models.
+MACHINES = ("v1", "v2")
+
+# ---- v2 (planned decoupled machine) ------------------------------------------------------------
 
 MM_FILL = 24
 ROW_FILL = 12
@@ -36,12 +76,15 @@ BURST_BYTES = 4096
 SMALL = 2
 FETCH_CYCLES_PER_INSTR = None  # derived from the bus width: 64 bytes / bus_bytes
 
+_ES = {0: 1, 1: 2, 2: 1, 3: 8}     # DType value -> DRAM bytes per element (I8, I16, U8, I32)
+
 
 def _cdiv(a, b):
     return -(-a // b)
 
 
 def instr_cycles(op, f, cfg, dyn_m=None) -> int:
+    """Duration of one instruction on the v2 machine (see the module docstring)."""
     if op == Opcode.MATMUL:
         m = f["m"] if dyn_m is None else dyn_m
         if m == 0:
@@ -55,7 +98,7 @@ def instr_cycles(op, f, cfg, dyn_m=None) -> int:
     if op == Opcode.TOPK:
         return _cdiv(f["n"], cfg.row_lanes) * f["m"] + ROW_FILL
     if op in (Opcode.LOAD, Opcode.STORE):
-        es = {0: 1, 1: 2, 2: 1, 3: 8}[f["dtype"].value]
+        es = _ES[f["dtype"].value]
         run_bytes = f["run"] * es
         if f["mode"] == DmaMode.STRIDED:
             runs = f["n0"] * f["n1"] * f["n2"]
@@ -77,23 +120,106 @@ class Estimate:
     macs: int
     dram_read_bytes: int
     dram_write_bytes: int
-    busy: dict                      # unit name -> busy cycles
+    busy: dict                      # unit name -> busy cycles (v2: modules; v1: opcodes)
     layers: list = field(default_factory=list)   # per MARK id: name, op, cycles, macs, ...
     starts: list = field(default_factory=list)
     ends: list = field(default_factory=list)
+    machine: str = "v2"             # the machine this estimate models (MACHINES)
+    v2_cycles: int | None = None    # total cycles on the planned v2 machine, for comparison
+    counters: dict = field(default_factory=dict)  # v1: predicted RTL counters (hw/accel.py)
 
     def utilisation(self, cfg) -> float:
         return self.macs / (cfg.macs * self.cycles) if self.cycles else 0.0
 
 
-def estimate(program, sim_result=None) -> Estimate:
-    """Timeline of ``program`` (see module docstring)."""
+def estimate(program, sim_result=None, machine="v1") -> Estimate:
+    """Timeline of ``program`` on ``machine`` (``"v1"``: the RTL as built, sequential issue;
+    ``"v2"``: the planned decoupled machine; see the module docstring).
+
+    ``sim_result``: a :class:`DynamicProfile` (:func:`profile_program`) for the data-dependent
+    quantities, or any object with a ``dyn_m`` dict {pc: rows of a gathered MATMUL}.
+    """
+    if machine == "v2":
+        return _estimate_v2(program, sim_result)
+    if machine != "v1":
+        raise ValueError(f"unknown machine {machine!r}; machines: {', '.join(MACHINES)}")
+    return _estimate_v1(program, sim_result)
+
+
+def _decode(program):
     from vitamin.golden.isasim import decode_program
-    cfg = program.config
-    instrs = decode_program(program.dram_image(), program.n_instr)
-    dyn = {}
+    return decode_program(program.dram_image(), program.n_instr)
+
+
+def _dyn_m(sim_result) -> dict:
     if sim_result is not None and getattr(sim_result, "dyn_m", None):
-        dyn = sim_result.dyn_m
+        return sim_result.dyn_m
+    return {}
+
+
+def _traffic(instrs, dyn, skipped=(), runs=None):
+    """MACs, DRAM bytes read and written; ``runs`` {pc: run addresses} from a profile gives the
+    exact bytes of SPANS-mode transfers."""
+    macs = rd = wr = 0
+    for pc, (op, f) in enumerate(instrs):
+        if pc in skipped:
+            continue
+        if op == Opcode.MATMUL:
+            macs += (dyn.get(pc, f["m"])) * f["k"] * f["n"]
+        if op in (Opcode.LOAD, Opcode.STORE):
+            es = _ES[f["dtype"].value]
+            if runs is not None and pc in runs:
+                b = len(runs[pc]) * f["run"] * es
+            else:
+                b = f["run"] * es * f["n0"] * f["n1"] * (f["n2"] if f["mode"] == DmaMode.STRIDED
+                                                          else 1)
+            if op == Opcode.LOAD:
+                rd += b
+            else:
+                wr += b
+    return macs, rd, wr
+
+
+def _layers(program, instrs, start, end, dyn, last_end, sequential):
+    """Per layer: from one MARK (id < len(meta layers)) to the next; ``sequential`` (v1) counts
+    every instruction of the span, v2 the COMPUTE timeline."""
+    cfg = program.config
+    n = len(instrs)
+    meta_layers = program.meta.get("layers", [])
+    marks = [(pc, f["id"]) for pc, (op, f) in enumerate(instrs)
+             if op == Opcode.MARK and f["id"] < len(meta_layers)]
+    layers = []
+    for i, (pc, lid) in enumerate(marks):
+        nxt = marks[i + 1][0] if i + 1 < len(marks) else n - 1
+        comp = [p for p in range(pc, nxt) if UNIT_OF[instrs[p][0]] == Unit.COMPUTE]
+        t_a = start[pc]
+        if i + 1 < len(marks):
+            t_b = start[nxt]
+        elif sequential:
+            t_b = last_end
+        else:
+            t_b = max(end[p] for p in comp)
+        lm = sum((dyn.get(p, instrs[p][1]["m"])) * instrs[p][1]["k"] * instrs[p][1]["n"]
+                 for p in comp if instrs[p][0] == Opcode.MATMUL)
+        lb = 0
+        for p in range(pc, nxt):
+            op, f = instrs[p]
+            if op == Opcode.LOAD:
+                es = _ES[f["dtype"].value]
+                lb += f["run"] * es * f["n0"] * f["n1"] * f["n2"]
+        info = dict(meta_layers[lid])
+        cyc = max(t_b - t_a, 1)
+        info.update(cycles=int(cyc), macs_executed=int(lm), dram_bytes=int(lb),
+                    utilisation=float(lm / (cfg.macs * cyc)))
+        layers.append(info)
+    return layers
+
+
+def _estimate_v2(program, sim_result=None) -> Estimate:
+    """Timeline of ``program`` on the planned decoupled machine (see the module docstring)."""
+    cfg = program.config
+    instrs = _decode(program)
+    dyn = _dyn_m(sim_result)
     n = len(instrs)
     unit = [UNIT_OF[op].value for op, _ in instrs]
     dur = [instr_cycles(op, f, cfg, dyn.get(pc)) for pc, (op, f) in enumerate(instrs)]
@@ -105,7 +231,6 @@ def estimate(program, sim_result=None) -> Estimate:
     # token queues as FIFOs of availability times
     toks = {(0, 1): [], (1, 0): [], (1, 2): [], (2, 1): []}
     heads = {(0, 1): 0, (1, 0): 0, (1, 2): 0, (2, 1): 0}
-    fetched = 0
     # process in program order per unit; a simple list scheduling is exact for in-order units
     # because every pop refers to a push earlier in program order of another unit... except
     # when a unit waits on a later instruction of another unit; iterate to a fixed point.
@@ -126,7 +251,7 @@ def estimate(program, sim_result=None) -> Estimate:
                     need.append((u + 1, u))
                 if any(heads[k] >= len(toks[k]) for k in need):
                     break
-                t0 = max(unit_free[u], (pc + 1) * fetch_cost if fetched is not None else 0)
+                t0 = max(unit_free[u], (pc + 1) * fetch_cost)
                 for k in need:
                     t0 = max(t0, toks[k][heads[k]])
                     heads[k] += 1
@@ -147,44 +272,577 @@ def estimate(program, sim_result=None) -> Estimate:
         raise ValueError(f"cost model: dependency tokens never arrive for instructions {stuck}")
     total = max(end) if end else 0
     busy = {Unit(u).name: int(sum(dur[pc] for pc in order[u])) for u in range(3)}
-    macs = 0
-    rd = wr = 0
-    for pc, (op, f) in enumerate(instrs):
-        if op == Opcode.MATMUL:
-            macs += (dyn.get(pc, f["m"])) * f["k"] * f["n"]
-        if op in (Opcode.LOAD, Opcode.STORE):
-            es = {0: 1, 1: 2, 2: 1, 3: 8}[f["dtype"].value]
-            b = f["run"] * es * f["n0"] * f["n1"] * (f["n2"] if f["mode"] == DmaMode.STRIDED
-                                                      else 1)
-            if op == Opcode.LOAD:
-                rd += b
-            else:
-                wr += b
-    # per layer: from one MARK (id < 0xFFF0) to the next on the COMPUTE timeline
-    meta_layers = program.meta.get("layers", [])
-    marks = [(pc, f["id"]) for pc, (op, f) in enumerate(instrs)
-             if op == Opcode.MARK and f["id"] < len(meta_layers)]
-    layers = []
-    for i, (pc, lid) in enumerate(marks):
-        nxt = marks[i + 1][0] if i + 1 < len(marks) else n - 1
-        comp = [p for p in range(pc, nxt) if unit[p] == 1]
-        t_a = start[pc]
-        t_b = start[nxt] if i + 1 < len(marks) else max(end[p] for p in comp)
-        lm = sum((dyn.get(p, instrs[p][1]["m"])) * instrs[p][1]["k"] * instrs[p][1]["n"]
-                 for p in comp if instrs[p][0] == Opcode.MATMUL)
-        lb = 0
-        for p in range(pc, nxt):
-            op, f = instrs[p]
-            if op == Opcode.LOAD:
-                es = {0: 1, 1: 2, 2: 1, 3: 8}[f["dtype"].value]
-                lb += f["run"] * es * f["n0"] * f["n1"] * f["n2"]
-        info = dict(meta_layers[lid])
-        cyc = max(t_b - t_a, 1)
-        info.update(cycles=int(cyc), macs_executed=int(lm), dram_bytes=int(lb),
-                    utilisation=float(lm / (cfg.macs * cyc)))
-        layers.append(info)
+    macs, rd, wr = _traffic(instrs, dyn)
+    layers = _layers(program, instrs, start, end, dyn, total, sequential=False)
     return Estimate(cycles=int(total), macs=int(macs), dram_read_bytes=int(rd),
-                    dram_write_bytes=int(wr), busy=busy, layers=layers, starts=start, ends=end)
+                    dram_write_bytes=int(wr), busy=busy, layers=layers, starts=start, ends=end,
+                    machine="v2", v2_cycles=int(total))
 
 
-_ = np
+# ---- data-dependent quantities: one golden-model run --------------------------------------------
+
+@dataclass
+class DynamicProfile:
+    """What a program's data decides about its timing, recorded by :func:`profile_program`.
+
+    ``dyn_m``: rows of each gathered / scattered MATMUL (its expert queue length), by pc;
+    ``skipped``: pcs skipped by their predicate; ``runs``: DRAM byte address of every run of
+    each executed LOAD/STORE (in the order the DMA issues them); ``spans``: the span list
+    [(start, length)] read by a SPANS-mode LOAD/STORE or a SOFTMAX with ``kpos_spans``;
+    ``blocks``: the block list read by SPANS; ``fault``: the golden model's fault, if any (the
+    estimate then still covers the whole program).
+    """
+    dyn_m: dict = field(default_factory=dict)
+    skipped: set = field(default_factory=set)
+    runs: dict = field(default_factory=dict)
+    spans: dict = field(default_factory=dict)
+    blocks: dict = field(default_factory=dict)
+    fault: object = None
+
+
+def profile_program(program, inputs=None, regs=None) -> DynamicProfile:
+    """Run ``program`` on the golden model with integer ``inputs`` {name: array} and host
+    ``regs`` and record its data-dependent quantities (:class:`DynamicProfile`)."""
+    from vitamin.golden.isasim import Fault, Machine
+    cfg = program.config
+    img = program.dram_image()
+    for name, v in (inputs or {}).items():
+        program.write_tensor(img, name, v)
+    instrs = _decode(program)
+    mach = Machine(cfg, np.array(img, dtype=np.uint8, copy=True), regs)
+    prof = DynamicProfile()
+    seen = {}
+    dma_addrs = mach._dma_addrs
+
+    def spy(f, esize):
+        d, s = dma_addrs(f, esize)
+        seen["d"] = d
+        return d, s
+
+    mach._dma_addrs = spy
+    try:
+        for pc, (op, f) in enumerate(instrs):
+            mach.pc = pc
+            mach.writes = []
+            if op == Opcode.MATMUL and (f["gather"] or f["scatter"]
+                                        or f["out"] == OutMode.SPAD_ADD):
+                if f["queue"] < cfg.max_experts:
+                    prof.dyn_m[pc] = int(mach.qlen[f["queue"]])
+            elif op in (Opcode.LOAD, Opcode.STORE) and f["mode"] == DmaMode.SPANS:
+                cnt = int(mach.regs[f["count_reg"]]) if f["count_reg"] else f["n2"]
+                prof.spans[pc] = mach.idx[f["idx_addr"]:f["idx_addr"] + max(cnt, 0)].copy()
+            elif op == Opcode.SOFTMAX and f["kpos_spans"]:
+                cnt = int(mach.regs[f["count_reg"]]) if f["count_reg"] else f["n_spans"]
+                prof.spans[pc] = mach.idx[f["idx_addr"]:f["idx_addr"] + max(cnt, 0)].copy()
+            elif op == Opcode.SPANS:
+                prof.blocks[pc] = mach.idx[f["idx_addr"]:f["idx_addr"] + f["k"], 0].copy()
+            seen.clear()
+            if not mach.step(op, f):
+                prof.skipped.add(pc)
+                continue
+            if "d" in seen:
+                d = seen["d"]
+                prof.runs[pc] = (d.reshape(-1, f["run"])[:, 0].copy() if d.size
+                                 else np.zeros(0, dtype=np.int64))
+            if op == Opcode.END:
+                break
+    except Fault as e:
+        prof.fault = e
+    return prof
+
+
+# ---- v1 (the RTL as built: sequential issue) ---------------------------------------------------
+
+#: Cycles from an AR handshake to the first R beat of the simulation RAM (``sim/simtop.py``:
+#: the read is issued in the cycle after the handshake, its data is valid one cycle later). The
+#: DMA models below assume this RAM as well (one burst at a time, one beat per cycle).
+DRAM_READ_LATENCY = 2
+
+#: Per-instruction cycles of the row units beyond their ``row_cycles`` (check phase, FIFO and
+#: pipeline fill, drain, the done cycle), measured on the RTL (tests/test_cost_rtl.py). SOFTMAX
+#: FULL waits for the last row through :class:`~vitamin.hw.softmax.SoftmaxUnit` (``row_latency``
+#: + 3), LAYERNORM for the last row through :class:`~vitamin.hw.layernorm.LayerNormUnit`
+#: (``row_latency`` - 2); the others are constants.
+ROW_OVERHEAD = {"VEC": 14, "SOFTMAX_FULL": 3, "SOFTMAX_ONLINE": 5, "LAYERNORM": -2, "TOPK": 8}
+
+
+def fetch_cycles(cfg) -> int:
+    """Cycles of the controller's FETCH_AR and FETCH_R states for one instruction (the
+    ``fetch_cycles`` counter): the AR handshake, the read latency, 64 / bus_bytes beats."""
+    return DRAM_READ_LATENCY + max(1, 64 // cfg.bus_bytes)
+
+
+@functools.lru_cache(maxsize=8)
+def _units(cfg):
+    """The units of ``cfg`` whose cycle figures the v1 model uses (constructing a Component is
+    cheap: nothing is elaborated)."""
+    from vitamin.hw.idxops import RouteUnit
+    from vitamin.hw.layernorm import LayerNormUnit
+    from vitamin.hw.matmul import MatmulUnit
+    from vitamin.hw.ports import spad_lanes
+    from vitamin.hw.rowops import LayerNormRowUnit, SoftmaxRowUnit, TopKUnit, VecUnit
+    from vitamin.hw.softmax import SoftmaxUnit
+    return {"matmul": MatmulUnit(cfg), "vec": VecUnit(cfg), "topk": TopKUnit(cfg),
+            "softmax": SoftmaxRowUnit(cfg), "sm_core": SoftmaxUnit(cfg),
+            "layernorm": LayerNormRowUnit(cfg), "ln_core": LayerNormUnit(cfg),
+            "route": RouteUnit(cfg), "lanes": spad_lanes(cfg)}
+
+
+def _kpos_walk(spans, n, lanes) -> int:
+    """Cycles of the key-span walk of ``SoftmaxRowUnit`` (hw/rowops.py, states WALK_RD,
+    WALK_LD, WALK_EX): one span read and load per span, one cycle per line piece it fills."""
+    cyc = pos = lane = t = 0
+    while True:
+        cyc += 1                                    # WALK_RD
+        if pos >= n or t == len(spans):
+            return cyc
+        cyc += 1                                    # WALK_LD
+        rem = max(0, int(spans[t][1]))
+        t += 1
+        while True:
+            cyc += 1                                # WALK_EX
+            if rem == 0:
+                break
+            take = min(rem, lanes - lane, n - pos)
+            full = lane + take == lanes or pos + take == n
+            rem -= take
+            pos += take
+            lane = 0 if full else lane + take
+            if rem == 0 or pos >= n:
+                break
+
+
+def _spans_cycles(f, blocks, idx_entries) -> int:
+    """Cycles of ``SpansUnit`` (hw/idxops.py) for block list ``blocks``: CHECK, LOAD of the
+    list, one or two walks (scans of the list, 4 cycles per step, FLUSH and WALKED), the
+    register writes and done. Replicates the walk; ``SpansUnit.max_cycles`` bounds it."""
+    lst = [int(b) for b in blocks if b >= 0]
+    sink, dlo_f, dn = f["sink"], f["diag_lo"], f["diag_n"]
+    block, limit = f["block"], f["limit"]
+    dlo, dend = max(dlo_f, 0), dlo_f + dn
+
+    def smallest(x):
+        c = [b for b in lst if b >= x]
+        return min(c) if c else None
+
+    x, rescans, steps = 0, 0, 0
+    lo = smallest(0)
+    while True:
+        steps += 1
+        pieces = []
+        if x < sink:
+            pieces.append((x, sink))
+        if x < dend and dlo < dend:
+            pieces.append((max(x, dlo), dend))
+        if lo is not None:
+            pieces.append((lo, lo + 1))
+        if not pieces:
+            break
+        s = min(p[0] for p in pieces)
+        e = max(p[1] for p in pieces if p[0] == s)
+        if s * block >= limit:
+            break
+        x = e
+        if lo is not None and lo < e:
+            rescans += 1
+            lo = smallest(x)
+    n_l = len(lst)
+    walk = (1 + rescans) * (n_l + 1) + 4 * steps + 2
+    walks = 1 if f["out_addr"] + n_l + 2 <= idx_entries else 2
+    k = f["k"]
+    return 1 + (k + 2 if k else 1) + walks * walk + 3
+
+
+# -- DMA (hw/dma.py against the simulation RAM of sim/simtop.py) --------------------------------
+
+def _bursts(addr, nbytes, bb):
+    """Beats of each INCR burst of a run (``hw/dma.py`` ``_burst_beats``: at most 256 beats,
+    never across 4 KiB)."""
+    out = []
+    lim = min(256, 4096 // bb)
+    a, end = addr, addr + nbytes
+    while a < end:
+        al = a & ~(bb - 1)
+        beats = min(_cdiv(end - al, bb), (4096 - (al & 4095)) // bb, lim)
+        out.append(beats)
+        a = al + beats * bb
+    return tuple(out)
+
+
+@functools.lru_cache(maxsize=65536)
+def _load_run(off, bursts, nbytes, n, es, lanes, bb, chunk, is_idx, lead=0):
+    """One run through ``LoadUnit``'s data path, from the take of its first beat (cycle 0),
+    whose read was issued in cycle ``-1 - lead``: R beats -> byte buffer (``cap = bb + chunk``
+    bytes) -> one element chunk per cycle. The RAM issues the next read of a burst when the
+    previous beat is taken (its output register is free), and accepts the next burst's AR the
+    cycle after the previous burst's last read, so a burst boundary costs one idle beat slot
+    unless the data path is slower. Returns the cycles in which the last beat is valid, is
+    taken, the last element is written and the last burst's AR is accepted."""
+    cap = bb + chunk
+    cnt, rx, el, first = 0, nbytes, n, True
+    total = sum(bursts)
+    bi = bj = taken = 0
+    rd = -1 - lead                  # read cycle of the next beat
+    t = last_valid = last_take = last_emit = final_ar = 0
+    while el > 0:
+        k = 1 if is_idx else min(el, lanes)
+        need = k * es
+        emit = cnt >= need
+        nb = 0
+        if taken < total and t > rd and rx > 0 and cnt + bb <= cap:
+            nb = min(rx, bb - (off if first else 0))
+            first = False
+            last_valid, last_take = rd + 1, t
+            taken += 1
+            bj += 1
+            if bj == bursts[bi] and taken < total:
+                final_ar = rd + 1
+                bi, bj, rd = bi + 1, 0, max(rd + 2, t)
+            else:
+                rd = t
+            rx -= nb
+        if emit:
+            cnt -= need
+            el -= k
+            last_emit = t
+        cnt += nb
+        t += 1
+    return last_valid, last_take, last_emit, final_ar
+
+
+def _seq_strided(n_runs):
+    """DmaSequencer, STRIDED: the first run is offered 10 cycles after start (field and range
+    checks), one run per cycle after that."""
+    return 10, ["e"] * n_runs, None
+
+
+def _seq_spans(f, spans):
+    """DmaSequencer, SPANS: (cycle of the first step after CMP, steps, None) where a step is
+    'r' (G_RD: a span-list read), 'c' (one cycle) or 'e' (G_EMIT: one run, waits for
+    ``ready``); or (None, None, cycles) when no run is generated."""
+    c = len(spans)
+    total = int(sum(max(0, int(b)) for _, b in spans)) if c else 0
+    scan = c + 2 if c else 1
+    if c == 0:
+        return None, None, 6
+    if total == 0:
+        return None, None, 6 + scan
+    steps = []
+    for _ in range(f["n1"]):
+        q = total
+        for _, ln in spans:
+            ln = int(ln)
+            steps += ["r", "c"]
+            if ln > 0 and q > 0:
+                rows = min(ln, q)
+                steps += ["c"] + ["e"] * rows
+                q -= rows
+            steps.append("c")
+    return 11 + scan, steps, None
+
+
+def _load_cycles(f, starts, cfg, lanes, seq):
+    """LoadUnit: start -> done. The runs flow sequencer -> AR issuer (one run in flight, a
+    4-deep run FIFO) -> RAM -> data path (one run at a time)."""
+    first, steps, empty = seq
+    if first is None or len(starts) == 0:
+        return empty if empty is not None else 12
+    bb = cfg.bus_bytes
+    chunk = max(2 * lanes, 8)
+    es = _ES[f["dtype"].value]
+    is_idx = f["mem"] == Mem.IDX
+    run = f["run"]
+    nbytes = run * es
+    # cycles of non-emit steps before each run, and after the last one
+    gaps, pend = [], 0
+    for s in steps:
+        if s == "e":
+            gaps.append(pend)
+            pend = 0
+        else:
+            pend += 1
+    tail = pend
+    acc = None
+    ar_free = ram_idle = last_emit = last_take = -(1 << 40)
+    pops = []
+    for i, a in enumerate(starts):
+        a = int(a)
+        offer = first + gaps[0] if i == 0 else acc + 1 + gaps[i]
+        acc = max(offer, ar_free)                 # the AR issuer takes one run at a time
+        if i >= 4:
+            acc = max(acc, pops[i - 4] + 1)        # ... and the 4-deep run FIFO must have room
+        ar_hs = max(acc + 1, ram_idle)
+        # the first read: after the AR, once the previous run's last beat is taken
+        rd = max(ar_hs + 1, last_take)
+        have = max(acc + 3, last_emit + 2)          # the data path loads the run descriptor
+        pops.append(have - 1)
+        t0 = max(rd + 1, have)
+        bursts = _bursts(a, nbytes, bb)
+        # how long the first beat waited matters only when the first burst is one beat long
+        lead = min(t0 - rd - 1, 2) if len(bursts) > 1 and bursts[0] == 1 else 0
+        lv, lt, le, far = _load_run(a % bb, bursts, nbytes, run, es, lanes, bb, chunk, is_idx,
+                                    lead)
+        # the RAM takes the next AR the cycle after this run's last read (for a one-beat run
+        # that read is the first one, which may have waited for the data path)
+        ram_idle = rd + 1 if bursts == (1,) else t0 + lv
+        last_take = t0 + lt
+        last_emit = t0 + le
+        ar_free = (t0 + far if len(bursts) > 1 else ar_hs) + 1
+    return max(last_emit + 1, acc + 2 + tail)
+
+
+class _Fifo:
+    """amaranth ``SyncFIFOBuffered(depth)``: an output register and ``depth - 1`` entries; an
+    entry written in cycle t can be read in cycle t + 2."""
+
+    def __init__(self, depth):
+        self.inner, self.out, self.depth = [], None, depth
+
+    def r_rdy(self):
+        return self.out is not None
+
+    def w_rdy(self):
+        return len(self.inner) != self.depth - 1
+
+    def empty(self):
+        return self.out is None and not self.inner
+
+    def tick(self, r_en, item):
+        rd = self.out is not None and r_en
+        inner_rd = bool(self.inner) and (self.out is None or r_en)
+        if rd:
+            self.out = None
+        if inner_rd:
+            self.out = self.inner.pop(0)
+        if item is not None:
+            self.inner.append(item)
+
+
+def _store_cycles(f, starts, cfg, lanes, seq):
+    """StoreUnit: start -> done, cycle by cycle (hw/dma.py): run FIFOs -> AW issuer (bursts;
+    the RAM takes one AW, its W beats and the B response at a time) and chunk reader
+    (``lanes`` words per read, 5 credits) -> chunk FIFO -> byte packer -> W beats."""
+    from vitamin.hw.ports import IDX_READ_LATENCY, SPAD_READ_LATENCY
+    first, steps, empty = seq
+    if first is None or len(starts) == 0:
+        return empty if empty is not None else 12
+    bb = cfg.bus_bytes
+    chunk = max(2 * lanes, 8)
+    cap = bb + chunk
+    es = _ES[f["dtype"].value]
+    is_idx = f["mem"] == Mem.IDX
+    run = f["run"]
+    nbytes = run * es
+    lat = IDX_READ_LATENCY if is_idx else SPAD_READ_LATENCY
+    depth = SPAD_READ_LATENCY + 3
+    awq, rdq, wq, bq, cq = _Fifo(4), _Fifo(4), _Fifo(4), _Fifo(8), _Fifo(depth)
+    n_runs = len(starts)
+    nxt = si = 0
+    step_t = first
+    gen_done_t = None
+    aw_busy, aw_bursts = False, []
+    r_have, r_left, credits, pipe = False, 0, depth, [None] * lat
+    w_have = w_first = False
+    w_off = tx_left = acc_left = cnt = beat_no = 0
+    w_active = b_pend = False
+    outstanding = 0
+    t = 0
+    while True:
+        st = steps[si] if (si < len(steps) and t >= step_t) else None
+        push = st == "e" and awq.w_rdy() and rdq.w_rdy()
+        aw_pop = not aw_busy and awq.r_rdy() and wq.w_rdy()
+        aw_go = aw_busy and bq.w_rdy() and not w_active and not b_pend
+        b_go = b_pend
+        rd_pop = not r_have and rdq.r_rdy()
+        k = 1 if is_idx else min(r_left, lanes)
+        issue = r_have and credits != 0 and st != "r"
+        arr = pipe[-1]
+        wq_pop = not w_have and wq.r_rdy()
+        nb = min(tx_left, bb - (w_off if w_first else 0))
+        w_go = w_have and tx_left != 0 and cnt >= nb and bq.r_rdy() and w_active
+        wlast = w_go and beat_no + 1 == bq.out
+        take = w_have and cq.r_rdy() and acc_left != 0 and cnt + cq.out <= cap
+        if (gen_done_t is not None and t >= gen_done_t and awq.empty() and rdq.empty()
+                and not aw_busy and not r_have and cq.empty() and not w_have and wq.empty()
+                and bq.empty() and outstanding == 0 and all(p is None for p in pipe)):
+            return t
+        q_item = wq_item = bq_item = cq_item = None
+        if push:
+            q_item = int(starts[nxt])
+            nxt += 1
+        if st is not None and (st != "e" or push):
+            si += 1
+            step_t = t + 1
+            if si == len(steps):
+                gen_done_t = t + 2
+        if aw_pop:
+            a = awq.out
+            aw_busy, aw_bursts = True, list(_bursts(a, nbytes, bb))
+            wq_item = (a % bb, nbytes)
+        w_active_next = w_active
+        if aw_go:
+            bq_item = aw_bursts.pop(0)
+            aw_busy = bool(aw_bursts)
+            w_active_next = True
+        if b_go:
+            b_pend = False
+        if wlast:
+            w_active_next, b_pend = False, True
+        outstanding += int(aw_go) - int(b_go)
+        if rd_pop:
+            r_have, r_left = True, run
+        if issue:
+            r_left -= k
+            r_have = r_left != 0
+        credits += int(take) - int(issue)
+        if arr is not None:
+            cq_item = arr
+        pipe = [k * es if issue else None] + pipe[:-1]
+        added = cq.out if take else 0
+        if take:
+            acc_left -= cq.out
+        if w_go:
+            tx_left -= nb
+            w_first = False
+            beat_no = 0 if wlast else beat_no + 1
+            w_have = tx_left != 0
+        cnt += added - (nb if w_go else 0)
+        if wq_pop:
+            w_have, w_first = True, True
+            w_off, tx_left = wq.out
+            acc_left = tx_left
+        awq.tick(aw_pop, q_item)
+        rdq.tick(rd_pop, q_item)
+        wq.tick(wq_pop, wq_item)
+        bq.tick(wlast, bq_item)
+        cq.tick(take, cq_item)
+        w_active = w_active_next
+        t += 1
+        if nxt > n_runs or t > 1 << 34:          # pragma: no cover - a modelling error
+            raise RuntimeError("cost model: STORE model did not finish")
+
+
+def _strided_starts(f, regs=None):
+    """DRAM byte address of each run of a STRIDED LOAD/STORE, in issue order (i0 fastest)."""
+    blk = 0
+    if f["blk_reg"]:
+        blk = int((regs or {}).get(f["blk_reg"], 0)) * f["blk_stride"]
+    i2, i1, i0 = np.meshgrid(np.arange(f["n2"]), np.arange(f["n1"]), np.arange(f["n0"]),
+                             indexing="ij")
+    return (f["dram_addr"] + blk + i2 * f["ds2"] + i1 * f["ds1"] + i0 * f["ds0"]).reshape(-1)
+
+
+def _dma_guess(f):
+    """Span list and run addresses of a SPANS-mode LOAD/STORE without a profile: ``n2`` spans
+    (1 with a count register) of one row each, rows 0, 1, ..."""
+    cnt = 1 if f["count_reg"] else f["n2"]
+    spans = np.array([(i, 1) for i in range(cnt)], dtype=np.int64).reshape(-1, 2)
+    rows = np.arange(cnt)
+    starts = (f["dram_addr"] + np.arange(f["n1"])[:, None] * f["ds1"]
+              + rows[None, :] * f["ds0"]).reshape(-1)
+    return spans, starts
+
+
+def v1_unit_cycles(op, f, cfg, pc=None, prof=None) -> int:
+    """Cycles from the unit's ``start`` to its ``done`` (the ``busy_<op>`` counter) of one
+    executed instruction at ``pc`` on the v1 RTL; 0 for MARK and END (the controller runs them).
+
+    ``prof`` (:class:`DynamicProfile`) supplies the data-dependent quantities. Without it: a
+    gathered MATMUL processes ``m`` rows, a SOFTMAX key-span list is one span of ``n``
+    positions, a SPANS block list is 0 .. k-1, a SPANS-mode LOAD/STORE has ``n2`` one-row spans
+    (one with a count register), and a ``blk_reg`` register holds 0."""
+    u = _units(cfg)
+    C = _cdiv(f.get("n", 1), cfg.row_lanes)
+    if op == Opcode.MATMUL:
+        rows = prof.dyn_m.get(pc) if prof is not None else None
+        return u["matmul"].cycles(f, rows)
+    if op == Opcode.VEC:
+        return (u["vec"].row_cycles(f["op"], f["n"], max(f["group"], 1)) * f["m"]
+                + ROW_OVERHEAD["VEC"])
+    if op == Opcode.TOPK:
+        # a row's last chunk waits until the previous row's k entries are written; the last
+        # row's entries follow its last chunk
+        return ((f["m"] - 1) * u["topk"].row_cycles(f["n"], f["k"]) + C + f["k"]
+                + ROW_OVERHEAD["TOPK"])
+    if op == Opcode.SOFTMAX:
+        cyc = u["softmax"].row_cycles(f["mode"], f["n"], f["last"]) * f["m"]
+        if f["mode"] == SmMode.FULL:
+            cyc += u["sm_core"].row_latency + ROW_OVERHEAD["SOFTMAX_FULL"]
+        else:
+            cyc += ROW_OVERHEAD["SOFTMAX_ONLINE"]
+        if f["kpos_spans"]:
+            spans = prof.spans.get(pc) if prof is not None else None
+            if spans is None:
+                spans = [(0, f["n"])]
+            cyc += _kpos_walk(spans, f["n"], cfg.row_lanes)
+        return cyc
+    if op == Opcode.LAYERNORM:
+        return (u["layernorm"].row_cycles(f["n"]) * f["m"] + C * u["layernorm"].param_reads
+                + u["ln_core"].row_latency + ROW_OVERHEAD["LAYERNORM"])
+    if op == Opcode.ROUTE:
+        return u["route"].cycles(f["m"], f["k"], f["n_experts"])
+    if op == Opcode.SPANS:
+        blocks = prof.blocks.get(pc) if prof is not None else None
+        if blocks is None:
+            blocks = np.arange(f["k"])
+        return _spans_cycles(f, blocks, cfg.idx_entries)
+    if op in (Opcode.LOAD, Opcode.STORE):
+        starts = prof.runs.get(pc) if prof is not None else None
+        if f["mode"] == DmaMode.STRIDED:
+            if starts is None:
+                starts = _strided_starts(f)
+            seq = _seq_strided(len(starts))
+        else:
+            spans = prof.spans.get(pc) if prof is not None else None
+            if spans is None or starts is None:
+                spans, starts = _dma_guess(f)
+            seq = _seq_spans(f, spans)
+        model = _load_cycles if op == Opcode.LOAD else _store_cycles
+        return int(model(f, starts, cfg, u["lanes"], seq))
+    return 0
+
+
+def _estimate_v1(program, sim_result=None) -> Estimate:
+    """Timeline of ``program`` on the v1 RTL (see the module docstring)."""
+    cfg = program.config
+    instrs = _decode(program)
+    prof = sim_result if isinstance(sim_result, DynamicProfile) else None
+    dyn = _dyn_m(sim_result)
+    if prof is None and dyn:
+        prof = DynamicProfile(dyn_m=dict(dyn))
+    skipped = prof.skipped if prof is not None else set()
+    fetch = fetch_cycles(cfg)
+    n = len(instrs)
+    start, end = [0] * n, [0] * n
+    busy: dict = {}
+    counters = {"fetch_cycles": 0, "instructions": 0, "skipped": 0, "marks": 0}
+    t = 0
+    for pc, (op, f) in enumerate(instrs):
+        # FETCH, FETCH_AR + FETCH_R (the fetch_cycles counter), DECODE
+        cyc = 1 + fetch + 1
+        counters["fetch_cycles"] += fetch
+        counters["instructions"] += 1
+        if pc in skipped:
+            counters["skipped"] += 1
+        elif op == Opcode.MARK:
+            counters["marks"] += 1
+        elif op != Opcode.END:
+            u = v1_unit_cycles(op, f, cfg, pc, prof)
+            busy[op.name] = busy.get(op.name, 0) + u
+            cyc += 1 + u                            # DISPATCH, then RUN until done
+        start[pc], end[pc] = t, t + cyc
+        t += cyc
+        if op == Opcode.END:
+            break
+    total = t
+    counters["cycles"] = total
+    for op in (Opcode.LOAD, Opcode.STORE, Opcode.MATMUL, Opcode.SOFTMAX, Opcode.LAYERNORM,
+               Opcode.TOPK, Opcode.ROUTE, Opcode.SPANS, Opcode.VEC):
+        counters[f"busy_{op.name.lower()}"] = int(busy.get(op.name, 0))
+    macs, rd, wr = _traffic(instrs, dyn, skipped, prof.runs if prof is not None else None)
+    layers = _layers(program, instrs, start, end, dyn, total, sequential=True)
+    v2 = _estimate_v2(program, sim_result)
+    return Estimate(cycles=int(total), macs=int(macs), dram_read_bytes=int(rd),
+                    dram_write_bytes=int(wr), busy={k: int(v) for k, v in busy.items()},
+                    layers=layers, starts=start, ends=end, machine="v1",
+                    v2_cycles=v2.cycles, counters=counters)

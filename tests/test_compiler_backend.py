@@ -79,7 +79,7 @@ def test_weight_loads_overlap_compute():
     """The double-buffered weight stream: most of the LOAD module's busy time overlaps COMPUTE's
     busy time on the cost model's timeline (weights of tile t+2 load while tile t+1 computes)."""
     g, prog = _compile("zcu102", img=128, patch=16, chans=3, dim=192, depth=2, heads=3, mlp=4)
-    est = estimate(prog)
+    est = estimate(prog, machine="v2")    # the decoupled machine the compiler targets
     instrs = decode_program(prog.dram_image(), prog.n_instr)
     comp = [(est.starts[pc], est.ends[pc]) for pc, (op, _) in enumerate(instrs)
             if op not in (Opcode.LOAD, Opcode.STORE)]

@@ -156,7 +156,8 @@ def _report_args(p):
 
 
 def build_report(prog, clock_mhz=None) -> dict:
-    """Per-layer cycles, MACs, utilisation and DRAM bytes from the cost model."""
+    """Per-layer cycles, MACs, utilisation and DRAM bytes from the cost model (the v1 RTL's
+    sequential timing; ``v2_cycles``: the planned decoupled machine)."""
     from .compiler.cost import estimate
     cfg = prog.config
     est = estimate(prog)
@@ -166,8 +167,10 @@ def build_report(prog, clock_mhz=None) -> dict:
         "cycles": est.cycles, "macs": est.macs, "utilisation": est.utilisation(cfg),
         "latency_ms": est.cycles / (clk * 1e3), "images_per_s": clk * 1e6 / max(est.cycles, 1),
         "dram_read_bytes": est.dram_read_bytes, "dram_write_bytes": est.dram_write_bytes,
-        "busy": est.busy, "layers": est.layers,
-        "source": "cost model (docs/ARCHITECTURE.md); RTL cycles once the RTL backend exists",
+        "busy": est.busy, "layers": est.layers, "machine": est.machine,
+        "v2_cycles": est.v2_cycles,
+        "source": ("cost model of the v1 RTL, sequential issue" if est.machine == "v1" else
+                   "cost model of the planned v2 machine") + " (compiler/cost.py)",
     }
 
 
@@ -227,6 +230,8 @@ def _report(args):
           f"{100 * rep['utilisation']:.1f}% MAC utilisation, {rep['latency_ms']:.3f} ms "
           f"({rep['images_per_s']:.1f} images/s) at {rep['clock_mhz']} MHz; DRAM read "
           f"{rep['dram_read_bytes'] / 1024:.0f} KiB")
+    print(f"planned v2 (decoupled LOAD/COMPUTE/STORE): {rep['v2_cycles']} cycles "
+          f"({rep['v2_cycles'] / (rep['clock_mhz'] * 1e3):.3f} ms)")
     if args.html:
         print(f"report written to {args.html}/report.html")
     return 0
