@@ -21,9 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from vitamin.asm import Assembler, Ref
+from vitamin.asm import Assembler
 from vitamin.golden.numerics import requant_params
-from vitamin.isa import Act, DType, Opcode, OutMode
+from vitamin.isa import Act, DType, OutMode
 
 from . import ir
 from .quantize import QuantPlan, quantize_weight
@@ -776,6 +776,3 @@ def lower(graph: ir.Graph, config, plan: QuantPlan, name: str = "model"):
     """Lower a canonical graph with its quantisation plan to a :class:`vitamin.program.Program`."""
     return _Lowering(graph, config, plan, name).run()
 
-
-# keep the imported names used by type checkers
-_ = (Opcode, Ref)

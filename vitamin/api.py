@@ -137,8 +137,7 @@ def quant_report(prog, graph, sample) -> list:
 
 def _evaluator():
     from .compiler import passes
-    return getattr(passes, "evaluate_graph", None) or __import__(
-        "vitamin.compiler.ir", fromlist=["evaluate"]).evaluate
+    return passes.evaluate_graph
 
 
 @dataclass
