@@ -113,6 +113,26 @@ def _p_sdpa(n, ins):
     return [np.matmul(softmax(s), v)]
 
 
+@primitive("select")
+def _p_select(n, ins):
+    """``table[index]``: a constant table indexed by a run-time integer (the task of a
+    multi-task model)."""
+    table, index = ins
+    i = int(np.asarray(index).reshape(-1)[0])
+    if not 0 <= i < table.shape[0]:
+        raise CompileError(f"node {n.name!r}: index {i} outside 0..{table.shape[0] - 1}")
+    return [np.asarray(table[i], dtype=np.float64)]
+
+
+@primitive("scatter_elements")
+def _p_scatter_elements(n, ins):
+    """ONNX ScatterElements (no reduction) along ``axis``."""
+    data, idx, upd = ins
+    out = np.array(data, dtype=np.float64, copy=True)
+    np.put_along_axis(out, np.asarray(idx, dtype=np.int64), upd, axis=n.attrs["axis"])
+    return [out]
+
+
 # --------------------------------------------------------------------------------------------
 # Handler registry
 # --------------------------------------------------------------------------------------------
@@ -169,7 +189,6 @@ _HINTS = {
               "scaled_dot_product_attention",
     "LogSoftmax": "LogSoftmax is not supported; Softmax (last axis) is",
     "NonMaxSuppression": "detection post-processing is not supported",
-    "TopK": "TopK is not supported in Vision Transformer graphs",
 }
 
 
@@ -549,6 +568,9 @@ def _fold(model, opset):
 # Conversion
 # --------------------------------------------------------------------------------------------
 
+_INT_TYPES = {onnx.TensorProto.INT64, onnx.TensorProto.INT32, onnx.TensorProto.INT16,
+              onnx.TensorProto.INT8, onnx.TensorProto.UINT8, onnx.TensorProto.UINT16,
+              onnx.TensorProto.UINT32}
 _FLOAT_TYPES = {onnx.TensorProto.FLOAT, onnx.TensorProto.DOUBLE, onnx.TensorProto.FLOAT16,
                 onnx.TensorProto.BFLOAT16}
 
@@ -567,6 +589,7 @@ class _Converter:
         self.alias: dict[str, str] = {}
         self.node_name = ""
         self._taken = set(consts) | set(shapes)
+        self.index: set[str] = set()     # integer run-time scalars (a multi-task model's task)
 
     # -- looking at ONNX values
     def name(self, v: str) -> str:
@@ -841,8 +864,22 @@ def _h_softmax(cx, node):
 
 # -- data movement --------------------------------------------------------------------------
 
+def _index_alias(cx, node) -> bool:
+    """Shape ops on a task index (one integer) keep it an index: alias the output to it."""
+    if cx.name(node.input[0]) in cx.index:
+        if math.prod(cx.shape(node.output[0])) != 1:
+            raise Unsupported(f"{node.op_type} of the integer input {cx.name(node.input[0])!r} to "
+                              f"shape {list(cx.shape(node.output[0]))}; an integer input can only "
+                              f"select a task (one index)")
+        cx.alias[node.output[0]] = cx.name(node.input[0])
+        return True
+    return False
+
+
 @handler("Reshape", "Flatten", "Squeeze", "Unsqueeze")
 def _h_reshape(cx, node):
+    if _index_alias(cx, node):
+        return
     y = node.output[0]
     cx.emit("reshape", [node.input[0]], {"shape": cx.shape(y)}, out=y)
 
@@ -856,6 +893,8 @@ def _h_identity(cx, node):
 
 @handler("Cast")
 def _h_cast(cx, node):
+    if _index_alias(cx, node):
+        return
     to = cx.attrs(node)["to"]
     if to not in _FLOAT_TYPES or cx.types.get(cx.name(node.input[0])) not in _FLOAT_TYPES:
         raise Unsupported(f"Cast of an activation to {onnx.TensorProto.DataType.Name(to)}; "
@@ -931,6 +970,21 @@ def _h_split(cx, node):
 def _h_gather(cx, node):
     data, idx = node.input
     ic = cx.const(idx)
+    if cx.name(data) in cx.index:          # [task][0] as the dynamo exporter writes task
+        if ic is None or math.prod(cx.shape(node.output[0])) != 1:
+            raise Unsupported("Gather on the integer input with a computed index")
+        cx.alias[node.output[0]] = cx.name(data)
+        return
+    if ic is None and cx.name(idx) in cx.index:
+        table = cx.const(data)
+        if table is None:
+            raise Unsupported(f"Gather of an activation at the integer input "
+                              f"{cx.name(idx)!r}; only constant tables (per-task weights) can "
+                              f"be selected by the task")
+        if cx.attrs(node).get("axis", 0) % table.ndim != 0:
+            raise Unsupported("Gather of a per-task table along an axis other than 0")
+        cx.emit("select", [data, cx.name(idx)], out=node.output[0])
+        return
     if ic is None:
         raise Unsupported("Gather with a computed index (embedding lookup) is not supported")
     if ic.ndim > 1:
@@ -940,6 +994,52 @@ def _h_gather(cx, node):
     dim = cx.shape(data)[ax]
     index = np.asarray(ic, dtype=np.int64) % dim
     cx.emit("gather", [data], {"axis": ax, "index": int(index) if index.ndim == 0 else index},
+            out=node.output[0])
+
+
+# -- mixture of experts ----------------------------------------------------------------------
+
+@handler("TopK")
+def _h_topk(cx, node):
+    at = cx.attrs(node)
+    x = node.input[0]
+    r = cx.rank(x)
+    if cx.opset < 10:
+        k = at["k"]
+    else:
+        kc = cx.const(node.input[1])
+        if kc is None:
+            raise Unsupported("TopK with a computed k")
+        k = int(np.asarray(kc).reshape(-1)[0])
+    if at.get("axis", -1) % r != r - 1:
+        raise Unsupported(f"TopK along axis {at.get('axis')}; only the last axis is supported")
+    if not at.get("largest", 1):
+        raise Unsupported("TopK with largest=0 (smallest values)")
+    n = cx.shape(x)[-1]
+    if not 1 <= k <= n:
+        raise Unsupported(f"TopK with k = {k} but only {n} values (experts) along the axis")
+    shape = tuple(cx.shape(x)[:-1]) + (k,)
+    outs = []
+    for o in node.output[:2]:
+        name = o if o else cx.fresh(f"{cx.node_name}/topk")
+        cx.values[name] = Value(name, shape)
+        outs.append(name)
+    cx.nodes.append(Node("topk", [cx.inp(x)], outs, {"k": k, "axis": -1}, cx.node_name))
+
+
+@handler("ScatterElements")
+def _h_scatter_elements(cx, node):
+    at = cx.attrs(node)
+    data = node.input[0]
+    if at.get("reduction", "none") not in ("none", b"none"):
+        raise Unsupported(f"ScatterElements with reduction {at.get('reduction')!r}")
+    r = cx.rank(data)
+    if at.get("axis", 0) % r != r - 1:
+        raise Unsupported("ScatterElements along an axis other than the last")
+    if cx.const(data) is None:
+        raise Unsupported("ScatterElements into an activation; only a constant (zero) mask is "
+                          "supported (the dense routing mask of a mixture of experts)")
+    cx.emit("scatter_elements", [data, node.input[1], node.input[2]], {"axis": -1},
             out=node.output[0])
 
 
@@ -1035,9 +1135,15 @@ def load_onnx(path_or_model, input_shapes: dict | None = None) -> Graph:
     problems = []
     for vi in inputs:
         shape = tuple(shapes[vi.name])
-        if vi.type.tensor_type.elem_type not in _FLOAT_TYPES:
-            dtype = onnx.TensorProto.DataType.Name(vi.type.tensor_type.elem_type)
-            problems.append(f"input {vi.name!r}: element type {dtype}; only float inputs are "
+        et = vi.type.tensor_type.elem_type
+        if et in _INT_TYPES and math.prod(shape) == 1:
+            cx.index.add(vi.name)          # a task index: only Gather on constants may use it
+            cx.values[vi.name] = Value(vi.name, shape, dtype="int64")
+            continue
+        if et not in _FLOAT_TYPES:
+            dtype = onnx.TensorProto.DataType.Name(et)
+            problems.append(f"input {vi.name!r}: element type {dtype} of shape {list(shape)}; "
+                            f"only float inputs and one integer scalar (a task index) are "
                             f"supported")
         cx.values[vi.name] = Value(vi.name, shape)
 

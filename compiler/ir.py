@@ -29,7 +29,11 @@ topk          x                                  k, axis=-1: outputs values, ind
 attention     q, k, v [T, H*D] token-major       heads, head_dim, scale, causal: per head h
                                                  (columns h*D..h*D+D-1) softmax(scale q k^T) v
                                                  -> [T, H*D]
+linear_task   x, W[tasks, K, N], b?, task        x @ W[task] + b[task] (see compiler/moe.py)
+moe           x, task?, gate, experts' weights   mixture of experts (see compiler/moe.py)
 ============  =================================  ===========================================
+
+Integer graph inputs (a multi-task model's task index) have ``dtype`` ``"int64"``.
 """
 
 from __future__ import annotations
@@ -46,7 +50,8 @@ class CompileError(ValueError):
 
 
 OPS = ("linear", "matmul", "add", "sub", "mul", "div", "gelu", "relu", "softmax", "layernorm",
-       "reshape", "transpose", "concat", "slice", "gather", "im2col", "topk", "attention")
+       "reshape", "transpose", "concat", "slice", "gather", "im2col", "topk", "attention",
+       "linear_task", "moe")
 
 
 @dataclass
@@ -179,6 +184,12 @@ def _eval_node(n: Node, ins: list) -> list:
         k = a["k"]
         idx = np.argsort(-x, axis=-1, kind="stable")[..., :k]
         return [np.take_along_axis(x, idx, axis=-1), idx]
+    if op == "linear_task":
+        from .moe import eval_linear_task
+        return eval_linear_task(n, ins)
+    if op == "moe":
+        from .moe import eval_moe
+        return [eval_moe(n, ins)]
     raise CompileError(f"node {n.name!r}: no evaluator for op {op!r}")
 
 

@@ -23,7 +23,8 @@ import os
 import warnings
 from pathlib import Path
 
-__all__ = ["ViT", "deit_tiny", "vit_micro", "vit_digits", "export_onnx", "PRESETS"]
+__all__ = ["ViT", "deit_tiny", "vit_micro", "vit_digits", "export_onnx", "PRESETS", "M3ViT",
+           "MOE_PRESETS", "m3vit_tiny", "m3vit_micro"]
 
 
 def _nn():
@@ -105,7 +106,8 @@ def _build_classes():
     class PatchEmbed(nn.Module):
         def __init__(self, img_size, patch, in_chans, dim):
             super().__init__()
-            self.num_patches = (img_size // patch) ** 2
+            h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+            self.num_patches = (h // patch) * (w // patch)
             self.proj = nn.Conv2d(in_chans, dim, kernel_size=patch, stride=patch)
 
         def forward(self, x):
@@ -169,10 +171,106 @@ def _build_classes():
             x = self.norm(x)
             return self.head(x[:, 0])
 
-    return ViT
+    class MoEMlp(nn.Module):
+        """Mixture of experts as M3ViT writes it, in a form every exporter keeps static.
+
+        The gate of the task is ``gate[task]`` (a Gather on the stacked, bias-free gate
+        matrices), softmax over all experts, top-k probabilities (not renormalised) scattered
+        into a dense ``[.., n_experts]`` mask, and the output is the mask-weighted sum of every
+        expert's MLP (onnxruntime computes all experts; vitamin only the chosen ones).
+        """
+
+        def __init__(self, dim, hidden, n_experts, top_k, n_tasks, gelu):
+            super().__init__()
+            if not 1 <= top_k <= n_experts:
+                raise ValueError(f"top_k must be in 1..{n_experts}, not {top_k}")
+            self.top_k = top_k
+            self.gate = nn.Parameter(torch.zeros(n_tasks, dim, n_experts))
+            self.experts = nn.ModuleList([Mlp(dim, hidden, gelu) for _ in range(n_experts)])
+
+        def forward(self, x, task):
+            probs = (x @ self.gate[task]).softmax(dim=-1)
+            val, idx = probs.topk(self.top_k, dim=-1)
+            mask = torch.zeros_like(probs).scatter(-1, idx, val)
+            out = None
+            for e, expert in enumerate(self.experts):
+                y = expert(x) * mask[..., e:e + 1]
+                out = y if out is None else out + y
+            return out
+
+    class MoEBlock(nn.Module):
+        def __init__(self, dim, heads, eps, gelu, moe):
+            super().__init__()
+            self.norm1 = nn.LayerNorm(dim, eps=eps)
+            self.attn = Attention(dim, heads, True, False)
+            self.norm2 = nn.LayerNorm(dim, eps=eps)
+            self.mlp = MoEMlp(dim, gelu=gelu, **moe)
+
+        def forward(self, x, task):
+            x = x + self.attn(self.norm1(x))
+            return x + self.mlp(self.norm2(x), task)
+
+    class M3ViT(nn.Module):
+        """Multi-task MoE ViT in M3ViT's layout (see :func:`m3vit_tiny`)."""
+
+        def __init__(self, img_size, patch, in_chans, dim, depth, heads, mlp_ratio, n_experts,
+                     expert_hidden, top_k, n_tasks, num_classes=None, final_norm=False,
+                     eps=1e-6, gelu="erf", seed=0):
+            super().__init__()
+            h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+            if h % patch or w % patch:
+                raise ValueError(f"image {h}x{w} is not a multiple of the patch {patch}")
+            self.img_size = (h, w)
+            self.in_chans = in_chans
+            self.n_tasks = n_tasks
+            self.patch_embed = PatchEmbed((h, w), patch, in_chans, dim)
+            # row 0 is the CLS token with its position embedding folded in (as M3ViT)
+            self.pos_embed = nn.Parameter(torch.zeros(1, self.patch_embed.num_patches + 1, dim))
+            moe = dict(hidden=expert_hidden, n_experts=n_experts, top_k=top_k, n_tasks=n_tasks)
+            self.blocks = nn.ModuleList([
+                MoEBlock(dim, heads, eps, gelu, moe) if i % 2 else
+                Block(dim, heads, mlp_ratio, True, eps, lambda d, e: nn.LayerNorm(d, eps=e),
+                      gelu, False)
+                for i in range(depth)])
+            self.norm = nn.LayerNorm(dim, eps=eps) if final_norm else None
+            if num_classes:
+                self.head_w = nn.Parameter(torch.zeros(n_tasks, dim, num_classes))
+                self.head_b = nn.Parameter(torch.zeros(n_tasks, num_classes))
+            else:
+                self.head_w = None
+            ViT._init(self, seed)
+            with torch.no_grad():       # stacked per-task matrices: fan-in is dim, not dim * n
+                g = torch.Generator().manual_seed(seed + 1)
+                for blk in self.blocks[1::2]:
+                    blk.mlp.gate.copy_(torch.randn(blk.mlp.gate.shape, generator=g)
+                                       / math.sqrt(dim))
+                if self.head_w is not None:
+                    self.head_w.copy_(torch.randn(self.head_w.shape, generator=g) / math.sqrt(dim))
+            self.eval()
+
+        def forward(self, x, task):
+            x = self.patch_embed(x)
+            x = torch.cat((self.pos_embed[:, :1].expand(x.shape[0], -1, -1),
+                           x + self.pos_embed[:, 1:]), dim=1)
+            for i, blk in enumerate(self.blocks):
+                x = blk(x, task) if i % 2 else blk(x)
+            if self.norm is not None:
+                x = self.norm(x)
+            if self.head_w is None:
+                return x
+            return x[:, 0] @ self.head_w[task] + self.head_b[task]
+
+    return {"ViT": ViT, "M3ViT": M3ViT}
 
 
-_VIT = None
+_CLASSES = None
+
+
+def _classes():
+    global _CLASSES
+    if _CLASSES is None:
+        _CLASSES = _build_classes()
+    return _CLASSES
 
 
 def ViT(img_size, patch, in_chans, num_classes, dim, depth, heads, mlp_ratio=4.0, qkv_bias=True,
@@ -197,11 +295,50 @@ def ViT(img_size, patch, in_chans, num_classes, dim, depth, heads, mlp_ratio=4.0
     seed : int
         Weights are drawn from a generator seeded with this; the same seed gives the same model.
     """
-    global _VIT
-    if _VIT is None:
-        _VIT = _build_classes()
-    return _VIT(img_size, patch, in_chans, num_classes, dim, depth, heads, mlp_ratio, qkv_bias, eps,
+    return _classes()["ViT"](img_size, patch, in_chans, num_classes, dim, depth, heads, mlp_ratio, qkv_bias, eps,
                 gelu=gelu, norm=norm, attn=attn, seed=seed)
+
+
+def M3ViT(img_size, patch, in_chans, dim, depth, heads, mlp_ratio, n_experts, expert_hidden,
+          top_k, n_tasks, num_classes=None, final_norm=False, eps=1e-6, *, gelu="erf", seed=0):
+    """A multi-task mixture-of-experts ViT in M3ViT's layout (a ``torch.nn.Module``, eval mode).
+
+    ``forward(x, task)`` takes the image ``[B, in_chans, H, W]`` and the task index (a 0-d int64
+    tensor). Even blocks have a dense MLP (``dim * mlp_ratio``), odd blocks a mixture of
+    ``n_experts`` MLPs ``dim -> expert_hidden -> dim`` with one bias-free gate ``[dim,
+    n_experts]`` per task, softmax over all experts and the top-``top_k`` probabilities as
+    weights (not renormalised). The CLS token is folded into row 0 of the position embedding.
+    With ``num_classes`` a task-selected head (``head_w[task]``, ``head_b[task]``) classifies the
+    CLS token (after a LayerNorm if ``final_norm``); without it the output is the token matrix
+    ``[B, tokens, dim]`` (M3ViT's backbone has no final LayerNorm).
+    """
+    return _classes()["M3ViT"](img_size, patch, in_chans, dim, depth, heads, mlp_ratio, n_experts,
+                               expert_hidden, top_k, n_tasks, num_classes, final_norm, eps,
+                               gelu=gelu, seed=seed)
+
+
+MOE_PRESETS = {
+    # M3ViT-tiny as Edge-MoE runs it: 3x128x256, patch 16 -> 128 patches + CLS = 129 tokens.
+    "m3vit_tiny": dict(img_size=(128, 256), patch=16, in_chans=3, dim=192, depth=12, heads=3,
+                       mlp_ratio=4.0, n_experts=16, expert_hidden=384, top_k=2, n_tasks=2),
+    # Test model: every op of M3ViT-tiny, 9 tokens, one dense and one MoE block.
+    "m3vit_micro": dict(img_size=(16, 32), patch=8, in_chans=3, dim=32, depth=2, heads=2,
+                        mlp_ratio=2.0, n_experts=4, expert_hidden=32, top_k=2, n_tasks=2),
+    # Two-task digits model of the demo (task 0: the digit, task 1: a second label).
+    "m3vit_digits": dict(img_size=8, patch=2, in_chans=1, dim=48, depth=2, heads=3,
+                         mlp_ratio=2.0, n_experts=4, expert_hidden=48, top_k=2, n_tasks=2,
+                         num_classes=10, final_norm=True),
+}
+
+
+def m3vit_tiny(**kw):
+    """M3ViT-tiny (Edge-MoE's model): 782.7 M MACs, 129 tokens of 192, 12 blocks, 16 experts."""
+    return M3ViT(**{**MOE_PRESETS["m3vit_tiny"], **kw})
+
+
+def m3vit_micro(**kw):
+    """Test MoE model: 16x32 RGB, patch 8 (9 tokens), dim 32, 2 blocks (the second MoE, 4 experts)."""
+    return M3ViT(**{**MOE_PRESETS["m3vit_micro"], **kw})
 
 
 PRESETS = {
@@ -260,9 +397,13 @@ def export_onnx(model, path, dynamo: bool, batch: int = 1, *, opset: int | None 
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    x = torch.randn(batch, model.in_chans, model.img_size, model.img_size,
-                    generator=torch.Generator().manual_seed(0))
+    hw = model.img_size if isinstance(model.img_size, tuple) else (model.img_size,) * 2
+    x = torch.randn(batch, model.in_chans, *hw, generator=torch.Generator().manual_seed(0))
+    args = (x,)
     names = dict(input_names=["input"], output_names=["logits"])
+    if getattr(model, "n_tasks", None):        # multi-task: the task index is an input
+        args = (x, torch.tensor(0, dtype=torch.int64))
+        names["input_names"] = ["input", "task"]
     # The exporters warn about their own internals (TracerWarning, deprecations of the
     # TorchScript path, onnxscript version notes); none of it concerns the caller, and the test
     # suite turns warnings into errors.
@@ -278,7 +419,7 @@ def export_onnx(model, path, dynamo: bool, batch: int = 1, *, opset: int | None 
             warnings.simplefilter("ignore")
             if not dynamo:
                 torch.onnx.export(
-                    model, (x,), str(path), dynamo=False,
+                    model, args, str(path), dynamo=False,
                     opset_version=17 if opset is None else opset,
                     dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}
                     if dynamic_batch else None, **names)
@@ -290,7 +431,7 @@ def export_onnx(model, path, dynamo: bool, batch: int = 1, *, opset: int | None 
                     os.remove(data)
                 dyn = ({"x": {0: torch.export.Dim("batch", min=1, max=64)}} if dynamic_batch
                        else None)
-                torch.onnx.export(model, (x,), str(path), dynamo=True, opset_version=opset,
+                torch.onnx.export(model, args, str(path), dynamo=True, opset_version=opset,
                                   external_data=external_data, dynamic_shapes=dyn,
                                   report=False, verbose=False, **names)
     finally:

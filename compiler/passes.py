@@ -47,7 +47,7 @@ __all__ = ["PIPELINE", "run_pipeline", "evaluate_graph", "eval_node", "CANONICAL
            "split_qkv", "check_canonical"]
 
 CANONICAL_OPS = ("im2col", "linear", "add", "mul", "gelu", "relu", "layernorm", "attention",
-                 "softmax", "concat", "gather", "reshape")
+                 "softmax", "concat", "gather", "reshape", "linear_task", "moe")
 
 
 # --------------------------------------------------------------------------------------------
@@ -892,7 +892,11 @@ _LEFTOVER = {
     "slice": "a slice that is not a q/k/v column split of a linear",
     "sub": "a subtraction that is not a constant offset",
     "div": "a division that is not by a constant",
-    "topk": "top-k selection",
+    "topk": "a TopK that is not the routing of a mixture of experts (Softmax -> TopK -> "
+            "ScatterElements into a zero mask whose columns weight expert MLPs)",
+    "scatter_elements": "a ScatterElements that is not a mixture-of-experts routing mask",
+    "select": "a per-task table (Gather at the task input) that is not the weight of a "
+              "MatMul (task head or gate)",
 }
 
 
@@ -921,6 +925,7 @@ def check_canonical(g: Graph) -> Graph:
             if si[-1:] != so[-1:] or _strip(si) != _strip(so):
                 problems.append(f"{where}: reshape {list(si)} -> {list(so)} changes the 2-D "
                                 f"layout")
+        exempt |= {i for i in g.inputs if g.values[i].dtype.startswith("int")}   # task index
         for v in [i for i in n.inputs if _is_act(g, i) and i not in exempt] + n.outputs:
             if len(g.shape(v)) != 2:
                 problems.append(f"{where}: {v!r} has shape {list(g.shape(v))}, not [T, C]")
@@ -936,12 +941,16 @@ def check_canonical(g: Graph) -> Graph:
 # Pipeline
 # --------------------------------------------------------------------------------------------
 
+from .moe import fuse_moe, fuse_task_linear  # noqa: E402  (moe uses this module's helpers)
+
 #: The passes of :func:`run_pipeline`, in order.
 PIPELINE = [
     ("fold_constants", fold_constants),
     ("fuse_bias", fuse_bias),
     ("fuse_gelu", fuse_gelu),
     ("fuse_layernorm", fuse_layernorm),
+    ("fuse_task_linear", fuse_task_linear),
+    ("fuse_moe", fuse_moe),
     ("fuse_sdpa", fuse_sdpa),
     ("lower_attention", lower_attention),
     ("fold_scales", fold_scales),
