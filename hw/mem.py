@@ -9,6 +9,10 @@ writes rotate the data and mask into bank order.
 ``AccMemory``, ``IdxMemory`` and ``RowStateMemory`` are plain one-read, one-write memories with a
 read latency of 1.
 
+Initial contents: unless a test preloads them, these memories are declared without an
+initialiser in the Verilog (attribute :data:`NOINIT_ATTR`); the accelerator clears them with
+CTRL.CLEAR, and a program started without CLEAR sees what the previous one left.
+
 Each memory serves ONE port (a unit's, granted by the controller); its ``port`` member is the
 flipped port signature, so ``wiring.connect(m, unit.spad, spad.port)`` joins them. Tests preload
 and inspect contents with :meth:`Scratchpad.init_words` or through ``mem.banks[b].data[row]``
@@ -31,7 +35,18 @@ from .ports import (
     spad_lanes,
 )
 
-__all__ = ["Scratchpad", "AccMemory", "IdxMemory", "RowStateMemory"]
+__all__ = ["Scratchpad", "AccMemory", "IdxMemory", "RowStateMemory", "NOINIT_ATTR"]
+
+#: Attribute of memories whose reset contents do not matter (``vitamin.sim.verilator`` strips
+#: their initialisers from the Verilog): the accelerator's CTRL.CLEAR zeroes every on-chip memory
+#: of this module before a program runs, which is the state the golden model starts from.
+NOINIT_ATTR = "vitamin_noinit"
+
+
+def _noinit_attrs(init):
+    """No initialiser needed when the caller gave no contents (the Amaranth simulator still
+    starts such a memory from zeros; only the Verilog omits the per-word zeros)."""
+    return {} if any(init) else {NOINIT_ATTR: 1}
 
 
 class Scratchpad(wiring.Component):
@@ -72,7 +87,8 @@ class Scratchpad(wiring.Component):
         for b in range(lanes):
             init = [self._init[r * lanes + b] if r * lanes + b < len(self._init) else 0
                     for r in range(depth)]
-            mem = memory.Memory(shape=signed(16), depth=depth, init=init)
+            mem = memory.Memory(shape=signed(16), depth=depth, init=init,
+                                attrs=_noinit_attrs(self._init))
             m.submodules[f"bank{b}"] = mem
             self.banks.append(mem)
         # read: bank b serves element a + ((b - a) mod lanes)
@@ -125,7 +141,8 @@ class _Plain(wiring.Component):
     def elaborate(self, platform):
         m = Module()
         self.mem = mem = memory.Memory(shape=self._shape, depth=self._depth,
-                                       init=self._init[:self._depth])
+                                       init=self._init[:self._depth],
+                                       attrs=_noinit_attrs(self._init))
         m.submodules.mem = mem
         rp = mem.read_port()
         wp = mem.write_port()

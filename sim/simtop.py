@@ -245,6 +245,7 @@ def _source_hash() -> str:
     # this module's build-relevant parts only, so that editing the cocotb side does not rebuild
     h.update(inspect.getsource(SimTop).encode() + RAM_VERILOG.encode() +
              inspect.getsource(_verilate).encode())
+    h.update((REPO_ROOT / "sim" / "verilator.py").read_bytes())    # Verilog conversion
     for d in ("hw", "golden", "vitamin"):
         for f in sorted((REPO_ROOT / d).rglob("*.py")):
             rel = str(f.relative_to(REPO_ROOT))
@@ -426,9 +427,9 @@ def build(config, *, dram_bytes=None, units=None, waves=False, build_root=None,
         if meta.get("src_hash") == src_hash and exe.exists() and not force:
             return SimBuild(bdir, cfg, dram_bytes, tuple(meta["opcodes"]), 0.0, waves)
         ensure_verilator_on_path()
-        from amaranth.back import verilog
+        from .verilator import convert_verilog
         top = SimTop(cfg, dram_bytes, units)
-        text = verilog.convert(top, name="simtop") + "\n" + RAM_VERILOG
+        text = convert_verilog(top, name="simtop") + "\n" + RAM_VERILOG
         # the Verilog and the way it is compiled
         v_hash = hashlib.sha256(text.encode() +
                                 inspect.getsource(_verilate).encode()).hexdigest()

@@ -126,14 +126,14 @@ def synthesize(component, family, build_dir, *, name="top", timeout=1800, extra_
     SynthError
         If Yosys exits with an error or times out.
     """
-    from amaranth.back import rtlil
+    from .verilator import convert_rtlil
 
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {', '.join(FAMILIES)}, not {family!r}")
     build_dir = Path(build_dir).resolve()
     build_dir.mkdir(parents=True, exist_ok=True)
     il_path = build_dir / f"{name}.il"
-    il_path.write_text(rtlil.convert(component, name=name))
+    il_path.write_text(convert_rtlil(component, name=name))
 
     log_path = build_dir / f"{name}_{family}.log"
     stat_path = build_dir / f"{name}_{family}_stat.json"

@@ -27,8 +27,18 @@ __all__ = [
     "verilator_bin_dir",
     "ensure_verilator_on_path",
     "write_verilog",
+    "convert_verilog",
+    "convert_rtlil",
+    "strip_noinit",
+    "NOINIT_ATTR",
     "run_cocotb",
 ]
+
+#: Memory attribute (set by :mod:`vitamin.hw.mem`) of memories whose initial contents do not
+#: matter: the accelerator zeroes them with CTRL.CLEAR before a program may read them (the golden
+#: model starts from zeros). :func:`strip_noinit` drops their ``$meminit_v2`` cells, so that the
+#: Verilog declares them without a per-word initialiser.
+NOINIT_ATTR = "vitamin_noinit"
 
 #: Verilator lint warnings switched off for Amaranth-generated Verilog. Amaranth's backend emits
 #: width-mismatched assignments and unused bits by design (sign extension, sliced struct views),
@@ -119,13 +129,86 @@ def write_verilog(component, build_dir, name="top"):
     Path
         The Verilog file.
     """
-    from amaranth.back import verilog
-
     build_dir = Path(build_dir)
     build_dir.mkdir(parents=True, exist_ok=True)
     path = build_dir / f"{name}.v"
-    path.write_text(verilog.convert(component, name=name))
+    path.write_text(convert_verilog(component, name=name))
     return path
+
+
+def strip_noinit(rtlil_text):
+    """``rtlil_text`` without the ``$meminit_v2`` cells of memories marked :data:`NOINIT_ATTR`.
+
+    Amaranth writes every memory's initial contents (zeros by default) as a ``$meminit_v2``
+    cell, which Yosys' ``write_verilog`` turns into one assignment per word: for the scratchpad
+    and the other on-chip memories that was most of the accelerator's Verilog. Memories are
+    module-scoped in RTLIL, so a cell is removed only when its ``MEMID`` names a marked memory
+    of the same module. The attribute lines in front of a removed cell go with it.
+    """
+    lines = rtlil_text.split("\n")
+    marked = set()                       # (module, memid)
+    module = None
+    attrs = []
+    for ln in lines:
+        t = ln.strip()
+        if t.startswith("module "):
+            module = t.split()[1]
+        if t.startswith("attribute "):
+            attrs.append(t)
+            continue
+        if t.startswith("memory ") and any(a.split()[1] == "\\" + NOINIT_ATTR for a in attrs):
+            marked.add((module, t.split()[-1]))
+        attrs = []
+    out = []
+    pending = []                         # attribute lines not yet emitted
+    skipping = False
+    cell = None                          # lines of a $meminit_v2 cell being read
+    for ln in lines:
+        t = ln.strip()
+        if t.startswith("module "):
+            module = t.split()[1]
+        if skipping:
+            if t == "end":
+                skipping = False
+            continue
+        if cell is not None:
+            cell.append(ln)
+            if t.startswith("parameter \\MEMID "):
+                memid = t.split(None, 2)[2].strip('"').replace("\\\\", "\\")
+                if (module, memid) in marked:
+                    cell = None
+                    pending = []
+                    skipping = True
+            elif t == "end":
+                out.extend(pending + cell)
+                pending, cell = [], None
+            continue
+        if t.startswith("attribute "):
+            pending.append(ln)
+            continue
+        if t.startswith("cell $meminit_v2 "):
+            cell = [ln]
+            continue
+        out.extend(pending)
+        pending = []
+        out.append(ln)
+    out.extend(pending)
+    return "\n".join(out)
+
+
+def convert_rtlil(component, name="top"):
+    """RTLIL of ``component`` (ports from its signature) with :func:`strip_noinit` applied."""
+    from amaranth.back import rtlil
+
+    return strip_noinit(rtlil.convert(component, name=name))
+
+
+def convert_verilog(component, name="top"):
+    """Verilog of ``component`` as ``amaranth.back.verilog.convert`` writes it, except that
+    memories marked :data:`NOINIT_ATTR` have no initialiser (:func:`strip_noinit`)."""
+    from amaranth.back import verilog
+
+    return verilog._convert_rtlil_text(convert_rtlil(component, name=name))
 
 
 def _results(results_xml):

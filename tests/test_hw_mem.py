@@ -50,3 +50,24 @@ def test_scratchpad_random_unaligned(preset):
     sim.add_clock(1e-6)
     sim.add_testbench(tb)
     sim.run()
+
+
+def test_cleared_memories_have_no_initialiser_in_verilog():
+    """The on-chip memories are zeroed by CTRL.CLEAR, so their Verilog carries no per-word
+    initialiser; a preloaded memory (tests) keeps its contents; ROM-like data is untouched."""
+    from vitamin.hw.mem import NOINIT_ATTR, IdxMemory
+    from vitamin.sim import verilator
+
+    assert verilator.NOINIT_ATTR == NOINIT_ATTR
+    cfg = get_config("tiny").replace(spad_words=1024)
+    plain = verilator.convert_verilog(Scratchpad(cfg), name="spad")
+    assert "reg [15:0] bank0 [255:0];" in plain and "bank0[0] =" not in plain
+    loaded = verilator.convert_verilog(Scratchpad(cfg, init=[7] * cfg.spad_words), name="spad")
+    assert loaded.count("16'h0007;") == cfg.spad_words and "bank0[0] =" in loaded
+    idx = verilator.convert_verilog(IdxMemory(cfg), name="idx")
+    assert "mem[0] =" not in idx and "mem [" in idx
+    # the RTLIL filter keeps every other cell, including initialisers of unmarked memories
+    raw = verilator.strip_noinit("module \\m\n  memory width 4 size 2 \\a\n"
+                                 "  attribute \\src \"x\"\n  cell $meminit_v2 $1\n"
+                                 "    parameter \\MEMID \"\\\\a\"\n  end\nend\n")
+    assert "$meminit_v2" in raw and "attribute \\src" in raw
