@@ -28,7 +28,10 @@ from vitamin.isa import Act, DType, OutMode
 from . import ir
 from .quantize import QuantPlan, quantize_weight
 
-__all__ = ["lower", "View"]
+__all__ = ["lower", "View", "TASK_REG"]
+
+#: Register that holds the task index of a multi-task program (set by the host before START).
+TASK_REG = 1
 
 
 @dataclass
@@ -176,7 +179,20 @@ class _Lowering:
         self.absorbed = set()
         self.fused = {}
         for n in g.nodes:
-            if n.op != "linear":
+            if n.op == "moe":
+                out = n.outputs[0]
+                info = {"res": None, "out": out}
+                cons = g.consumers(out)
+                if len(cons) == 1 and cons[0].op == "add" and out not in g.outputs:
+                    other = [i for i in cons[0].inputs if i != out]
+                    if len(other) == 1 and not self.is_const(other[0]) and \
+                            _as2d(g.shape(other[0])) == _as2d(g.shape(out)):
+                        info["res"] = other[0]
+                        info["out"] = cons[0].outputs[0]
+                        self.absorbed.add(id(cons[0]))
+                self.fused[id(n)] = info
+                continue
+            if n.op not in ("linear", "linear_task"):
                 continue
             out = n.outputs[0]
             info = {"act": None, "factor": 1.0, "res": None, "out": out}
@@ -233,6 +249,12 @@ class _Lowering:
                     if not self.is_const(i):
                         self.concat_into[i] = (n.outputs[0], row)
                     row += r
+        # an input written into its concat's buffer lives as long as that buffer: its uses
+        # extend the buffer's life, and it releases nothing itself
+        for i, (cv, _) in self.concat_into.items():
+            if i in self.last_use:
+                r = self.root(cv)
+                self.last_use[r] = max(self.last_use.get(r, -1), self.last_use.pop(i))
 
     def root(self, v):
         while v in self.alias_of:
@@ -248,9 +270,13 @@ class _Lowering:
         self.plan_lifetimes()
         # weight tiles of every linear, in program order
         self.tiles = []
+        self.routed = set()           # moe nodes whose ROUTE has been emitted
+        self.deferred = []            # expert tiles whose load waits for their ROUTE
         for n in g.nodes:
-            if n.op == "linear":
+            if n.op in ("linear", "linear_task"):
                 self.tiles.extend(self.make_tiles(n))
+            elif n.op == "moe":
+                self.tiles.extend(self.moe_tiles(n))
         wmax = max((t["k"] * t["nt"] for t in self.tiles), default=0)
         cmax = max((4 * t["nt"] for t in self.tiles), default=0)
         align = max(cfg.rows * cfg.cols, cfg.row_lanes, 16)
@@ -336,6 +362,8 @@ class _Lowering:
 
     def emit_input(self, name):
         g = self.g
+        if g.values[name].dtype.startswith("int"):
+            return          # the task index: a register, not data (see task_input)
         shape = g.shape(name)
         s = self.scale(name)
         ref = self.asm.tensor(name, "input", shape, "i16", s)
@@ -473,75 +501,127 @@ class _Lowering:
     # linear ---------------------------------------------------------------------------------
 
     def make_tiles(self, n):
-        cfg = self.cfg
+        """Weight tiles of a ``linear`` or ``linear_task`` node."""
+        info = self.fused[id(n)]
         w = np.asarray(self.const(n.inputs[1]), dtype=np.float64)
-        if w.ndim != 2:
-            raise ir.CompileError(f"node {n.name!r}: linear weight must be 2-D, not {w.shape}")
-        k, nn = w.shape
+        tasks = n.op == "linear_task"
+        if w.ndim != (3 if tasks else 2):
+            raise ir.CompileError(f"node {n.name!r}: linear weight must be "
+                                  f"{'3' if tasks else '2'}-D, not {w.shape}")
+        ws = list(w) if tasks else [w]
+        nn = ws[0].shape[1]
+        bias = None if len(n.inputs) < 3 or not n.inputs[2] else \
+            np.asarray(self.const(n.inputs[2]), dtype=np.float64)
+        bs = [np.zeros(nn) if bias is None else (bias[t] if tasks else bias.reshape(-1))
+              for t in range(len(ws))]
+        if tasks:
+            self.task_input(n.inputs[3], len(ws), n)
+        return self.build_tiles(id(n), n.name or n.outputs[0], ws, bs, self.scale(n.inputs[0]),
+                                self.scale(info["out"]), info["act"], info["factor"])
+
+    def build_tiles(self, key, label, ws, bs, s_x, s_y, act, fac, *, pred=None, moe=None,
+                    role=None):
+        """Column tiles of ``x @ W + b`` for one weight matrix per task (``ws``, ``bs``).
+
+        DRAM holds the weights tile by tile ([k x nt] blocks, each contiguous, so that every tile
+        is one burst-friendly transfer), task after task; with several tasks the tile loads add
+        ``REG[TASK_REG] * stride`` (the task's block). ``pred`` predicates the loads on an
+        expert queue; ``moe`` makes the load wait for that MoE layer's ROUTE.
+        """
+        cfg = self.cfg
+        k, nn = ws[0].shape
         if k > cfg.max_k:
-            raise ir.CompileError(f"node {n.name!r}: reduction length {k} exceeds the "
+            raise ir.CompileError(f"node {label!r}: reduction length {k} exceeds the "
                                   f"configuration's max_k={cfg.max_k}")
         budget = cfg.spad_words // 8
         nt = (budget // k) // cfg.cols * cfg.cols
         if nt < cfg.cols:
-            raise ir.CompileError(f"model too large for the configuration: node {n.name!r} needs a "
+            raise ir.CompileError(f"model too large for the configuration: node {label!r} needs a "
                                   f"weight tile of {k} x {cfg.cols} words, more than the weight "
                                   f"buffer budget of {budget} scratchpad words; choose a larger "
                                   f"preset")
         nt = min(nt, -(-nn // cfg.cols) * cfg.cols, cfg.max_dim)
-        wq, sw = quantize_weight(w, cfg.weight_bits)
-        info = self.fused[id(n)]
-        x = n.inputs[0]
-        s_x = self.scale(x)
-        s_y = self.scale(info["out"])
-        b = np.zeros(nn) if len(n.inputs) < 3 or not n.inputs[2] else \
-            np.asarray(self.const(n.inputs[2]), dtype=np.float64).reshape(-1)
-        fac = info["factor"]
-        bias_q = np.round(b / (s_x * sw)).astype(np.int64)
-        if np.abs(bias_q).max(initial=0) >= 2 ** 31:
-            raise ir.CompileError(f"node {n.name!r}: bias too large for its accumulator scale")
-        if info["act"] == "gelu":
-            rq = [requant_params(fac * s_x * sw[j] * 2 ** 16) for j in range(nn)]
-        else:
-            rq = [requant_params(fac * s_x * sw[j] / s_y) for j in range(nn)]
-        chan = _chan_words(bias_q, [m for m, _ in rq], [s for _, s in rq])
         wdt = "i8" if cfg.weight_bits <= 8 else "i16"
-        # DRAM holds the weights tile by tile ([k x nt] blocks, each contiguous) so that every
-        # tile is one burst-friendly contiguous transfer
-        blocks = [wq[:, j0:j0 + nt].reshape(-1) for j0 in range(0, nn, nt)]
-        wref = self.asm.const(f"{n.name or n.outputs[0]}.W", np.concatenate(blocks), wdt)
-        cref = self.asm.const(f"{n.name or n.outputs[0]}.chan", chan, "i16")
+        wblocks, chans = [], []
+        for w, b in zip(ws, bs):
+            wq, sw = quantize_weight(w, cfg.weight_bits)
+            bias_q = np.round(b / (s_x * sw)).astype(np.int64)
+            if np.abs(bias_q).max(initial=0) >= 2 ** 31:
+                raise ir.CompileError(f"node {label!r}: bias too large for its accumulator "
+                                      f"scale")
+            if act == "gelu":
+                rq = [requant_params(fac * s_x * sw[j] * 2 ** 16) for j in range(nn)]
+            else:
+                rq = [requant_params(fac * s_x * sw[j] / s_y) for j in range(nn)]
+            chans.append(_chan_words(bias_q, [m for m, _ in rq], [s for _, s in rq]))
+            wblocks += [wq[:, j0:j0 + nt].reshape(-1) for j0 in range(0, nn, nt)]
+        wref = self.asm.const(f"{label}.W", np.concatenate(wblocks), wdt)
+        cref = self.asm.const(f"{label}.chan", np.concatenate(chans), "i16")
+        wb = 1 if wdt == "i8" else 2
+        tasks = len(ws) > 1 or self.asm.meta.get("task", {}).get("node") == key
         tiles = []
         for j0 in range(0, nn, nt):
             w_ = min(nt, nn - j0)
-            tiles.append({"node": id(n), "k": k, "n": nn, "j0": j0, "nt": w_, "wref": wref,
-                          "cref": cref, "wbytes": 1 if wdt == "i8" else 2})
+            tiles.append({"node": key, "k": k, "n": nn, "j0": j0, "nt": w_, "wref": wref,
+                          "cref": cref, "wbytes": wb, "pred": pred, "moe": moe, "role": role,
+                          "wstride": wb * k * nn if tasks else 0,
+                          "cstride": 8 * nn if tasks else 0})
         return tiles
 
-    def emit_tile_load(self):
+    def task_input(self, name, count, n):
+        """Record the task input (a run-time index selecting per-task weights)."""
+        t = self.asm.meta.setdefault("task", {"input": name, "register": TASK_REG,
+                                              "tasks": count})
+        if t["input"] != name:
+            raise ir.CompileError(f"node {n.name!r}: a second task input {name!r} (the model "
+                                  f"already selects by {t['input']!r})")
+        if count != t["tasks"]:
+            raise ir.CompileError(f"node {n.name!r}: {count} per-task tables, but another node "
+                                  f"has {t['tasks']}; every per-task table needs one entry per "
+                                  f"task")
+
+    def tile_ready(self, t: int) -> bool:
+        """Can the load of tile ``t`` be issued now (an expert's waits for its ROUTE)?"""
+        return t >= len(self.tiles) or self.tiles[t]["moe"] is None or \
+            self.tiles[t]["moe"] in self.routed
+
+    def emit_tile_load(self, *, after_route: bool = False):
         t = self.next_tile
         if t >= len(self.tiles):
             return
+        self.next_tile += 1
+        if not after_route and not self.tile_ready(t):
+            # its predicate reads the queue registers ROUTE writes: issued after the ROUTE,
+            # popping a token the ROUTE side pushes (see lower_moe)
+            self.deferred.append(t)
+            return
+        self.load_tile(t, pop=after_route or t >= 2)
+
+    def load_tile(self, t: int, *, pop: bool):
         tile = self.tiles[t]
         slot = t % 2
-        extra = {"pop_next": 1} if t >= 2 else {}
+        extra = {"pop_next": 1} if pop else {}
+        if tile["pred"] is not None:
+            extra.update(pred_en=1, pred_q=tile["pred"])
         wb = tile["wbytes"]
+        wblk = dict(blk_reg=TASK_REG, blk_stride=tile["wstride"]) if tile["wstride"] else {}
+        cblk = dict(blk_reg=TASK_REG, blk_stride=tile["cstride"]) if tile["cstride"] else {}
         self.load(dram_addr=tile["wref"] + wb * tile["k"] * tile["j0"],
                   spad_addr=self.wbuf[slot], run=tile["nt"], n0=tile["k"],
                   ds0=wb * tile["nt"], ss0=tile["nt"],
-                  dtype=DType.I8 if wb == 1 else DType.I16, **extra)
+                  dtype=DType.I8 if wb == 1 else DType.I16, **extra, **wblk)
+        pred = {k: v for k, v in extra.items() if k.startswith("pred")}
         self.load(dram_addr=tile["cref"] + 8 * tile["j0"], spad_addr=self.cbuf[slot],
-                  run=4 * tile["nt"], dtype=DType.I16)
+                  run=4 * tile["nt"], dtype=DType.I16, **pred, **cblk)
         tile["group"] = self.push_group()
-        self.next_tile += 1
 
     def lower_linear(self, n):
         cfg = self.cfg
         g = self.g
         info = self.fused[id(n)]
         x = self.views[n.inputs[0]]
-        k = int(g.shape(n.inputs[1])[0])
-        nn = int(g.shape(n.inputs[1])[1])
+        k = int(g.shape(n.inputs[1])[-2])
+        nn = int(g.shape(n.inputs[1])[-1])
         if x.cols != k:
             raise ir.CompileError(f"node {n.name!r}: input has {x.cols} features, weight {k}")
         out = info["out"]
@@ -582,7 +662,7 @@ class _Lowering:
                 m = min(mlim, x.rows - r0)
                 tok = self.wait_group(t["group"]) if ci == 0 else {}
                 last = ci == len(chunks) - 1
-                if last and ti + 2 < len(self.tiles):
+                if last and ti + 2 < len(self.tiles) and self.tile_ready(ti + 2):
                     tok["push_prev"] = 1
                 fields = dict(m=m, k=k, n=t["nt"], a_addr=x.addr + r0 * x.stride,
                               a_stride=x.stride, b_addr=self.wbuf[slot], b_stride=t["nt"],
@@ -758,6 +838,138 @@ class _Lowering:
                                 mult=mo, shift=sho)
         addr, size = self.buf_size.pop(sbuf.buf)
         self.alloc.release(addr, size)
+
+    def lower_linear_task(self, n):
+        self.lower_linear(n)
+
+    # mixture of experts ---------------------------------------------------------------------
+
+    def moe_tiles(self, n):
+        """Tiles of a ``moe`` node: the gate (per task), then fc1 and fc2 of each expert."""
+        cfg = self.cfg
+        label = n.name or n.outputs[0]
+        ne, k = n.attrs["n_experts"], n.attrs["k"]
+        if ne > cfg.max_experts:
+            raise ir.CompileError(f"node {label!r}: {ne} experts, more than the "
+                                  f"configuration's {cfg.max_experts} expert queues "
+                                  f"(max_experts)")
+        if not 1 <= k <= min(cfg.max_topk, ne):
+            raise ir.CompileError(f"node {label!r}: top-{k} routing; the configuration "
+                                  f"selects 1..{min(cfg.max_topk, ne)} experts per token")
+        st = self.plan.moe.get(n.name)
+        if st is None:
+            raise ir.CompileError(f"node {label!r}: no calibration of the MoE gate")
+        s_x = self.scale(n.inputs[0])
+        gate = np.asarray(self.const(n.inputs[2]), dtype=np.float64)
+        gates = list(gate) if gate.ndim == 3 else [gate]
+        if n.inputs[1]:
+            self.task_input(n.inputs[1], len(gates), n)
+        key = id(n)
+        tiles = self.build_tiles((key, "gate"), f"{label}.gate", gates,
+                                 [np.zeros(ne)] * len(gates), s_x, st["logits_scale"], None, 1.0)
+        known = list(st["hidden_scale"].values())
+        s_out = self.scale(self.fused[key]["out"])
+        ins = n.inputs[3:]
+        for e in range(ne):
+            w1, b1, w2, b2 = (np.asarray(self.const(v), dtype=np.float64)
+                              for v in ins[4 * e:4 * e + 4])
+            # an expert no calibration token chose gets the largest scale of the others
+            s_h = st["hidden_scale"].get(e, max(known, default=1.0))
+            tiles += self.build_tiles((key, "fc1", e), f"{label}.expert{e}.fc1", [w1],
+                                      [b1.reshape(-1)], s_x, s_h, n.attrs["act"], 1.0, pred=e,
+                                      moe=key, role=("fc1", e, s_h))
+            tiles += self.build_tiles((key, "fc2", e), f"{label}.expert{e}.fc2", [w2],
+                                      [b2.reshape(-1)], s_h, s_out, None, 1.0, pred=e,
+                                      moe=key, role=("fc2", e, s_h))
+        return tiles
+
+    def run_tile(self, ti, fields):
+        """Emit the MATMUL of tile ``ti`` (one row chunk) and schedule the load two ahead."""
+        t = self.tiles[ti]
+        slot = ti % 2
+        tok = self.wait_group(t["group"])
+        if ti + 2 < len(self.tiles) and self.tile_ready(ti + 2):
+            tok["push_prev"] = 1
+        pred = {"pred_en": 1, "pred_q": t["pred"]} if t["pred"] is not None else {}
+        self.asm.matmul(k=t["k"], n=t["nt"], b_addr=self.wbuf[slot], b_stride=t["nt"], chan_en=1,
+                        chan_addr=self.cbuf[slot], **fields, **tok, **pred)
+        if ti + 2 < len(self.tiles):
+            self.emit_tile_load()
+
+    def lower_moe(self, n):
+        """Routed execution (Edge-MoE's patch reordering): gate MATMUL, SOFTMAX, TOPK, ROUTE,
+        then per expert with a non-empty queue (predication skips the others, loads included):
+        fc1 + activation on the gathered rows, fc2 scaled by the gate probability and
+        scatter-added into the output, which starts as the (requantised) residual."""
+        cfg = self.cfg
+        g = self.g
+        key = id(n)
+        label = n.name or n.outputs[0]
+        info = self.fused[key]
+        x = self.views[n.inputs[0]]
+        tokens, d = x.rows, x.cols
+        ne, k = n.attrs["n_experts"], n.attrs["k"]
+        mlim = max(1, min(cfg.max_dim, cfg.acc_lines // 2))
+        if tokens > mlim:
+            raise ir.CompileError(f"node {label!r}: {tokens} tokens, but a routed expert "
+                                  f"MATMUL handles at most {mlim} rows on this configuration "
+                                  f"(acc_lines / 2)")
+        ia, qa, qt = 0, tokens * k, 2 * tokens * k
+        if qt + ne > cfg.idx_entries:
+            raise ir.CompileError(f"node {label!r}: routing needs {qt + ne} index-memory "
+                                  f"entries, the configuration has {cfg.idx_entries}")
+        st = self.plan.moe[n.name]
+        hidden = int(np.asarray(self.const(n.inputs[4])).shape[-1])
+        out = info["out"]
+        s_y = self.scale(out)
+        y = self.out_view(out, tokens, d, f"output of {label!r}")
+        logits = self.new_buf(tokens, ne, f"gate logits of {label!r}")
+        hbuf = self.new_buf(tokens, hidden, f"expert hidden rows of {label!r}")
+        self.mark(n, macs=tokens * d * ne + 2 * tokens * k * d * hidden)
+        tok = self.wait_group(1)
+        if info["res"] is not None:
+            r = self.views[info["res"]]
+            ma, sa = requant_params(self.scale(info["res"]) / s_y)
+            self.asm.vec(op=0, m=tokens, n=d, a_addr=r.addr, a_stride=r.stride, out_addr=y.addr,
+                         out_stride=y.stride, ma=ma, sa=sa, **tok)
+        else:
+            self.asm.vec(op=0, m=tokens, n=d, a_addr=y.addr, a_stride=y.stride, out_addr=y.addr,
+                         out_stride=y.stride, ma=0, sa=0, **tok)
+        mine = [i for i, t in enumerate(self.tiles) if t["node"] == (key, "gate")]
+        for ti in mine:
+            t = self.tiles[ti]
+            self.run_tile(ti, dict(m=tokens, a_addr=x.addr, a_stride=x.stride, out=OutMode.SPAD,
+                                   out_addr=logits.addr + t["j0"], out_stride=ne))
+        sm, ss = requant_params(st["logits_scale"] * math.log2(math.e) * 2 ** 16)
+        self.asm.softmax(m=tokens, n=ne, in_addr=logits.addr, in_stride=ne,
+                         out_addr=logits.addr, out_stride=ne, mult=sm, shift=ss)
+        self.asm.topk(m=tokens, n=ne, k=k, in_addr=logits.addr, in_stride=ne, idx_addr=ia)
+        self.asm.route(m=tokens, k=k, n_experts=ne, idx_addr=ia, q_addr=qa, qtab_addr=qt)
+        self.routed.add(key)
+        # the expert loads held back until now: one token each from COMPUTE, after the ROUTE
+        for t in self.deferred:
+            self.asm.mark(0xFFFD, push_prev=1)
+            self.load_tile(t, pop=True)
+        self.deferred = []
+        for e in range(ne):
+            for ti in [i for i, t in enumerate(self.tiles) if t["node"] == (key, "fc1", e)]:
+                t = self.tiles[ti]
+                s_h = t["role"][2]
+                am, ash = requant_params(2.0 ** -16 / s_h)
+                act = dict(act=Act.GELU, act_mult=am, act_shift=ash) \
+                    if n.attrs["act"] == "gelu" else dict(act=Act.RELU)
+                self.run_tile(ti, dict(m=tokens, a_addr=x.addr, a_stride=x.stride, gather=1,
+                                       queue=e, out=OutMode.SPAD, out_addr=hbuf.addr + t["j0"],
+                                       out_stride=hidden, **act))
+            for ti in [i for i, t in enumerate(self.tiles) if t["node"] == (key, "fc2", e)]:
+                t = self.tiles[ti]
+                self.run_tile(ti, dict(m=tokens, a_addr=hbuf.addr, a_stride=hidden, scatter=1,
+                                       queue=e, out=OutMode.SPAD_ADD, out_addr=y.addr + t["j0"],
+                                       out_stride=y.stride))
+        for b in (logits.buf, hbuf.buf):
+            addr, size = self.buf_size.pop(b)
+            self.alloc.release(addr, size)
+        _ = g
 
     def lower_matmul(self, n):
         raise ir.CompileError(f"node {n.name!r}: a MatMul of two activations outside a "

@@ -256,7 +256,8 @@ def _match_moe(g, idx, sc):
                 P._new_value(g, f"{lin.name}/zero_bias", None,
                              const=np.zeros(g.shape(w)[-1]))
             ins += [w, b]
-    node = Node("moe", ins, [out], {"k": k, "n_experts": ne, "act": acts.pop()}, sc.name)
+    name = sc.name.rsplit("/", 1)[0] + "/moe" if "/" in sc.name else f"{sc.name}/moe"
+    node = Node("moe", ins, [out], {"k": k, "n_experts": ne, "act": acts.pop()}, name)
     root = next(a for a in adds if a.outputs[0] == out) if adds else terms[0][0]
     P._replace(g, root, [node])
     return True

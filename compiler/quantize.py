@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import ir
+from .moe import moe_amax
 
 __all__ = ["QuantPlan", "calibrate", "default_calibration", "quantize_weight", "MARGIN"]
 
@@ -26,14 +27,24 @@ class QuantPlan:
     amax: dict = field(default_factory=dict)        # value -> max |x| on calibration data
     scale: dict = field(default_factory=dict)       # value -> float scale
     score_scale: dict = field(default_factory=dict)  # attention node name -> score scale
+    moe: dict = field(default_factory=dict)          # moe node name -> {"logits", "hidden"}
     samples: int = 0
 
 
 def default_calibration(graph: ir.Graph, n: int = 8, seed: int = 0) -> list:
     """Documented default when no calibration data is given: ``n`` inputs drawn from N(0, 1)."""
+    from .moe import task_count
     rng = np.random.default_rng(seed)
-    return [{name: rng.standard_normal(graph.shape(name)) for name in graph.inputs}
-            for _ in range(n)]
+    out = []
+    for i in range(n):
+        smp = {}
+        for name in graph.inputs:
+            if graph.values[name].dtype.startswith("int"):      # task index: every task in turn
+                smp[name] = np.array(i % task_count(graph, name))
+            else:
+                smp[name] = rng.standard_normal(graph.shape(name))
+        out.append(smp)
+    return out
 
 
 def _attention_scores_amax(node, env):
@@ -73,7 +84,8 @@ def calibrate(graph: ir.Graph, samples: list, config, evaluate=ir.evaluate) -> Q
     for smp in samples:
         env = evaluate(graph, smp, keep=True)
         for name, v in env.items():
-            if graph.values.get(name) is not None and graph.values[name].is_const:
+            if graph.values.get(name) is not None and (graph.values[name].is_const or
+                                                       graph.values[name].dtype.startswith("int")):
                 continue
             a = float(np.abs(np.asarray(v, dtype=np.float64)).max()) if np.size(v) else 0.0
             amax[name] = max(amax.get(name, 0.0), a)
@@ -81,6 +93,23 @@ def calibrate(graph: ir.Graph, samples: list, config, evaluate=ir.evaluate) -> Q
             if node.op == "attention":
                 plan.score_scale[node.name] = max(plan.score_scale.get(node.name, 0.0),
                                                   _attention_scores_amax(node, env))
+            if node.op == "moe":
+                st = moe_amax(node, env)
+                acc = plan.moe.setdefault(node.name, {"logits": 0.0, "hidden": {}, "y": 0.0})
+                acc["logits"] = max(acc["logits"], st.get("logits", 0.0))
+                acc["y"] = max(acc["y"], st.get("y", 0.0))
+                for e, a in st.get("hidden", {}).items():
+                    acc["hidden"][e] = max(acc["hidden"].get(e, 0.0), a)
+    # An expert's output y is added into the MoE output (and the residual sum it may be fused
+    # with) at that output's scale: the scale must hold y.
+    for node in graph.nodes:
+        if node.op == "moe":
+            out = node.outputs[0]
+            y = plan.moe[node.name]["y"]
+            amax[out] = max(amax.get(out, 0.0), y)
+            cons = graph.consumers(out)
+            if len(cons) == 1 and cons[0].op == "add":
+                amax[cons[0].outputs[0]] = max(amax.get(cons[0].outputs[0], 0.0), y)
     uf = _UnionFind()
     for node in graph.nodes:
         if node.op in ALIAS_OPS:
@@ -103,6 +132,9 @@ def calibrate(graph: ir.Graph, samples: list, config, evaluate=ir.evaluate) -> Q
         plan.scale[name] = max(a, 1e-6) * MARGIN / qmax
     for k, a in plan.score_scale.items():
         plan.score_scale[k] = max(a, 1e-6) * MARGIN / qmax
+    for st in plan.moe.values():
+        st["logits_scale"] = max(st["logits"], 1e-6) * MARGIN / qmax
+        st["hidden_scale"] = {e: max(a, 1e-6) * MARGIN / qmax for e, a in st["hidden"].items()}
     return plan
 
 

@@ -17,7 +17,7 @@ from .config import get_config
 from .program import Program
 
 __all__ = ["compile", "run", "RunOutput", "quantize_inputs", "load_calibration", "compare",
-           "BACKENDS"]
+           "BACKENDS", "task_regs"]
 
 BACKENDS = ("golden", "rtl")
 
@@ -33,6 +33,38 @@ def load_calibration(path) -> list:
     except Exception as e:  # noqa: BLE001 - numpy raises many types for a bad file
         raise ValueError(f"{path}: not a readable .npz file ({e})") from None
     return data
+
+
+def task_regs(program: Program, inputs: dict, task=None, regs=None) -> tuple[dict, dict]:
+    """Split the task index off the inputs of a multi-task program.
+
+    Returns ``(inputs without the task, registers)``: the task (``task``, or the model's task
+    input in ``inputs``) goes to the program's task register. One program serves every task;
+    only the registers change.
+    """
+    meta = program.meta.get("task")
+    inputs = dict(inputs)
+    regs = dict(regs or {})
+    if meta is None:
+        if task is not None:
+            raise ValueError(f"the program {program.meta.get('model', '')!r} has no task input; "
+                             f"it is not a multi-task model")
+        return inputs, regs
+    given = inputs.pop(meta["input"], None)
+    if task is None:
+        task = given
+    if task is None:
+        raise ValueError(f"the program is multi-task: give the task (0..{meta['tasks'] - 1}) "
+                         f"with --task or as the input {meta['input']!r}")
+    arr = np.asarray(task)
+    if arr.size != 1 or not (np.issubdtype(arr.dtype, np.integer) or
+                             float(arr.reshape(-1)[0]).is_integer()):
+        raise ValueError(f"task must be one integer, not {task!r}")
+    t = int(arr.reshape(-1)[0])
+    if not 0 <= t < meta["tasks"]:
+        raise ValueError(f"task {t} out of range: the program has tasks 0..{meta['tasks'] - 1}")
+    regs[meta["register"]] = t
+    return inputs, regs
 
 
 def _samples_from(graph, data) -> list:
@@ -103,9 +135,10 @@ def quant_report(prog, graph, sample) -> list:
     from .golden.isasim import simulate
     env = _evaluator()(graph, sample, keep=True)
     img = prog.dram_image()
-    for name, v in quantize_inputs(prog, {n: sample[n] for n in graph.inputs}).items():
+    ins, regs = task_regs(prog, {n: sample[n] for n in graph.inputs})
+    for name, v in quantize_inputs(prog, ins).items():
         prog.write_tensor(img, name, v)
-    res = simulate(prog.config, img, prog.n_instr, snapshot_spad=True)
+    res = simulate(prog.config, img, prog.n_instr, regs=regs, snapshot_spad=True)
     if not res.ok:
         raise ValueError(f"the compiled program faults on a calibration sample: {res.message}")
     layers = prog.meta.get("layers", [])
@@ -174,16 +207,19 @@ def quantize_inputs(program: Program, inputs: dict) -> dict:
     return out
 
 
-def run(program, inputs: dict, backend: str = "golden", *, regs=None, trace=False,
+def run(program, inputs: dict, backend: str = "golden", *, task=None, regs=None, trace=False,
         **backend_options) -> RunOutput:
     """Run ``program`` (Program or path) on float ``inputs``; returns dequantised outputs.
 
-    A hardware fault raises :class:`vitamin.golden.isasim.Fault` naming the instruction.
+    ``task`` selects the task of a multi-task program (or give the model's task input in
+    ``inputs``). A hardware fault raises :class:`vitamin.golden.isasim.Fault` naming the
+    instruction.
     """
     if not isinstance(program, Program):
         program = Program.load(program)
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; backends: {', '.join(BACKENDS)}")
+    inputs, regs = task_regs(program, inputs, task, regs)
     q = quantize_inputs(program, inputs)
     if backend == "golden":
         from .golden.isasim import run_program
