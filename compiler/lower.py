@@ -613,6 +613,8 @@ class _Lowering:
         pred = {k: v for k, v in extra.items() if k.startswith("pred")}
         self.load(dram_addr=tile["cref"] + 8 * tile["j0"], spad_addr=self.cbuf[slot],
                   run=4 * tile["nt"], dtype=DType.I16, **pred, **cblk)
+        tile["pcs"] = [len(self.asm.instrs) - 2, len(self.asm.instrs) - 1]
+        tile["bytes"] = wb * tile["k"] * tile["nt"] + 8 * tile["nt"]
         tile["group"] = self.push_group()
 
     def lower_linear(self, n):
@@ -891,8 +893,9 @@ class _Lowering:
         if ti + 2 < len(self.tiles) and self.tile_ready(ti + 2):
             tok["push_prev"] = 1
         pred = {"pred_en": 1, "pred_q": t["pred"]} if t["pred"] is not None else {}
-        self.asm.matmul(k=t["k"], n=t["nt"], b_addr=self.wbuf[slot], b_stride=t["nt"], chan_en=1,
-                        chan_addr=self.cbuf[slot], **fields, **tok, **pred)
+        t["mm_pc"] = self.asm.matmul(k=t["k"], n=t["nt"], b_addr=self.wbuf[slot],
+                                     b_stride=t["nt"], chan_en=1, chan_addr=self.cbuf[slot],
+                                     **fields, **tok, **pred)
         if ti + 2 < len(self.tiles):
             self.emit_tile_load()
 
@@ -969,6 +972,19 @@ class _Lowering:
         for b in (logits.buf, hbuf.buf):
             addr, size = self.buf_size.pop(b)
             self.alloc.release(addr, size)
+        # what reports and tests need to account the routed execution
+        experts = []
+        for e in range(ne):
+            ts = [t for t in self.tiles if t["node"] in ((key, "fc1", e), (key, "fc2", e))]
+            experts.append({"expert": e, "load_pcs": [p for t in ts for p in t["pcs"]],
+                            "weight_bytes": sum(t["bytes"] for t in ts),
+                            "fc1_pcs": [t["mm_pc"] for t in ts if t["node"][1] == "fc1"]})
+        gate = [t for t in self.tiles if t["node"] == (key, "gate")]
+        self.asm.meta.setdefault("moe", []).append({
+            "layer": len(self.layers) - 1, "name": label, "tokens": tokens, "dim": d,
+            "hidden": hidden, "k": k, "n_experts": ne, "experts": experts,
+            "gate_load_pcs": [p for t in gate for p in t["pcs"]],
+            "gate_bytes": sum(t["bytes"] for t in gate)})
         _ = g
 
     def lower_matmul(self, n):

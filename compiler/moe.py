@@ -33,7 +33,7 @@ import numpy as np
 from .ir import CompileError, Node
 
 __all__ = ["fuse_task_linear", "fuse_moe", "eval_moe", "moe_route", "moe_amax",
-           "task_count"]
+           "task_count", "moe_summary"]
 
 
 def _softmax(x):
@@ -266,3 +266,53 @@ def _match_moe(g, idx, sc):
 def fuse_moe(g):
     """Softmax -> TopK -> ScatterElements mask -> mask-weighted expert MLPs -> one ``moe``."""
     return _passes()._rewrite(g, _match_moe)
+
+
+# --------------------------------------------------------------------------------------------
+# Accounting of routed execution
+# --------------------------------------------------------------------------------------------
+
+def moe_summary(program, profile) -> list:
+    """Per MoE layer of ``program``: tokens per expert, the experts run, the expert-weight
+    bytes read against what the routing predicts, and the naive per-token fetch.
+
+    ``profile`` is a :class:`vitamin.compiler.cost.DynamicProfile` of one run (it knows the
+    queue lengths and the skipped instructions). Activations never leave the scratchpad inside
+    a MoE layer, so its DRAM traffic is the gate and expert weights only.
+    """
+    out = []
+    for lay in program.meta.get("moe", []):
+        per_expert = []
+        read = expected = naive = 0
+        for ex in lay["experts"]:
+            toks = max((profile.dyn_m.get(pc, 0) for pc in ex["fc1_pcs"]), default=0)
+            ran = [pc for pc in ex["load_pcs"] if pc not in profile.skipped]
+            nbytes = _load_bytes(program, ran)
+            read += nbytes
+            if toks:
+                expected += ex["weight_bytes"]
+            naive += toks * ex["weight_bytes"]
+            per_expert.append({"expert": ex["expert"], "tokens": toks, "bytes_read": nbytes})
+        gate = _load_bytes(program, [pc for pc in lay["gate_load_pcs"]
+                                     if pc not in profile.skipped])
+        out.append({"layer": lay["layer"], "name": lay["name"], "tokens": lay["tokens"],
+                    "k": lay["k"], "n_experts": lay["n_experts"], "experts": per_expert,
+                    "active_experts": sum(1 for e in per_expert if e["tokens"]),
+                    "expert_weight_bytes_read": read, "expected_expert_weight_bytes": expected,
+                    "gate_weight_bytes": gate, "activation_dram_bytes": 0,
+                    "naive_per_token_weight_bytes": naive,
+                    "traffic_reduction": naive / read if read else float("inf")})
+    return out
+
+
+def _load_bytes(program, pcs) -> int:
+    from vitamin.golden.isasim import decode_program
+    from vitamin.isa import DmaMode
+    instrs = decode_program(program.dram_image(), program.n_instr)
+    es = {0: 1, 1: 2, 2: 1, 3: 8}      # DType -> DRAM bytes per element (I8, I16, U8, I32)
+    total = 0
+    for pc in pcs:
+        _, f = instrs[pc]
+        n2 = f["n2"] if f["mode"] == DmaMode.STRIDED else 1
+        total += f["run"] * es[int(f["dtype"].value)] * f["n0"] * f["n1"] * n2
+    return total

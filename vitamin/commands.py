@@ -90,33 +90,44 @@ def _onnx_reference(model, inputs):
     return dict(zip(names, sess.run(names, feeds)))
 
 
+def _program_inputs(prog, args) -> dict:
+    """Inputs from ``--input`` (.npz) or random N(0, 1) with ``--seed``; the task input of a
+    multi-task program is taken from the file when it is there."""
+    from . import api
+    task = prog.meta.get("task", {}).get("input")
+    if getattr(args, "input", None):
+        data = api.load_calibration(args.input)
+        missing = [s.name for s in prog.inputs if s.name not in data]
+        if missing:
+            raise ValueError(f"{args.input} lacks the input(s) {', '.join(missing)}; it has "
+                             f"{', '.join(data) or 'nothing'}")
+        inputs = {s.name: data[s.name] for s in prog.inputs}
+        if task and task in data:
+            inputs[task] = data[task]
+        return inputs
+    rng = np.random.default_rng(getattr(args, "seed", 0))
+    return {s.name: rng.standard_normal(s.shape) for s in prog.inputs}
+
+
 @command("run", "run a program on the golden model or the RTL simulation", arguments=_run_args)
 def _run(args):
     from . import api
     from .program import Program
     prog = Program.load(args.program)
-    if args.input:
-        data = api.load_calibration(args.input)
-        inputs = {s.name: data[s.name] for s in prog.inputs if s.name in data}
-    else:
-        rng = np.random.default_rng(args.seed)
-        inputs = {s.name: rng.standard_normal(s.shape) for s in prog.inputs}
-    regs = {}
-    for r in prog.regs:
-        if r["name"] == "task":
-            val = args.task if args.task is not None else int(np.asarray(
-                inputs.pop("task", 0)).reshape(-1)[0]) if "task" in inputs else 0
-            if not r["min"] <= val <= r["max"]:
-                raise ValueError(f"task {val} out of range {r['min']}..{r['max']}")
-            regs[r["reg"]] = val
+    inputs = _program_inputs(prog, args)
+    _, regs = api.task_regs(prog, inputs, args.task)
     opts = {"vcd": args.vcd} if args.vcd else {}
     t0 = time.time()
-    out = api.run(prog, inputs, backend=args.backend, regs=regs, trace=args.trace, **opts)
+    out = api.run(prog, inputs, backend=args.backend, task=args.task, trace=args.trace, **opts)
     wall = time.time() - t0
     report = {"backend": args.backend, "wall_s": wall, "cycles": out.cycles, **out.counters}
     status = 0
     if args.compare:
-        ref = _onnx_reference(args.compare, inputs)
+        feeds = dict(inputs)
+        if prog.meta.get("task"):
+            feeds[prog.meta["task"]["input"]] = np.array(regs[prog.meta["task"]["register"]],
+                                                         dtype=np.int64)
+        ref = _onnx_reference(args.compare, feeds)
         cmp = api.compare(out.outputs, ref)
         report["compare"] = cmp
         for name, c in cmp.items():
@@ -153,16 +164,41 @@ def _report_args(p):
     p.add_argument("--clock", type=float, help="clock in MHz (default: the preset's nominal clock)")
     p.add_argument("--html", metavar="DIR", help="write report.html, report.json and a PNG plot")
     p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--input", help="data-dependent programs (MoE): .npz input to profile "
+                   "(default: random with --seed)")
+    p.add_argument("--task", type=int, help="task of a multi-task program (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the random profiling input")
 
 
-def build_report(prog, clock_mhz=None) -> dict:
+def build_report(prog, clock_mhz=None, inputs=None, task=None) -> dict:
     """Per-layer cycles, MACs, utilisation and DRAM bytes from the cost model (the v1 RTL's
-    sequential timing; ``v2_cycles``: the planned decoupled machine)."""
-    from .compiler.cost import estimate
+    sequential timing; ``v2_cycles``: the planned decoupled machine).
+
+    A program whose timing depends on its data (MoE routing) is first run on the golden model
+    with ``inputs`` (float, default N(0, 1)) and ``task`` (default 0) to learn its expert queues
+    and skipped instructions; the report then has a ``moe`` section per MoE layer."""
+    from . import api
+    from .compiler.cost import estimate, profile_program
+    from .compiler.moe import moe_summary
     cfg = prog.config
-    est = estimate(prog)
+    prof = None
+    if prog.meta.get("moe"):
+        if inputs is None:
+            rng = np.random.default_rng(0)
+            inputs = {s.name: rng.standard_normal(s.shape) for s in prog.inputs}
+        if prog.meta.get("task") and task is None and \
+                prog.meta["task"]["input"] not in inputs:
+            task = 0
+        ins, regs = api.task_regs(prog, inputs, task)
+        prof = profile_program(prog, api.quantize_inputs(prog, ins), regs)
+    est = estimate(prog, prof)
     clk = clock_mhz or cfg.clock_mhz
-    return {
+    extra = {}
+    if prof is not None:
+        extra["moe"] = moe_summary(prog, prof)
+        extra["task"] = regs.get(prog.meta["task"]["register"]) if prog.meta.get("task") \
+            else None
+    return {**extra,
         "model": prog.meta.get("model", ""), "config": cfg.name, "clock_mhz": clk,
         "cycles": est.cycles, "macs": est.macs, "utilisation": est.utilisation(cfg),
         "latency_ms": est.cycles / (clk * 1e3), "images_per_s": clk * 1e6 / max(est.cycles, 1),
@@ -198,7 +234,8 @@ def _report(args):
 
     from .program import Program
     prog = Program.load(args.program)
-    rep = build_report(prog, args.clock)
+    inputs = _program_inputs(prog, args) if prog.meta.get("moe") else None
+    rep = build_report(prog, args.clock, inputs, args.task)
     if args.html:
         d = Path(args.html)
         d.mkdir(parents=True, exist_ok=True)
@@ -232,6 +269,15 @@ def _report(args):
           f"{rep['dram_read_bytes'] / 1024:.0f} KiB")
     print(f"planned v2 (decoupled LOAD/COMPUTE/STORE): {rep['v2_cycles']} cycles "
           f"({rep['v2_cycles'] / (rep['clock_mhz'] * 1e3):.3f} ms)")
+    for m in rep.get("moe", []):
+        load = " ".join(str(e["tokens"]) for e in m["experts"])
+        print(f"MoE {m['name']} (task {rep['task']}): {m['active_experts']}/{m['n_experts']} "
+              f"experts ran, tokens per expert [{load}]; expert weights read "
+              f"{m['expert_weight_bytes_read'] / 1024:.1f} KiB (routing predicts "
+              f"{m['expected_expert_weight_bytes'] / 1024:.1f} KiB), gate "
+              f"{m['gate_weight_bytes'] / 1024:.1f} KiB, activations 0 (on chip); naive "
+              f"per-token expert fetch {m['naive_per_token_weight_bytes'] / 1024:.1f} KiB = "
+              f"{m['traffic_reduction']:.1f}x more")
     if args.html:
         print(f"report written to {args.html}/report.html")
     return 0
