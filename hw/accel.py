@@ -109,7 +109,8 @@ from .ports import (
 )
 
 __all__ = ["Accelerator", "AxiLite", "COUNTERS", "REGISTERS", "UNIT_MODULES", "discover_units",
-           "ACCEL_ID"]
+           "ACCEL_ID", "CTRL_START", "CTRL_CLEAR", "CTRL_SEQUENTIAL", "ISSUE_MODES",
+           "DEFAULT_ISSUE"]
 
 ACCEL_ID = 0x5649544D   # "VITM"
 
@@ -121,6 +122,11 @@ REGISTERS = {
 }
 CTRL_START = 1 << 0
 CTRL_CLEAR = 1 << 1
+CTRL_SEQUENTIAL = 1 << 2     # v2: run in program order (trace mode); v1 always does
+#: Issue schemes: "v2" decoupled LOAD/COMPUTE/STORE modules with tokens (hw/accel_v2.py), "v1"
+#: one instruction at a time.
+ISSUE_MODES = ("v2", "v1")
+DEFAULT_ISSUE = "v2"
 STATUS_BUSY = 1 << 0
 STATUS_DONE = 1 << 1
 STATUS_CLEARING = 1 << 2
@@ -219,7 +225,10 @@ def _enum_checks(word):
 class Accelerator(wiring.Component):
     """The accelerator (see the module docstring for the register map and the unit rules)."""
 
-    def __init__(self, config, units=None):
+    def __init__(self, config, units=None, issue=DEFAULT_ISSUE):
+        if issue not in ISSUE_MODES:
+            raise ValueError(f"issue must be one of {', '.join(ISSUE_MODES)}, not {issue!r}")
+        self._issue = issue
         self._cfg = cfg = get_config(config)
         if units is None:
             units = discover_units()
@@ -244,12 +253,20 @@ class Accelerator(wiring.Component):
         return self._cfg
 
     @property
+    def issue(self) -> str:
+        """The issue scheme: ``"v2"`` (decoupled modules) or ``"v1"`` (sequential)."""
+        return self._issue
+
+    @property
     def opcodes(self) -> tuple:
         """Opcodes executed by this accelerator (units, MARK and END)."""
         return tuple(sorted(set(self._units_map) | {Opcode.MARK, Opcode.END},
                             key=lambda o: o.value))
 
     def elaborate(self, platform):
+        if self._issue == "v2":
+            from .accel_v2 import elaborate_v2
+            return elaborate_v2(self, platform)
         cfg = self._cfg
         m = Module()
 

@@ -22,6 +22,13 @@ The range checks need the extreme addresses of the loops (``(n - 1) * stride`` p
 that the check sequence (and the per-span row address in SPANS mode) uses one product per cycle,
 so the checks cost about ten cycles per instruction and a handful of DSPs, not nine multipliers.
 
+Shared memory ports: ``spad_gnt``, ``idx_rd_gnt`` and ``idx_wr_gnt`` (inputs, 1 unless driven)
+say that this unit may use the scratchpad / index-memory port in this cycle. The v2 top drives
+them low while the COMPUTE module uses the port (compute pipelines have no backpressure, so they
+always win): LOAD then holds its packed elements (and, once its byte buffer is full, AXI
+``rready``), STORE delays its next read (its read pipeline has a fixed latency from the granted
+read), and the span-list reads of the sequencer wait.
+
 v1 limits (performance only, never results): each run is its own burst sequence (contiguous
 runs are not merged), and a run's bytes are packed before the next run's beats are accepted.
 """
@@ -121,6 +128,9 @@ class DmaSequencer(wiring.Component):
         Span-list reads (SPANS mode); the owner of the index-memory port gives them priority.
     idx_rd_data : In(idx entry)
         ``IDX_READ_LATENCY`` cycles after ``idx_rd_en``.
+    idx_rd_gnt : In(1), default 1
+        The index-memory read port is free this cycle (the v2 top shares it with COMPUTE, which
+        has priority); ``idx_rd_en`` is only raised together with it.
     runs : Out(stream.Signature(run_layout))
         The runs, in golden loop order.
     finished : Out(1)
@@ -139,6 +149,7 @@ class DmaSequencer(wiring.Component):
             "regs": In(data.ArrayLayout(signed(32), N_REGS)),
             "idx_rd_en": Out(1), "idx_rd_addr": Out(idx_sig.members["rd_addr"].shape),
             "idx_rd_data": In(idx_sig.members["rd_data"].shape),
+            "idx_rd_gnt": In(1, init=1),
             "runs": Out(stream.Signature(run_layout(cfg))),
             "finished": Out(1), "error": Out(ErrorCode), "busy": Out(1),
         })
@@ -321,7 +332,7 @@ class DmaSequencer(wiring.Component):
                 # one read per cycle; IDX_READ_LATENCY = 1, so the data of the read issued in the
                 # previous cycle is on idx_rd_data now
                 assert IDX_READ_LATENCY == 1
-                issue = scan_t < count.as_unsigned()
+                issue = (scan_t < count.as_unsigned()) & self.idx_rd_gnt
                 m.d.comb += [self.idx_rd_en.eq(issue), self.idx_rd_addr.eq(f.idx_addr + scan_t)]
                 m.d.sync += scan_pend.eq(issue)
                 with m.If(issue):
@@ -345,7 +356,7 @@ class DmaSequencer(wiring.Component):
                             m.d.sync += rlo.eq(a)
                         with m.If(end - 1 > rhi):
                             m.d.sync += rhi.eq(end - 1)
-                with m.If(~issue & ~scan_pend):
+                with m.If((scan_t >= count.as_unsigned()) & ~scan_pend):
                     m.next = "P_TOTAL"
             with m.State("P_TOTAL"):
                 m.d.comb += self.busy.eq(1)
@@ -400,8 +411,10 @@ class DmaSequencer(wiring.Component):
             # ---- SPANS generation -------------------------------------------------------------
             with m.State("G_RD"):
                 m.d.comb += self.busy.eq(1)
-                m.d.comb += [self.idx_rd_en.eq(1), self.idx_rd_addr.eq(f.idx_addr + span_t)]
-                m.next = "G_SPAN"
+                m.d.comb += [self.idx_rd_en.eq(self.idx_rd_gnt),
+                             self.idx_rd_addr.eq(f.idx_addr + span_t)]
+                with m.If(self.idx_rd_gnt):
+                    m.next = "G_SPAN"
             with m.State("G_SPAN"):
                 m.d.comb += self.busy.eq(1)
                 a = self.idx_rd_data.a
@@ -480,6 +493,8 @@ class _DmaUnit(wiring.Component):
             "regs": Out(RegPort()),
             "window": In(WINDOW_BITS),
             counter_name: Out(range(self._chunk + 1)),
+            # grants of the shared memory ports (v2 top; 1 when the unit owns the ports)
+            "spad_gnt": In(1, init=1), "idx_rd_gnt": In(1, init=1), "idx_wr_gnt": In(1, init=1),
         })
 
     @property
@@ -489,7 +504,8 @@ class _DmaUnit(wiring.Component):
     def _sequencer(self, m):
         seq = m.submodules.seq = DmaSequencer(self._cfg)
         m.d.comb += [seq.start.eq(self.ctl.start), seq.instr.eq(self.ctl.instr),
-                     seq.window.eq(self.window), seq.regs.eq(self.regs.regs)]
+                     seq.window.eq(self.window), seq.regs.eq(self.regs.regs),
+                     seq.idx_rd_gnt.eq(self.idx_rd_gnt)]
         instr = Signal(isa.INSTR_BITS)
         f = instr_view(isa.Dma, instr)
         with m.If(self.ctl.start):
@@ -584,7 +600,8 @@ class LoadUnit(_DmaUnit):
         need = Signal(range(chunk + 1))
         m.d.comb += need.eq(k << es_log)
         emit = Signal()
-        m.d.comb += emit.eq(have & (el_left != 0) & (cnt >= need))
+        m.d.comb += emit.eq(have & (el_left != 0) & (cnt >= need) &
+                            Mux(is_idx, self.idx_wr_gnt, self.spad_gnt))
         consumed = Signal(range(chunk + 1))
         m.d.comb += consumed.eq(Mux(emit, need, 0))
 
@@ -749,7 +766,8 @@ class StoreUnit(_DmaUnit):
         k = Signal(range(lanes + 1))
         m.d.comb += k.eq(Mux(is_idx, 1, Mux(r_left < lanes, r_left, lanes)))
         issue = Signal()
-        m.d.comb += issue.eq(r_have & (credits != 0) & ~seq.idx_rd_en)
+        m.d.comb += issue.eq(r_have & (credits != 0) & ~seq.idx_rd_en &
+                             Mux(is_idx, self.idx_rd_gnt, self.spad_gnt))
         with m.If(issue):
             m.d.sync += [r_chip.eq(r_chip + k), r_left.eq(r_left - k)]
             with m.If(r_left == k):

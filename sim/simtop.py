@@ -52,7 +52,16 @@ from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
 from vitamin.config import get_config
-from vitamin.hw.accel import COUNTERS, REGISTERS, Accelerator, AxiLite
+from vitamin.hw.accel import (
+    COUNTERS,
+    CTRL_CLEAR,
+    CTRL_SEQUENTIAL,
+    CTRL_START,
+    DEFAULT_ISSUE,
+    REGISTERS,
+    Accelerator,
+    AxiLite,
+)
 
 __all__ = ["SimTop", "RAM_VERILOG", "BD_BITS", "SimBuild", "build", "default_ram_bytes",
            "run_jobs", "job_result", "REPO_ROOT"]
@@ -94,9 +103,11 @@ class SimTop(wiring.Component):
         RAM size, a power of two and a multiple of the backdoor chunk.
     units : dict, optional
         Passed to :class:`Accelerator`.
+    issue : str
+        ``"v2"`` (decoupled modules, default) or ``"v1"``, passed to :class:`Accelerator`.
     """
 
-    def __init__(self, config, dram_bytes, units=None):
+    def __init__(self, config, dram_bytes, units=None, issue=DEFAULT_ISSUE):
         self._cfg = cfg = get_config(config)
         if dram_bytes & (dram_bytes - 1) or dram_bytes < BD_BITS // 8:
             raise ValueError(f"dram_bytes must be a power of two >= {BD_BITS // 8}, "
@@ -105,7 +116,7 @@ class SimTop(wiring.Component):
         self._units = units
         self._words = dram_bytes // cfg.bus_bytes
         self._aw = (self._words - 1).bit_length()
-        self.accel = Accelerator(cfg, units)
+        self.accel = Accelerator(cfg, units, issue=issue)
         members = {}
         for name, member in AxiLite().members.items():
             members[f"s_axil_{name}"] = In(member.shape) if member.flow == Out else \
@@ -312,6 +323,8 @@ class SimBuild:
     build_seconds : float
         Wall time of this call's build (0 when the cached build was used).
     waves : bool
+    issue : str
+        The accelerator's issue scheme (``"v2"`` or ``"v1"``).
     """
 
     build_dir: Path
@@ -320,13 +333,15 @@ class SimBuild:
     opcodes: tuple
     build_seconds: float
     waves: bool = False
+    issue: str = DEFAULT_ISSUE
 
     def run(self, jobs, *, test_module="vitamin.sim.rtl_backend", module_dir=None):
         """Run ``jobs`` (see :func:`run_jobs`) in one simulator process; returns their results.
 
         Each job is a dict with ``image`` (bytes or uint8 array: the DRAM window), ``n_instr``,
         and optionally ``regs`` ({reg: value}), ``window`` (default: the image size),
-        ``timeout_cycles``, ``throttle``, ``trace``, ``prog_base``, ``clear`` (default True).
+        ``timeout_cycles``, ``throttle``, ``trace``, ``prog_base``, ``clear`` (default True),
+        ``sequential`` (CTRL.SEQUENTIAL: program order; default: ``trace``).
         Each result is a dict: ``status`` (ErrorCode value or None after a timeout),
         ``error_pc``, ``counters``, ``dram`` (bytes of the window), ``wall_s``, ``trace``.
         """
@@ -351,6 +366,7 @@ class SimBuild:
                     "trace": bool(job.get("trace", False)),
                     "prog_base": int(job.get("prog_base", 0)),
                     "clear": bool(job.get("clear", True)),
+                    "sequential": bool(job.get("sequential", job.get("trace", False))),
                 })
                 end = spec[-1]["prog_base"] + max(len(img), spec[-1]["window"])
                 if end > self.dram_bytes or spec[-1]["prog_base"] % 4096:
@@ -396,7 +412,7 @@ def default_ram_bytes(config) -> int:
 
 
 def build(config, *, dram_bytes=None, units=None, waves=False, build_root=None,
-          force=False) -> SimBuild:
+          force=False, issue=DEFAULT_ISSUE) -> SimBuild:
     """Build (or reuse) the Verilator model of :class:`SimTop` for ``config``.
 
     ``dram_bytes`` defaults to :func:`default_ram_bytes`, so that every program of a
@@ -414,7 +430,7 @@ def build(config, *, dram_bytes=None, units=None, waves=False, build_root=None,
     unit_key = None if units is None else sorted((int(k), f"{v.__module__}.{v.__qualname__}")
                                                  for k, v in units.items())
     key = hashlib.sha256(json.dumps({"config": cfg.to_dict(), "dram": dram_bytes,
-                                     "units": unit_key, "waves": waves},
+                                     "units": unit_key, "waves": waves, "issue": issue},
                                     sort_keys=True).encode()).hexdigest()[:12]
     root = Path(build_root) if build_root else REPO_ROOT / "build" / "rtl"
     bdir = root / f"{cfg.name}-{key}"
@@ -425,10 +441,10 @@ def build(config, *, dram_bytes=None, units=None, waves=False, build_root=None,
         meta = json.loads(stamp.read_text()) if stamp.exists() else {}
         exe = bdir / "simtop"
         if meta.get("src_hash") == src_hash and exe.exists() and not force:
-            return SimBuild(bdir, cfg, dram_bytes, tuple(meta["opcodes"]), 0.0, waves)
+            return SimBuild(bdir, cfg, dram_bytes, tuple(meta["opcodes"]), 0.0, waves, issue)
         ensure_verilator_on_path()
         from .verilator import convert_verilog
-        top = SimTop(cfg, dram_bytes, units)
+        top = SimTop(cfg, dram_bytes, units, issue=issue)
         text = convert_verilog(top, name="simtop") + "\n" + RAM_VERILOG
         # the Verilog and the way it is compiled
         v_hash = hashlib.sha256(text.encode() +
@@ -447,7 +463,7 @@ def build(config, *, dram_bytes=None, units=None, waves=False, build_root=None,
         stamp.write_text(json.dumps({"opcodes": opcodes, "src_hash": src_hash,
                                      "verilog_hash": v_hash,
                                      "seconds": time.monotonic() - t0}))
-    return SimBuild(bdir, cfg, dram_bytes, tuple(opcodes), time.monotonic() - t0, waves)
+    return SimBuild(bdir, cfg, dram_bytes, tuple(opcodes), time.monotonic() - t0, waves, issue)
 
 
 # ---- cocotb side --------------------------------------------------------------------------------
@@ -525,7 +541,9 @@ async def run_jobs(dut):
         for r in range(1, 16):
             await axil.write_dword(REGISTERS["REG0"] + 4 * r, regs.get(r, 0) & 0xFFFFFFFF)
         dut.throttle.value = job["throttle"]
-        await axil.write_dword(REGISTERS["CTRL"], 1 | (2 if job["clear"] else 0))
+        await axil.write_dword(REGISTERS["CTRL"], CTRL_START |
+                               (CTRL_CLEAR if job["clear"] else 0) |
+                               (CTRL_SEQUENTIAL if job.get("sequential") else 0))
         trace = []
         deadline = Timer(job["timeout_cycles"] * period, unit="ns")
         timed_out = False

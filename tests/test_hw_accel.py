@@ -153,10 +153,11 @@ def test_load_store_mark_end_programs(sim):
     cases = []
     for kind in range(3):
         prog, inputs, regs = _dma_program(kind)
+        # no dependency tokens in these programs: program order (CTRL.SEQUENTIAL)
         for throttle in (0, 1):
-            cases.append((prog, inputs, regs, {"throttle": throttle}))
+            cases.append((prog, inputs, regs, {"throttle": throttle, "sequential": True}))
     # the DRAM window elsewhere on the bus: PROG_BASE offsets fetch and every DMA address
-    cases.append((prog, inputs, regs, {"prog_base": 0x40000}))
+    cases.append((prog, inputs, regs, {"prog_base": 0x40000, "sequential": True}))
     res = run_and_compare(sim, cases)
     assert res[0][1]["counters"]["last_mark"] == 5 and res[0][1]["counters"]["marks"] == 1
     assert res[0][0].counters["sat_events"] > 0
@@ -211,7 +212,8 @@ def test_error_paths(sim):
     cases.append((skip, {"x": x}, {}, {}))
     small_window = {"window": 4096}                       # the tensors lie beyond it
     cases.append((base, {"x": x}, {}, dict(small_window)))
-    run_and_compare(sim, cases)
+    # the state after a runtime fault is golden's in program order (CTRL.SEQUENTIAL)
+    run_and_compare(sim, [(p, i, r, {**o, "sequential": True}) for p, i, r, o in cases])
     # decode-time faults: status and pc only
     dcases = [
         (_patched(base, 2, zero=1), {"x": x}, {}, {}),                        # opcode 0

@@ -1,0 +1,829 @@
+"""v2 control of the accelerator: decoupled LOAD / COMPUTE / STORE modules with dependency tokens.
+
+Elaborated by :class:`vitamin.hw.accel.Accelerator` with ``issue="v2"`` (the default); the host
+interface, the units, the memories, the counters and the error codes are those of v1 (see the
+docstring of :mod:`vitamin.hw.accel`). What differs is the control:
+
+Fetch
+    reads instruction ``pc`` (one AXI4 burst), checks what can be checked without executing it
+    (undefined opcode or enum value, a token towards a module that does not exist, a fetch beyond
+    PROG_LEN or the window) and dispatches it with its pc into the queue of its module
+    (``config.cmd_depth`` entries, LOAD / COMPUTE / STORE as in ``isa.UNIT_OF``); it waits while
+    that queue is full, and stops after dispatching END.
+Modules
+    each executes its queue in order. The head instruction stays in the queue while it runs (so
+    a queue of ``cmd_depth`` counts it, as ``golden.isasim.check_tokens`` does): it takes the
+    tokens it pops (all at once, waiting while any of them is missing), checks its predicate,
+    runs on its unit (MARK and END on the COMPUTE module itself), then puts the tokens it pushes
+    (all at once, waiting while any of those queues holds ``config.token_depth``), and retires.
+    END waits until fetch has stopped and the LOAD and STORE queues are empty; a token left in
+    any queue then is a ``DEADLOCK`` fault at the END.
+Tokens
+    four up/down counters bounded by ``config.token_depth`` (LOAD->COMPUTE, COMPUTE->LOAD,
+    COMPUTE->STORE, STORE->COMPUTE).
+Memory ports
+    the COMPUTE module's running unit owns its ports and always wins (MATMUL and the row units
+    are fixed-latency pipelines without backpressure). LOAD writes the scratchpad / index memory
+    and STORE reads them through the same ports in the cycles the COMPUTE unit leaves free
+    (``spad_gnt``, ``idx_rd_gnt``, ``idx_wr_gnt`` of the DMA units); LOAD's span-list reads come
+    before STORE's.
+AXI4
+    the read channel is shared by fetch (first) and LOAD: the address channel is arbitrated (a
+    choice is held until its handshake), and a FIFO of the owners of accepted bursts routes the
+    read data, in order (one ID). The write channel is STORE's.
+
+Faults. A fault (of a unit, of fetch, of a predicate, of END) stops every module from starting
+another instruction; the instructions already running finish (a unit cannot be aborted), and
+the machine halts with the fault of the LOWEST instruction index among those reported by then
+(``ERROR_PC``). In the sequential mode below this is golden's fault and state exactly; when the
+modules overlap, instructions of other modules with a higher index may have completed and
+queued ones with a lower index may not have run. The watchdog counts cycles in which nothing at
+all progresses (no AXI handshake, memory access, token, dispatch or retirement) while a program
+runs; it halts at once with ``WATCHDOG`` and ``ERROR_PC`` = the oldest instruction not retired
+(a hung unit is left as it is: reset the accelerator).
+
+Sequential mode. CTRL bit 2 (``CTRL_SEQUENTIAL``) with START runs the program in program order:
+fetch dispatches an instruction only when every earlier one has retired, and tokens are ignored
+(as v1 does; a program's token counts in program order may exceed ``token_depth``). It is the
+mode of the per-instruction trace (``dbg_retire``), and of the tests that compare the state
+after a fault with the golden model.
+"""
+
+from __future__ import annotations
+
+from amaranth import Cat, Const, Module, Mux, ResetInserter, Signal, signed
+from amaranth.lib import data, fifo
+
+from vitamin import isa
+from vitamin.isa import ErrorCode, Opcode, OutMode
+
+from .dma import WINDOW_BITS, instr_view
+from .mem import AccMemory, IdxMemory, RowStateMemory, Scratchpad
+from .ports import (
+    N_REGS,
+    AccPort,
+    AxiRead,
+    AxiWrite,
+    IdxPort,
+    QueuePort,
+    RowStatePort,
+    SpadPort,
+    spad_lanes,
+)
+
+__all__ = ["elaborate_v2"]
+
+_LOAD, _COMPUTE, _STORE = 0, 1, 2
+#: token queue -> (producer module, consumer module)
+_TOKQ = {"lc": (_LOAD, _COMPUTE), "cl": (_COMPUTE, _LOAD), "cs": (_COMPUTE, _STORE),
+         "sc": (_STORE, _COMPUTE)}
+
+
+def elaborate_v2(accel, platform):
+    from .accel import _UNIT_OPS, ACCEL_ID, COUNTERS, REGISTERS, _enum_checks
+
+    cfg = accel.config
+    m = Module()
+    start_pulse = Signal()        # the cycle a program starts (after the clear)
+    start_seq = Signal()          # CTRL.SEQUENTIAL of the START write
+    started = Signal()            # a program is running (until the halt)
+    seq_mode = Signal()
+    # ---- units ------------------------------------------------------------------------
+    instances = []          # unit components, in order of first appearance
+    by_factory = {}
+    unit_of = {}            # opcode -> instance index
+    for op in sorted(accel._units_map, key=lambda o: o.value):
+        fac = accel._units_map[op]
+        if fac not in by_factory:
+            unit = fac(cfg)
+            if "ctl" not in unit.signature.members:
+                raise ValueError(f"unit {type(unit).__qualname__} has no 'ctl' port")
+            by_factory[fac] = len(instances)
+            instances.append(unit)
+            m.submodules[f"u{len(instances) - 1}_{type(unit).__name__.lower()}"] = unit
+        unit_of[op] = by_factory[fac]
+    n_units = len(instances)
+
+    def has(u, name):
+        return name in u.signature.members
+
+    # ---- state ------------------------------------------------------------------------
+    regfile = Signal(data.ArrayLayout(signed(32), N_REGS))
+    qsig = QueuePort(cfg)
+    qstate = Signal(qsig.members["q"].shape)
+
+    prog_base = Signal(32)
+    prog_len = Signal(32)
+    window_reg = Signal(32)
+    watchdog_lim = Signal(32, init=min(cfg.watchdog_cycles, (1 << 32) - 1))
+    window = Signal(WINDOW_BITS)
+    m.d.comb += window.eq(Mux((window_reg == 0) | (window_reg > cfg.dram_bytes),
+                              cfg.dram_bytes, window_reg))
+
+    busy = Signal()
+    done = Signal()
+    clearing = Signal()
+    error = Signal(ErrorCode)
+    error_pc = Signal(32)
+    pc = Signal(32)
+    last_mark = Signal(16)
+    marks = Signal(32)
+    m.d.comb += accel.irq.eq(done)
+
+    NOBODY = n_units + 1
+
+    # ---- memories and their port multiplexers -----------------------------------------
+    mem_kinds = [("spad", SpadPort, Scratchpad), ("acc", AccPort, AccMemory),
+                 ("idx", IdxPort, IdxMemory), ("rs", RowStatePort, RowStateMemory)]
+    depths = {"spad": cfg.spad_words // spad_lanes(cfg), "acc": cfg.acc_lines,
+              "idx": cfg.idx_entries, "rs": cfg.rowstate_rows}
+    clear_ports = {}
+    mems = {}
+    port_sigs = {}
+    for kind, sig_cls, mem_cls in mem_kinds:
+        users = [i for i, u in enumerate(instances) if has(u, kind)]
+        if not users:
+            continue
+        mem = mem_cls(cfg)
+        m.submodules[f"mem_{kind}"] = mem
+        sig = sig_cls(cfg)
+        clr = sig.create(path=(f"clear_{kind}",))
+        clear_ports[kind] = clr
+        mems[kind] = mem
+        port_sigs[kind] = sig
+
+    # clear engine: one address per cycle in every memory, all zero data, full masks
+    clr_len = max([depths[k] for k in clear_ports], default=1)
+    clr_addr = Signal(range(clr_len + 1))
+    for kind, clr in clear_ports.items():
+        in_range = clr_addr < depths[kind]
+        m.d.comb += clr.wr_en.eq(clearing & in_range)
+        if kind == "spad":
+            m.d.comb += [clr.wr_addr.eq(clr_addr * spad_lanes(cfg)),
+                         clr.wr_mask.eq((1 << spad_lanes(cfg)) - 1)]
+        else:
+            m.d.comb += clr.wr_addr.eq(clr_addr)
+
+    # register file and queues
+    reg_users = [i for i, u in enumerate(instances) if has(u, "regs")]
+    for i in reg_users:
+        m.d.comb += instances[i].regs.regs.eq(regfile)
+    q_users = [i for i, u in enumerate(instances) if has(u, "queues")]
+    for i in q_users:
+        m.d.comb += instances[i].queues.q.eq(qstate)
+
+    # window, instruction word
+    for u in instances:
+        if has(u, "window"):
+            m.d.comb += u.window.eq(window)
+
+    # ---- counters ---------------------------------------------------------------------
+    cnt = {name: Signal(64, name=f"cnt_{name}") for name in COUNTERS}
+    sat_sum = sum((u.ctl.sat_inc for u in instances), Const(0, 1))
+    rd_sum = sum((u.dram_rd_inc for u in instances if has(u, "dram_rd_inc")), Const(0, 1))
+    wr_sum = sum((u.dram_wr_inc for u in instances if has(u, "dram_wr_inc")), Const(0, 1))
+    macs_units = [u for u in instances if has(u, "macs_inc")]
+    macs_sum = sum((u.macs_inc for u in macs_units), Const(0, 1))
+    macs_done = Signal(48)     # controller-computed MATMUL MACs (units without macs_inc)
+    m.d.sync += [cnt["sat_events"].eq(cnt["sat_events"] + sat_sum),
+                 cnt["dram_read_bytes"].eq(cnt["dram_read_bytes"] + rd_sum),
+                 cnt["dram_write_bytes"].eq(cnt["dram_write_bytes"] + wr_sum)]
+    with m.If(busy):
+        m.d.sync += cnt["cycles"].eq(cnt["cycles"] + 1)
+
+
+    load_i = unit_of.get(Opcode.LOAD)
+    store_i = unit_of.get(Opcode.STORE)
+    compute_ops = {op: i for op, i in unit_of.items() if op not in (Opcode.LOAD, Opcode.STORE)}
+    compute_units = sorted(set(compute_ops.values()))
+    if load_i is not None and load_i in compute_units or \
+            store_i is not None and store_i in compute_units or \
+            load_i is not None and load_i == store_i:
+        raise ValueError("v2 issue needs separate LOAD, STORE and compute units")
+
+    cowner = Signal(range(n_units + 2), init=NOBODY)    # compute unit holding the compute ports
+    clear_on = Signal()
+    m.d.comb += clear_on.eq(clearing)
+
+    # ---- memory ports: clear > compute > LOAD (writes, span reads) > STORE (reads) ---------
+    for kind, mem in mems.items():
+        mp = mem.port
+        sig = port_sigs[kind]
+        cb = sig.create(path=(f"compute_{kind}",))      # the compute module's port
+        c_users = [i for i in compute_units if has(instances[i], kind)]
+        for name, member in sig.members.items():
+            if member.flow.name == "Out":
+                with m.Switch(cowner):
+                    for i in c_users:
+                        with m.Case(i):
+                            m.d.comb += getattr(cb, name).eq(
+                                getattr(getattr(instances[i], kind), name))
+            else:
+                for i in c_users:
+                    m.d.comb += getattr(getattr(instances[i], kind), name).eq(getattr(mp, name))
+        clr = clear_ports[kind]
+        ld = getattr(instances[load_i], kind) if (
+            load_i is not None and has(instances[load_i], kind)) else None
+        st = getattr(instances[store_i], kind) if (
+            store_i is not None and has(instances[store_i], kind)) else None
+        for port in (ld, st):
+            if port is not None:
+                for name, member in sig.members.items():
+                    if member.flow.name == "In":
+                        m.d.comb += getattr(port, name).eq(getattr(mp, name))
+        # write side
+        wr_names = [n for n in sig.members if n.startswith("wr_")]
+        rd_names = [n for n in sig.members if n.startswith("rd_") and n != "rd_data"]
+        ld_wr = ld is not None and kind in ("spad", "idx")
+        ld_rd = ld is not None and kind == "idx"
+        st_rd = st is not None and kind in ("spad", "idx")
+        with m.If(clear_on):
+            for n in wr_names:
+                m.d.comb += getattr(mp, n).eq(getattr(clr, n))
+        with m.Elif(cb.wr_en | (not ld_wr)):
+            for n in wr_names:
+                m.d.comb += getattr(mp, n).eq(getattr(cb, n))
+        if ld_wr:
+            with m.Else():
+                for n in wr_names:
+                    m.d.comb += getattr(mp, n).eq(getattr(ld, n))
+        # read side
+        with m.If(cb.rd_en | (not (ld_rd or st_rd))):
+            for n in rd_names:
+                m.d.comb += getattr(mp, n).eq(getattr(cb, n))
+        if ld_rd:
+            with m.Elif(ld.rd_en):
+                for n in rd_names:
+                    m.d.comb += getattr(mp, n).eq(getattr(ld, n))
+        if st_rd:
+            with m.Else():
+                for n in rd_names:
+                    m.d.comb += getattr(mp, n).eq(getattr(st, n))
+        # grants
+        if kind == "spad":
+            if ld is not None:
+                m.d.comb += instances[load_i].spad_gnt.eq(~cb.wr_en & ~clear_on)
+            if st is not None:
+                m.d.comb += instances[store_i].spad_gnt.eq(~cb.rd_en & ~clear_on)
+        if kind == "idx":
+            if ld is not None:
+                m.d.comb += [instances[load_i].idx_wr_gnt.eq(~cb.wr_en & ~clear_on),
+                             instances[load_i].idx_rd_gnt.eq(~cb.rd_en & ~clear_on)]
+            if st is not None:
+                m.d.comb += instances[store_i].idx_rd_gnt.eq(
+                    ~cb.rd_en & ~clear_on & ~(ld.rd_en if ld_rd else 0))
+
+    # register file and queue writes: only compute units write them
+    with m.Switch(cowner):
+        for i in reg_users:
+            if i in compute_units:
+                with m.Case(i):
+                    rp = instances[i].regs
+                    with m.If(rp.wr_en & (rp.wr_addr != 0)):
+                        m.d.sync += regfile[rp.wr_addr].eq(rp.wr_data)
+        for i in q_users:
+            if i in compute_units:
+                with m.Case(i):
+                    qp = instances[i].queues
+                    with m.If(qp.wr_en):
+                        m.d.sync += [qstate[qp.wr_addr].off.eq(qp.wr_off),
+                                     qstate[qp.wr_addr].len.eq(qp.wr_len)]
+
+    # ---- module queues ----------------------------------------------------------------------
+    ent_layout = data.StructLayout({"instr": isa.INSTR_BITS, "pc": 32})
+    queues = []
+    for u in range(3):
+        q = fifo.SyncFIFOBuffered(width=ent_layout.size, depth=cfg.cmd_depth)
+        m.submodules[f"cmdq{u}"] = ResetInserter(start_pulse)(q)
+        queues.append(q)
+    heads = [data.View(ent_layout, q.r_data) for q in queues]
+    head_hdr = [instr_view(isa.Header, h.instr) for h in heads]
+
+    # unit instruction words: LOAD / STORE from their queue heads, compute units from COMPUTE's
+    for i, u in enumerate(instances):
+        src = _LOAD if i == load_i else _STORE if i == store_i else _COMPUTE
+        m.d.comb += u.ctl.instr.eq(heads[src].instr)
+
+    # ---- tokens -------------------------------------------------------------------------------
+    tdepth = cfg.token_depth
+    tok = {k: Signal(range(tdepth + 1), name=f"tok_{k}") for k in _TOKQ}
+    tok_pop = {k: Signal(name=f"tok_pop_{k}") for k in _TOKQ}
+    tok_push = {k: Signal(name=f"tok_push_{k}") for k in _TOKQ}
+    for k in _TOKQ:
+        m.d.sync += tok[k].eq(tok[k] + tok_push[k] - tok_pop[k])
+
+    def pops_of(u, hdr):
+        """[(queue, bit)] popped by the head of module ``u``."""
+        out = []
+        for k, (src, dst) in _TOKQ.items():
+            if dst == u:
+                out.append((k, hdr.pop_prev if src == u - 1 else hdr.pop_next))
+        return out
+
+    def pushes_of(u, hdr):
+        out = []
+        for k, (src, dst) in _TOKQ.items():
+            if src == u:
+                out.append((k, hdr.push_prev if dst == u - 1 else hdr.push_next))
+        return out
+
+    # ---- faults -------------------------------------------------------------------------------
+    halting = Signal()            # a fault was reported: start nothing new
+    f_valid = Signal()
+    f_code = Signal(ErrorCode)
+    f_pc = Signal(32)
+    reports = []                  # (valid, code, pc), comb, collected below
+
+    def report(valid, code, pc_):
+        v = Signal(name=f"fault{len(reports)}")
+        c = Signal(ErrorCode, name=f"fault{len(reports)}_code")
+        p = Signal(32, name=f"fault{len(reports)}_pc")
+        m.d.comb += [v.eq(valid), c.eq(code), p.eq(pc_)]
+        reports.append((v, c, p))
+
+    # ---- fetch ----------------------------------------------------------------------------------
+    beats = max(1, isa.INSTR_BITS // cfg.bus_bits)
+    beat_no = Signal(range(beats + 1))
+    bb_log = cfg.bus_bytes.bit_length() - 1
+    fetch = AxiRead(cfg.bus_bits).create(path=("fetch",))
+    m.d.comb += [fetch.araddr.eq(pc << 6), fetch.arlen.eq(beats - 1), fetch.arsize.eq(bb_log),
+                 fetch.arburst.eq(1), fetch.arid.eq(0)]
+    finstr = Signal(isa.INSTR_BITS)
+    fhdr = instr_view(isa.Header, finstr)
+    enum_bad = _enum_checks(finstr)
+    fetch_busy = Signal()         # a fetch burst is in flight
+    fetch_stopped = Signal()      # END dispatched (or a fault): fetch is finished
+    dispatched = Signal()
+    fetch_fault = Signal()
+    fetch_code = Signal(ErrorCode)
+    report(fetch_fault, fetch_code, pc)
+    modules_idle = Signal()       # every queue empty (all dispatched instructions retired)
+
+    m.d.comb += accel.dbg_cycle.eq(cnt["cycles"][:32])
+
+    # ---- module state machines ------------------------------------------------------------------
+    mod_running = [Signal(name=f"mod{u}_running") for u in range(3)]   # a unit is started/running
+    mod_busy = [Signal(name=f"mod{u}_busy") for u in range(3)]         # cycles counted busy
+    retire = [Signal(name=f"mod{u}_retire") for u in range(3)]
+    instr_inc = [Signal(name=f"mod{u}_count") for u in range(3)]
+    skip_inc = [Signal(name=f"mod{u}_skip") for u in range(3)]
+    qbits = max(1, (cfg.max_experts - 1).bit_length())
+
+    end_ok = Signal()             # END may complete: fetch stopped, LOAD and STORE queues empty
+    m.d.comb += end_ok.eq(fetch_stopped & ~queues[_LOAD].r_rdy & ~queues[_STORE].r_rdy)
+
+    start_sig = [Signal(name=f"start_{i}") for i in range(n_units)]
+    for i, u in enumerate(instances):
+        m.d.comb += u.ctl.start.eq(start_sig[i])
+
+    mark_set = Signal()
+    mark_id = Signal(16)
+    end_fire = Signal()
+    wd_fire = Signal()
+
+    # MATMUL MACs computed by the top when the unit does not count them (as v1)
+    mm_unit = unit_of.get(Opcode.MATMUL)
+    count_mm = mm_unit is not None and not has(instances[mm_unit], "macs_inc")
+    if count_mm:
+        mmf = instr_view(isa.Matmul, heads[_COMPUTE].instr)
+        uses_q = mmf.gather | mmf.scatter | (mmf.out == OutMode.SPAD_ADD)
+        qlen_mm = qstate[mmf.queue[:qbits]].len
+        rows_mm = Mux(uses_q & (mmf.queue < cfg.max_experts), qlen_mm, mmf.m)
+        mm_rows_k = Signal(33)
+        m.d.sync += [mm_rows_k.eq(rows_mm * mmf.k), macs_done.eq(mm_rows_k * mmf.n)]
+
+    m.d.sync += cnt["macs"].eq(cnt["macs"] + macs_sum)
+    for u in range(3):
+        q, h, hdr = queues[u], heads[u], head_hdr[u]
+        op = hdr.opcode.as_value()
+        pops = pops_of(u, hdr)
+        pushes = pushes_of(u, hdr)
+        can_pop = Cat(*[~bit | (tok[k] != 0) for k, bit in pops]).all() if pops else Const(1)
+        can_push = Cat(*[~bit | (tok[k] < tdepth) for k, bit in pushes]).all() if pushes \
+            else Const(1)
+        # the unit(s) this module starts
+        if u == _LOAD:
+            mine = {Opcode.LOAD: load_i} if load_i is not None else {}
+        elif u == _STORE:
+            mine = {Opcode.STORE: store_i} if store_i is not None else {}
+        else:
+            mine = compute_ops
+        active = Signal(range(n_units + 1), name=f"mod{u}_unit", init=n_units)
+        u_done = Signal(name=f"mod{u}_done")
+        u_err = Signal(ErrorCode, name=f"mod{u}_err")
+        with m.Switch(active):
+            for i in set(mine.values()):
+                with m.Case(i):
+                    m.d.comb += [u_done.eq(instances[i].ctl.done),
+                                 u_err.eq(instances[i].ctl.error)]
+        fault = Signal(name=f"mod{u}_fault")
+        fcode = Signal(ErrorCode, name=f"mod{u}_fcode")
+        report(fault, fcode, h.pc)
+        is_end = op == Opcode.END.value
+        def restart():
+            # a START leaves any state (after a fault a module may be anywhere); no state
+            # changes on its own in the START cycle (IDLE waits for it to pass)
+            with m.If(start_pulse):
+                m.next = "IDLE"
+
+        with m.FSM(name=f"mod{u}"):
+            with m.State("IDLE"):
+                restart()
+                go = q.r_rdy & ~halting & started & ~start_pulse
+                if u == _COMPUTE:
+                    go = go & (~is_end | end_ok)
+                with m.If(go & (seq_mode | can_pop)):
+                    with m.If(~seq_mode):
+                        for k, bit in pops:
+                            m.d.comb += tok_pop[k].eq(bit)
+                    m.next = "CHECK"
+            with m.State("CHECK"):
+                restart()
+                m.d.comb += instr_inc[u].eq(1)
+                with m.If(hdr.pred_en & (hdr.pred_q >= cfg.max_experts)):
+                    m.d.comb += [fault.eq(1), fcode.eq(ErrorCode.BAD_FIELD)]
+                    m.next = "STOP"
+                with m.Elif(hdr.pred_en & (qstate[hdr.pred_q[:qbits]].len == 0)):
+                    m.d.comb += skip_inc[u].eq(1)
+                    m.next = "PUSH"
+                if u == _COMPUTE:
+                    with m.Elif(op == Opcode.MARK.value):
+                        mark = instr_view(isa.Mark, h.instr)
+                        m.d.comb += [mark_set.eq(1), mark_id.eq(mark.id)]
+                        m.next = "PUSH"
+                    with m.Elif(is_end):
+                        left = Cat(*[tok[k] != 0 for k in _TOKQ]).any() | \
+                            Cat(*[bit for _, bit in pushes]).any()
+                        with m.If(~seq_mode & left):
+                            m.d.comb += [fault.eq(1), fcode.eq(ErrorCode.DEADLOCK)]
+                        with m.Else():
+                            m.d.comb += end_fire.eq(1)
+                        m.next = "STOP"
+                with m.Else():
+                    with m.Switch(hdr.opcode):
+                        for uop, i in mine.items():
+                            with m.Case(uop):
+                                m.d.sync += active.eq(i)
+                                if u == _COMPUTE:
+                                    m.d.sync += cowner.eq(i)
+                    m.next = "START"
+            with m.State("START"):
+                restart()
+                m.d.comb += mod_running[u].eq(1)
+                with m.Switch(active):
+                    for i in set(mine.values()):
+                        with m.Case(i):
+                            m.d.comb += start_sig[i].eq(1)
+                m.next = "RUN"
+            with m.State("RUN"):
+                restart()
+                m.d.comb += [mod_running[u].eq(1), mod_busy[u].eq(1)]
+                with m.If(u_done):
+                    m.d.sync += active.eq(n_units)
+                    if u == _COMPUTE:
+                        m.d.sync += cowner.eq(NOBODY)
+                        if count_mm:
+                            with m.If((op == Opcode.MATMUL.value) & (u_err == ErrorCode.OK)):
+                                m.d.sync += cnt["macs"].eq(cnt["macs"] + macs_sum +
+                                                           macs_done)
+                    with m.If(u_err != ErrorCode.OK):
+                        m.d.comb += [fault.eq(1), fcode.eq(u_err)]
+                        m.next = "STOP"
+                    with m.Else():
+                        m.next = "PUSH"
+            with m.State("PUSH"):
+                restart()
+                with m.If(seq_mode | can_push):
+                    with m.If(~seq_mode):
+                        for k, bit in pushes:
+                            m.d.comb += tok_push[k].eq(bit)
+                    m.d.comb += [retire[u].eq(1), q.r_en.eq(1)]
+                    m.next = "IDLE"
+            with m.State("STOP"):
+                restart()        # halted on a fault or END
+        with m.If(start_pulse):
+            m.d.sync += active.eq(n_units)
+
+    # ---- per-module busy counters ----------------------------------------------------------
+    for op_ in _UNIT_OPS:
+        if op_ not in unit_of:
+            continue
+        name = f"busy_{op_.name.lower()}"
+        if op_ == Opcode.LOAD:
+            cond = mod_busy[_LOAD]
+        elif op_ == Opcode.STORE:
+            cond = mod_busy[_STORE]
+        else:
+            cond = mod_busy[_COMPUTE] & (head_hdr[_COMPUTE].opcode == op_)
+        with m.If(cond):
+            m.d.sync += cnt[name].eq(cnt[name] + 1)
+    m.d.sync += [cnt["instructions"].eq(cnt["instructions"] + sum(instr_inc)),
+                 cnt["skipped"].eq(cnt["skipped"] + sum(skip_inc))]
+    with m.If(mark_set):
+        m.d.sync += [last_mark.eq(mark_id), marks.eq(marks + 1)]
+
+    # retire trace: one pc per cycle (COMPUTE first); only the sequential mode is exact
+    with m.If(retire[_COMPUTE]):
+        m.d.comb += [accel.dbg_retire.eq(1), accel.dbg_pc.eq(heads[_COMPUTE].pc)]
+    with m.Elif(retire[_LOAD]):
+        m.d.comb += [accel.dbg_retire.eq(1), accel.dbg_pc.eq(heads[_LOAD].pc)]
+    with m.Elif(retire[_STORE]):
+        m.d.comb += [accel.dbg_retire.eq(1), accel.dbg_pc.eq(heads[_STORE].pc)]
+    with m.Else():
+        m.d.comb += accel.dbg_pc.eq(pc)
+
+    # ---- AXI read: fetch and LOAD --------------------------------------------------------------
+    mr = accel.m_axi_r
+    base = Cat(Const(0, 12), prog_base[12:])
+    ld_ax = instances[load_i].axi_r if load_i is not None and has(instances[load_i], "axi_r") \
+        else None
+    tagq = fifo.SyncFIFOBuffered(width=1, depth=8)        # owner of each accepted burst
+    m.submodules.rtagq = ResetInserter(start_pulse)(tagq)
+    ar_lock = Signal()
+    ar_lsel = Signal()            # 0 fetch, 1 LOAD
+    sel = Signal()
+    m.d.comb += sel.eq(Mux(ar_lock, ar_lsel, ~fetch.arvalid if ld_ax is not None else 0))
+    src_ar = {0: fetch, 1: ld_ax} if ld_ax is not None else {0: fetch}
+    for name in ("araddr", "arlen", "arsize", "arburst", "arid", "arvalid"):
+        with m.Switch(sel):
+            for key, port in src_ar.items():
+                with m.Case(key):
+                    val = getattr(port, name)
+                    if name == "araddr":
+                        val = val + base
+                    if name == "arvalid":
+                        val = val & tagq.w_rdy
+                    m.d.comb += getattr(mr, name).eq(val)
+    ar_go = mr.arvalid & mr.arready
+    for key, port in src_ar.items():
+        m.d.comb += port.arready.eq(mr.arready & tagq.w_rdy & (sel == key))
+    with m.If(mr.arvalid & ~mr.arready):
+        m.d.sync += [ar_lock.eq(1), ar_lsel.eq(sel)]
+    with m.If(ar_go):
+        m.d.sync += ar_lock.eq(0)
+    m.d.comb += [tagq.w_en.eq(ar_go), tagq.w_data.eq(sel)]
+    rtag = tagq.r_data[0]
+    for key, port in src_ar.items():
+        for name in ("rdata", "rresp", "rlast", "rid"):
+            m.d.comb += getattr(port, name).eq(getattr(mr, name))
+        m.d.comb += port.rvalid.eq(mr.rvalid & tagq.r_rdy & (rtag == key))
+    with m.Switch(rtag):
+        for key, port in src_ar.items():
+            with m.Case(key):
+                m.d.comb += mr.rready.eq(port.rready & tagq.r_rdy)
+    m.d.comb += tagq.r_en.eq(mr.rvalid & mr.rready & mr.rlast)
+    # AXI write: STORE's
+    mw = accel.m_axi_w
+    if store_i is not None and has(instances[store_i], "axi_w"):
+        sw = instances[store_i].axi_w
+        for name, member in AxiWrite(cfg.bus_bits).members.items():
+            if member.flow.name == "Out":
+                val = getattr(sw, name)
+                if name == "awaddr":
+                    val = val + base
+                m.d.comb += getattr(mw, name).eq(val)
+            else:
+                m.d.comb += getattr(sw, name).eq(getattr(mw, name))
+
+    # ---- fetch FSM -----------------------------------------------------------------------------
+    fu = Signal(range(3))             # module of the fetched instruction
+    fop = fhdr.opcode.as_value()
+    m.d.comb += fu.eq(Mux(fop == Opcode.LOAD.value, _LOAD,
+                          Mux(fop == Opcode.STORE.value, _STORE, _COMPUTE)))
+    all_empty = Cat(*[~q.r_rdy for q in queues]).all()
+    m.d.comb += modules_idle.eq(all_empty)
+    ent = Signal(ent_layout)
+    m.d.comb += [ent.instr.eq(finstr), ent.pc.eq(pc)]
+    for u, q in enumerate(queues):
+        m.d.comb += q.w_data.eq(ent)
+    with m.FSM(name="fetch"):
+        with m.State("IDLE"):
+            with m.If(start_pulse):
+                m.next = "FETCH"
+        with m.State("FETCH"):
+            with m.If(halting):
+                m.next = "STOPPED"
+            with m.Elif(pc >= prog_len):
+                m.d.comb += [fetch_fault.eq(1), fetch_code.eq(ErrorCode.NO_END)]
+                m.next = "STOPPED"
+            with m.Elif((pc << 6) + 64 > window):
+                m.d.comb += [fetch_fault.eq(1), fetch_code.eq(ErrorCode.DRAM_RANGE)]
+                m.next = "STOPPED"
+            with m.Else():
+                m.d.sync += beat_no.eq(0)
+                m.next = "FETCH_AR"
+        with m.State("FETCH_AR"):
+            m.d.comb += [fetch.arvalid.eq(1), fetch_busy.eq(1)]
+            m.d.sync += cnt["fetch_cycles"].eq(cnt["fetch_cycles"] + 1)
+            with m.If(fetch.arready):
+                m.next = "FETCH_R"
+        with m.State("FETCH_R"):
+            m.d.comb += [fetch.rready.eq(1), fetch_busy.eq(1)]
+            m.d.sync += cnt["fetch_cycles"].eq(cnt["fetch_cycles"] + 1)
+            with m.If(fetch.rvalid):
+                if beats == 1:
+                    m.d.sync += finstr.eq(fetch.rdata)
+                else:
+                    with m.Switch(beat_no):
+                        for b in range(beats):
+                            with m.Case(b):
+                                m.d.sync += finstr.word_select(b, cfg.bus_bits).eq(fetch.rdata)
+                m.d.sync += beat_no.eq(beat_no + 1)
+                with m.If(beat_no == beats - 1):
+                    m.next = "DECODE"
+        with m.State("DECODE"):
+            known = [o for o in Opcode if o in unit_of or o in (Opcode.MARK, Opcode.END)]
+            legal = Cat(*[fop == o.value for o in known]).any()
+            bad_enum = Const(0, 1)
+            for eop, bad in enum_bad:
+                bad_enum = bad_enum | ((fop == eop.value) & bad)
+            is_load, is_store = fop == Opcode.LOAD.value, fop == Opcode.STORE.value
+            bad_tok = ((is_load & (fhdr.pop_prev | fhdr.push_prev)) |
+                       (is_store & (fhdr.pop_next | fhdr.push_next)))
+            with m.If(halting):
+                m.next = "STOPPED"
+            with m.Elif(~legal):
+                m.d.comb += [fetch_fault.eq(1), fetch_code.eq(ErrorCode.ILLEGAL_OPCODE)]
+                m.next = "STOPPED"
+            with m.Elif(bad_enum | bad_tok):
+                m.d.comb += [fetch_fault.eq(1), fetch_code.eq(ErrorCode.BAD_FIELD)]
+                m.next = "STOPPED"
+            with m.Else():
+                m.next = "DISPATCH"
+        with m.State("DISPATCH"):
+            room = Signal()
+            with m.Switch(fu):
+                for u, q in enumerate(queues):
+                    with m.Case(u):
+                        m.d.comb += room.eq(q.w_rdy)
+            # sequential mode: only when everything dispatched before has retired
+            ok = room & (~seq_mode | (modules_idle & ~Cat(*retire).any()))
+            with m.If(halting):
+                m.next = "STOPPED"
+            with m.Elif(ok):
+                m.d.comb += dispatched.eq(1)
+                with m.Switch(fu):
+                    for u, q in enumerate(queues):
+                        with m.Case(u):
+                            m.d.comb += q.w_en.eq(1)
+                with m.If(fop == Opcode.END.value):
+                    m.next = "STOPPED"
+                with m.Else():
+                    m.d.sync += pc.eq(pc + 1)
+                    m.next = "FETCH"
+        with m.State("STOPPED"):
+            m.d.comb += fetch_stopped.eq(1)
+            with m.If(start_pulse):
+                m.next = "FETCH"
+
+    # ---- fault collection and halt --------------------------------------------------------------
+    best_v = Const(0, 1)
+    best_c = Const(0, 4)
+    best_p = Const(0, 32)
+    for i, (v, c, p) in enumerate(reports):
+        take = Signal(name=f"fsel{i}")
+        m.d.comb += take.eq(v & (~best_v | (p < best_p)))
+        nv, nc, npc = Signal(name=f"fb{i}_v"), Signal(4, name=f"fb{i}_c"), \
+            Signal(32, name=f"fb{i}_p")
+        m.d.comb += [nv.eq(best_v | v), nc.eq(Mux(take, c, best_c)), npc.eq(Mux(take, p, best_p))]
+        best_v, best_c, best_p = nv, nc, npc
+    with m.If(best_v & (~f_valid | (best_p < f_pc))):
+        m.d.sync += [f_valid.eq(1), f_code.eq(best_c), f_pc.eq(best_p)]
+    with m.If(best_v):
+        m.d.sync += halting.eq(1)
+
+    # ---- watchdog ------------------------------------------------------------------------------
+    progress = Signal()
+    hs = [mr.arvalid & mr.arready, mr.rvalid & mr.rready, mw.awvalid & mw.awready,
+          mw.wvalid & mw.wready, mw.bvalid & mw.bready, dispatched, *retire,
+          *[tok_pop[k] | tok_push[k] for k in _TOKQ], *start_sig]
+    for mem in mems.values():
+        hs += [mem.port.rd_en, mem.port.wr_en]
+    m.d.comb += progress.eq(Cat(*hs).any())
+    stall = Signal(32)
+    running_prog = Signal()
+    m.d.comb += running_prog.eq(started)
+    with m.If(start_pulse):
+        m.d.sync += stall.eq(0)
+    with m.Elif(running_prog & ~progress):
+        m.d.sync += [stall.eq(stall + 1), cnt["stall_cycles"].eq(cnt["stall_cycles"] + 1)]
+    with m.Else():
+        m.d.sync += stall.eq(0)
+    m.d.comb += wd_fire.eq(running_prog & (watchdog_lim != 0) & (stall >= watchdog_lim))
+    # oldest instruction not retired
+    oldest = Signal(32)
+    cand = pc
+    for u in (_STORE, _LOAD, _COMPUTE):
+        cand = Mux(queues[u].r_rdy & (heads[u].pc < cand), heads[u].pc, cand)
+    m.d.comb += oldest.eq(cand)
+
+    # ---- halt ----------------------------------------------------------------------------------
+    units_quiet = ~Cat(*mod_running).any() & ~fetch_busy
+
+    def finish(code, epc):
+        m.d.sync += [error.eq(code), error_pc.eq(epc), busy.eq(0), done.eq(1),
+                     started.eq(0), cowner.eq(NOBODY)]
+
+    with m.If(running_prog):
+        with m.If(wd_fire):
+            finish(Mux(f_valid, f_code, ErrorCode.WATCHDOG), Mux(f_valid, f_pc, oldest))
+        with m.Elif(halting & units_quiet):
+            finish(f_code, f_pc)
+        with m.Elif(end_fire):
+            finish(ErrorCode.OK, 0)
+
+    # ---- start / clear ---------------------------------------------------------------------------
+    with m.If(start_pulse):
+        m.d.sync += [halting.eq(0), f_valid.eq(0), seq_mode.eq(start_seq), ar_lock.eq(0)]
+        m.d.sync += [tok[k].eq(0) for k in _TOKQ]
+
+    # ---- AXI4-Lite slave --------------------------------------------------------------
+    sl = accel.s_axil
+    start_after_clear = Signal()
+    b_pend = Signal()
+    m.d.comb += [sl.awready.eq(sl.awvalid & sl.wvalid & ~b_pend),
+                 sl.wready.eq(sl.awvalid & sl.wvalid & ~b_pend),
+                 sl.bvalid.eq(b_pend), sl.bresp.eq(0)]
+    wr = sl.awvalid & sl.wvalid & ~b_pend
+    with m.If(wr):
+        m.d.sync += b_pend.eq(1)
+    with m.If(b_pend & sl.bready):
+        m.d.sync += b_pend.eq(0)
+    waddr = sl.awaddr[2:]
+    with m.If(wr & ~busy):
+        with m.Switch(waddr):
+            with m.Case(REGISTERS["PROG_BASE"] >> 2):
+                m.d.sync += prog_base.eq(sl.wdata)
+            with m.Case(REGISTERS["PROG_LEN"] >> 2):
+                m.d.sync += prog_len.eq(sl.wdata)
+            with m.Case(REGISTERS["WINDOW"] >> 2):
+                m.d.sync += window_reg.eq(sl.wdata)
+            with m.Case(REGISTERS["WATCHDOG"] >> 2):
+                m.d.sync += watchdog_lim.eq(sl.wdata)
+            for r in range(1, N_REGS):
+                with m.Case((REGISTERS["REG0"] >> 2) + r):
+                    m.d.sync += regfile[r].eq(sl.wdata)
+
+    r_pend = Signal()
+    rdata = Signal(32)
+    m.d.comb += [sl.arready.eq(~r_pend), sl.rvalid.eq(r_pend), sl.rdata.eq(rdata),
+                 sl.rresp.eq(0)]
+    with m.If(r_pend & sl.rready):
+        m.d.sync += r_pend.eq(0)
+    units_mask = sum(1 << op.value for op in accel.opcodes)
+    fp = int.from_bytes(cfg.fingerprint(), "little")
+    with m.If(sl.arvalid & ~r_pend):
+        m.d.sync += r_pend.eq(1)
+        read_map = {
+            REGISTERS["STATUS"]: Cat(busy, done, clearing, Const(0, 1), error),
+            REGISTERS["ERROR_PC"]: error_pc, REGISTERS["PC"]: pc,
+            REGISTERS["PROG_BASE"]: prog_base, REGISTERS["PROG_LEN"]: prog_len,
+            REGISTERS["WINDOW"]: window_reg, REGISTERS["WATCHDOG"]: watchdog_lim,
+            REGISTERS["ID"]: Const(ACCEL_ID, 32),
+            REGISTERS["FP_LO"]: Const(fp & 0xFFFFFFFF, 32),
+            REGISTERS["FP_HI"]: Const(fp >> 32, 32), REGISTERS["LAST_MARK"]: last_mark,
+            REGISTERS["MARKS"]: marks, REGISTERS["UNITS"]: Const(units_mask, 32),
+        }
+        for r in range(1, N_REGS):
+            read_map[REGISTERS["REG0"] + 4 * r] = regfile[r]
+        for name, off in COUNTERS.items():
+            read_map[off] = cnt[name][:32]
+            read_map[off + 4] = cnt[name][32:]
+        m.d.sync += rdata.eq(0)
+        with m.Switch(sl.araddr[2:]):
+            for off, val in read_map.items():
+                with m.Case(off >> 2):
+                    m.d.sync += rdata.eq(val)
+
+    # ---- host control: CLEAR, START; the modules run while `started` ------------------------
+    ctrl_wr = wr & (waddr == REGISTERS["CTRL"] >> 2)
+    with m.FSM(name="host"):
+        with m.State("IDLE"):
+            with m.If(ctrl_wr & (sl.wdata[0] | sl.wdata[1])):
+                m.d.sync += [done.eq(0), error.eq(ErrorCode.OK), error_pc.eq(0), busy.eq(1),
+                             start_seq.eq(sl.wdata[2])]
+                with m.If(sl.wdata[1]):
+                    m.d.sync += [clearing.eq(1), clr_addr.eq(0),
+                                 start_after_clear.eq(sl.wdata[0])]
+                    m.next = "CLEAR"
+                with m.Else():
+                    m.next = "START"
+        with m.State("CLEAR"):
+            m.d.sync += clr_addr.eq(clr_addr + 1)
+            with m.If(clr_addr == clr_len - 1):
+                m.d.sync += clearing.eq(0)
+                with m.If(start_after_clear):
+                    m.next = "START"
+                with m.Else():
+                    m.d.sync += busy.eq(0)
+                    m.next = "IDLE"
+        with m.State("START"):
+            m.d.comb += start_pulse.eq(1)
+            m.d.sync += [pc.eq(0), last_mark.eq(0), marks.eq(0), qstate.eq(0), started.eq(1),
+                         seq_mode.eq(start_seq)]
+            m.d.sync += [c.eq(0) for c in cnt.values()]
+            m.next = "RUN"
+        with m.State("RUN"):
+            with m.If(~busy):
+                m.next = "IDLE"
+    return m
