@@ -295,8 +295,9 @@ def ViT(img_size, patch, in_chans, num_classes, dim, depth, heads, mlp_ratio=4.0
     seed : int
         Weights are drawn from a generator seeded with this; the same seed gives the same model.
     """
-    return _classes()["ViT"](img_size, patch, in_chans, num_classes, dim, depth, heads, mlp_ratio, qkv_bias, eps,
-                gelu=gelu, norm=norm, attn=attn, seed=seed)
+    return _classes()["ViT"](img_size, patch, in_chans, num_classes, dim, depth, heads,
+                             mlp_ratio, qkv_bias, eps, gelu=gelu, norm=norm, attn=attn,
+                             seed=seed)
 
 
 def M3ViT(img_size, patch, in_chans, dim, depth, heads, mlp_ratio, n_experts, expert_hidden,
@@ -337,7 +338,7 @@ def m3vit_tiny(**kw):
 
 
 def m3vit_micro(**kw):
-    """Test MoE model: 16x32 RGB, patch 8 (9 tokens), dim 32, 2 blocks (the second MoE, 4 experts)."""
+    """Test MoE model: 16x32 RGB, patch 8 (9 tokens), dim 32, 2 blocks (the 2nd: 4 experts)."""
     return M3ViT(**{**MOE_PRESETS["m3vit_micro"], **kw})
 
 

@@ -286,12 +286,15 @@ def _report(args):
 def _demo_args(p):
     p.add_argument("--config", default="tiny", help="preset (default: tiny)")
     p.add_argument("--limit", type=int, default=0, help="only the first N test images")
+    p.add_argument("--no-moe", action="store_true", help="skip the two-task MoE model")
 
 
-@command("demo", "the main job on the shipped digits ViT (make demo)", arguments=_demo_args)
+@command("demo", "the main job on the shipped digits ViT and two-task MoE ViT (make demo)",
+         arguments=_demo_args)
 def _demo(args):
     from . import demo
-    argv = ["--config", args.config] + (["--limit", str(args.limit)] if args.limit else [])
+    argv = ["--config", args.config] + (["--limit", str(args.limit)] if args.limit else []) + \
+        (["--no-moe"] if args.no_moe else [])
     return demo.main(argv)
 
 
