@@ -99,8 +99,8 @@ def _program_inputs(prog, args) -> dict:
         data = api.load_calibration(args.input)
         missing = [s.name for s in prog.inputs if s.name not in data]
         if missing:
-            raise ValueError(f"{args.input} lacks the input(s) {', '.join(missing)}; it has "
-                             f"{', '.join(data) or 'nothing'}")
+            raise ValueError(f"{args.input}: missing input(s) {', '.join(missing)}; the file "
+                             f"has {', '.join(data) or 'nothing'}")
         inputs = {s.name: data[s.name] for s in prog.inputs}
         if task and task in data:
             inputs[task] = data[task]
