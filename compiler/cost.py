@@ -382,10 +382,26 @@ def _units(cfg):
     from vitamin.hw.ports import spad_lanes
     from vitamin.hw.rowops import LayerNormRowUnit, SoftmaxRowUnit, TopKUnit, VecUnit
     from vitamin.hw.softmax import SoftmaxUnit
-    return {"matmul": MatmulUnit(cfg), "vec": VecUnit(cfg), "topk": TopKUnit(cfg),
-            "softmax": SoftmaxRowUnit(cfg), "sm_core": SoftmaxUnit(cfg),
-            "layernorm": LayerNormRowUnit(cfg), "ln_core": LayerNormUnit(cfg),
-            "route": RouteUnit(cfg), "lanes": spad_lanes(cfg)}
+    units = {"matmul": MatmulUnit(cfg), "vec": VecUnit(cfg), "topk": TopKUnit(cfg),
+             "softmax": SoftmaxRowUnit(cfg), "sm_core": SoftmaxUnit(cfg),
+             "layernorm": LayerNormRowUnit(cfg), "ln_core": LayerNormUnit(cfg),
+             "route": RouteUnit(cfg)}
+    for u in units.values():
+        _never_elaborated(u)
+    return {**units, "lanes": spad_lanes(cfg)}
+
+
+def _never_elaborated(obj, seen=None):
+    """These components only answer cycle questions: say so to Amaranth, which otherwise warns
+    (UnusedElaboratable) about each of them and their sub-components at exit."""
+    from amaranth.hdl import Elaboratable
+    seen = set() if seen is None else seen
+    if id(obj) in seen or not isinstance(obj, Elaboratable):
+        return
+    seen.add(id(obj))
+    obj._MustUse__silence = True
+    for v in vars(obj).values():
+        _never_elaborated(v, seen)
 
 
 def _kpos_walk(spans, n, lanes) -> int:

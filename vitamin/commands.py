@@ -172,7 +172,8 @@ def _report_args(p):
 
 def build_report(prog, clock_mhz=None, inputs=None, task=None) -> dict:
     """Per-layer cycles, MACs, utilisation and DRAM bytes from the cost model (the v1 RTL's
-    sequential timing; ``v2_cycles``: the planned decoupled machine).
+    sequential timing, exact for an ``issue="v1"`` build; ``v2_cycles``: the timeline estimate of
+    the decoupled v2 machine, the default hardware, which is not cycle-exact).
 
     A program whose timing depends on its data (MoE routing) is first run on the golden model
     with ``inputs`` (float, default N(0, 1)) and ``task`` (default 0) to learn its expert queues
@@ -205,8 +206,8 @@ def build_report(prog, clock_mhz=None, inputs=None, task=None) -> dict:
         "dram_read_bytes": est.dram_read_bytes, "dram_write_bytes": est.dram_write_bytes,
         "busy": est.busy, "layers": est.layers, "machine": est.machine,
         "v2_cycles": est.v2_cycles,
-        "source": ("cost model of the v1 RTL, sequential issue" if est.machine == "v1" else
-                   "cost model of the planned v2 machine") + " (compiler/cost.py)",
+        "source": ("cost model of the v1 RTL (sequential issue, cycle-exact)" if est.machine ==
+                   "v1" else "timeline model of the v2 RTL") + " (compiler/cost.py)",
     }
 
 
@@ -267,7 +268,8 @@ def _report(args):
           f"{100 * rep['utilisation']:.1f}% MAC utilisation, {rep['latency_ms']:.3f} ms "
           f"({rep['images_per_s']:.1f} images/s) at {rep['clock_mhz']} MHz; DRAM read "
           f"{rep['dram_read_bytes'] / 1024:.0f} KiB")
-    print(f"planned v2 (decoupled LOAD/COMPUTE/STORE): {rep['v2_cycles']} cycles "
+    print(f"v2 (decoupled LOAD/COMPUTE/STORE, the default hardware; timeline estimate, not "
+          f"cycle-exact): {rep['v2_cycles']} cycles "
           f"({rep['v2_cycles'] / (rep['clock_mhz'] * 1e3):.3f} ms)")
     for m in rep.get("moe", []):
         load = " ".join(str(e["tokens"]) for e in m["experts"])
