@@ -19,7 +19,7 @@ from amaranth.lib import data, enum
 __all__ = [
     "INSTR_BITS", "INSTR_BYTES", "Opcode", "Unit", "DType", "Mem", "DmaMode", "AccIn", "OutMode",
     "Act", "SmMode", "VecOp", "ErrorCode", "Header", "Dma", "Matmul", "Softmax", "LayerNorm",
-    "TopK", "Route", "Spans", "Vec", "Mark", "End", "FORMATS", "UNIT_OF", "encode", "decode",
+    "TopK", "Route", "Spans", "Select", "Vec", "Mark", "End", "FORMATS", "UNIT_OF", "encode", "decode",
     "decode_header", "isa_table", "format_isa_table", "DecodeError", "SIGNED_FIELDS",
 ]
 
@@ -47,6 +47,7 @@ class Opcode(enum.Enum, shape=5):
     SPANS = 8
     VEC = 9
     MARK = 10
+    SELECT = 11
     END = 31
 
 
@@ -278,6 +279,23 @@ class Spans(data.Struct):
     rows_reg: 4           # REG[rows_reg] <- total rows of the spans (0: not written)
 
 
+class Select(data.Struct):
+    """DHSA budgeted key selection: chunk scores -> sink + recent + best chunks as merged spans."""
+    hdr: Header
+    n_chunks: COUNT       # number of chunks when count_reg = 0
+    count_reg: 4          # number of chunks = REG[count_reg] when != 0
+    chunk_addr: IDX_ADDR  # chunk c starts at w0 of IDX[chunk_addr + c] (strictly ascending)
+    seq: 32               # end of the last chunk
+    limit: 32             # only keys < limit are candidates (limit <= seq, limit < 2^31)
+    in_addr: SPAD_ADDR    # token scores s_j at SPAD[in_addr + j], j < limit
+    sink: COUNT           # tokens [0, sink) always selected
+    recent: COUNT         # tokens [limit - recent, limit) always selected
+    budget: 32            # tokens to select (>= 1), sink and recent included
+    out_addr: IDX_ADDR    # output spans (start, length)
+    dst_reg: 4            # REG[dst_reg] <- number of spans (0: not written)
+    rows_reg: 4           # REG[rows_reg] <- total rows of the spans (0: not written)
+
+
 class Vec(data.Struct):
     """Element-wise operations and row pooling on the scratchpad."""
     hdr: Header
@@ -311,7 +329,7 @@ class End(data.Struct):
 FORMATS: dict[Opcode, type] = {
     Opcode.LOAD: Dma, Opcode.STORE: Dma, Opcode.MATMUL: Matmul, Opcode.SOFTMAX: Softmax,
     Opcode.LAYERNORM: LayerNorm, Opcode.TOPK: TopK, Opcode.ROUTE: Route, Opcode.SPANS: Spans,
-    Opcode.VEC: Vec, Opcode.MARK: Mark, Opcode.END: End,
+    Opcode.SELECT: Select, Opcode.VEC: Vec, Opcode.MARK: Mark, Opcode.END: End,
 }
 
 UNIT_OF: dict[Opcode, Unit] = {op: Unit.COMPUTE for op in FORMATS}
