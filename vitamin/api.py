@@ -90,13 +90,15 @@ def _samples_from(graph, data) -> list:
 
 
 def compile(model, config, calibration=None, *, input_shapes=None, name=None,
-            progress=None) -> Program:
+            progress=None, block=None) -> Program:
     """Compile an ONNX model (path or ``onnx.ModelProto``) for ``config`` (preset or Config).
 
     ``calibration`` is a dict {input name: array of samples} (as in an .npz file), a list of
     {input name: array} samples, or None for the documented default (8 samples of N(0, 1)).
     ``progress(stage, seconds)`` is called after each stage (import, passes, calibration,
-    lowering, quantisation report).
+    lowering, quantisation report). A model that is one long-context ONNX Attention (dense,
+    static mask, block top-k; :mod:`vitamin.compiler.sparse`) is compiled as an attention kernel
+    with query blocks of ``block`` rows (default 128, or T when shorter).
     """
     import time
     t0 = [time.perf_counter()]
@@ -112,6 +114,22 @@ def compile(model, config, calibration=None, *, input_shapes=None, name=None,
     from .compiler.quantize import calibrate, default_calibration
 
     cfg = get_config(config)
+    from .compiler import sparse
+    kern = sparse.recognize(model, block=block) if isinstance(model, (str, Path)) or \
+        hasattr(model, "graph") else None
+    if kern is not None:        # a long-context attention kernel (compiler/sparse.py)
+        step(f"recognised {kern.mode} attention ({kern.t} tokens, {kern.heads} heads)")
+        cal = None
+        if calibration is not None:
+            cal = [{x: np.asarray(smp[x]).reshape(kern.t, -1) for x in "qkv"}
+                   for smp in (calibration if isinstance(calibration, list) else
+                               [{x: np.asarray(calibration[x])[i] for x in "qkv"}
+                                for i in range(len(calibration["q"]))])]
+        prog = sparse.compile_kernel(kern, cfg, cal)
+        prog.meta["model"] = name or (Path(model).stem if isinstance(model, (str, Path))
+                                      else kern.name)
+        step(f"lowered to {prog.n_instr} instructions")
+        return prog
     graph = frontend.load_onnx(model, input_shapes=input_shapes)
     step(f"imported ONNX ({len(graph.nodes)} nodes)")
     graph = passes.run_pipeline(graph)

@@ -1,0 +1,173 @@
+"""ONNX builders of long-context attention graphs (for tests and benchmarks).
+
+Every builder returns an ``onnx.ModelProto`` (opset 23) with graph inputs ``q [1, T, H*D]``,
+``k [1, T, Hkv*D]``, ``v [1, T, Hkv*D]`` and output ``o [1, T, H*D]``; heads are token-major
+column groups, grouped-query attention when ``kv_heads < heads`` (query head ``h`` reads
+key/value head ``h // (heads // kv_heads)``). onnxruntime runs all of them, so it is the
+reference for the sparse patterns too.
+
+``dense_causal``       Attention-23 with ``is_causal = 1``.
+``static_blocks``      Attention-23 with a constant boolean mask: causal, plus a block pattern
+                       (``sink`` first key blocks and ``local`` most recent key blocks per query
+                       block, i.e. sink + sliding window at block granularity).
+``block_topk``         the dynamic block-sparse baseline in standard ops: mean-pooled query and
+                       key blocks (key heads repeated to the query heads), block scores summed
+                       over heads, the ``topk - 1`` best EARLIER blocks (``TopK`` on the scores
+                       with later blocks pushed to -1e9, ``ScatterElements`` into a zero
+                       matrix, kept only where strictly earlier) plus the diagonal block,
+                       expanded to tokens and combined with the token-level causal mask, then
+                       Attention-23 with that boolean mask.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from onnx import TensorProto, helper, numpy_helper
+
+__all__ = ["dense_causal", "static_blocks", "block_topk", "static_block_mask",
+           "block_topk_mask", "attention_reference"]
+
+OPSET = 23
+
+
+def _io(t, h, hkv, d):
+    f = TensorProto.FLOAT
+    return ([helper.make_tensor_value_info("q", f, [1, t, h * d]),
+             helper.make_tensor_value_info("k", f, [1, t, hkv * d]),
+             helper.make_tensor_value_info("v", f, [1, t, hkv * d])],
+            [helper.make_tensor_value_info("o", f, [1, t, h * d])])
+
+
+def _model(nodes, t, h, hkv, d, inits, name):
+    ins, outs = _io(t, h, hkv, d)
+    g = helper.make_graph(nodes, name, ins, outs, inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
+def _attention(mask, h, hkv, d, causal=0):
+    ins = ["q", "k", "v"] + ([mask] if mask else [])
+    return helper.make_node("Attention", ins, ["o"], name="attention", q_num_heads=h,
+                            kv_num_heads=hkv, is_causal=causal, scale=1.0 / math.sqrt(d))
+
+
+def dense_causal(t: int, heads: int, kv_heads: int, d: int):
+    """Dense causal self-attention (Attention-23, ``is_causal = 1``)."""
+    return _model([_attention("", heads, kv_heads, d, causal=1)], t, heads, kv_heads, d, [],
+                  "dense_causal")
+
+
+def static_block_mask(t, block, sink, local):
+    """Causal token mask restricted to key blocks ``< sink`` and the ``local`` latest blocks
+    (the query's own block included)."""
+    nb = t // block
+    qb = np.arange(nb)[:, None]
+    kb = np.arange(nb)[None, :]
+    blocks = (kb <= qb) & ((kb < sink) | (kb > qb - local))
+    m = np.repeat(np.repeat(blocks, block, 0), block, 1)
+    return m & np.tril(np.ones((t, t), bool))
+
+
+def static_blocks(t, heads, kv_heads, d, block=128, sink=1, local=4):
+    """Sink + local (sliding window) attention at block granularity, as a constant mask."""
+    m = numpy_helper.from_array(static_block_mask(t, block, sink, local), "mask")
+    return _model([_attention("mask", heads, kv_heads, d)], t, heads, kv_heads, d, [m],
+                  "static_blocks")
+
+
+def block_topk_mask(q, k, heads, kv_heads, block, topk):
+    """The boolean [T, T] mask :func:`block_topk` computes (float64 NumPy; TopK ties to the
+    lower block, as ONNX)."""
+    q = np.asarray(q, dtype=np.float64).reshape(q.shape[-2], -1)
+    k = np.asarray(k, dtype=np.float64).reshape(k.shape[-2], -1)
+    t = q.shape[0]
+    d = q.shape[1] // heads
+    nb = t // block
+    krep = np.repeat(k.reshape(t, kv_heads, 1, d), heads // kv_heads, axis=2).reshape(t, -1)
+    qp = q.reshape(nb, block, -1).mean(1)
+    kp = krep.reshape(nb, block, -1).mean(1)
+    s = qp @ kp.T
+    later = np.arange(nb)[None, :] >= np.arange(nb)[:, None]
+    s = np.where(later, -1e9, s)
+    top = np.argsort(-s, axis=1, kind="stable")[:, :topk - 1]
+    sel = np.zeros((nb, nb), bool)
+    np.put_along_axis(sel, top, True, axis=1)
+    blocks = (sel & ~later) | np.eye(nb, dtype=bool)
+    m = np.repeat(np.repeat(blocks, block, 0), block, 1)
+    return m & np.tril(np.ones((t, t), bool))
+
+
+def block_topk(t, heads, kv_heads, d, block=128, topk=8):
+    """Dynamic block top-k attention written with standard ONNX ops (see the module doc)."""
+    if topk < 2:
+        raise ValueError("topk counts the diagonal block: it must be >= 2")
+    nb = t // block
+    rep = heads // kv_heads
+    c = {
+        "shape_q": np.array([nb, block, heads * d], np.int64),
+        "shape_k4": np.array([t, kv_heads, 1, d], np.int64),
+        "shape_krep": np.array([t, kv_heads, rep, d], np.int64),
+        "shape_k2": np.array([nb, block, heads * d], np.int64),
+        "axes1": np.array([1], np.int64),
+        "later": np.where(np.arange(nb)[None, :] >= np.arange(nb)[:, None], -1e9,
+                          0).astype(np.float32),
+        "kminus1": np.array([topk - 1], np.int64),
+        "zeros": np.zeros((nb, nb), np.float32),
+        "ones": np.ones((nb, topk - 1), np.float32),
+        "earlier": (np.arange(nb)[None, :] < np.arange(nb)[:, None]).astype(np.float32),
+        "eye": np.eye(nb, dtype=np.float32),
+        "half": np.array(0.5, np.float32),
+        "shape_b4": np.array([nb, 1, nb, 1], np.int64),
+        "shape_exp": np.array([nb, block, nb, block], np.int64),
+        "shape_tt": np.array([t, t], np.int64),
+        "tril": np.tril(np.ones((t, t), bool)),
+    }
+    inits = [numpy_helper.from_array(v, n) for n, v in c.items()]
+    n = helper.make_node
+    nodes = [
+        n("Reshape", ["q", "shape_q"], ["qb"], name="pool_q_reshape"),
+        n("ReduceMean", ["qb", "axes1"], ["qp"], keepdims=0, name="pool_q"),
+        n("Reshape", ["k", "shape_k4"], ["k4"], name="k_heads"),
+        n("Expand", ["k4", "shape_krep"], ["krep4"], name="k_repeat"),
+        n("Reshape", ["krep4", "shape_k2"], ["kb"], name="pool_k_reshape"),
+        n("ReduceMean", ["kb", "axes1"], ["kp"], keepdims=0, name="pool_k"),
+        n("Transpose", ["kp"], ["kpt"], perm=[1, 0], name="kp_t"),
+        n("MatMul", ["qp", "kpt"], ["bs"], name="block_scores"),
+        n("Add", ["bs", "later"], ["bsm"], name="block_causal"),
+        n("TopK", ["bsm", "kminus1"], ["tv", "ti"], axis=-1, name="block_topk"),
+        n("ScatterElements", ["zeros", "ti", "ones"], ["sel"], axis=-1, name="block_select"),
+        n("Mul", ["sel", "earlier"], ["sel_e"], name="keep_earlier"),
+        n("Add", ["sel_e", "eye"], ["blk"], name="plus_diagonal"),
+        n("Greater", ["blk", "half"], ["blkb"], name="block_mask"),
+        n("Reshape", ["blkb", "shape_b4"], ["b4"], name="mask_b4"),
+        n("Expand", ["b4", "shape_exp"], ["bexp"], name="mask_expand"),
+        n("Reshape", ["bexp", "shape_tt"], ["tok"], name="mask_tokens"),
+        n("And", ["tok", "tril"], ["mask"], name="mask_causal"),
+        _attention("mask", heads, kv_heads, d),
+    ]
+    return _model(nodes, t, heads, kv_heads, d, inits, "block_topk")
+
+
+def attention_reference(q, k, v, heads, kv_heads, mask=None, causal=False):
+    """Float64 attention of token-major ``q [T, H*D]``, ``k, v [T, Hkv*D]`` under a boolean
+    mask (True = attend); a row without any key gives zeros (ONNX Attention-23)."""
+    q = np.asarray(q, np.float64).reshape(q.shape[-2], -1)
+    k = np.asarray(k, np.float64).reshape(k.shape[-2], -1)
+    v = np.asarray(v, np.float64).reshape(v.shape[-2], -1)
+    t, tk = q.shape[0], k.shape[0]
+    d = q.shape[1] // heads
+    m = np.ones((t, tk), bool) if mask is None else np.asarray(mask, bool)
+    if causal:
+        m = m & np.tril(np.ones((t, tk), bool))
+    out = np.zeros((t, heads * d))
+    for h in range(heads):
+        g = h // (heads // kv_heads)
+        s = q[:, h * d:(h + 1) * d] @ k[:, g * d:(g + 1) * d].T / math.sqrt(d)
+        s = np.where(m, s, -np.inf)
+        mx = np.max(s, axis=1, keepdims=True)
+        e = np.where(m, np.exp(s - np.where(np.isfinite(mx), mx, 0)), 0)
+        den = e.sum(1, keepdims=True)
+        p = np.divide(e, den, out=np.zeros_like(e), where=den > 0)
+        out[:, h * d:(h + 1) * d] = p @ v[:, g * d:(g + 1) * d]
+    return out
