@@ -635,6 +635,31 @@ class Machine:
         if f["rows_reg"]:
             self.regs[f["rows_reg"]] = sum(b for _, b in sp)
 
+    def op_select(self, f):
+        cfg = self.cfg
+        limit = f["limit"]
+        self.field_check(f["budget"] >= 1, "budget must be >= 1")
+        self.field_check(limit <= f["seq"], f"limit = {limit} exceeds seq = {f['seq']}")
+        self.field_check(limit < (1 << 31), f"limit = {limit} must be below 2^31")
+        cnt = int(self.regs[f["count_reg"]]) if f["count_reg"] else f["n_chunks"]
+        self.idx_check(f["chunk_addr"], cnt, "chunk list")
+        if limit > 0 and f["in_addr"] + limit > cfg.spad_words:
+            self.fault(ErrorCode.SPAD_RANGE, f"chunk scores {f['in_addr']:#x}.."
+                       f"{f['in_addr'] + limit - 1:#x} outside 0..{cfg.spad_words - 1:#x}")
+        starts = self.idx[f["chunk_addr"]:f["chunk_addr"] + cnt, 0].copy()
+        if cnt and (starts[0] < 0 or (np.diff(starts) <= 0).any()):
+            self.fault(ErrorCode.BAD_FIELD, "chunk starts must be >= 0 and strictly ascending")
+        s = self.spad[f["in_addr"]:f["in_addr"] + limit] if limit > 0 else \
+            np.zeros(0, dtype=np.int64)
+        sp = units.select(starts, f["seq"], limit, s, f["sink"], f["recent"], f["budget"], cfg)
+        self.idx_check(f["out_addr"], len(sp), "span output")
+        for i, (a, b) in enumerate(sp):
+            self.idx[f["out_addr"] + i] = (a, b)
+        if f["dst_reg"]:
+            self.regs[f["dst_reg"]] = len(sp)
+        if f["rows_reg"]:
+            self.regs[f["rows_reg"]] = sum(b for _, b in sp)
+
     def op_vec(self, f):
         m, n, op = f["m"], f["n"], f["op"]
         self.dim_ok(m, "m")

@@ -16,7 +16,7 @@ from .tables import interp, table, table_spec
 __all__ = [
     "GELU_FRAC", "LN_FRAC", "exp_shift", "matmul_exact", "exp2_neg", "recip_norm", "rsqrt_norm",
     "gelu_fx", "epilogue", "softmax_full", "softmax_online", "RowState", "layernorm",
-    "topk", "route", "spans", "vec",
+    "topk", "route", "spans", "select", "select_scores", "vec",
 ]
 
 GELU_FRAC = 16   # the GELU stage works on Q.16 values in 32 bits
@@ -278,6 +278,64 @@ def spans(blocks, block: int, sink: int, diag_lo: int, diag_n: int, limit: int):
             out[-1][1] = end - out[-1][0]
         else:
             out.append([start, end - start])
+    return out
+
+
+def select_scores(starts, seq: int, limit: int, s, config):
+    """DHSA chunk scores: ``[(score, a, e')]`` of the candidate chunks (starts ``a < limit``).
+
+    Chunk ``c`` is ``[starts[c], starts[c + 1])`` (the last one ends at ``seq``), clipped to
+    ``e' = min(e, limit)``; ``score = rnd(S * r, 15 + k)`` with ``S`` the exact sum of the token
+    scores ``s[a:e']`` and ``(r, k) = rsqrt_norm(e' - a)``. ``starts`` must be ascending.
+    """
+    starts = [int(a) for a in starts]
+    out = []
+    for c, a in enumerate(starts):
+        if a >= limit:
+            break
+        e = starts[c + 1] if c + 1 < len(starts) else int(seq)
+        e2 = min(e, int(limit))
+        total = int(np.asarray(s[a:e2], dtype=np.int64).sum())
+        r, k = rsqrt_norm(e2 - a, config)
+        out.append((int(rshift_round(total * int(r), 15 + int(k))), a, e2))
+    return out
+
+
+def select(starts, seq: int, limit: int, s, sink: int, recent: int, budget: int, config):
+    """DHSA budgeted selection (docs/ISA.md, SELECT): ascending merged ``[start, length]`` spans.
+
+    Forced tokens ``F = [0, min(sink, limit)) U [max(0, limit - recent), limit)``; the rest of
+    the budget goes to the candidate chunks (:func:`select_scores`) in descending score, ties to
+    the lower chunk index, each giving the first tokens of its part outside ``F``.
+    """
+    limit = int(limit)
+    chunks = select_scores(starts, seq, limit, s, config)
+    sk = min(int(sink), limit)
+    rs = max(0, limit - int(recent))
+    n_forced = limit if sk >= rs else sk + (limit - rs)
+    left = int(budget) - n_forced
+    pieces = [(0, sk)] if sk > 0 else []
+    taken = []
+    if left > 0:
+        order = sorted(range(len(chunks)), key=lambda c: (-chunks[c][0], c))
+        for c in order:
+            _, a, e2 = chunks[c]
+            lo, hi = max(a, sk), min(e2, rs)
+            t = min(left, max(0, hi - lo))
+            if t:
+                taken.append((lo, lo + t))
+                left -= t
+            if left == 0:
+                break
+    pieces += sorted(taken)
+    if rs < limit:
+        pieces.append((rs, limit))
+    out = []
+    for a, e in sorted(pieces):
+        if out and a <= out[-1][0] + out[-1][1]:
+            out[-1][1] = max(out[-1][0] + out[-1][1], e) - out[-1][0]
+        else:
+            out.append([a, e - a])
     return out
 
 

@@ -27,7 +27,7 @@ def _decode(prog):
 def test_200_random_programs_run_ok_on_golden():
     seen = set()
     for seed in range(200):
-        rp = random_program(TINY, seed, n_instr=25)
+        rp = random_program(TINY, seed, n_instr=25, opcodes=GENERATED_OPCODES)
         res = simulate(TINY, _image(rp), rp.program.n_instr, regs=rp.regs)
         assert res.ok, (seed, res.status, res.error_pc, res.message)
         assert res.counters["instructions"] == rp.program.n_instr
@@ -48,6 +48,16 @@ def test_state_dump():
         m.step(op, f)
     np.testing.assert_array_equal(rp.program.read_tensor(res.dram, "dump_spad"), m.spad)
     np.testing.assert_array_equal(rp.program.read_tensor(res.dram, "dump_idx"), m.idx)
+
+
+def test_select_only_on_request():
+    # the default programs (those of the cost model's tests) are drawn without SELECT
+    ops = set()
+    for seed in range(10):
+        ops |= {op for op, _ in _decode(random_program(TINY, seed, n_instr=25).program)}
+    assert Opcode.SELECT not in ops and Opcode.SPANS in ops
+    rp = random_program(TINY, 0, n_instr=30, opcodes=[Opcode.LOAD, Opcode.SELECT])
+    assert Opcode.SELECT in {op for op, _ in _decode(rp.program)}
 
 
 def test_same_seed_same_program():

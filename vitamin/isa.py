@@ -19,8 +19,8 @@ from amaranth.lib import data, enum
 __all__ = [
     "INSTR_BITS", "INSTR_BYTES", "Opcode", "Unit", "DType", "Mem", "DmaMode", "AccIn", "OutMode",
     "Act", "SmMode", "VecOp", "ErrorCode", "Header", "Dma", "Matmul", "Softmax", "LayerNorm",
-    "TopK", "Route", "Spans", "Select", "Vec", "Mark", "End", "FORMATS", "UNIT_OF", "encode", "decode",
-    "decode_header", "isa_table", "format_isa_table", "DecodeError", "SIGNED_FIELDS",
+    "TopK", "Route", "Spans", "Select", "Vec", "Mark", "End", "FORMATS", "UNIT_OF", "encode",
+    "decode", "decode_header", "isa_table", "format_isa_table", "DecodeError", "SIGNED_FIELDS",
 ]
 
 INSTR_BITS = 512
