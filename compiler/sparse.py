@@ -331,6 +331,11 @@ def compile_kernel(kern: Kernel, config, calibration=None, *, chunk: int | None 
     while cap > b and fixed + al(b * cap) + 4 * al(cap * d) > cfg.spad_words:
         cap //= 2
     cap = max(b, cap // b * b)
+    if kern.mode == "block_topk" and cap < lmax:
+        raise CompileError(f"attention {kern.name!r}: the {lmax} gathered keys of a query block "
+                           f"({kern.topk} blocks of {b}) with {h} heads of {d} do not fit the "
+                           f"scratchpad of {cfg.name!r} ({cfg.spad_words} words); use a smaller "
+                           f"block or budget, or a larger configuration")
     if fixed + al(b * cap) + 4 * al(cap * d) > cfg.spad_words:
         raise CompileError(f"attention {kern.name!r}: a query block of {b} rows with {d}-wide "
                            f"heads does not fit the scratchpad of {cfg.name!r} "
@@ -339,6 +344,10 @@ def compile_kernel(kern: Kernel, config, calibration=None, *, chunk: int | None 
     # ONLINE (several key chunks) keeps every head of a group in the accumulator and row state
     multi = kern.mode != "block_topk" and cap < lmax
     live = rep if multi else 1
+    # not enough for every head of a group at once: one head per unit (K/V read per head)
+    split = multi and (rep * acc_pv + 2 * b > cfg.acc_lines or rep * b > cfg.rowstate_rows)
+    if split:
+        live = 1
     if live * acc_pv + 2 * b > cfg.acc_lines or live * b > cfg.rowstate_rows or \
             b > cfg.max_dim:
         raise CompileError(f"attention {kern.name!r}: block {b} with {live} live heads needs "
@@ -406,12 +415,17 @@ def compile_kernel(kern: Kernel, config, calibration=None, *, chunk: int | None 
     # ---- units: (kind, qb, g, head list, key spans or None (gathered), chunk index, chunks)
     units = []
     if kern.mode == "block_topk":
-        pool_rows = max(b, (cap * d) // (hkv * d) // b * b)
+        pool_rows = (cap * d) // (hkv * d) // b * b
+        if pool_rows < b:
+            raise CompileError(f"attention {kern.name!r}: pooling a block of {b} keys with "
+                               f"{hkv} key heads does not fit the key buffer; use a smaller "
+                               f"block")
         for r0 in range(0, t, pool_rows):
             units.append({"kind": "pool", "r0": r0, "rows": min(pool_rows, t - r0)})
     for qb in range(nb):
-        for gg in range(hkv):
-            heads_g = list(range(gg * rep, (gg + 1) * rep))
+        groups = [(gg, [hh]) for gg in range(hkv) for hh in range(gg * rep, (gg + 1) * rep)] \
+            if split else [(gg, list(range(gg * rep, (gg + 1) * rep))) for gg in range(hkv)]
+        for gg, heads_g in groups:
             if kern.mode == "block_topk":
                 units.append({"kind": "att", "qb": qb, "g": gg, "heads": heads_g,
                               "gather": True, "spans": None,
@@ -539,7 +553,7 @@ def compile_kernel(kern: Kernel, config, calibration=None, *, chunk: int | None 
         causal = 1 if kern.causal else 0
         last_unit = i == last_of_qb[qb]
         for j, hh in enumerate(u["heads"]):
-            push = {"push_next": 1} if last_unit and j == rep - 1 else {}  # O block complete
+            push = {"push_next": 1} if last_unit and j == len(u["heads"]) - 1 else {}
             a.matmul(m=b, k=d, n=L, a_addr=qs + hh * d, a_stride=h * d, b_addr=KS[slot],
                      b_stride=d, b_trans=1, out=OutMode.SPAD, out_addr=S, out_stride=L,
                      mult=mq, shift=shq, acc_addr=live * acc_pv, **tok)
