@@ -59,6 +59,8 @@ SYNC_REQ = 0xA5
 SYNC_RSP = 0x5A
 #: Largest payload of one frame in 32-bit words (the bridge's buffer).
 MAX_WORDS = 64
+#: Bytes of register space behind the bridge (the accelerator's 12-bit AXI4-Lite addresses).
+REG_SPACE = 4096
 #: Value read by :attr:`Cmd.PING` (protocol version 1).
 BRIDGE_ID = 0x56420001
 
@@ -80,7 +82,8 @@ class Status(enum.IntEnum):
     BAD_CMD = 2          # unknown command
     BAD_LEN = 3          # count 0 or > MAX_WORDS (or PING with count != 1)
     TIMEOUT = 4          # the request stopped arriving (truncated frame)
-    BUS_ERROR = 5        # the AXI / AXI4-Lite response was not OKAY
+    BUS_ERROR = 5        # an AXI response was not OKAY (the words before it were done), or a
+                         # register access beyond REG_SPACE (nothing done)
     BAD_ALIGN = 6        # address not 4-byte aligned
 
 
@@ -281,14 +284,18 @@ class BridgeTransport(Transport):
         response before :class:`BridgeError` / :class:`DeviceTimeout` is raised.
     mem_size : int
         Size of the board's memory (the ULX3S has 32 MiB of SDRAM).
+    resync_delay : float
+        Seconds of silence before a retry, longer than the bridge's inter-byte timeout (64
+        byte times: 0.64 ms at 1 Mbaud), so that a partial frame is dropped first.
     """
 
     def __init__(self, port, *, timeout: float = 1.0, retries: int = 3,
-                 mem_size: int = 32 << 20):
+                 mem_size: int = 32 << 20, resync_delay: float = 0.005):
         self.port = port
         self.timeout = timeout
         self.retries = retries
         self.mem_size = mem_size
+        self.resync_delay = resync_delay
         self.stats = {"frames": 0, "retries": 0, "bytes_out": 0, "bytes_in": 0}
 
     def _recv(self, n, deadline):
@@ -308,6 +315,8 @@ class BridgeTransport(Transport):
         for attempt in range(self.retries + 1):
             if attempt:
                 self.stats["retries"] += 1
+                # let the bridge's inter-byte timeout drop any partial frame it still holds
+                time.sleep(self.resync_delay)
             if hasattr(self.port, "reset_input_buffer"):
                 self.port.reset_input_buffer()
             self.port.write(frame)
@@ -438,6 +447,8 @@ class BridgeModel:
             self.out += encode_response(Status.BAD_LEN)
         elif addr % 4:
             self.out += encode_response(Status.BAD_ALIGN)
+        elif cmd in (Cmd.READ_REG, Cmd.WRITE_REG) and addr + 4 * count > REG_SPACE:
+            self.out += encode_response(Status.BUS_ERROR)
         else:
             try:
                 rsp = self._apply(Cmd(cmd), addr, count, payload)
