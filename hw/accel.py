@@ -151,7 +151,8 @@ COUNTERS = {
 }
 
 #: Modules searched by :func:`discover_units`, in this order.
-UNIT_MODULES = ("vitamin.hw.dma", "vitamin.hw.matmul", "vitamin.hw.rowops", "vitamin.hw.idxops")
+UNIT_MODULES = ("vitamin.hw.dma", "vitamin.hw.matmul", "vitamin.hw.rowops", "vitamin.hw.idxops",
+                "vitamin.hw.select")
 
 
 class AxiLite(wiring.Signature):

@@ -1,0 +1,468 @@
+"""SELECT: DHSA budgeted key selection (docs/ISA.md, SELECT; golden ``Machine.op_select`` with
+``golden.units.select``).
+
+One instruction per ``ctl.start`` pulse, with the ``busy``/``done``/``error`` handshake of the
+index-memory units (:mod:`vitamin.hw.idxops`): ``busy`` from the cycle after ``start`` up to the
+last cycle of the instruction, ``done`` one cycle after that. Every check happens before the
+first write, so a faulting SELECT leaves the index memory and the registers as they were.
+
+Micro-architecture (sequential, one memory of chunk entries)
+-------------------------------------------------------------
+A local memory ``chunks`` of ``cfg.idx_entries`` entries (the largest chunk list: the whole index
+memory, so no extra limit) holds per candidate chunk ``(avail, score, lo, n, t)``. Phases::
+
+    CHECK   fields (BAD_FIELD), count register >= 0 (BAD_FIELD), chunk list (IDX_RANGE), score
+            region (SPAD_RANGE); F = [0, sk) U [rs, limit) and R = budget - |F|
+    LIST    read the cnt chunk starts (one per cycle), check >= 0 and strictly ascending; chunk
+            c = [a_c, min(a_(c+1), limit)) with a_c < limit goes to chunks[c] as (lo = a_c,
+            n = length); N = number of candidates (a prefix of the list)
+    LAST    the last chunk (ends at seq); BAD_FIELD here if a start was out of order
+    SCORE   for c < N: scratchpad reads of spad_lanes words from in_addr + a_c (ceil(l /
+            spad_lanes) reads, lanes beyond the chunk masked), summed exactly; then
+            (r, k) = rsqrt_norm(l) from the shared interpolated ROM (hw/rom.py, contents from
+            golden/tables.py), score = rnd(S * r, 15 + k); chunks[c] <- (n' > 0, score, lo',
+            n', 0) with [lo', lo' + n') the chunk's tokens outside F. Chunks follow each other
+            without a gap; the score pipeline is fully pipelined (one chunk per cycle).
+    SELECT  while R > 0: scan the N entries (one per cycle) for the best available one
+            (highest score, the first of equal ones); take t = min(R, n') of it
+            (chunks[c].t <- t, avail <- 0), R -= t; stop when R = 0 or none is left
+    WALK    merge the pieces [0, sk), [lo'_c, lo'_c + t_c) (c ascending), [rs, limit) into
+            spans: a first walk counts them (out_addr + spans <= idx_entries, else IDX_RANGE),
+            a second one writes them
+    REGS    REG[dst_reg] <- spans, then REG[rows_reg] <- rows (rows win when equal)
+
+Cycles from ``start`` to ``done`` of a SELECT that does not fault (:meth:`SelectUnit.cycles`,
+exact; :func:`select_cycles` derives its arguments from the instruction and the data)::
+
+    3 + (cnt + 1)                                   CHECK, LIST, LAST, first entry read
+    + (N > 0) * (sum_c ceil(l_c / spad_lanes) + SCORE_DRAIN)    SCORE
+    + 1 + iters * (N + 2)                           SELECT: start, scans
+    + 2 * (N + 5)                                   two walks
+    + 3                                             registers, done
+    = cnt + 8 + (N > 0) * (sum_c ceil(l_c / spad_lanes) + 10) + iters * (N + 2) + 2 * (N + 5)
+
+with ``l_c`` the clipped chunk lengths, ``SCORE_DRAIN`` the depth of the score pipeline (10) and
+``iters`` the number of scans: 0 when ``R <= 0`` or ``N = 0``, else the number of chunks that
+give tokens plus 1 when the budget is not used up by them. A fault is reported after CHECK
+(2 cycles), after LAST (``cnt + 4``) or after the counting walk. E.g. 32 chunks of 128 tokens
+(4096 keys, all below the limit), budget 1024 with 128 sink and 128 recent tokens, 16 lanes:
+40 + SCORE 32 * 8 + 10 + 6 scans of 34 + walks 74 = 584 cycles.
+
+Widths: chunk lengths are at most ``spad_words`` (the score region lies in the scratchpad), so
+a chunk sum fits ``17 + bits(spad_words)`` bits and ``|score| < 2^28``; starts, lengths and the
+row count are below ``limit < 2^31``.
+"""
+
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.lib import data, wiring
+from amaranth.lib.memory import Memory
+from amaranth.lib.wiring import In, Out
+
+from vitamin.config import get_config
+from vitamin.golden import units
+from vitamin.golden.tables import make_table, table_spec
+from vitamin.isa import ErrorCode, Opcode, Select
+
+from .idxops import _Control
+from .ports import SPAD_READ_LATENCY, IdxPort, RegPort, SpadPort, UnitControl, spad_lanes
+from .rom import INTERP_LATENCY, build_interp, interp_input_bits
+
+__all__ = ["SelectUnit", "select_cycles", "SCORE_DRAIN"]
+
+#: Cycles from the last scratchpad read of the SCORE phase to the end of the phase: read latency,
+#: the sum, the table pipeline, the product, the rounding, the entry write.
+SCORE_DRAIN = SPAD_READ_LATENCY + 1 + INTERP_LATENCY + 2 + 1
+
+
+def _bits(n: int) -> int:
+    return max(1, (n - 1).bit_length())
+
+
+def select_cycles(config, fields, starts, scores) -> int:
+    """Cycles of a SELECT that does not fault: ``fields`` as decoded (``count`` taken from
+    ``len(starts)``), ``starts`` the ``cnt`` chunk starts, ``scores`` the token scores
+    ``SPAD[in_addr + j]`` (at least ``limit`` of them)."""
+    cfg = get_config(config)
+    limit = fields["limit"]
+    chunks = units.select_scores(starts, fields["seq"], limit, scores, cfg)
+    sk = min(fields["sink"], limit)
+    rs = max(0, limit - fields["recent"])
+    left = fields["budget"] - (limit if sk >= rs else sk + limit - rs)
+    iters = 0
+    if left > 0 and chunks:
+        avail = [max(0, min(e, rs) - max(a, sk)) for _, a, e in chunks]
+        order = sorted((c for c in range(len(chunks)) if avail[c]),
+                       key=lambda c: (-chunks[c][0], c))
+        for c in order:
+            iters += 1
+            left -= min(left, avail[c])
+            if left == 0:
+                break
+        else:
+            iters += 1
+    return SelectUnit.cycles(cfg, len(starts), [e - a for _, a, e in chunks], iters)
+
+
+class SelectUnit(wiring.Component):
+    """SELECT: chunk scores, budgeted selection and the merged span list (module docstring).
+
+    Parameters
+    ----------
+    config : Config or str
+        The accelerator configuration (``idx_entries``, ``spad_words``, the rsqrt table).
+
+    Ports
+    -----
+    ctl : In(UnitControl())
+        One SELECT instruction per ``start`` pulse.
+    spad : Out(SpadPort(config))
+        Reads the token scores (never writes).
+    idx : Out(IdxPort(config))
+        Reads the chunk list, writes the spans.
+    regs : Out(RegPort())
+        Reads ``REG[count_reg]``; writes ``REG[dst_reg]`` and ``REG[rows_reg]``.
+    """
+
+    OPCODES = (Opcode.SELECT,)
+
+    def __init__(self, config):
+        self._cfg = get_config(config)
+        super().__init__({
+            "ctl": In(UnitControl()),
+            "spad": Out(SpadPort(self._cfg)),
+            "idx": Out(IdxPort(self._cfg)),
+            "regs": Out(RegPort()),
+        })
+
+    @property
+    def config(self):
+        return self._cfg
+
+    @staticmethod
+    def cycles(config, cnt: int, lens, iters: int) -> int:
+        """Cycles from ``start`` to ``done`` of a SELECT that does not fault: ``cnt`` chunks in
+        the list, ``lens`` the clipped lengths of the ``N`` candidate chunks, ``iters`` the
+        selection scans (module docstring)."""
+        lanes = spad_lanes(get_config(config))
+        n = len(lens)
+        score = sum(-(-int(v) // lanes) for v in lens) + SCORE_DRAIN if n else 0
+        return 3 + (cnt + 1) + score + 1 + iters * (n + 2) + 2 * (n + 5) + 3
+
+    def elaborate(self, platform):
+        cfg = self._cfg
+        m = Module()
+        n_ent = cfg.idx_entries
+        lanes = spad_lanes(cfg)
+        ctl = _Control(m, self.ctl, Select)
+        f = ctl.f
+        idx, sp, rp = self.idx, self.spad, self.regs
+
+        lw = cfg.spad_words.bit_length()          # lengths 0 .. spad_words
+        sw = 17 + lw                              # |chunk sum| <= 2^15 * spad_words
+        ent = data.StructLayout({"avail": 1, "score": signed(32), "lo": unsigned(31),
+                                 "n": unsigned(lw), "t": unsigned(lw)})
+        m.submodules.chunks = mem = Memory(shape=ent, depth=n_ent, init=[])
+        self.chunk_mem = mem
+        mw = mem.write_port()
+        mr = mem.read_port()
+        rd = mr.data
+        # the read port's enable resets to 1: hold the data unless a state reads
+        m.d.comb += mr.en.eq(0)
+
+        limit = f.limit[:31]
+        nb = _bits(n_ent + 1) + 1
+        cnt = Signal(nb)                  # chunks in the list
+        ncand = Signal(nb)                # N: candidate chunks
+        ri = Signal(nb)                   # read counter (LIST, SELECT scans, walks)
+        s1_v = Signal()                   # data of the read issued last cycle
+        s1_i = Signal(nb)
+        m.d.sync += s1_v.eq(0)
+        prev = Signal(signed(32))         # last chunk start read
+        bad = Signal()
+        sk = Signal(31)                   # F = [0, sk) U [rs, limit)
+        rs = Signal(31)
+        left = Signal(signed(34))         # R
+        emit = Signal()                   # the walk writes spans
+
+        # -- CHECK ----------------------------------------------------------------------------
+        reg_cnt = rp.regs[f.count_reg]
+        cnt_c = Signal(signed(33))
+        m.d.comb += cnt_c.eq(Mux(f.count_reg != 0, reg_cnt, f.n_chunks))
+        sk_c = Mux(f.sink < limit, f.sink, limit)
+        rs_c = Mux(limit > f.recent, limit - f.recent, 0)
+        nf_c = Mux(sk_c >= rs_c, limit, sk_c + (limit - rs_c))
+        checks = [
+            ((f.budget == 0) | (f.limit > f.seq) | f.limit[31], ErrorCode.BAD_FIELD),
+            (cnt_c < 0, ErrorCode.BAD_FIELD),
+            (f.chunk_addr + cnt_c[:32] > n_ent, ErrorCode.IDX_RANGE),
+            ((limit != 0) & (f.in_addr + limit > cfg.spad_words), ErrorCode.SPAD_RANGE),
+        ]
+        err = Const(ErrorCode.OK.value, 4)
+        for cond, code in reversed(checks):
+            err = Mux(cond, code.value, err)
+
+        # -- SCORE datapath ---------------------------------------------------------------------
+        a_cur = rd.lo                     # the chunk being read (held by the read port)
+        l_cur = rd.n
+        c_cur = Signal(nb)
+        off = Signal(lw + 1)
+        sc_issue = Signal()
+        tag = data.StructLayout({"valid": 1, "first": 1, "last": 1, "c": nb, "a": 31,
+                                 "l": lw, "mask": lanes})
+        tags = [Signal(tag, name=f"tag{i}") for i in range(SPAD_READ_LATENCY + 1)]
+        for i in range(SPAD_READ_LATENCY):
+            m.d.sync += tags[i + 1].eq(tags[i])
+        t0, ta = tags[0], tags[-1]
+        rem = Signal(lw + 1)
+        m.d.comb += [
+            rem.eq(l_cur - off),
+            sp.rd_en.eq(sc_issue),
+            sp.rd_addr.eq(f.in_addr + a_cur + off),
+            t0.valid.eq(sc_issue), t0.first.eq(off == 0), t0.last.eq(rem <= lanes),
+            t0.c.eq(c_cur), t0.a.eq(a_cur), t0.l.eq(l_cur),
+            t0.mask.eq(Cat(rem > i for i in range(lanes))),
+        ]
+        acc = Signal(signed(sw))
+        lane_sum = sum(Mux(ta.mask[i], sp.rd_data[i], 0) for i in range(lanes))
+        acc_n = Signal(signed(sw))
+        m.d.comb += acc_n.eq(Mux(ta.first, 0, acc) + lane_sum)
+        with m.If(ta.valid):
+            m.d.sync += acc.eq(acc_n)
+        # P0: a finished chunk sum
+        pipe = data.StructLayout({"valid": 1, "s": signed(sw), "c": nb, "a": 31, "l": lw,
+                                  "k": 5})
+        p0 = Signal(pipe)
+        m.d.sync += [p0.valid.eq(ta.valid & ta.last), p0.s.eq(acc_n), p0.c.eq(ta.c),
+                     p0.a.eq(ta.a), p0.l.eq(ta.l)]
+        # rsqrt_norm(l): k = (bitlen(l) - 1) // 2, u = l * 2^(16 - 2k) (truncating)
+        blen = Signal(range(lw + 1))
+        for i in range(lw):
+            with m.If(p0.l[i]):
+                m.d.comb += blen.eq(i + 1)
+        k0 = Signal(5)
+        m.d.comb += k0.eq((blen - 1) >> 1)
+        spec = table_spec("rsqrt", cfg)
+        ub = interp_input_bits(spec)
+        u = Signal(ub)
+        shl = Signal(6)
+        m.d.comb += shl.eq(16 - 2 * k0)
+        with m.If(2 * k0 >= 16):
+            m.d.comb += u.eq(p0.l >> (2 * k0 - 16)[:6])
+        with m.Else():
+            m.d.comb += u.eq(p0.l << shl)
+        [r_out] = build_interp(m, spec, make_table("rsqrt", cfg), [u], Const(1, 1), name="rsqrt")
+        dl = [p0]
+        for i in range(INTERP_LATENCY):
+            d = Signal(pipe, name=f"d{i + 1}")
+            m.d.sync += d.eq(dl[-1])
+            if i == 0:
+                m.d.sync += d.k.eq(k0)
+            dl.append(d)
+        d4 = dl[-1]
+        # P5: the product; P6: the rounded score and the chunk's tokens outside F
+        p5 = Signal(data.StructLayout({"valid": 1, "prod": signed(sw + 17), "c": nb, "a": 31,
+                                       "l": lw, "k": 5}))
+        m.d.sync += [p5.valid.eq(d4.valid), p5.prod.eq(d4.s * r_out), p5.c.eq(d4.c),
+                     p5.a.eq(d4.a), p5.l.eq(d4.l), p5.k.eq(d4.k)]
+        score = ((p5.prod >> (14 + p5.k)) + 1) >> 1
+        e_ = p5.a + p5.l
+        lo_c = Mux(p5.a > sk, p5.a, sk)
+        hi_c = Mux(e_ < rs, e_, rs)
+        p6 = Signal(data.StructLayout({"valid": 1, "score": signed(32), "c": nb, "lo": 31,
+                                       "n": lw}))
+        m.d.sync += [p6.valid.eq(p5.valid), p6.score.eq(score), p6.c.eq(p5.c), p6.lo.eq(lo_c),
+                     p6.n.eq(Mux(hi_c > lo_c, hi_c - lo_c, 0))]
+        pipe_busy = Cat(*[t.valid for t in tags[1:]], p0.valid,
+                        *[d.valid for d in dl[1:]], p5.valid, p6.valid).any()
+
+        # -- SELECT state ---------------------------------------------------------------------
+        have = Signal()
+        best = Signal(signed(32))
+        bi = Signal(nb)
+        b_lo = Signal(31)
+        b_n = Signal(lw)
+        take = Signal(lw)
+        m.d.comb += take.eq(Mux(left < b_n, left[:lw], b_n))
+
+        # -- WALK state -----------------------------------------------------------------------
+        open_ = Signal()
+        sp_s = Signal(31)
+        sp_e = Signal(32)
+        count = Signal(nb + 1)
+        rows = Signal(32)
+
+        def emit_span():
+            length = Signal(32)
+            m.d.comb += length.eq(sp_e - sp_s)
+            with m.If(emit):
+                m.d.comb += [idx.wr_en.eq(1), idx.wr_addr.eq(f.out_addr + count),
+                             idx.wr_data.a.eq(sp_s), idx.wr_data.b.eq(length)]
+            m.d.sync += [count.eq(count + 1), rows.eq(rows + length)]
+
+        def piece(s, e):
+            """Merge the piece [s, e) (s ascending) into the open span."""
+            with m.If(open_ & (s <= sp_e)):
+                with m.If(e > sp_e):
+                    m.d.sync += sp_e.eq(e)
+            with m.Else():
+                with m.If(open_):
+                    emit_span()
+                m.d.sync += [sp_s.eq(s), sp_e.eq(e), open_.eq(1)]
+
+        def start_walk():
+            m.d.sync += [open_.eq(0), count.eq(0), rows.eq(0), ri.eq(0)]
+            m.next = "W_SINK"
+
+        with m.FSM() as fsm:
+            with m.State("IDLE"):
+                ctl.idle(self.ctl, "CHECK")
+
+            with m.State("CHECK"):
+                m.d.sync += [cnt.eq(cnt_c[:nb]), ri.eq(0), ncand.eq(0), bad.eq(0),
+                             sk.eq(sk_c), rs.eq(rs_c), left.eq(f.budget - nf_c)]
+                with m.If(err != ErrorCode.OK):
+                    ctl.finish(err)
+                with m.Else():
+                    m.next = "LIST"
+
+            with m.State("LIST"):
+                issue = ri < cnt
+                m.d.comb += [idx.rd_en.eq(issue), idx.rd_addr.eq(f.chunk_addr + ri)]
+                with m.If(issue):
+                    m.d.sync += [ri.eq(ri + 1), s1_v.eq(1), s1_i.eq(ri)]
+                a_in = idx.rd_data.a
+                with m.If(s1_v):
+                    m.d.sync += prev.eq(a_in)
+                    with m.If(s1_i == 0):
+                        with m.If(a_in < 0):
+                            m.d.sync += bad.eq(1)
+                    with m.Else():
+                        with m.If(a_in <= prev):
+                            m.d.sync += bad.eq(1)
+                        with m.If(prev < limit):
+                            e_in = Mux(a_in < limit, a_in, limit)
+                            m.d.comb += [mw.en.eq(1), mw.addr.eq(s1_i - 1),
+                                         mw.data.lo.eq(prev), mw.data.n.eq(e_in - prev)]
+                            m.d.sync += ncand.eq(s1_i)
+                with m.If(~issue):
+                    m.next = "LAST"
+
+            with m.State("LAST"):
+                with m.If((cnt != 0) & (prev < limit)):
+                    m.d.comb += [mw.en.eq(1), mw.addr.eq(cnt - 1), mw.data.lo.eq(prev),
+                                 mw.data.n.eq(limit - prev)]
+                    m.d.sync += ncand.eq(cnt)
+                with m.If(bad):
+                    ctl.finish(ErrorCode.BAD_FIELD)
+                with m.Else():
+                    m.next = "SC_FETCH"
+
+            with m.State("SC_FETCH"):
+                m.d.comb += [mr.en.eq(1), mr.addr.eq(0)]
+                m.d.sync += [c_cur.eq(0), off.eq(0)]
+                with m.If(ncand == 0):
+                    m.next = "SEL_INIT"
+                with m.Else():
+                    m.next = "SC_ISSUE"
+
+            with m.State("SC_ISSUE"):
+                m.d.comb += sc_issue.eq(1)
+                with m.If(rem <= lanes):
+                    m.d.comb += [mr.en.eq(1), mr.addr.eq(c_cur + 1)]
+                    m.d.sync += [c_cur.eq(c_cur + 1), off.eq(0)]
+                    with m.If(c_cur + 1 == ncand):
+                        m.next = "SC_DRAIN"
+                with m.Else():
+                    m.d.sync += off.eq(off + lanes)
+
+            with m.State("SC_DRAIN"):
+                with m.If(~pipe_busy):
+                    m.next = "SEL_INIT"
+
+            with m.State("SEL_INIT"):
+                # every score entry is written (SC_DRAIN waits for the last write)
+                m.d.sync += [ri.eq(0), have.eq(0)]
+                with m.If((left <= 0) | (ncand == 0)):
+                    start_walk()
+                with m.Else():
+                    m.next = "SEL_SCAN"
+
+            with m.State("SEL_SCAN"):
+                issue = ri < ncand
+                m.d.comb += [mr.en.eq(issue), mr.addr.eq(ri)]
+                with m.If(issue):
+                    m.d.sync += [ri.eq(ri + 1), s1_v.eq(1), s1_i.eq(ri)]
+                with m.If(s1_v & rd.avail & (~have | (rd.score > best))):
+                    m.d.sync += [have.eq(1), best.eq(rd.score), bi.eq(s1_i), b_lo.eq(rd.lo),
+                                 b_n.eq(rd.n)]
+                with m.If(~issue):
+                    m.next = "SEL_DECIDE"
+
+            with m.State("SEL_DECIDE"):
+                m.d.sync += [ri.eq(0), have.eq(0)]
+                with m.If(have):
+                    m.d.comb += [mw.en.eq(1), mw.addr.eq(bi), mw.data.avail.eq(0),
+                                 mw.data.score.eq(best), mw.data.lo.eq(b_lo),
+                                 mw.data.n.eq(b_n), mw.data.t.eq(take)]
+                    m.d.sync += left.eq(left - take)
+                    with m.If(left == take):
+                        start_walk()
+                    with m.Else():
+                        m.next = "SEL_SCAN"
+                with m.Else():
+                    start_walk()
+
+            with m.State("W_SINK"):
+                with m.If(sk != 0):
+                    m.d.sync += [open_.eq(1), sp_s.eq(0), sp_e.eq(sk)]
+                m.next = "W_CHUNKS"
+
+            with m.State("W_CHUNKS"):
+                issue = ri < ncand
+                m.d.comb += [mr.en.eq(issue), mr.addr.eq(ri)]
+                with m.If(issue):
+                    m.d.sync += [ri.eq(ri + 1), s1_v.eq(1)]
+                with m.If(s1_v & (rd.t != 0)):
+                    piece(rd.lo, rd.lo + rd.t)
+                with m.If(~issue):
+                    m.next = "W_RECENT"
+
+            with m.State("W_RECENT"):
+                with m.If(rs < limit):
+                    piece(rs, limit)
+                m.next = "W_FLUSH"
+
+            with m.State("W_FLUSH"):
+                with m.If(open_):
+                    emit_span()
+                m.next = "W_END"
+
+            with m.State("W_END"):
+                with m.If(emit):
+                    m.next = "REG_DST"
+                with m.Elif(f.out_addr + count > n_ent):
+                    ctl.finish(ErrorCode.IDX_RANGE)
+                with m.Else():
+                    m.d.sync += emit.eq(1)
+                    start_walk()
+
+            with m.State("REG_DST"):
+                m.d.comb += [rp.wr_en.eq(f.dst_reg != 0), rp.wr_addr.eq(f.dst_reg),
+                             rp.wr_data.eq(count)]
+                m.next = "REG_ROWS"
+
+            with m.State("REG_ROWS"):
+                m.d.comb += [rp.wr_en.eq(f.rows_reg != 0), rp.wr_addr.eq(f.rows_reg),
+                             rp.wr_data.eq(rows)]
+                ctl.finish()
+
+        # the SCORE pipeline writes finished chunks (only SCORE/SC_DRAIN/SEL_INIT run it)
+        with m.If(p6.valid):
+            m.d.comb += [mw.en.eq(1), mw.addr.eq(p6.c), mw.data.avail.eq(p6.n != 0),
+                         mw.data.score.eq(p6.score), mw.data.lo.eq(p6.lo),
+                         mw.data.n.eq(p6.n), mw.data.t.eq(0)]
+        with m.If(fsm.ongoing("CHECK")):
+            m.d.sync += emit.eq(0)
+
+        m.d.comb += self.ctl.busy.eq(~fsm.ongoing("IDLE"))
+        return m
