@@ -39,10 +39,10 @@ from onnx import numpy_helper
 
 from vitamin.asm import Assembler
 from vitamin.golden.numerics import requant_params
-from vitamin.isa import AccIn, DType, OutMode, SmMode
+from vitamin.isa import AccIn, DType, Opcode, OutMode, SmMode
 
 from .ir import CompileError
-from .sparse_models import attention_reference, block_topk_mask
+from .sparse_models import DHSA_DOMAIN, attention_reference, block_topk_mask, dhsa_mask
 
 __all__ = ["Kernel", "recognize", "compile_kernel", "kernel_reference"]
 
@@ -64,13 +64,20 @@ class Kernel:
     topk: int = 0                   # block_topk: blocks per query block, diagonal included
     mask: np.ndarray | None = None  # static: the constant [T, T] mask
     blocks: list = field(default_factory=list)   # static: key blocks per query block
+    budget: int = 0                 # dhsa: tokens per query block, sink and recent included
+    sink: int = 0
+    recent: int = 0
+    n_chunks: int = 0               # dhsa: length of the boundaries input
 
-    def mask_for(self, q, k) -> np.ndarray | None:
+    def mask_for(self, q, k, boundaries=None) -> np.ndarray | None:
         """The boolean [T, T] mask of this kernel for inputs q, k (None: dense)."""
         if self.mode == "static":
             return self.mask
         if self.mode == "block_topk":
             return block_topk_mask(q, k, self.heads, self.kv_heads, self.block, self.topk)
+        if self.mode == "dhsa":
+            return dhsa_mask(q, k, boundaries, self.heads, self.kv_heads, self.block,
+                             self.budget, self.sink, self.recent)
         return None
 
 
@@ -87,6 +94,9 @@ def recognize(model, block: int | None = None) -> Kernel | None:
     if not isinstance(model, onnx.ModelProto):
         model = onnx.load(str(model))
     g = model.graph
+    dh = [n for n in g.node if n.op_type == "DHSA" and n.domain == DHSA_DOMAIN]
+    if dh:
+        return _recognize_dhsa(model, dh, block)
     att = [n for n in g.node if n.op_type == "Attention" and n.domain in ("", "ai.onnx")]
     if len(att) != 1:
         return None
@@ -127,6 +137,48 @@ def recognize(model, block: int | None = None) -> Kernel | None:
         kern.blocks, kern.causal = _fold_static(kern, where)
         return kern
     return _recognize_topk(model, n, kern, mask, where)
+
+
+def _recognize_dhsa(model, nodes, block):
+    g = model.graph
+    n = nodes[0]
+    where = f"node {n.name or 'DHSA'!r} (vitamin.DHSA)"
+    if len(nodes) != 1 or len(g.node) != 1:
+        raise CompileError(f"{where}: a DHSA model must be that one node")
+    if len(n.input) < 4 or not n.input[3]:
+        raise CompileError(f"{where}: the boundaries input (chunk starts) is missing")
+    inputs = {i.name: i for i in g.input}
+    q, k, v, bnd = n.input[:4]
+    for x in (q, k, v, bnd):
+        if x not in inputs:
+            raise CompileError(f"{where}: input {x!r} must be a graph input")
+    at = _attrs(n)
+    sq, sk, sv = (_shape(inputs[x]) for x in (q, k, v))
+    h, hkv = int(at.get("q_num_heads", 0)), int(at.get("kv_num_heads", 0))
+    if len(sq) != 3 or not h or not hkv or h % hkv or sq[2] % h:
+        raise CompileError(f"{where}: inconsistent head counts or shapes: q {sq} with {h} heads, "
+                           f"{hkv} key/value heads")
+    t, d = sq[1], sq[2] // h
+    if sk != [1, t, hkv * d] or sv != [1, t, hkv * d]:
+        raise CompileError(f"{where}: inconsistent head counts or shapes: q {sq}, k {sk}, "
+                           f"v {sv} with {h} / {hkv} heads")
+    if inputs[bnd].type.tensor_type.elem_type not in (onnx.TensorProto.INT64,
+                                                        onnx.TensorProto.INT32):
+        raise CompileError(f"{where}: boundaries must be an integer tensor")
+    nch = _shape(inputs[bnd])
+    if len(nch) != 1 or nch[0] < 1:
+        raise CompileError(f"{where}: boundaries must have a static shape [n_chunks]")
+    b = _pick_block(t, block or int(at.get("block", 128)))
+    kern = Kernel(g.name or "dhsa", t, h, hkv, d, float(at.get("scale", 1 / math.sqrt(d))),
+                  True, "dhsa", block=b, budget=int(at.get("budget", 1024)),
+                  sink=int(at.get("sink", 0)), recent=int(at.get("recent", 0)),
+                  n_chunks=nch[0])
+    if kern.budget > t:
+        raise CompileError(f"{where}: budget {kern.budget} is larger than the sequence ({t})")
+    if kern.budget < kern.sink + kern.recent:
+        raise CompileError(f"{where}: budget {kern.budget} is smaller than sink + recent "
+                           f"({kern.sink} + {kern.recent})")
+    return kern
 
 
 def _pick_block(t, block):
@@ -238,10 +290,10 @@ def _recognize_topk(model, att, kern, mask, where):
     return kern
 
 
-def kernel_reference(kern: Kernel, q, k, v) -> np.ndarray:
+def kernel_reference(kern: Kernel, q, k, v, boundaries=None) -> np.ndarray:
     """Float64 output [T, H*D] of the kernel (the same as onnxruntime's)."""
-    return attention_reference(q, k, v, kern.heads, kern.kv_heads, kern.mask_for(q, k),
-                               kern.causal)
+    return attention_reference(q, k, v, kern.heads, kern.kv_heads,
+                               kern.mask_for(q, k, boundaries), kern.causal)
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,7 +302,7 @@ def kernel_reference(kern: Kernel, q, k, v) -> np.ndarray:
 
 def _calibrate(kern, samples):
     """Scales of q, k, v, the scores, the block scores and the output."""
-    amax = {"q": 0.0, "k": 0.0, "v": 0.0, "s": 0.0, "bs": 0.0, "o": 0.0}
+    amax = {"q": 0.0, "k": 0.0, "v": 0.0, "s": 0.0, "bs": 0.0, "o": 0.0, "tok": 0.0}
     h, hkv, d = kern.heads, kern.kv_heads, kern.d
     for smp in samples:
         q, k, v = (np.asarray(smp[x], np.float64).reshape(kern.t, -1) for x in "qkv")
@@ -265,7 +317,14 @@ def _calibrate(kern, samples):
             krep = np.repeat(k.reshape(kern.t, hkv, 1, d), h // hkv, 2).reshape(kern.t, -1)
             bs = q.reshape(nb, kern.block, -1).mean(1) @ krep.reshape(nb, kern.block, -1).mean(1).T
             amax["bs"] = max(amax["bs"], float(np.abs(bs).max()))
-        amax["o"] = max(amax["o"], float(np.abs(kernel_reference(kern, q, k, v)).max()))
+        bnd = smp.get("boundaries")
+        if kern.mode == "dhsa":
+            rep = h // hkv
+            for qb in range(kern.t // kern.block):
+                lim = (qb + 1) * kern.block
+                qbar = q[qb * kern.block:lim].mean(0).reshape(hkv, rep, d).sum(1).reshape(-1)
+                amax["tok"] = max(amax["tok"], float(np.abs(k[:lim] @ qbar).max()))
+        amax["o"] = max(amax["o"], float(np.abs(kernel_reference(kern, q, k, v, bnd)).max()))
     return {x: max(a, 1e-6) * MARGIN / 32767 for x, a in amax.items()}
 
 
@@ -313,6 +372,11 @@ def compile_kernel(kern: Kernel, config, calibration=None, *, chunk: int | None 
         rng = np.random.default_rng(0)
         calibration = [{x: rng.standard_normal((t, (h if x == "q" else hkv) * d))
                         for x in "qkv"} for _ in range(2)]
+        if kern.mode == "dhsa":
+            from .sparse_models import dhsa_boundaries
+            for i, smp in enumerate(calibration):
+                smp["boundaries"] = dhsa_boundaries(t, kern.n_chunks, seed=i,
+                                                    min_len=max(1, t // (2 * kern.n_chunks)))
     sc = _calibrate(kern, calibration)
     lanes_align = max(cfg.row_lanes, 16)
 
@@ -323,17 +387,21 @@ def compile_kernel(kern: Kernel, config, calibration=None, *, chunk: int | None 
         lmax = kern.topk * b
     elif kern.mode == "static":
         lmax = max(len(r) for r in kern.blocks) * b
+    elif kern.mode == "dhsa":
+        lmax = min(kern.budget, t)
     else:
         lmax = t
     cap = chunk or lmax
+    gathered = kern.mode in ("block_topk", "dhsa")
     fixed = 2 * al(b * h * d) * 2 + (al(nb * h * d) + al(h * d) + al(nb)) * \
-        (kern.mode == "block_topk")
+        (kern.mode == "block_topk") + \
+        (al(t * hkv * d) + al(h * d) + al(hkv * d) + al(t)) * (kern.mode == "dhsa")
     while cap > b and fixed + al(b * cap) + 4 * al(cap * d) > cfg.spad_words:
         cap //= 2
     cap = max(b, cap // b * b)
-    if kern.mode == "block_topk" and cap < lmax:
+    if gathered and cap < lmax:
         raise CompileError(f"attention {kern.name!r}: the {lmax} gathered keys of a query block "
-                           f"({kern.topk} blocks of {b}) with {h} heads of {d} do not fit the "
+                           f"({kern.mode}) with {h} heads of {d} do not fit the "
                            f"scratchpad of {cfg.name!r} ({cfg.spad_words} words); use a smaller "
                            f"block or budget, or a larger configuration")
     if fixed + al(b * cap) + 4 * al(cap * d) > cfg.spad_words:
@@ -342,7 +410,7 @@ def compile_kernel(kern: Kernel, config, calibration=None, *, chunk: int | None 
                            f"({cfg.spad_words} words); use a smaller block")
     acc_pv = -(-d // cfg.cols) * b
     # ONLINE (several key chunks) keeps every head of a group in the accumulator and row state
-    multi = kern.mode != "block_topk" and cap < lmax
+    multi = not gathered and cap < lmax
     live = rep if multi else 1
     # not enough for every head of a group at once: one head per unit (K/V read per head)
     split = multi and (rep * acc_pv + 2 * b > cfg.acc_lines or rep * b > cfg.rowstate_rows)
@@ -371,6 +439,8 @@ def compile_kernel(kern: Kernel, config, calibration=None, *, chunk: int | None 
     S = buf(b * cap)
     if kern.mode == "block_topk":
         KBAR, QBAR, BS = buf(nb * h * d), buf(h * d), buf(nb)
+    if kern.mode == "dhsa":
+        KRES, QBAR, QSUM, SROW = buf(t * hkv * d), buf(h * d), buf(hkv * d), buf(t)
     assert addr[0] <= cfg.spad_words
     e = _Emitter(cfg)
     a = e.a
@@ -386,11 +456,14 @@ def compile_kernel(kern: Kernel, config, calibration=None, *, chunk: int | None 
     smm, sms = requant_params(sc["s"] * math.log2(math.e) * 2 ** 16)
     mo_full = requant_params(2.0 ** -(cfg.act_bits - 1) * sc["v"] / sc["o"])
     mo_onl = requant_params(sc["v"] / sc["o"])
-    spans_idx = [0, 64]                     # span lists of the two in-flight query blocks
-    topk_idx = 128
+    slot_n = max(64, kern.n_chunks + 2)
+    spans_idx = [0, slot_n]                 # span lists of the two in-flight query blocks
+    topk_idx = 2 * slot_n                   # block_topk: TOPK output; dhsa: the chunk starts
+    if topk_idx + max(nb, kern.n_chunks) > cfg.idx_entries:
+        raise CompileError(f"attention {kern.name!r}: the selection needs "
+                           f"{topk_idx + max(nb, kern.n_chunks)} index entries; {cfg.name!r} "
+                           f"has {cfg.idx_entries}")
     regs = [(2, 3), (4, 5)]                 # (span count, rows) registers per slot
-    if kern.mode == "block_topk" and 128 + nb > cfg.idx_entries:
-        raise CompileError(f"attention {kern.name!r}: {nb} blocks need more index memory")
     # static span lists (static mode): one IDX list per query block, loaded once
     static_lists = {}
     if kern.mode == "static":
@@ -412,6 +485,15 @@ def compile_kernel(kern: Kernel, config, calibration=None, *, chunk: int | None 
             ref = a.const("static_spans", ent.reshape(-1, 2), "i32")
             a.load(mem=1, dram_addr=ref, spad_addr=256, run=len(ent), dtype=DType.I32)
 
+    if kern.mode == "dhsa":
+        # the chunk starts (index entries (start, 0)) and every key row, resident on chip for
+        # the token scores of the selection
+        bref = a.tensor("boundaries", "input", (kern.n_chunks, 2), "i32", 1.0)
+        a.meta["index_inputs"] = {"boundaries": {"seq": t}}
+        a.load(mem=1, dram_addr=bref, spad_addr=topk_idx, run=kern.n_chunks, dtype=DType.I32)
+        a.load(dram_addr=kref, spad_addr=KRES, run=hkv * d, n0=t, ds0=rowk, ss0=hkv * d,
+               dtype=DType.I16)
+
     # ---- units: (kind, qb, g, head list, key spans or None (gathered), chunk index, chunks)
     units = []
     if kern.mode == "block_topk":
@@ -426,10 +508,11 @@ def compile_kernel(kern: Kernel, config, calibration=None, *, chunk: int | None 
         groups = [(gg, [hh]) for gg in range(hkv) for hh in range(gg * rep, (gg + 1) * rep)] \
             if split else [(gg, list(range(gg * rep, (gg + 1) * rep))) for gg in range(hkv)]
         for gg, heads_g in groups:
-            if kern.mode == "block_topk":
+            if gathered:
+                L = (min(kern.topk - 1, qb) + 1) * b if kern.mode == "block_topk" else \
+                    min(kern.budget, (qb + 1) * b)
                 units.append({"kind": "att", "qb": qb, "g": gg, "heads": heads_g,
-                              "gather": True, "spans": None,
-                              "L": (min(kern.topk - 1, qb) + 1) * b, "ci": 0, "nc": 1})
+                              "gather": True, "spans": None, "L": L, "ci": 0, "nc": 1})
                 continue
             if kern.mode == "static":
                 sp = static_lists[qb][1]
@@ -456,9 +539,36 @@ def compile_kernel(kern: Kernel, config, calibration=None, *, chunk: int | None 
     sel_done = set()
 
     def selection(qb):
-        """COMPUTE: pooled query, block scores, TOPK, SPANS for query block ``qb`` (its Q block
-        is in QS[qb % 2], loaded by the group of its first unit)."""
+        """COMPUTE: the key selection of query block ``qb`` (its Q block is in QS[qb % 2],
+        loaded by the group of its first unit) -> span list and registers of slot qb % 2."""
         slot = qb % 2
+        if kern.mode == "dhsa":
+            lim = (qb + 1) * b
+            pm, ps = requant_params(1.0 / b)
+            a.vec(op=3, m=1, n=h * d, group=b, a_addr=QS[slot], a_stride=h * d, out_addr=QBAR,
+                  out_stride=h * d, ma=pm, sa=ps)
+            src = QBAR
+            if rep > 1:         # sum the query heads of each key/value head, scaled by 1/rep
+                am, ash = requant_params(1.0 / rep)
+                for gg in range(hkv):
+                    base = QBAR + gg * rep * d
+                    a.vec(op=0, m=1, n=d, a_addr=base, a_stride=d, out_addr=QSUM + gg * d,
+                          out_stride=d, ma=am, sa=ash)
+                    for r in range(1, rep):
+                        a.vec(op=1, m=1, n=d, a_addr=QSUM + gg * d, a_stride=d,
+                              b_addr=base + r * d, b_stride=d, out_addr=QSUM + gg * d,
+                              out_stride=d, ma=1, sa=0, mb=am, sb=ash)
+                src = QSUM
+            tm, tsh = requant_params(rep * sc["q"] * sc["k"] / sc["tok"])
+            a.matmul(m=1, k=hkv * d, n=lim, a_addr=src, a_stride=hkv * d, b_addr=KRES,
+                     b_stride=hkv * d, b_trans=1, out=OutMode.SPAD, out_addr=SROW,
+                     out_stride=lim, mult=tm, shift=tsh, acc_addr=acc_pv)
+            a.emit(Opcode.SELECT, n_chunks=kern.n_chunks, chunk_addr=topk_idx, seq=t,
+                   limit=lim, in_addr=SROW, sink=kern.sink, recent=kern.recent,
+                   budget=kern.budget, out_addr=spans_idx[slot], dst_reg=regs[slot][0],
+                   rows_reg=regs[slot][1])
+            sel_done.add(qb)
+            return
         k_ = min(kern.topk - 1, qb)
         if k_:
             a.vec(op=3, m=1, n=h * d, group=b, a_addr=QS[slot], a_stride=h * d, out_addr=QBAR,

@@ -17,6 +17,9 @@ reference for the sparse patterns too.
                        matrix, kept only where strictly earlier) plus the diagonal block,
                        expanded to tokens and combined with the token-level causal mask, then
                        Attention-23 with that boolean mask.
+``dhsa``               DHSA (Dynamic Hierarchical Sparse Attention) as one custom-domain node
+                       ``vitamin.DHSA(q, k, v, boundaries)``; :func:`dhsa_expanded` is the same
+                       computation for onnxruntime (Attention-23 with the :func:`dhsa_mask`).
 """
 
 from __future__ import annotations
@@ -27,7 +30,8 @@ import numpy as np
 from onnx import TensorProto, helper, numpy_helper
 
 __all__ = ["dense_causal", "static_blocks", "block_topk", "static_block_mask",
-           "block_topk_mask", "attention_reference"]
+           "block_topk_mask", "attention_reference", "dhsa", "dhsa_mask", "dhsa_expanded",
+           "dhsa_boundaries"]
 
 OPSET = 23
 
@@ -171,3 +175,91 @@ def attention_reference(q, k, v, heads, kv_heads, mask=None, causal=False):
         p = np.divide(e, den, out=np.zeros_like(e), where=den > 0)
         out[:, h * d:(h + 1) * d] = p @ v[:, g * d:(g + 1) * d]
     return out
+
+
+# -- DHSA ---------------------------------------------------------------------------------------
+
+DHSA_DOMAIN = "vitamin"
+
+
+def dhsa(t, heads, kv_heads, d, n_chunks, block=128, budget=1024, sink=128, recent=128):
+    """DHSA attention as one custom-domain node ``vitamin.DHSA(q, k, v, boundaries)``.
+
+    ``boundaries`` (int64 ``[n_chunks]``, a graph input) are the chunk starts: ascending, the
+    first 0; chunk c ends where c+1 starts, the last at T. Semantics: :func:`dhsa_mask`;
+    onnxruntime runs the same computation through :func:`dhsa_expanded` (Attention-23 with the
+    mask as an input).
+    """
+    ins, outs = _io(t, heads, kv_heads, d)
+    ins.append(helper.make_tensor_value_info("boundaries", TensorProto.INT64, [n_chunks]))
+    node = helper.make_node("DHSA", ["q", "k", "v", "boundaries"], ["o"], name="dhsa",
+                            domain=DHSA_DOMAIN, q_num_heads=heads, kv_num_heads=kv_heads,
+                            block=block, budget=budget, sink=sink, recent=recent,
+                            scale=1.0 / math.sqrt(d))
+    g = helper.make_graph([node], "dhsa", ins, outs)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET),
+                                               helper.make_opsetid(DHSA_DOMAIN, 1)])
+
+
+def dhsa_boundaries(t, n_chunks, seed=0, min_len=8):
+    """A simple boundary rule for tests: ``n_chunks`` random chunk starts (first 0), every chunk
+    at least ``min_len`` tokens."""
+    rng = np.random.default_rng(seed)
+    cuts = np.sort(rng.choice(np.arange(1, t // min_len), n_chunks - 1, replace=False))
+    return np.concatenate([[0], cuts * min_len]).astype(np.int64)
+
+
+def dhsa_mask(q, k, boundaries, heads, kv_heads, block, budget, sink, recent):
+    """The boolean [T, T] DHSA mask (float64): per query block, the mean query of each head
+    summed over heads against every key (token scores), chunk scores = sum of the chunk's token
+    scores (clipped to the causal limit) / sqrt(length), then sink + recent tokens and the best
+    chunks (descending, ties to the lower chunk, the last one cut) up to ``budget`` tokens,
+    with the token-level causal mask."""
+    q = np.asarray(q, np.float64).reshape(q.shape[-2], -1)
+    k = np.asarray(k, np.float64).reshape(k.shape[-2], -1)
+    t = q.shape[0]
+    d = q.shape[1] // heads
+    rep = heads // kv_heads
+    starts = [int(b) for b in np.asarray(boundaries).reshape(-1)]
+    mask = np.zeros((t, t), bool)
+    for qb in range(t // block):
+        limit = (qb + 1) * block
+        qbar = q[qb * block:limit].mean(0).reshape(heads, d)
+        qsum = qbar.reshape(kv_heads, rep, d).sum(1).reshape(-1)
+        s = k[:limit] @ qsum
+        chunks = []
+        for c, a in enumerate(starts):
+            if a >= limit:
+                break
+            e = min(starts[c + 1] if c + 1 < len(starts) else t, limit)
+            chunks.append((s[a:e].sum() / math.sqrt(e - a), a, e))
+        sk, rs = min(sink, limit), max(0, limit - recent)
+        keep = np.zeros(limit, bool)
+        keep[:sk] = True
+        keep[rs:] = True
+        left = budget - int(keep.sum())
+        for c in sorted(range(len(chunks)), key=lambda c: (-chunks[c][0], c)):
+            if left <= 0:
+                break
+            _, a, e = chunks[c]
+            lo, hi = max(a, sk), min(e, rs)
+            n = min(left, max(0, hi - lo))
+            keep[lo:lo + n] = True
+            left -= n
+        mask[qb * block:limit, :limit] = keep[None, :]
+    return mask & np.tril(np.ones((t, t), bool))
+
+
+def dhsa_expanded(model):
+    """The reference of a :func:`dhsa` model for onnxruntime: Attention-23 with the mask as an
+    input (compute it with :func:`dhsa_mask`)."""
+    node = model.graph.node[0]
+    at = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+    ins = list(model.graph.input[:3])
+    t = ins[0].type.tensor_type.shape.dim[1].dim_value
+    ins.append(helper.make_tensor_value_info("mask", TensorProto.BOOL, [t, t]))
+    att = helper.make_node("Attention", ["q", "k", "v", "mask"], ["o"], name="attention",
+                           q_num_heads=at["q_num_heads"], kv_num_heads=at["kv_num_heads"],
+                           scale=at["scale"])
+    g = helper.make_graph([att], "dhsa_reference", ins, list(model.graph.output))
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])

@@ -168,3 +168,60 @@ def test_wrong_pattern_with_topk_is_rejected():
             n.attribute.append(helper.make_attribute("largest", 0))
     with pytest.raises(CompileError, match="not the block top-k pattern"):
         vitamin.compile(m, "tiny", block=B)
+
+
+# -- DHSA -------------------------------------------------------------------------------------
+
+NCH = 8
+
+
+def _dhsa(t=T, budget=64, sink=B // 2, recent=B // 2, block=16):
+    return sm.dhsa(t, H, HKV, D, NCH, block, budget, sink, recent)
+
+
+def test_dhsa_golden_matches_onnxruntime_expansion():
+    """vitamin.DHSA on the golden model vs onnxruntime running the expansion (Attention-23
+    with the DHSA mask of the same inputs)."""
+    m = _dhsa()
+    prog = vitamin.compile(m, "tiny")
+    check_tokens(decode_program(prog.dram_image(), prog.n_instr), prog.config)
+    kern = sparse.recognize(m)
+    assert kern.mode == "dhsa" and kern.budget == 64
+    ref_sess = ort.InferenceSession(sm.dhsa_expanded(m).SerializeToString(),
+                                    providers=["CPUExecutionProvider"])
+    for seed in (1, 2, 3):
+        x = _inputs(seed)
+        bnd = sm.dhsa_boundaries(T, NCH, seed=seed, min_len=4)
+        mask = kern.mask_for(x["q"], x["k"], bnd)
+        # the budget binds: later query blocks keep budget keys out of more
+        assert mask[-1].sum() == 64 < T
+        ref = ref_sess.run(None, dict(x, mask=mask))[0]
+        out = vitamin.run(prog, dict(x, boundaries=bnd))
+        assert compare(out.outputs, {"o": ref})["o"]["cosine"] >= 0.999
+        # K once (resident for the scores) + Q + the selected K/V rows, nothing else
+        rows = sum(min(64, (qb + 1) * 16) for qb in range(T // 16))
+        expect = 2 * T * H * D + 2 * T * HKV * D + 2 * 2 * rows * HKV * D + 8 * NCH
+        assert out.counters["dram_read_bytes"] == expect
+
+
+def test_dhsa_uses_select():
+    prog = vitamin.compile(_dhsa(), "tiny")
+    ops = [op for op, _ in decode_program(prog.dram_image(), prog.n_instr)]
+    assert ops.count(Opcode.SELECT) == T // 16
+
+
+def test_dhsa_bad_input():
+    m = _dhsa()
+    m.graph.node[0].input[3] = ""
+    with pytest.raises(CompileError, match="boundaries input .* is missing"):
+        vitamin.compile(m, "tiny")
+    with pytest.raises(CompileError, match="larger than the sequence"):
+        vitamin.compile(_dhsa(budget=4 * T), "tiny")
+    with pytest.raises(CompileError, match="smaller than sink \\+ recent"):
+        vitamin.compile(_dhsa(budget=16), "tiny")
+    prog = vitamin.compile(_dhsa(), "tiny")
+    x = _inputs(1)
+    with pytest.raises(ValueError, match="chunk starts must begin at 0"):
+        vitamin.run(prog, dict(x, boundaries=np.arange(1, NCH + 1) * 4))
+    with pytest.raises(ValueError, match="chunk starts must begin at 0"):
+        vitamin.run(prog, dict(x, boundaries=np.zeros(NCH, np.int64)))

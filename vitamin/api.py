@@ -121,9 +121,11 @@ def compile(model, config, calibration=None, *, input_shapes=None, name=None,
         step(f"recognised {kern.mode} attention ({kern.t} tokens, {kern.heads} heads)")
         cal = None
         if calibration is not None:
-            cal = [{x: np.asarray(smp[x]).reshape(kern.t, -1) for x in "qkv"}
+            keys = "qkv" if kern.mode != "dhsa" else ("q", "k", "v", "boundaries")
+            cal = [{x: np.asarray(smp[x]).reshape(kern.t, -1) if x != "boundaries"
+                    else np.asarray(smp[x]) for x in keys}
                    for smp in (calibration if isinstance(calibration, list) else
-                               [{x: np.asarray(calibration[x])[i] for x in "qkv"}
+                               [{x: np.asarray(calibration[x])[i] for x in keys}
                                 for i in range(len(calibration["q"]))])]
         prog = sparse.compile_kernel(kern, cfg, cal)
         prog.meta["model"] = name or (Path(model).stem if isinstance(model, (str, Path))
@@ -208,10 +210,14 @@ def quantize_inputs(program: Program, inputs: dict) -> dict:
         if name not in inputs:
             raise ValueError(f"missing input {name!r}; the program's inputs are "
                              f"{', '.join(names)}")
+    index_inputs = program.meta.get("index_inputs", {})
     for name, v in inputs.items():
         sym = program.symbol(name)
         if sym.kind != "input":
             raise ValueError(f"{name!r} is not an input of the program")
+        if name in index_inputs:        # chunk starts -> index-memory entries (start, 0)
+            out[name] = _index_entries(name, v, sym, index_inputs[name])
+            continue
         v = np.asarray(v, dtype=np.float64)
         if v.size != int(np.prod(sym.shape)):
             raise ValueError(f"input {name!r}: shape {v.shape} does not match the program's "
@@ -223,6 +229,19 @@ def quantize_inputs(program: Program, inputs: dict) -> dict:
         q = np.clip(np.rint(v / sym.scale), info.min, info.max).astype(np.int64)
         out[name] = q.reshape(sym.shape)
     return out
+
+
+def _index_entries(name, v, sym, info):
+    b = np.asarray(v).reshape(-1)
+    n = int(sym.shape[0])
+    if b.size != n or not np.all(np.equal(np.mod(b, 1), 0)):
+        raise ValueError(f"input {name!r}: {n} integer chunk starts expected, got shape "
+                         f"{np.shape(v)}")
+    b = b.astype(np.int64)
+    if b[0] != 0 or np.any(np.diff(b) <= 0) or b[-1] >= info["seq"]:
+        raise ValueError(f"input {name!r}: chunk starts must begin at 0 and ascend strictly "
+                         f"below {info['seq']}, not {b.tolist()[:8]}...")
+    return np.stack([b, np.zeros_like(b)], axis=1)
 
 
 def run(program, inputs: dict, backend: str = "golden", *, task=None, regs=None, trace=False,

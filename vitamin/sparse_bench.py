@@ -1,5 +1,6 @@
-"""Sparse-attention sweep for ``make bench``: dense causal vs block top-k (vs DHSA when the
-compiler has it) over sequence length, on one configuration.
+"""Sparse-attention sweep for ``make bench``: dense causal vs block top-k vs DHSA over sequence
+length, on one configuration (DHSA chunks: ``T / 64`` chunk starts drawn at random, at least 16
+tokens each, sink and recent windows of one block).
 
 For each sequence length and mode it compiles the ONNX graph of :mod:`vitamin.compiler.
 sparse_models`, runs it on the golden model (DRAM bytes from the counters, the data-dependent
@@ -60,22 +61,33 @@ def sweep(config="zcu102", lengths=(1024, 2048, 4096), heads=2, kv_heads=1, d=64
         x = {n: rng.standard_normal((1, t, c)).astype(np.float32)
              for n, c in (("q", heads * d), ("k", kv_heads * d), ("v", kv_heads * d))}
         dense_out = None
+        n_chunks = t // 64
+        bnd = sm.dhsa_boundaries(t, n_chunks, seed=seed, min_len=16)
         models = {"dense_causal": sm.dense_causal(t, heads, kv_heads, d),
                   "block_topk": sm.block_topk(t, heads, kv_heads, d, block,
-                                              topk=max(2, budget // block))}
+                                              topk=max(2, budget // block)),
+                  "dhsa": sm.dhsa(t, heads, kv_heads, d, n_chunks, block, budget,
+                                  sink=block, recent=block)}
         for mode, m in models.items():
             t0 = time.time()
             prog = vitamin.compile(m, config, block=block)
             t_compile = time.time() - t0
             kern = sparse.recognize(m, block=block)
-            sess = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+            feeds = dict(x)
+            ref_model = m
+            if mode == "dhsa":      # onnxruntime runs the expansion with the DHSA mask
+                ref_model = sm.dhsa_expanded(m)
+                feeds["mask"] = kern.mask_for(x["q"], x["k"], bnd)
+            sess = ort.InferenceSession(ref_model.SerializeToString(),
+                                        providers=["CPUExecutionProvider"])
             t0 = time.time()
-            ref = sess.run(None, x)[0]
+            ref = sess.run(None, feeds)[0]
             t_ort = time.time() - t0
+            run_in = dict(x, boundaries=bnd) if mode == "dhsa" else x
             t0 = time.time()
-            out = vitamin.run(prog, x)
+            out = vitamin.run(prog, run_in)
             t_gold = time.time() - t0
-            prof = profile_program(prog, quantize_inputs(prog, x))
+            prof = profile_program(prog, quantize_inputs(prog, run_in))
             est2 = estimate(prog, prof, machine="v2")
             est1 = estimate(prog, prof, machine="v1")
             row = {"t": t, "mode": mode, "config": prog.config.name, "heads": heads,
@@ -92,7 +104,7 @@ def sweep(config="zcu102", lengths=(1024, 2048, 4096), heads=2, kv_heads=1, d=64
             if mode == "dense_causal":
                 dense_out = y
             else:
-                mask = kern.mask_for(x["q"], x["k"])
+                mask = kern.mask_for(x["q"], x["k"], bnd)
                 row["rel_err_vs_dense"] = float(np.linalg.norm(y - dense_out)
                                                 / np.linalg.norm(dense_out))
                 row["mass_kept_min"], row["mass_kept_mean"] = _mass_kept(
