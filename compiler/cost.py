@@ -1,8 +1,35 @@
 """The cost model: cycles, DRAM bytes and MAC utilisation of a program, without running it.
 
-Two machines are modelled (``estimate(program, machine=...)``):
+Two machines are modelled (``estimate(program, machine=...)``); the default is the machine the
+default hardware is (``hw.accel.DEFAULT_ISSUE``, v2):
 
-``"v1"`` (the default): the accelerator as built (``hw/accel.py``)
+``"v2"`` (the default): the decoupled RTL (``hw/accel_v2.py``)
+    An instruction-level timeline of the v2 control, replayed from the RTL's state machines:
+
+    * fetch: one instruction per ``5 + 64 / bus_bytes`` cycles (FETCH, FETCH_AR, read latency,
+      the beats, DECODE, DISPATCH); DISPATCH waits while the module's queue holds
+      ``cmd_depth`` instructions (the running head counts, hw/accel_v2.py);
+    * the three modules (LOAD, COMPUTE, STORE) run their queues in order: IDLE (pops its tokens,
+      all at once, when every one is there), CHECK, START, RUN (the unit's cycles), PUSH (waits
+      while a token queue it pushes holds ``token_depth``), then the next; a queue entry can
+      start 2 cycles after its dispatch, a token the cycle after its push; MARK and skipped
+      instructions take CHECK and PUSH only; END waits for fetch to stop and the LOAD and
+      STORE queues to drain;
+    * unit cycles: the exact figures of the v1 model below (:func:`v1_unit_cycles`: the units
+      are the same; COMPUTE units are fixed pipelines that own the memory ports);
+    * contention, by a fixed point over :data:`V2_PASSES` passes, each using the previous pass's
+      timeline: a LOAD (STORE) progresses inside a COMPUTE run at ``min(1, free / need)`` of
+      its own rate, where ``free`` is the fraction of the scratchpad's write (read) slots the
+      COMPUTE unit leaves (:func:`_port_use`) and ``need`` the fraction of its own cycles in
+      which the DMA uses the port; the AXI read channel: a fetch that wants the channel during
+      a LOAD waits for the end of the LOAD's current burst (the RAM serves one burst at a time;
+      the LOAD's bursts are spread over its run), and the LOAD is longer by that fetch's beats.
+
+    Agreement with the Verilator model of the v2 RTL (tests/test_cost_rtl.py, ``make bench``)
+    is stated there: exact on the control and the COMPUTE units, an estimate on the two
+    contention effects.
+
+``"v1"``: the sequential-issue RTL (``Accelerator(issue="v1")``, ``hw/accel.py``)
     The controller issues instructions SEQUENTIALLY: fetch one 64-byte instruction over the AXI
     read channel, decode it, start its unit, wait for ``done``, repeat. The total is therefore
     the sum over the instructions of (fetch + decode [+ dispatch + unit cycles]), with
@@ -25,34 +52,21 @@ Two machines are modelled (``estimate(program, machine=...)``):
     instruction agree exactly on compiled ViTs and on random programs (golden/progen.py), on
     the ``tiny``, ``ecp5`` and ``zcu102`` presets. It models the simulation RAM; a real
     memory's latency and stalls (``throttle``) add cycles to every fetch and DMA burst.
-    Data-dependent figures (expert queue lengths, skipped instructions, span lists, register
-    values) need a :class:`DynamicProfile` (:func:`profile_program`: one golden-model run);
-    without one, a gathered MATMUL processes its capacity ``m`` rows, predicated instructions
-    execute, and span lists are guessed (see :func:`v1_unit_cycles`).
 
-``"v2"``: the planned decoupled machine (docs/ARCHITECTURE.md)
-    Each instruction gets a duration from the micro-architecture the ISA was designed for; the
-    three modules (LOAD, COMPUTE, STORE) then run their instructions in order, concurrently,
-    each waiting for the dependency tokens it pops, exactly as the hardware's token queues
-    order them. Durations (cycles):
-
-    * MATMUL: ceil(k / rows) * ceil(n / cols) * m  +  ``MM_FILL`` (array and epilogue pipeline)
-    * SOFTMAX, LAYERNORM: 2 passes of ceil(n / row_lanes) per row  +  ``ROW_FILL``
-    * VEC, TOPK: ceil(n / row_lanes) per row (POOL reads m * group rows)  +  ``ROW_FILL``
-    * LOAD, STORE: ceil(bytes / bus_bytes) beats  +  ``DMA_LATENCY`` per burst of contiguous
-      bytes (a run, bounded by ``BURST_BYTES``)
-    * MARK, END, ROUTE, SPANS: ``SMALL``
-
-    Dynamic quantities (expert queue lengths of gathered MATMULs) are taken from an optional
-    profile (``sim_result.dyn_m``); without one the instruction's ``m`` field is used.
+Data-dependent figures (expert queue lengths, skipped instructions, span lists, register
+values) need a :class:`DynamicProfile` (:func:`profile_program`: one golden-model run); without
+one, a gathered MATMUL processes its capacity ``m`` rows, predicated instructions execute, and
+span lists are guessed (see :func:`v1_unit_cycles`).
 
 Both give a timeline: per-instruction start and end cycles, per-layer (MARK to MARK) cycles and
-the total. A v1 estimate also carries the v2 figure (``v2_cycles``) and the RTL counters it
-predicts (``counters``: ``cycles``, ``fetch_cycles``, ``busy_<op>``, ...).
+the total, and the RTL counters it predicts (``counters``: ``cycles``, ``busy_<op>``,
+``instructions``, ...). Each estimate also carries the other machine's total (``v1_cycles``,
+``v2_cycles``).
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
 from dataclasses import dataclass, field
 
@@ -60,21 +74,14 @@ import numpy as np
 
 from vitamin.isa import UNIT_OF, DmaMode, Mem, Opcode, OutMode, SmMode, Unit
 
-__all__ = ["estimate", "Estimate", "instr_cycles", "MM_FILL", "ROW_FILL", "DMA_LATENCY",
-           "MACHINES", "DynamicProfile", "profile_program", "fetch_cycles", "v1_unit_cycles",
-           "DRAM_READ_LATENCY", "ROW_OVERHEAD"]
+__all__ = ["estimate", "Estimate", "MACHINES", "DEFAULT_MACHINE", "DynamicProfile",
+           "profile_program", "fetch_cycles", "v1_unit_cycles", "DRAM_READ_LATENCY",
+           "ROW_OVERHEAD", "QUEUE_LATENCY", "V2_PASSES"]
 
 #: Machines :func:`estimate` models.
 MACHINES = ("v1", "v2")
-
-# ---- v2 (planned decoupled machine) ------------------------------------------------------------
-
-MM_FILL = 24
-ROW_FILL = 12
-DMA_LATENCY = 30
-BURST_BYTES = 4096
-SMALL = 2
-FETCH_CYCLES_PER_INSTR = None  # derived from the bus width: 64 bytes / bus_bytes
+#: The machine of the default hardware (``hw.accel.DEFAULT_ISSUE``).
+DEFAULT_MACHINE = "v2"
 
 _ES = {0: 1, 1: 2, 2: 1, 3: 8}     # DType value -> DRAM bytes per element (I8, I16, U8, I32)
 
@@ -83,67 +90,41 @@ def _cdiv(a, b):
     return -(-a // b)
 
 
-def instr_cycles(op, f, cfg, dyn_m=None) -> int:
-    """Duration of one instruction on the v2 machine (see the module docstring)."""
-    if op == Opcode.MATMUL:
-        m = f["m"] if dyn_m is None else dyn_m
-        if m == 0:
-            return SMALL
-        return _cdiv(f["k"], cfg.rows) * _cdiv(f["n"], cfg.cols) * m + MM_FILL
-    if op in (Opcode.SOFTMAX, Opcode.LAYERNORM):
-        return 2 * _cdiv(f["n"], cfg.row_lanes) * f["m"] + ROW_FILL
-    if op == Opcode.VEC:
-        rows = f["m"] * (max(f["group"], 1) if f["op"].value == 3 else 1)
-        return _cdiv(f["n"], cfg.row_lanes) * rows + ROW_FILL
-    if op == Opcode.TOPK:
-        return _cdiv(f["n"], cfg.row_lanes) * f["m"] + ROW_FILL
-    if op in (Opcode.LOAD, Opcode.STORE):
-        es = _ES[f["dtype"].value]
-        run_bytes = f["run"] * es
-        if f["mode"] == DmaMode.STRIDED:
-            runs = f["n0"] * f["n1"] * f["n2"]
-            contiguous = f["ds0"] == run_bytes
-            bursts = (_cdiv(run_bytes * f["n0"], BURST_BYTES) * f["n1"] * f["n2"]
-                      if contiguous else runs * _cdiv(run_bytes, BURST_BYTES))
-            nbytes = runs * run_bytes
-        else:
-            runs = f["n1"] * max(f["n2"], 1)
-            bursts = runs
-            nbytes = runs * run_bytes
-        return _cdiv(nbytes, cfg.bus_bytes) + DMA_LATENCY * bursts
-    return SMALL
-
-
 @dataclass
 class Estimate:
     cycles: int
     macs: int
     dram_read_bytes: int
     dram_write_bytes: int
-    busy: dict                      # unit name -> busy cycles (v2: modules; v1: opcodes)
+    busy: dict                      # opcode name -> busy (RUN) cycles, as the busy_<op> counters
     layers: list = field(default_factory=list)   # per MARK id: name, op, cycles, macs, ...
     starts: list = field(default_factory=list)
     ends: list = field(default_factory=list)
-    machine: str = "v2"             # the machine this estimate models (MACHINES)
-    v2_cycles: int | None = None    # total cycles on the planned v2 machine, for comparison
-    counters: dict = field(default_factory=dict)  # v1: predicted RTL counters (hw/accel.py)
+    machine: str = DEFAULT_MACHINE  # the machine this estimate models (MACHINES)
+    v2_cycles: int | None = None    # total cycles on the v2 (decoupled) machine
+    counters: dict = field(default_factory=dict)  # predicted RTL counters (hw/accel*.py)
+    v1_cycles: int | None = None    # total cycles on the v1 (sequential) machine
 
     def utilisation(self, cfg) -> float:
         return self.macs / (cfg.macs * self.cycles) if self.cycles else 0.0
 
 
-def estimate(program, sim_result=None, machine="v1") -> Estimate:
-    """Timeline of ``program`` on ``machine`` (``"v1"``: the RTL as built, sequential issue;
-    ``"v2"``: the planned decoupled machine; see the module docstring).
+def estimate(program, sim_result=None, machine=DEFAULT_MACHINE, *, other=True) -> Estimate:
+    """Timeline of ``program`` on ``machine`` (``"v2"``: the decoupled RTL, the default
+    hardware; ``"v1"``: the sequential-issue RTL; see the module docstring).
 
     ``sim_result``: a :class:`DynamicProfile` (:func:`profile_program`) for the data-dependent
     quantities, or any object with a ``dyn_m`` dict {pc: rows of a gathered MATMUL}.
+    ``other``: also fill in the other machine's total (``v1_cycles`` / ``v2_cycles``).
     """
     if machine == "v2":
-        return _estimate_v2(program, sim_result)
+        est = _estimate_v2(program, sim_result)
+        if other:
+            est.v1_cycles = _estimate_v1(program, sim_result, other=False).cycles
+        return est
     if machine != "v1":
         raise ValueError(f"unknown machine {machine!r}; machines: {', '.join(MACHINES)}")
-    return _estimate_v1(program, sim_result)
+    return _estimate_v1(program, sim_result, other=other)
 
 
 def _decode(program):
@@ -155,6 +136,14 @@ def _dyn_m(sim_result) -> dict:
     if sim_result is not None and getattr(sim_result, "dyn_m", None):
         return sim_result.dyn_m
     return {}
+
+
+def _profile_of(sim_result):
+    prof = sim_result if isinstance(sim_result, DynamicProfile) else None
+    dyn = _dyn_m(sim_result)
+    if prof is None and dyn:
+        prof = DynamicProfile(dyn_m=dict(dyn))
+    return prof, dyn
 
 
 def _traffic(instrs, dyn, skipped=(), runs=None):
@@ -215,68 +204,248 @@ def _layers(program, instrs, start, end, dyn, last_end, sequential):
     return layers
 
 
+# ---- v2 (the decoupled RTL: hw/accel_v2.py) ----------------------------------------------------
+
+#: Cycles from a DISPATCH (the queue write) to the IDLE cycle in which the module can take the
+#: entry (``SyncFIFOBuffered``: an entry written in cycle t is readable in cycle t + 2).
+QUEUE_LATENCY = 2
+#: Passes of the contention fixed point (each uses the previous pass's timeline).
+V2_PASSES = 4
+#: Cycles a fetch burst costs a LOAD it interrupts beyond its beats (AR handshake, the RAM's
+#: turn-around).
+FETCH_STEAL = 2
+
+_TOKQ = {(0, 1): 0, (1, 0): 1, (1, 2): 2, (2, 1): 3}     # (from, to) module -> token queue
+
+
+def _port_use(op, f, cfg, dur, lanes):
+    """(read, write) fractions of the scratchpad's slots a COMPUTE instruction of ``dur`` RUN
+    cycles takes (a STORE reads, a LOAD writes only in the others; hw/accel_v2.py). MATMUL
+    reads in every slot of its run and writes little (output lines, after ``k / rows``
+    reductions each); the row units read one chunk of ``lanes`` words of each operand and write
+    one chunk per row pass, so short rows leave more free slots."""
+    if dur <= 0:
+        return 0.0, 0.0
+    if op == Opcode.MATMUL:
+        if f["out"] == OutMode.ACC:
+            return 1.0, 0.0
+        return 1.0, min(1.0, f["m"] * _cdiv(f["n"], lanes) / dur)
+    chunks = _cdiv(f.get("n", 1), lanes) * f.get("m", 1)
+    if op == Opcode.VEC:
+        return min(1.0, 1.5 * chunks / dur), min(1.0, chunks / dur)
+    if op in (Opcode.SOFTMAX, Opcode.LAYERNORM):
+        return min(1.0, 2 * chunks / dur), min(1.0, 2 * chunks / dur)
+    if op == Opcode.TOPK:
+        return min(1.0, chunks / dur), 0.0
+    return 0.0, 0.0
+
+
+def _dma_runs(f, pc, prof):
+    """DRAM byte address of each run of an executed LOAD/STORE (profiled, or guessed as
+    :func:`v1_unit_cycles` does)."""
+    runs = prof.runs.get(pc) if prof is not None else None
+    if runs is None:
+        runs = _strided_starts(f) if f["mode"] == DmaMode.STRIDED else _dma_guess(f)[1]
+    return runs
+
+
+def _dma_run(s, d, need, comp, comp_starts, side):
+    """End of a DMA unit's run that starts in cycle ``s``, takes ``d`` cycles alone and uses the
+    scratchpad port in ``need`` of them, against the COMPUTE runs ``comp`` (sorted, disjoint
+    (start, end, read fraction, write fraction)); ``side`` 2 = reads (STORE), 3 = writes
+    (LOAD)."""
+    if d <= 0 or need <= 0 or not comp:
+        return s + d
+    u = min(1.0, need / d)
+    t, left = float(s), float(d)
+    i = max(bisect.bisect_right(comp_starts, s) - 1, 0)
+    while i < len(comp):
+        a, b = comp[i][0], comp[i][1]
+        if t < a:
+            if t + left <= a:
+                break
+            left -= a - t
+            t = a
+        if t < b:
+            rate = min(1.0, (1.0 - comp[i][side]) / u)
+            if rate > 0:
+                span = (b - t) * rate
+                if span >= left:
+                    return int(round(t + left / rate))
+                left -= span
+            t = b
+        i += 1
+    return int(round(t + left))
+
+
 def _estimate_v2(program, sim_result=None) -> Estimate:
-    """Timeline of ``program`` on the planned decoupled machine (see the module docstring)."""
+    """Timeline of ``program`` on the v2 RTL (see the module docstring)."""
     cfg = program.config
+    from vitamin.hw.ports import spad_lanes
     instrs = _decode(program)
-    dyn = _dyn_m(sim_result)
-    n = len(instrs)
-    unit = [UNIT_OF[op].value for op, _ in instrs]
-    dur = [instr_cycles(op, f, cfg, dyn.get(pc)) for pc, (op, f) in enumerate(instrs)]
-    # fetch: one instruction word per 64/bus_bytes cycles, in program order
-    fetch_cost = max(1, 64 // cfg.bus_bytes)
-    start = [0] * n
-    end = [0] * n
-    unit_free = [0, 0, 0]
-    # token queues as FIFOs of availability times
-    toks = {(0, 1): [], (1, 0): [], (1, 2): [], (2, 1): []}
-    heads = {(0, 1): 0, (1, 0): 0, (1, 2): 0, (2, 1): 0}
-    # process in program order per unit; a simple list scheduling is exact for in-order units
-    # because every pop refers to a push earlier in program order of another unit... except
-    # when a unit waits on a later instruction of another unit; iterate to a fixed point.
-    order = [[pc for pc in range(n) if unit[pc] == u] for u in range(3)]
-    idx = [0, 0, 0]
-    done = [False] * n
-    progress = True
-    while progress:
-        progress = False
-        for u in range(3):
-            while idx[u] < len(order[u]):
-                pc = order[u][idx[u]]
-                op, f = instrs[pc]
-                need = []
-                if f["pop_prev"]:
-                    need.append((u - 1, u))
-                if f["pop_next"]:
-                    need.append((u + 1, u))
-                if any(heads[k] >= len(toks[k]) for k in need):
-                    break
-                t0 = max(unit_free[u], (pc + 1) * fetch_cost)
-                for k in need:
-                    t0 = max(t0, toks[k][heads[k]])
-                    heads[k] += 1
-                if op == Opcode.END:
-                    t0 = max([t0] + unit_free)
-                start[pc] = t0
-                end[pc] = t0 + dur[pc]
-                unit_free[u] = end[pc]
-                if f["push_prev"]:
-                    toks[(u, u - 1)].append(end[pc])
-                if f["push_next"]:
-                    toks[(u, u + 1)].append(end[pc])
-                done[pc] = True
-                idx[u] += 1
+    prof, dyn = _profile_of(sim_result)
+    skipped = prof.skipped if prof is not None else set()
+    lanes = spad_lanes(cfg)
+    beats = max(1, 64 // cfg.bus_bytes)
+    bb = cfg.bus_bytes
+    n = next((pc + 1 for pc, (op, _) in enumerate(instrs) if op == Opcode.END), len(instrs))
+    mod = [UNIT_OF[op].value for op, _ in instrs[:n]]
+    dur = [None] * n              # RUN cycles (None: MARK, END, skipped)
+    need = [0] * n                # DMA: scratchpad slots
+    use = [(0.0, 0.0)] * n        # COMPUTE: (read, write) fractions of the port
+    bursts = {}                   # LOAD pc -> cumulative channel cycles at each burst's end
+    for pc in range(n):
+        op, f = instrs[pc]
+        if pc in skipped or op in (Opcode.MARK, Opcode.END):
+            continue
+        dur[pc] = v1_unit_cycles(op, f, cfg, pc, prof)
+        if op in (Opcode.LOAD, Opcode.STORE):
+            runs = _dma_runs(f, pc, prof)
+            need[pc] = len(runs) * (f["run"] if f["mem"] == Mem.IDX else _cdiv(f["run"], lanes))
+            if op == Opcode.LOAD:
+                nbytes = f["run"] * _ES[f["dtype"].value]
+                cum, c = [], 0
+                for a in runs:
+                    for b in _bursts(int(a), nbytes, bb):
+                        c += b + 1
+                        cum.append(c)
+                bursts[pc] = cum
+        else:
+            use[pc] = _port_use(op, f, cfg, dur[pc], lanes)
+    pops, pushes = [], []
+    for pc in range(n):
+        f, u = instrs[pc][1], mod[pc]
+        pops.append([_TOKQ[(v, u)] for v, bit in ((u - 1, f["pop_prev"]), (u + 1, f["pop_next"]))
+                     if bit and (v, u) in _TOKQ])
+        pushes.append([_TOKQ[(u, v)] for v, bit in ((u - 1, f["push_prev"]),
+                                                    (u + 1, f["push_next"]))
+                       if bit and (u, v) in _TOKQ])
+    order = [[pc for pc in range(n) if mod[pc] == u] for u in range(3)]
+    kidx = [0] * n
+    for u in range(3):
+        for k, pc in enumerate(order[u]):
+            kidx[pc] = k
+    td, cd = cfg.token_depth, cfg.cmd_depth
+    comp, comp_starts = [], []                   # previous pass: COMPUTE runs
+    lpc, l_start, l_end, l_bounds = [], [], [], []   # previous pass: LOAD runs and bursts
+    steals_prev = {}
+    for it in range(V2_PASSES):
+        D, S, R = [None] * n, [0] * n, [None] * n    # dispatch, RUN start, retire (PUSH)
+        push, pop = [[], [], [], []], [[], [], [], []]
+        steals = {}
+        fi, fetch_at, mi, total = 0, 0, [0, 0, 0], None
+        progress = True
+        while progress:
+            progress = False
+            # fetch: FETCH at fetch_at, AR (waits for the LOAD burst the RAM serves), the beats,
+            # DECODE, DISPATCH (waits for room in the queue)
+            while fi < n:
+                u, k = mod[fi], kidx[fi]
+                room = 0
+                if k >= cd:
+                    r = R[order[u][k - cd]]
+                    if r is None:
+                        break
+                    room = r + 1
+                ar = fetch_at + 1
+                j = bisect.bisect_right(l_start, ar) - 1
+                if j >= 0 and ar < l_end[j]:
+                    bd = l_bounds[j]
+                    x = bisect.bisect_left(bd, ar)
+                    if x < len(bd):
+                        ar = int(np.ceil(bd[x]))
+                    steals[lpc[j]] = steals.get(lpc[j], 0) + 1
+                D[fi] = max(ar + 3 + beats, room)
+                fetch_at = D[fi] + 1
+                fi += 1
                 progress = True
-    if not all(done):
-        stuck = [pc for pc in range(n) if not done[pc]][:3]
-        raise ValueError(f"cost model: dependency tokens never arrive for instructions {stuck}")
-    total = max(end) if end else 0
-    busy = {Unit(u).name: int(sum(dur[pc] for pc in order[u])) for u in range(3)}
-    macs, rd, wr = _traffic(instrs, dyn)
-    layers = _layers(program, instrs, start, end, dyn, total, sequential=False)
+            for u in range(3):
+                while mi[u] < len(order[u]):
+                    pc = order[u][mi[u]]
+                    if D[pc] is None:
+                        break
+                    g = D[pc] + QUEUE_LATENCY                 # IDLE, tokens popped
+                    if mi[u]:
+                        g = max(g, R[order[u][mi[u] - 1]] + 1)
+                    ps = pops[pc]
+                    if any(len(pop[q]) >= len(push[q]) for q in ps):
+                        break
+                    for q in ps:
+                        g = max(g, push[q][len(pop[q])] + 1)
+                    if instrs[pc][0] == Opcode.END:
+                        if fi < n:
+                            break
+                        rest = [R[p] for p in order[0] + order[2]]
+                        if any(x is None for x in rest):
+                            break
+                        g = max([g, D[pc] + 1] + [x + 1 for x in rest])
+                        S[pc], R[pc], total = g + 1, g + 1, g + 2
+                        mi[u] += 1
+                        progress = True
+                        continue
+                    room = []
+                    for q in pushes[pc]:
+                        j = len(push[q]) - td
+                        if j >= 0:
+                            if j >= len(pop[q]):
+                                room = None
+                                break
+                            room.append(pop[q][j] + 1)
+                    if room is None:
+                        break
+                    for q in ps:
+                        pop[q].append(g)
+                    if dur[pc] is None:                       # CHECK, PUSH
+                        S[pc] = g + 1
+                        p = g + 2
+                    else:                                     # CHECK, START, RUN, PUSH
+                        s = S[pc] = g + 3
+                        if u == 1 or it == 0:
+                            p = s + dur[pc]
+                        elif u == 0:
+                            d = dur[pc] + steals_prev.get(pc, 0) * (beats + FETCH_STEAL)
+                            p = _dma_run(s, d, need[pc], comp, comp_starts, 3)
+                        else:
+                            p = _dma_run(s, dur[pc], need[pc], comp, comp_starts, 2)
+                    p = max([p] + room)
+                    for q in pushes[pc]:
+                        push[q].append(p)
+                    R[pc] = p
+                    mi[u] += 1
+                    progress = True
+        if total is None:
+            stuck = [pc for pc in range(n) if R[pc] is None][:3]
+            raise ValueError(f"cost model: dependency tokens never arrive for instructions "
+                             f"{stuck}")
+        comp = [(S[pc], S[pc] + dur[pc], *use[pc]) for pc in order[1] if dur[pc]]
+        comp_starts = [c[0] for c in comp]
+        lpc = [pc for pc in order[0] if dur[pc]]
+        l_start = [S[pc] for pc in lpc]
+        l_end = [R[pc] for pc in lpc]
+        l_bounds = [[S[pc] + (R[pc] - S[pc]) * c / bursts[pc][-1] for c in bursts[pc]]
+                    if bursts[pc] else [] for pc in lpc]
+        steals_prev = steals
+    start = S
+    end = [R[pc] if dur[pc] is None or mod[pc] != 1 else S[pc] + dur[pc] for pc in range(n)]
+    busy: dict = {}
+    counters = {"cycles": int(total), "instructions": n, "skipped": 0, "marks": 0}
+    for pc in range(n):
+        op = instrs[pc][0]
+        if pc in skipped:
+            counters["skipped"] += 1
+        elif op == Opcode.MARK:
+            counters["marks"] += 1
+        elif dur[pc] is not None:
+            busy[op.name] = busy.get(op.name, 0) + (end[pc] - start[pc])
+    for op in (Opcode.LOAD, Opcode.STORE, Opcode.MATMUL, Opcode.SOFTMAX, Opcode.LAYERNORM,
+               Opcode.TOPK, Opcode.ROUTE, Opcode.SPANS, Opcode.VEC):
+        counters[f"busy_{op.name.lower()}"] = int(busy.get(op.name, 0))
+    macs, rd, wr = _traffic(instrs[:n], dyn, skipped, prof.runs if prof is not None else None)
+    layers = _layers(program, instrs[:n], start, end, dyn, total, sequential=False)
     return Estimate(cycles=int(total), macs=int(macs), dram_read_bytes=int(rd),
-                    dram_write_bytes=int(wr), busy=busy, layers=layers, starts=start, ends=end,
-                    machine="v2", v2_cycles=int(total))
+                    dram_write_bytes=int(wr), busy={k: int(v) for k, v in busy.items()},
+                    layers=layers, starts=start, ends=end, machine="v2",
+                    v2_cycles=int(total), counters=counters)
 
 
 # ---- data-dependent quantities: one golden-model run --------------------------------------------
@@ -818,14 +987,11 @@ def v1_unit_cycles(op, f, cfg, pc=None, prof=None) -> int:
     return 0
 
 
-def _estimate_v1(program, sim_result=None) -> Estimate:
+def _estimate_v1(program, sim_result=None, other=True) -> Estimate:
     """Timeline of ``program`` on the v1 RTL (see the module docstring)."""
     cfg = program.config
     instrs = _decode(program)
-    prof = sim_result if isinstance(sim_result, DynamicProfile) else None
-    dyn = _dyn_m(sim_result)
-    if prof is None and dyn:
-        prof = DynamicProfile(dyn_m=dict(dyn))
+    prof, dyn = _profile_of(sim_result)
     skipped = prof.skipped if prof is not None else set()
     fetch = fetch_cycles(cfg)
     n = len(instrs)
@@ -857,8 +1023,8 @@ def _estimate_v1(program, sim_result=None) -> Estimate:
         counters[f"busy_{op.name.lower()}"] = int(busy.get(op.name, 0))
     macs, rd, wr = _traffic(instrs, dyn, skipped, prof.runs if prof is not None else None)
     layers = _layers(program, instrs, start, end, dyn, total, sequential=True)
-    v2 = _estimate_v2(program, sim_result)
+    v2 = _estimate_v2(program, sim_result).cycles if other else None
     return Estimate(cycles=int(total), macs=int(macs), dram_read_bytes=int(rd),
                     dram_write_bytes=int(wr), busy={k: int(v) for k, v in busy.items()},
                     layers=layers, starts=start, ends=end, machine="v1",
-                    v2_cycles=v2.cycles, counters=counters)
+                    v2_cycles=v2, counters=counters, v1_cycles=int(total))
