@@ -64,6 +64,7 @@ from vitamin.golden.tables import make_table, table_spec
 from vitamin.isa import ErrorCode, Opcode, Select
 
 from .idxops import _Control
+from .mem import NOINIT_ATTR
 from .ports import SPAD_READ_LATENCY, IdxPort, RegPort, SpadPort, UnitControl, spad_lanes
 from .rom import INTERP_LATENCY, build_interp, interp_input_bits
 
@@ -161,7 +162,9 @@ class SelectUnit(wiring.Component):
         sw = 17 + lw                              # |chunk sum| <= 2^15 * spad_words
         ent = data.StructLayout({"avail": 1, "score": signed(32), "lo": unsigned(31),
                                  "n": unsigned(lw), "t": unsigned(lw)})
-        m.submodules.chunks = mem = Memory(shape=ent, depth=n_ent, init=[])
+        # every entry an instruction reads it has written first: no initialiser in the Verilog
+        m.submodules.chunks = mem = Memory(shape=ent, depth=n_ent, init=[],
+                                           attrs={NOINIT_ATTR: 1})
         self.chunk_mem = mem
         mw = mem.write_port()
         mr = mem.read_port()
