@@ -97,6 +97,9 @@ def recognize(model, block: int | None = None) -> Kernel | None:
     dh = [n for n in g.node if n.op_type == "DHSA" and n.domain == DHSA_DOMAIN]
     if dh:
         return _recognize_dhsa(model, dh, block)
+    ms = [n for n in g.node if n.op_type == "SparseAttention" and n.domain == "com.microsoft"]
+    if ms:
+        return _recognize_ms_sparse(model, ms)
     att = [n for n in g.node if n.op_type == "Attention" and n.domain in ("", "ai.onnx")]
     if len(att) != 1:
         return None
@@ -178,6 +181,62 @@ def _recognize_dhsa(model, nodes, block):
     if kern.budget < kern.sink + kern.recent:
         raise CompileError(f"{where}: budget {kern.budget} is smaller than sink + recent "
                            f"({kern.sink} + {kern.recent})")
+    return kern
+
+
+def _recognize_ms_sparse(model, nodes):
+    """com.microsoft.SparseAttention with constant CSR layouts -> a static kernel."""
+    from .sparse_models import layout_mask
+    g = model.graph
+    n = nodes[0]
+    where = f"node {n.name or 'SparseAttention'!r} (com.microsoft.SparseAttention)"
+    if len(nodes) != 1 or len(g.node) != 1:
+        raise CompileError(f"{where}: a SparseAttention model must be that one node")
+    ins = list(n.input) + [""] * (11 - len(n.input))
+    inputs = {i.name: i for i in g.input}
+    q, k, v = ins[:3]
+    if not all(x in inputs for x in (q, k, v)):
+        raise CompileError(f"{where}: query, key and value must be separate graph inputs "
+                           f"(packed QKV is not supported)")
+    total = _constant(model, ins[7])
+    if ins[9] or ins[10] or total is None or int(np.asarray(total).reshape(-1)[0]) != \
+            _shape(inputs[q])[1]:
+        raise CompileError(f"{where}: only prefill from empty key/value caches "
+                           f"(total_sequence_length = the query length, constant) without "
+                           f"rotary caches is supported")
+    extra = [o.name for o in g.output if o.name != n.output[0]]
+    if any(o not in n.output[1:] for o in extra):
+        raise CompileError(f"{where}: graph outputs other than the op's are not supported")
+    at = _attrs(n)
+    if at.get("do_rotary", 0):
+        raise CompileError(f"{where}: do_rotary is not supported")
+    rows, cols = _constant(model, ins[5]), _constant(model, ins[6])
+    if rows is None or cols is None:
+        raise CompileError(f"{where}: the block layout (block_row_indices, block_col_indices) "
+                           f"must be constant")
+    rows, cols = np.atleast_2d(rows), np.atleast_2d(cols)
+    if any(not (np.array_equal(rows[0], r) and np.array_equal(cols[0], c))
+           for r, c in zip(rows, cols)):
+        raise CompileError(f"{where}: per-head layouts differ; one layout for all heads is "
+                           f"supported")
+    sq, sk = _shape(inputs[q]), _shape(inputs[k])
+    h, hkv = int(at.get("num_heads", 0)), int(at.get("kv_num_heads", 0))
+    if len(sq) != 3 or not h or not hkv or h % hkv or sq[2] % h or \
+            sk != [1, sq[1], hkv * (sq[2] // h)]:
+        raise CompileError(f"{where}: inconsistent head counts or shapes: q {sq}, k {sk}, "
+                           f"{h} / {hkv} heads")
+    t, d = sq[1], sq[2] // h
+    blk = int(at.get("sparse_block_size", 0))
+    if blk not in (16, 32, 64, 128) or t % blk:
+        raise CompileError(f"{where}: sparse_block_size {blk} must be 16, 32, 64 or 128 and "
+                           f"divide T = {t}")
+    if len(rows[0]) != t // blk + 1:
+        raise CompileError(f"{where}: block_row_indices has {len(rows[0])} entries for "
+                           f"{t // blk} query blocks")
+    kern = Kernel(g.name or "sparse_attention", t, h, hkv, d,
+                  float(at.get("scale", 1 / math.sqrt(d))), True, "static", block=blk)
+    kern.mask = layout_mask(t, blk, rows[0], cols[0])
+    kern.blocks, _ = _fold_static(kern, where)
     return kern
 
 
@@ -467,7 +526,6 @@ def compile_kernel(kern: Kernel, config, calibration=None, *, chunk: int | None 
     # static span lists (static mode): one IDX list per query block, loaded once
     static_lists = {}
     if kern.mode == "static":
-        base = 256
         for qb, row in enumerate(kern.blocks):
             sp = []
             for kb in row:
@@ -475,15 +533,7 @@ def compile_kernel(kern: Kernel, config, calibration=None, *, chunk: int | None 
                     sp[-1][1] += b
                 else:
                     sp.append([kb * b, b])
-            static_lists[qb] = (base, sp)
-            base += len(sp)
-        if base > cfg.idx_entries:
-            raise CompileError(f"attention {kern.name!r}: the static block lists need {base} "
-                               f"index entries; {cfg.name!r} has {cfg.idx_entries}")
-        ent = np.array([e_ for qb in range(nb) for e_ in static_lists[qb][1]], np.int64)
-        if len(ent):
-            ref = a.const("static_spans", ent.reshape(-1, 2), "i32")
-            a.load(mem=1, dram_addr=ref, spad_addr=256, run=len(ent), dtype=DType.I32)
+            static_lists[qb] = (None, sp)
 
     if kern.mode == "dhsa":
         # the chunk starts (index entries (start, 0)) and every key row, resident on chip for
@@ -530,6 +580,20 @@ def compile_kernel(kern: Kernel, config, calibration=None, *, chunk: int | None 
                 units.append({"kind": "att", "qb": qb, "g": gg, "heads": heads_g,
                               "gather": False, "spans": cs, "L": len(ck) * b, "ci": ci,
                               "nc": len(chunks)})
+    # static units whose keys are several spans: their key positions come from a constant span
+    # list in index memory, loaded once at the start
+    ent = []
+    for u in units:
+        if u["kind"] == "att" and not u["gather"] and len(u["spans"]) > 1:
+            u["kpos_idx"] = 2 * slot_n + len(ent)
+            ent += u["spans"]
+    if ent:
+        if 2 * slot_n + len(ent) > cfg.idx_entries:
+            raise CompileError(f"attention {kern.name!r}: the static span lists need "
+                               f"{2 * slot_n + len(ent)} index entries; {cfg.name!r} has "
+                               f"{cfg.idx_entries}")
+        ref = a.const("static_spans", np.array(ent, np.int64).reshape(-1, 2), "i32")
+        a.load(mem=1, dram_addr=ref, spad_addr=2 * slot_n, run=len(ent), dtype=DType.I32)
     first_of_qb = {}
     last_of_qb = {}
     for i, u in enumerate(units):
@@ -652,12 +716,7 @@ def compile_kernel(kern: Kernel, config, calibration=None, *, chunk: int | None 
             sl = qb % 2
             spans_kw = dict(kpos_spans=1, idx_addr=spans_idx[sl], count_reg=regs[sl][0])
         elif len(u["spans"]) > 1:
-            base, sp_all = static_lists[qb]
-            if u["nc"] != 1:
-                raise CompileError(f"attention {kern.name!r}: query block {qb} keeps "
-                                   f"{u['L'] * u['nc']} keys in several blocks, more than one "
-                                   f"chunk of {cap}; use a larger configuration or fewer blocks")
-            spans_kw = dict(kpos_spans=1, idx_addr=base, n_spans=len(sp_all))
+            spans_kw = dict(kpos_spans=1, idx_addr=u["kpos_idx"], n_spans=len(u["spans"]))
         else:
             spans_kw = dict(k_pos=u["spans"][0][0])
         causal = 1 if kern.causal else 0

@@ -17,6 +17,8 @@ reference for the sparse patterns too.
                        matrix, kept only where strictly earlier) plus the diagonal block,
                        expanded to tokens and combined with the token-level causal mask, then
                        Attention-23 with that boolean mask.
+``ms_sparse_attention``  ``com.microsoft.SparseAttention`` with a constant CSR block layout
+                       (local + vertical stride, as Phi-3-small); :func:`layout_mask` is its mask.
 ``dhsa``               DHSA (Dynamic Hierarchical Sparse Attention) as one custom-domain node
                        ``vitamin.DHSA(q, k, v, boundaries)``; :func:`dhsa_expanded` is the same
                        computation for onnxruntime (Attention-23 with the :func:`dhsa_mask`).
@@ -31,7 +33,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 __all__ = ["dense_causal", "static_blocks", "block_topk", "static_block_mask",
            "block_topk_mask", "attention_reference", "dhsa", "dhsa_mask", "dhsa_expanded",
-           "dhsa_boundaries"]
+           "dhsa_boundaries", "ms_sparse_attention", "csr_layout", "layout_mask",
+           "run_ms_sparse_attention"]
 
 OPSET = 23
 
@@ -263,3 +266,75 @@ def dhsa_expanded(model):
                            scale=at["scale"])
     g = helper.make_graph([att], "dhsa_reference", ins, list(model.graph.output))
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET)])
+
+
+# -- com.microsoft.SparseAttention (fixed block layouts) ------------------------------------------
+
+def csr_layout(nb, local, vertical_stride):
+    """A Phi-3-small-style causal block layout in CSR form: each query block keeps its ``local``
+    latest key blocks and every ``vertical_stride``-th block. Returns (row_indices [nb + 1],
+    col_indices [nnz]) as int32."""
+    rows, cols = [0], []
+    for i in range(nb):
+        keep = [j for j in range(i + 1) if i - j < local or (j + 1) % vertical_stride == 0]
+        cols += keep
+        rows.append(len(cols))
+    return np.array(rows, np.int32), np.array(cols, np.int32)
+
+
+def layout_mask(t, block, rows, cols):
+    """The causal token mask of a CSR block layout (one layout for all heads)."""
+    nb = t // block
+    blocks = np.zeros((nb, nb), bool)
+    for i in range(nb):
+        for j in cols[rows[i]:rows[i + 1]]:
+            if j >= 0:
+                blocks[i, j] = True
+    m = np.repeat(np.repeat(blocks, block, 0), block, 1)
+    return m & np.tril(np.ones((t, t), bool))
+
+
+def ms_sparse_attention(t, heads, kv_heads, d, block=64, local=4, vertical_stride=8):
+    """``com.microsoft.SparseAttention`` with a constant CSR layout (prefill: the past key/value
+    inputs are empty caches, ``total_sequence_length = T``; the present caches are graph outputs
+    as the op requires). onnxruntime's CPU kernel runs it when the caches share buffers
+    (:func:`run_ms_sparse_attention`)."""
+    rows, cols = csr_layout(t // block, local, vertical_stride)
+    ins, outs = _io(t, heads, kv_heads, d)
+    # the KV cache inputs are required by the op's schema; a prefill passes empty caches
+    ins += [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, kv_heads, t, d])
+            for n in ("past_key", "past_value")]
+    inits = [numpy_helper.from_array(rows[None], "block_row_indices"),
+             numpy_helper.from_array(cols[None], "block_col_indices"),
+             numpy_helper.from_array(np.array(t, np.int32), "total_sequence_length"),
+             numpy_helper.from_array(np.array([t], np.int32), "key_total_sequence_lengths")]
+    node = helper.make_node(
+        "SparseAttention", ["q", "k", "v", "past_key", "past_value", "block_row_indices",
+                            "block_col_indices",
+                            "total_sequence_length", "key_total_sequence_lengths"],
+        ["o", "present_key", "present_value"],
+        name="sparse_attention", domain="com.microsoft", num_heads=heads,
+        kv_num_heads=kv_heads, sparse_block_size=block, scale=1.0 / math.sqrt(d))
+    outs += [helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, kv_heads, t, d])
+             for n in ("present_key", "present_value")]
+    g = helper.make_graph([node], "ms_sparse_attention", ins, outs, inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", OPSET),
+                                               helper.make_opsetid("com.microsoft", 1)])
+
+
+def run_ms_sparse_attention(model, q, k, v):
+    """Run a :func:`ms_sparse_attention` model on onnxruntime (CPU) with empty KV caches bound
+    in place, as the kernel requires; returns the attention output."""
+    import onnxruntime as ort
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    shp = [d.dim_value for d in model.graph.input[3].type.tensor_type.shape.dim]
+    b = sess.io_binding()
+    b.bind_output("o")
+    for n, x in (("q", q), ("k", k), ("v", v)):
+        b.bind_cpu_input(n, np.ascontiguousarray(x, dtype=np.float32))
+    for past, present in (("past_key", "present_key"), ("past_value", "present_value")):
+        cache = ort.OrtValue.ortvalue_from_numpy(np.zeros(shp, np.float32))
+        b.bind_ortvalue_input(past, cache)
+        b.bind_ortvalue_output(present, cache)
+    sess.run_with_iobinding(b)
+    return b.copy_outputs_to_cpu()[0]
