@@ -566,9 +566,9 @@ def test_check_tokens_direct():
 def test_random_small_programs_never_raise():
     rng = np.random.default_rng(1234)
     counts = {"run", "n0", "n1", "n2", "m", "k", "n", "group", "n_spans", "diag_n", "sink",
-              "block"}
+              "block", "n_chunks"}
     ops = [Opcode.LOAD, Opcode.STORE, Opcode.MATMUL, Opcode.SOFTMAX, Opcode.LAYERNORM,
-           Opcode.TOPK, Opcode.ROUTE, Opcode.SPANS, Opcode.VEC, Opcode.MARK]
+           Opcode.TOPK, Opcode.ROUTE, Opcode.SPANS, Opcode.VEC, Opcode.MARK, Opcode.SELECT]
     from amaranth.lib import enum as aenum
     seen = set()
     for _ in range(250):
