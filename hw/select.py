@@ -48,6 +48,14 @@ give tokens plus 1 when the budget is not used up by them. A fault is reported a
 (4096 keys, all below the limit), budget 1024 with 128 sink and 128 recent tokens, 16 lanes:
 40 + SCORE 32 * 8 + 10 + 6 scans of 34 + walks 74 = 584 cycles.
 
+Watchdog: the SELECT scans and the walks' reads use only the unit's own memory, which the
+accelerator's watchdog does not see as progress. A SELECT whose selection phase exceeds the
+WATCHDOG register (reset value ``cfg.watchdog_cycles``, 2^20) halts with ``WATCHDOG``: e.g. more
+than about 1000 candidate chunks that are all taken. DHSA sizes are far below (4096 keys in
+16-token chunks, budget 1024: at most 64 scans of 258 cycles). Such a program must raise or
+disable (0) the watchdog. The scans are quadratic in the chunk count; a sorting network would
+make them linear if large chunk counts become common.
+
 Widths: chunk lengths are at most ``spad_words`` (the score region lies in the scratchpad), so
 a chunk sum fits ``17 + bits(spad_words)`` bits and ``|score| < 2^28``; starts, lengths and the
 row count are below ``limit < 2^31``.
