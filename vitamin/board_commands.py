@@ -1,0 +1,42 @@
+"""Subcommand ``build`` (bitstreams and board reports), registered in :mod:`vitamin.cli`.
+
+``vitamin run --device sim|sim:rtl|serial:PORT[@BAUD]|zynq`` is served by
+:func:`vitamin.runtime.run_on_device`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+
+from .cli import command
+
+__all__ = ["BOARD_NAMES"]
+
+#: Kept here (not imported from vitamin.boards) so that ``vitamin --help`` stays quick.
+BOARD_NAMES = ("ulx3s-85f", "icebreaker", "zcu102")
+
+
+def _build_args(p):
+    p.add_argument("--board", required=True, choices=BOARD_NAMES, help="target board")
+    p.add_argument("--config", help="configuration preset (default: the board's: ulx3s-85f "
+                                    "ecp5, icebreaker tiny, zcu102 zcu102)")
+    p.add_argument("-o", "--output", metavar="DIR",
+                   help="build directory (default: build/boards/BOARD-CONFIG)")
+    p.add_argument("--seed", type=int, default=1, help="nextpnr placement seed (default 1)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+@command("build", "synthesise, place and route a board: bitstream + resource/timing report",
+         arguments=_build_args)
+def _build(args):
+    from .boards.flow import build, format_report
+    t0 = time.monotonic()
+
+    def progress(msg):
+        print(f"[{time.monotonic() - t0:7.1f} s] {msg}", flush=True)
+
+    rep = build(args.board, args.config, args.output, progress, seed=args.seed)
+    print(json.dumps(rep, indent=1, default=str) if args.json else format_report(rep),
+          end="")
+    return 0 if rep["status"] != "unsupported" else 1
