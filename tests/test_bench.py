@@ -109,6 +109,9 @@ def test_rtl_cache_is_used(tmp_path, monkeypatch):
 
     class FakeSim:
         build_seconds = 0.0
+        build_dir = tmp_path / "build"
+        issue = "v2"
+        dram_bytes = 1 << 20
 
         def run(self, jobs):
             calls.append(jobs)
@@ -120,6 +123,10 @@ def test_rtl_cache_is_used(tmp_path, monkeypatch):
     assert not a["cached"] and b["cached"] and len(calls) == 1
     assert b["counters"]["cycles"] == 123
     assert len(list(tmp_path.glob("*.json"))) == 1
+    # another Verilog (the gateware changed): another run
+    FakeSim.build_dir.mkdir()
+    (FakeSim.build_dir / "built.json").write_text(json.dumps({"verilog_hash": "abc"}))
+    assert not bench.rtl_counters(prog, ins)["cached"] and len(calls) == 2
     bench.rtl_counters(prog, ins, regs={1: 5})          # other registers: another run
-    assert len(calls) == 2
+    assert len(calls) == 3
     json.loads(next(tmp_path.glob("*.json")).read_text())

@@ -67,8 +67,8 @@ def rtl_counters(prog, int_inputs, regs=None, timeout_cycles=200_000_000) -> dic
     of one run of ``prog`` on the Verilator model of the default (v2) accelerator.
 
     A run is deterministic: its result is cached under ``build/rtl_cache/`` by the hash of the
-    DRAM image, the registers, the configuration and the gateware sources
-    (``sim.simtop._source_hash``), so ``make bench``'s slow tests and report share one run.
+    DRAM image, the registers, the configuration and the Verilog of the simulation build (the
+    build is brought up to date first), so ``make bench``'s slow tests and report share one run.
     """
     from vitamin.sim import simtop
     from vitamin.sim.rtl_backend import _ram_bytes
@@ -77,16 +77,17 @@ def rtl_counters(prog, int_inputs, regs=None, timeout_cycles=200_000_000) -> dic
         prog.write_tensor(img, name, v)
     regs = {int(k): int(v) for k, v in (regs or {}).items()}
     cfg = prog.config
+    sim = simtop.build(cfg, dram_bytes=_ram_bytes(cfg, len(img)))
+    stamp = Path(sim.build_dir) / "built.json"
+    verilog = json.loads(stamp.read_text()).get("verilog_hash", "") if stamp.exists() else ""
     h = hashlib.sha256()
     h.update(img.tobytes())
     h.update(json.dumps({"n": prog.n_instr, "regs": sorted(regs.items()),
-                         "config": cfg.to_dict(), "issue": simtop.DEFAULT_ISSUE},
-                        sort_keys=True).encode())
-    h.update(simtop._source_hash().encode())
+                         "config": cfg.to_dict(), "issue": sim.issue, "verilog": verilog,
+                         "dram": sim.dram_bytes}, sort_keys=True).encode())
     path = RTL_CACHE / f"{cfg.name}-{h.hexdigest()[:24]}.json"
     if path.exists():
         return {**json.loads(path.read_text()), "cached": True}
-    sim = simtop.build(cfg, dram_bytes=_ram_bytes(cfg, len(img)))
     res = sim.run([{"image": img.tobytes(), "n_instr": prog.n_instr, "window": len(img),
                     "regs": regs, "timeout_cycles": timeout_cycles}])[0]
     out = {"status": res["status"], "counters": res["counters"], "wall_s": res["wall_s"],
