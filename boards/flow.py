@@ -372,3 +372,28 @@ def format_report(rep: dict) -> str:
         lines.append(f"  {k}: {v:.1f}")
     lines.append(f"total: {rep.get('total_s', 0):.1f} s")
     return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> int:
+    """``python -m vitamin.boards.flow [--config PRESET] BOARD...`` (the ``make bitstream`` job):
+    build each board, print its report; exit status 1 if a board could not be built."""
+    import argparse
+    ap = argparse.ArgumentParser(prog="python -m vitamin.boards.flow", description=main.__doc__)
+    ap.add_argument("boards", nargs="+", choices=sorted(BOARDS))
+    ap.add_argument("--config", help="preset for every board (default: each board's own)")
+    ap.add_argument("--seed", type=int, default=1)
+    args = ap.parse_args(argv)
+    t0 = time.monotonic()
+    status = 0
+    for b in args.boards:
+        def progress(msg, b=b):
+            print(f"[{time.monotonic() - t0:7.1f} s] {b}: {msg}", flush=True)
+        rep = build(b, args.config, None, progress, seed=args.seed)
+        print(format_report(rep), flush=True)
+        if rep["status"] == "unsupported" and rep.get("fits") is not False:
+            status = 1
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())
