@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -161,3 +162,18 @@ def test_debug_shows_traceback(registry):
 def test_exit_status_of_command(registry):
     cli.command("status-test", "return 3")(lambda args: 3)
     assert cli.main(["status-test"]) == 3
+
+
+def test_run_device_sim_matches_golden_backend(tmp_path):
+    """``vitamin run --device sim`` (host runtime, golden board) gives the golden backend's
+    outputs and counters; an unknown device is a one-line error."""
+    prog = tmp_path / "d.vit"
+    model = Path(__file__).resolve().parent.parent / "models" / "digits_vit.onnx"
+    r = run("compile", str(model), "--config", "tiny", "-o", str(prog))
+    assert r.returncode == 0, r.stderr
+    runs = [json.loads(run("run", str(prog), "--json", *extra).stdout)
+            for extra in ((), ("--device", "sim"))]
+    assert runs[0]["outputs"] == runs[1]["outputs"]
+    assert runs[0]["macs"] == runs[1]["macs"] > 0
+    r = run("run", str(prog), "--device", "bogus")
+    assert r.returncode == 2 and "unknown device 'bogus'" in r.stderr

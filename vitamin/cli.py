@@ -62,7 +62,8 @@ class Command:
 COMMANDS: dict[str, Command] = {}
 """The registry, in registration order (which is the order of ``vitamin --help``)."""
 
-COMMAND_MODULES: list[str] = ["vitamin.commands"]
+COMMAND_MODULES: list[str] = ["vitamin.commands", "vitamin.perf_commands",
+                              "vitamin.board_commands"]
 """Modules (dotted names) that register further subcommands; imported by :func:`build_parser`."""
 
 

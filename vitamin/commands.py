@@ -67,6 +67,11 @@ def _run_args(p):
     p.add_argument("program", help="program file (.vit)")
     p.add_argument("--input", help=".npz with the inputs, keyed by input name (default: random)")
     p.add_argument("--backend", default="golden", choices=["golden", "rtl"])
+    p.add_argument("--device", help="run on a device through the host runtime instead of a "
+                   "backend: sim (golden board model), sim:rtl (Verilated board: UART bridge + "
+                   "accelerator + SDRAM model), serial:/dev/ttyUSB0[@BAUD], zynq")
+    p.add_argument("--timeout", type=float, default=30.0,
+                   help="seconds to wait for the device (with --device)")
     p.add_argument("--compare", metavar="MODEL.onnx",
                    help="also run onnxruntime on the same input and report the agreement")
     p.add_argument("--task", type=int, help="task index (multi-task models)")
@@ -118,9 +123,15 @@ def _run(args):
     _, regs = api.task_regs(prog, inputs, args.task)
     opts = {"vcd": args.vcd} if args.vcd else {}
     t0 = time.time()
-    out = api.run(prog, inputs, backend=args.backend, task=args.task, trace=args.trace, **opts)
+    if args.device:
+        from .runtime import run_on_device
+        out = run_on_device(prog, inputs, args.device, task=args.task, timeout=args.timeout)
+    else:
+        out = api.run(prog, inputs, backend=args.backend, task=args.task, trace=args.trace,
+                      **opts)
     wall = time.time() - t0
-    report = {"backend": args.backend, "wall_s": wall, "cycles": out.cycles, **out.counters}
+    where = f"device {args.device}" if args.device else args.backend
+    report = {"backend": where, "wall_s": wall, "cycles": out.cycles, **out.counters}
     status = 0
     if args.compare:
         feeds = dict(inputs)
@@ -144,7 +155,7 @@ def _run(args):
         json.dump(report, sys.stdout)
         print()
     else:
-        print(f"ran {args.program} on the {args.backend} backend in {wall:.2f} s")
+        print(f"ran {args.program} on {where} in {wall:.2f} s")
         for k, v in report.items():
             if k not in ("compare", "backend", "wall_s") and v is not None:
                 print(f"  {k:<20} {v}")
