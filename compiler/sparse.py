@@ -92,7 +92,10 @@ def _shape(vi):
 def recognize(model, block: int | None = None) -> Kernel | None:
     """The attention kernel of ``model`` (path or ModelProto), or None if it is not one."""
     if not isinstance(model, onnx.ModelProto):
-        model = onnx.load(str(model))
+        try:
+            model = onnx.load(str(model), load_external_data=False)
+        except Exception:  # noqa: BLE001 - a missing or corrupt file: the frontend says why
+            return None
     g = model.graph
     dh = [n for n in g.node if n.op_type == "DHSA" and n.domain == DHSA_DOMAIN]
     if dh:

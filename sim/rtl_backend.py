@@ -22,9 +22,13 @@ from vitamin.api import RunOutput
 from vitamin.golden.isasim import Fault, RunResult
 from vitamin.isa import ErrorCode
 
-from .simtop import build, default_ram_bytes, run_jobs
+from . import simtop
+from .simtop import default_ram_bytes, run_jobs
 
 __all__ = ["run", "run_image", "run_many"]
+
+# ``simtop.build`` is looked up at each call (not imported by name), so that a test that
+# replaces it for a while cannot leave this module bound to its replacement.
 
 
 def _ram_bytes(config, n: int) -> int:
@@ -45,7 +49,7 @@ def run_image(config, image, n_instr, *, regs=None, trace=False, vcd=None, throt
     """
     image = np.asarray(image, dtype=np.uint8)
     window = len(image) if window is None else int(window)
-    sim = build(config, dram_bytes=_ram_bytes(config, max(len(image), window)),
+    sim = simtop.build(config, dram_bytes=_ram_bytes(config, max(len(image), window)),
                 waves=vcd is not None)
     res = sim.run([{"image": image.tobytes(), "n_instr": n_instr, "window": window,
                     "regs": dict(regs or {}), "trace": trace, "throttle": int(throttle),
@@ -96,7 +100,7 @@ def run_many(program, inputs_list, regs=None, timeout_cycles=50_000_000):
         jobs.append({"image": img.tobytes(), "n_instr": program.n_instr, "window": len(img),
                      "regs": dict(regs or {}), "trace": False, "throttle": 0,
                      "timeout_cycles": timeout_cycles})
-    sim = build(program.config, dram_bytes=_ram_bytes(program.config, max(map(len, images))))
+    sim = simtop.build(program.config, dram_bytes=_ram_bytes(program.config, max(map(len, images))))
     out = []
     for res in sim.run(jobs):
         if res["status"] is None:
