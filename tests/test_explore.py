@@ -54,6 +54,15 @@ def test_resource_estimate_against_yosys_counts():
                 assert abs(est[cls] - meas) / meas <= TOL_RES, (preset, cls, est[cls], meas)
     small = explore.estimate_resources(get_config("ecp5").replace(name="a", rows=4, cols=8),
                                        "ecp5")
+    # a configuration the model was not fitted on (held out): within 15 % per class
+    for name, v in explore.VALIDATION["ecp5"].items():
+        cfg = get_config(v["base"]).replace(name=name, **v["changes"])
+        est = explore.estimate_resources(cfg, "ecp5")
+        for cls in ("LUT", "FF", "DSP", "BRAM"):
+            meas = sum(b.get(cls, 0) for b in v["blocks"].values())
+            if cls in ("LUT", "FF"):
+                meas *= 1 + explore.TOP_OVERHEAD
+            assert abs(est[cls] - meas) / meas <= TOL_RES, (name, cls, est[cls], meas)
     big = explore.estimate_resources("ecp5", "ecp5")
     assert small["DSP"] < big["DSP"] and small["LUT"] < big["LUT"]
     z = explore.estimate_resources("zcu102")
