@@ -52,6 +52,11 @@ def test_resource_estimate_against_yosys_counts():
                 meas *= 1 + explore.TOP_OVERHEAD
             if meas:
                 assert abs(est[cls] - meas) / meas <= TOL_RES, (preset, cls, est[cls], meas)
+    # the whole accelerator synthesised in one piece (its top included)
+    for preset, whole in explore.WHOLE["ecp5"].items():
+        est = explore.estimate_resources(preset, "ecp5")
+        for cls, meas in whole.items():
+            assert abs(est[cls] - meas) / meas <= TOL_RES, (preset, cls, est[cls], meas)
     small = explore.estimate_resources(get_config("ecp5").replace(name="a", rows=4, cols=8),
                                        "ecp5")
     # a configuration the model was not fitted on (held out): within 15 % per class

@@ -30,7 +30,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["PARTS", "BOARDS", "CALIBRATION", "VALIDATION", "DRIVERS", "estimate_resources",
+__all__ = ["PARTS", "BOARDS", "CALIBRATION", "VALIDATION", "WHOLE", "DRIVERS", "estimate_resources",
            "fit_block", "sweep", "pareto", "evaluate_point", "make_executor", "candidate_configs",
            "resource_cost", "plot_front", "ExploreResult"]
 
@@ -149,6 +149,13 @@ VALIDATION: dict = {"ecp5": {
             "VecUnit": {"LUT": 8418, "FF": 3468, "DSP": 36, "BRAM": 0},
         },
     },
+}}
+
+#: Whole-accelerator counts (``synth_ecp5 -run begin:check``, the AUTONAME pass left out; make
+#: bench's hardware section), by resource class: the per-block model plus :data:`TOP_OVERHEAD`
+#: is checked against them (tests/test_explore.py).
+WHOLE: dict = {"ecp5": {
+    "tiny": {"LUT": 57840, "FF": 33001, "DSP": 155, "BRAM": 47},
 }}
 
 #: Multipliers for a family without its own calibration, from the ECP5 figures: a 6-input LUT
