@@ -343,8 +343,8 @@ def plot_roofline(recs, path):
         peak = 2 * cfg.macs * cfg.clock_mhz / 1e3
         bw = cfg.bus_bytes * cfg.clock_mhz / 1e3          # GB/s
         xs = np.logspace(-1, 5, 200)
-        ax.loglog(xs, np.minimum(peak, bw * xs), "k-", lw=1, label=f"roof: {peak:.0f} GOPS, "
-                  f"{bw:.1f} GB/s")
+        ax.loglog(xs, np.minimum(peak, bw * xs), "k-", lw=1, label=f"roof: {peak:.3g} GOPS, "
+                  f"{bw:.3g} GB/s")
         for i, r in enumerate(x for x in recs if x["config"] == preset):
             pts = roofline_points(r)
             if not pts:
@@ -466,7 +466,7 @@ def markdown(meta, results, hardware, sparse) -> list[str]:
     lines += ["## Models", "",
               "| model | preset | compile s | cycles | source | MAC util | ms @ clock | DRAM MB "
               "| cost model | model vs RTL | RTL wall s | RTL cycles/s | golden s | ORT ms "
-              "(CPU) | cosine vs ORT |", "|---|" * 15]
+              "(CPU) | cosine vs ORT |", "|" + "---|" * 15]
     for r in results:
         if "error" in r:
             lines.append(f"| {r['model']} | {r['config']} | does not compile: "
@@ -497,12 +497,12 @@ def markdown(meta, results, hardware, sparse) -> list[str]:
                   "RTL counters. Resource estimate: vitamin/explore.py.", "",
                   "| preset | Verilog lines | Verilator build s | sim cycles/s | long matmul "
                   "cycles (model) | MAC busy | MAC util | bit-exact | resource estimate | "
-                  "Yosys cells |", "|---|" * 10]
+                  "Yosys cells |", "|" + "---|" * 10]
         for r in hardware:
             syn = r.get("synth")
             top = sorted(syn["cells"].items(), key=lambda kv: -kv[1])[:6] if syn else []
             cells = "not run" if syn is None else (
-                f"{syn['family']} ({syn['scope'][:40]}): " +
+                f"{syn['family']} ({syn['scope'][:60]}): " +
                 ", ".join(f"{k} {v}" for k, v in top))
             est = r.get("resource_estimate")
             est_s = ", ".join(f"{k} {v:,}" for k, v in est.items()) if est else "n/a"
@@ -516,7 +516,32 @@ def markdown(meta, results, hardware, sparse) -> list[str]:
     return lines
 
 
-def main() -> int:
+def write_report(meta, results, hardware, sparse_rows_=()) -> list[str]:
+    """bench.json, bench.md, the plots and the README table from the records."""
+    OUT.mkdir(parents=True, exist_ok=True)
+    sparse = sparse_attention_section(list(sparse_rows_))
+    plot_layers([r for r in results if r["config"] == "zcu102"], OUT / "layers.png")
+    plot_roofline(results, OUT / "roofline.png")
+    (OUT / "bench.json").write_text(json.dumps({"meta": meta, "results": results,
+                                                "hardware": hardware,
+                                                "sparse_attention": list(sparse_rows_)},
+                                               indent=1, default=float))
+    lines = markdown(meta, results, hardware, sparse)
+    (OUT / "bench.md").write_text("\n".join(lines) + "\n")
+    update_readme(readme_table(results), stamp=f" on {meta['date'][:10]}, {meta['cpu']} "
+                  f"({meta['cpu_count']} CPUs)")
+    return lines
+
+
+def main(argv=None) -> int:
+    """``python -m vitamin.bench`` measures and writes the report; ``--from-json`` only renders
+    the report again from bench/results/bench.json."""
+    argv = sys.argv[1:] if argv is None else argv
+    if "--from-json" in argv:
+        d = json.loads((OUT / "bench.json").read_text())
+        print("\n".join(write_report(d["meta"], d["results"], d["hardware"],
+                                     d.get("sparse_attention") or sparse_rows())))
+        return 0
     from vitamin.compiler.models import deit_tiny, export_onnx, m3vit_tiny
     OUT.mkdir(parents=True, exist_ok=True)
     rtl = os.environ.get("VITAMIN_BENCH_RTL", "1") != "0"
@@ -553,16 +578,7 @@ def main() -> int:
     meta = {"machine": platform.platform(), "cpu": _cpu_name(),
             "python": sys.version.split()[0], "cpu_count": os.cpu_count(),
             "date": time.strftime("%Y-%m-%d %H:%M:%S"), "edge_moe_reference": EDGE_MOE}
-    sparse = sparse_attention_section(sparse_rows())
-    plot_layers([r for r in results if r["config"] == "zcu102"], OUT / "layers.png")
-    plot_roofline(results, OUT / "roofline.png")
-    (OUT / "bench.json").write_text(json.dumps({"meta": meta, "results": results,
-                                                "hardware": hardware,
-                                                "sparse_attention": sparse_rows()},
-                                               indent=1, default=float))
-    lines = markdown(meta, results, hardware, sparse)
-    (OUT / "bench.md").write_text("\n".join(lines) + "\n")
-    update_readme(readme_table(results), stamp=f" on {meta['date'][:10]}")
+    lines = write_report(meta, results, hardware, sparse_rows())
     print("\n".join(lines))
     print(f"written: {OUT / 'bench.json'}, {OUT / 'bench.md'}, layers.png, roofline.png; "
           f"README table updated")
