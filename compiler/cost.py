@@ -466,6 +466,7 @@ class DynamicProfile:
     runs: dict = field(default_factory=dict)
     spans: dict = field(default_factory=dict)
     blocks: dict = field(default_factory=dict)
+    select: dict = field(default_factory=dict)     # SELECT: exact unit cycles, by pc
     fault: object = None
 
 
@@ -505,6 +506,8 @@ def profile_program(program, inputs=None, regs=None) -> DynamicProfile:
                 prof.spans[pc] = mach.idx[f["idx_addr"]:f["idx_addr"] + max(cnt, 0)].copy()
             elif op == Opcode.SPANS:
                 prof.blocks[pc] = mach.idx[f["idx_addr"]:f["idx_addr"] + f["k"], 0].copy()
+            elif op == Opcode.SELECT:
+                prof.select[pc] = _select_profile(mach, f, cfg)
             seen.clear()
             if not mach.step(op, f):
                 prof.skipped.add(pc)
@@ -518,6 +521,20 @@ def profile_program(program, inputs=None, regs=None) -> DynamicProfile:
     except Fault as e:
         prof.fault = e
     return prof
+
+
+def _select_profile(mach, f, cfg):
+    """Exact cycles of the SELECT about to run on ``mach`` (None if it would fault)."""
+    from vitamin.hw.select import select_cycles
+    try:
+        cnt = int(mach.regs[f["count_reg"]]) if f["count_reg"] else f["n_chunks"]
+        starts = [int(a) for a in mach.idx[f["chunk_addr"]:f["chunk_addr"] + cnt, 0]]
+        scores = mach.spad[f["in_addr"]:f["in_addr"] + f["limit"]]
+        if len(scores) < f["limit"] or any(b <= a for a, b in zip(starts, starts[1:])):
+            return None
+        return int(select_cycles(cfg, f, starts, scores))
+    except (IndexError, ValueError):
+        return None
 
 
 # ---- v1 (the RTL as built: sequential issue) ---------------------------------------------------
@@ -966,6 +983,15 @@ def v1_unit_cycles(op, f, cfg, pc=None, prof=None) -> int:
                 + u["ln_core"].row_latency + ROW_OVERHEAD["LAYERNORM"])
     if op == Opcode.ROUTE:
         return u["route"].cycles(f["m"], f["k"], f["n_experts"])
+    if op == Opcode.SELECT:
+        cyc = prof.select.get(pc) if prof is not None else None
+        if cyc is None:      # no profile: equal chunks, every candidate chunk taken
+            from vitamin.hw.select import SelectUnit
+            n = f["n_chunks"]
+            lim = min(f["limit"], f["seq"])
+            lens = [max(1, lim // max(n, 1))] * n if lim else []
+            cyc = SelectUnit.cycles(cfg, n, lens, len(lens))
+        return int(cyc)
     if op == Opcode.SPANS:
         blocks = prof.blocks.get(pc) if prof is not None else None
         if blocks is None:

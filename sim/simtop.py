@@ -245,7 +245,9 @@ class SimTop(wiring.Component):
 #: not invalidate a build. Anything else under hw/, golden/ and vitamin/ does.
 _NOT_GATEWARE = ("golden/progen.py", "golden/isasim.py", "golden/attention.py", "vitamin/cli.py",
                  "vitamin/commands.py", "vitamin/api.py", "vitamin/demo.py", "vitamin/asm.py",
-                 "vitamin/__main__.py")
+                 "vitamin/__main__.py", "vitamin/bench.py", "vitamin/perf_commands.py",
+                 "vitamin/explore.py", "vitamin/sparse_bench.py", "vitamin/runtime.py",
+                 "vitamin/board_commands.py")
 
 
 def _source_hash() -> str:
