@@ -385,8 +385,19 @@ def sparse_attention_section(rows: list[dict]) -> list[str]:
 
 
 def sparse_rows() -> list[dict]:
-    """Rows of the sparse-attention sweep (see :func:`sparse_attention_section`); none yet."""
-    return []
+    """Rows of the sparse-attention sweep (see :func:`sparse_attention_section`): dense causal,
+    block top-k and DHSA at 1k/2k/4k tokens on zcu102 (:func:`vitamin.sparse_bench.sweep`;
+    set ``VITAMIN_BENCH_SPARSE=0`` to skip). Also written to ``sparse.json``."""
+    if os.environ.get("VITAMIN_BENCH_SPARSE", "1") == "0":
+        return []
+    from vitamin.sparse_bench import sweep
+    raw = sweep("zcu102", (1024, 2048, 4096), progress=print)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / "sparse.json").write_text(json.dumps(raw, indent=1))
+    return [{"pattern": r["mode"], "seq_len": r["t"], "config": r["config"],
+             "cycles": r["cycles_v2_estimate"],
+             "dram_bytes": r["dram_read_bytes"] + r["dram_write_bytes"],
+             "ratio_vs_dense": r["cycles_ratio_vs_dense"]} for r in raw]
 
 
 def _fmt(v, spec, missing="n/a"):
