@@ -194,6 +194,31 @@ def _cells_to_resources(family, cells):
     return out
 
 
+def _last_cell_table(log_text):
+    """Cell counts of the last cell table in a Yosys log that lists vendor primitives
+    (``   <count> <cell type>`` lines; parametrised variants summed by primitive name)."""
+    prims = {t for fam in _CELLS.values() for ts in fam.values() for t in ts}
+    blocks, cur = [], []
+    for ln in log_text.splitlines():
+        mm = re.match(r"^\s+(\d+)\s+(\S+)$", ln)
+        if mm:
+            cur.append((int(mm.group(1)), mm.group(2)))
+        elif cur:
+            blocks.append(cur)
+            cur = []
+    if cur:
+        blocks.append(cur)
+    for blk in reversed(blocks):
+        out = {}
+        for n, name in blk:
+            base = name.rsplit("\\", 1)[-1]
+            if base in prims:
+                out[base] = out.get(base, 0) + n
+        if out:
+            return out
+    return {}
+
+
 def _stat_cells(path):
     from vitamin.sim.synth import parse_stat_json
     cells, _ = parse_stat_json(Path(path).read_text())
@@ -258,7 +283,25 @@ def _open_flow(board, cfg, out_dir, progress, seed, timeout):
         label, log = labels[var]
         if var.startswith("NEXTPNR") and "--log" not in argv:
             argv += ["--log", f"{name}.tim"]
-        times[f"{label}_s"] = _run_step(progress, label, argv, out_dir, log or "", timeout)
+        try:
+            times[f"{label}_s"] = _run_step(progress, label, argv, out_dir, log or "",
+                                            timeout)
+        except BuildError as exc:
+            if label != "synthesis":
+                raise
+            # report what Yosys had mapped before it failed, and how
+            report["synthesis_error"] = str(exc).splitlines()[0] + " " + next(
+                (ln for ln in str(exc).splitlines() if ln.startswith("ERROR")), "")
+            cells = _last_cell_table((Path(out_dir) / log).read_text(errors="replace"))
+            report["cells_before_failure"] = cells
+            used = _cells_to_resources(board.family, cells)
+            report["used_before_failure"] = used
+            report["overflow"] = {r: {"used": used[r], "available": n,
+                                      "factor": round(used[r] / n, 2)}
+                                  for r, n in board.available.items() if used.get(r, 0) > n}
+            report["fits"] = False if report["overflow"] else None
+            progress(f"synthesis failed: {report['synthesis_error']}")
+            break
         if label == "synthesis":
             cells = _stat_cells(Path(out_dir) / f"{name}_stat.json")
             used = _cells_to_resources(board.family, cells)
@@ -314,10 +357,15 @@ def build(board: str, config=None, out_dir=None, progress=None, *, seed: int = 1
         rep.update(_open_flow(b, cfg, out_dir, progress, seed, timeout))
         rep["timing_verified"] = "clocks" in rep
         rep["status"] = "built" if rep.get("bitstream") else "unsupported"
+        reasons = []
+        if rep.get("synthesis_error"):
+            reasons.append(rep["synthesis_error"])
         if rep.get("fits") is False:
-            rep["reason"] = "does not fit the device: " + ", ".join(
+            reasons.append("does not fit the device: " + ", ".join(
                 f"{r} needs {v['used']} of {v['available']} ({v['factor']}x)"
-                for r, v in rep["overflow"].items())
+                for r, v in rep["overflow"].items()))
+        if reasons:
+            rep["reason"] = "; ".join(reasons)
     else:
         from .zcu102 import build_zcu102
         rep.update(build_zcu102(cfg, out_dir, progress, timeout))
@@ -346,9 +394,10 @@ def format_report(rep: dict) -> str:
              f"status: {rep['status']}"]
     if rep.get("reason"):
         lines.append(f"reason: {rep['reason']}")
-    used = rep.get("used") or {}
+    used = rep.get("used") or rep.get("used_before_failure") or {}
     if used:
-        lines.append("resources (synthesis):")
+        lines.append("resources (synthesis):" if rep.get("used") else
+                     "resources mapped before synthesis failed (0 = not mapped yet):")
         for r, n in rep["available"].items():
             u = used.get(r, 0)
             lines.append(f"  {r:<6} {u:>8} / {n:<8} {100 * u / n:6.1f} %")

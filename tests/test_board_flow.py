@@ -23,6 +23,20 @@ def test_fmax_parser():
     assert got["sdram_clk"]["pass"] is False
 
 
+def test_cell_table_of_a_failed_synthesis():
+    log = """
+   12 $paramod$abc\\SB_RAM40_4K
+    3 $paramod$def\\SB_RAM40_4K
+  185 SB_MAC16
+ 1000 SB_DFFE
+
+ERROR: Assert failed
+"""
+    cells = flow._last_cell_table(log)
+    assert cells == {"SB_RAM40_4K": 15, "SB_MAC16": 185, "SB_DFFE": 1000}
+    assert flow._cells_to_resources("ice40", cells)["BRAM"] == 15
+
+
 def test_report_text_states_fit_and_timing():
     rep = {"board": "icebreaker", "device": "iCE40UP5K", "config": "tiny",
            "status": "unsupported", "reason": "does not fit", "available": {"LUT": 5280},
