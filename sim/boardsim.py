@@ -144,11 +144,11 @@ class BoardSimTop(wiring.Component):
 
 
 def _source_hash():
+    # what the Verilog depends on: the gateware, the board core, this top and the SDRAM model
     h = hashlib.sha256()
-    for d in ("hw", "boards"):
-        for f in sorted((REPO_ROOT / d).glob("*.py")):
-            h.update(f.read_bytes())
-    h.update(Path(__file__).read_bytes())
+    for f in sorted((REPO_ROOT / "hw").glob("*.py")) + [REPO_ROOT / "boards" / "core.py"]:
+        h.update(f.read_bytes())
+    h.update((inspect.getsource(BoardSimTop) + SDRAM_VERILOG).encode())
     return h.hexdigest()
 
 
