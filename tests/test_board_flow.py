@@ -1,7 +1,8 @@
+# amaranth: UnusedElaboratable=no
+# (The first line silences Amaranth's warning for components whose constructor is expected to fail.)
 """Board tops and flows (boards/): elaboration into the platforms' files, the report parsers,
 the zcu102 Vivado hand-off, and (slow, `make bitstream`) the real bitstream builds."""
 
-# amaranth: UnusedElaboratable=no
 import json
 import os
 
