@@ -50,7 +50,8 @@ import numpy as np
 
 __all__ = [
     "SYNC_REQ", "SYNC_RSP", "MAX_WORDS", "Cmd", "Status", "crc16", "encode_request",
-    "encode_response", "DeviceError", "DeviceTimeout", "BridgeError", "Transport",
+    "encode_response", "DeviceError", "DeviceUnavailable", "DeviceTimeout", "BridgeError",
+    "Transport",
     "GoldenBoard", "BridgeTransport", "BridgeModel", "LoopbackPort", "ZynqTransport",
     "Device", "open_device", "run_on_device", "REGISTERS", "COUNTERS",
 ]
@@ -128,6 +129,11 @@ class DeviceError(RuntimeError):
 
 class DeviceTimeout(DeviceError, TimeoutError):
     """The device did not answer, or the program did not halt, within the timeout."""
+
+
+class DeviceUnavailable(DeviceError, ValueError):
+    """The device named cannot be opened (a wrong port, no /dev/mem, no pyserial): bad input,
+    reported on one line by the command line like other input errors."""
 
 
 class BridgeError(DeviceError):
@@ -515,12 +521,12 @@ class SerialTransport(BridgeTransport):
         try:
             import serial
         except ImportError:
-            raise DeviceError("the serial transport needs pyserial: pip install pyserial") \
-                from None
+            raise DeviceUnavailable("the serial transport needs pyserial: pip install "
+                                    "pyserial") from None
         try:
             ser = serial.Serial(port, baud, timeout=0.05)
         except (serial.SerialException, OSError) as exc:
-            raise DeviceError(f"cannot open serial port {port!r}: {exc}") from None
+            raise DeviceUnavailable(f"cannot open serial port {port!r}: {exc}") from None
         super().__init__(ser, **kw)
 
 
@@ -539,8 +545,8 @@ class ZynqTransport(Transport):
         try:
             fd = os.open("/dev/mem", os.O_RDWR | os.O_SYNC)
         except OSError as exc:
-            raise DeviceError(f"cannot open /dev/mem ({exc.strerror}): the zynq transport runs "
-                              f"on the board, as root") from None
+            raise DeviceUnavailable(f"cannot open /dev/mem ({exc.strerror}): the zynq transport "
+                                    f"runs on the board, as root") from None
         try:
             self._regs = mmap.mmap(fd, 0x1000, offset=regs_addr)
             self._mem = mmap.mmap(fd, mem_size, offset=mem_addr)
