@@ -905,7 +905,6 @@ class _Lowering:
         fc1 + activation on the gathered rows, fc2 scaled by the gate probability and
         scatter-added into the output, which starts as the (requantised) residual."""
         cfg = self.cfg
-        g = self.g
         key = id(n)
         label = n.name or n.outputs[0]
         info = self.fused[key]
@@ -985,7 +984,6 @@ class _Lowering:
             "hidden": hidden, "k": k, "n_experts": ne, "experts": experts,
             "gate_load_pcs": [p for t in gate for p in t["pcs"]],
             "gate_bytes": sum(t["bytes"] for t in gate)})
-        _ = g
 
     def lower_matmul(self, n):
         raise ir.CompileError(f"node {n.name!r}: a MatMul of two activations outside a "
