@@ -257,7 +257,7 @@ def _open_flow(board, cfg, out_dir, progress, seed, timeout):
                           synth_opts="-run :check" + (" -dsp" if board.family == "ice40"
                                                       else ""),
                           script_after_synth=after,
-                          nextpnr_opts=f"--seed {seed} --report {name}_pnr.json "
+                          nextpnr_opts=f"--seed {seed} --router router2 --report {name}_pnr.json "
                                        f"--timing-allow-fail",
                           debug_verilog=False)
     plan.extract(str(out_dir))

@@ -65,7 +65,7 @@ from vitamin.isa import MULT, SHIFT, Act
 from .ports import RowStateLayout
 from .rom import INTERP_LATENCY, build_interp, interp_input_bits
 
-__all__ = ["Epilogue", "BIAS_BITS", "RES_BITS", "OLD_BITS", "PROB_BITS", "ROW_NORM_STAGES",
+__all__ = ["Epilogue", "EpilogueGearbox", "make_epilogue", "BIAS_BITS", "RES_BITS", "OLD_BITS", "PROB_BITS", "ROW_NORM_STAGES",
            "SPAD_ADD_STAGES", "lane_layout", "op_layout", "epilogue_in_layout",
            "epilogue_out_layout"]
 
@@ -475,3 +475,109 @@ class Epilogue(wiring.Component):
             o_out.valid.eq(valid[-1]),
         ]
         return m
+
+
+class EpilogueGearbox(wiring.Component):
+    """A full-width epilogue interface around a narrower :class:`Epilogue`.
+
+    Takes a line of ``cols`` columns, feeds it to an :class:`Epilogue` of ``config.epi_lanes``
+    columns as ``R = cols / epi_lanes`` consecutive sub-lines (columns ``[p E, (p+1) E)``, the
+    line's ``op``, ``r``, ``k``, ``prob`` repeated), collects the ``R`` results and emits the whole
+    line with the sum of the sub-lines' saturation events. Results are those of a full-width
+    :class:`Epilogue`, bit for bit; only the rate differs: one line per ``R`` cycles (the MATMUL
+    sequencer spaces its epilogue rows that far apart). It cuts the epilogue's multipliers by
+    ``R``, the largest share of the MATMUL unit's DSPs outside the MAC array.
+
+    ``i_stream.ready`` is high when the unit holds no line, and in the cycle it hands the last
+    sub-line of the held one to the inner epilogue. :attr:`latency` counts from accepting a line
+    to its output being valid without stalls.
+    """
+
+    def __init__(self, config, *, row_norm=False, spad_add=False):
+        config = get_config(config)
+        if config.epi_ratio < 2:
+            raise ValueError(f"EpilogueGearbox needs epi_lanes < cols, not epi_lanes="
+                             f"{config.epi_lanes} with cols={config.cols}")
+        self._config = config
+        self._ratio = config.epi_ratio
+        self._opts = {"row_norm": bool(row_norm), "spad_add": bool(spad_add)}
+        self._inner = Epilogue(config.replace(cols=config.epi_lanes, epi_lanes=0), **self._opts)
+        super().__init__({
+            "i_stream": In(stream.Signature(epilogue_in_layout(config, **self._opts))),
+            "o_stream": Out(stream.Signature(epilogue_out_layout(config, **self._opts))),
+        })
+
+    @property
+    def config(self):
+        return self._config
+
+    @property
+    def latency(self):
+        """Inner latency + ``R`` (hold register, ``R - 1`` further sub-lines) + the collector."""
+        return self._inner.latency + self._ratio + 1
+
+    def elaborate(self, platform):
+        m = Module()
+        cfg = self._config
+        R, E = self._ratio, cfg.epi_lanes
+        m.submodules.inner = inner = self._inner
+        i_in, o_out = self.i_stream, self.o_stream
+
+        # -- feed: hold the line, hand out R sub-lines --------------------------------------------
+        hold = Signal.like(i_in.payload, reset_less=True)
+        held = Signal()
+        p = Signal(range(R))
+        last = held & (p == R - 1) & inner.i_stream.ready
+        m.d.comb += i_in.ready.eq(~held | last)
+        with m.If(i_in.valid & i_in.ready):
+            m.d.sync += [hold.eq(i_in.payload), held.eq(1), p.eq(0)]
+        with m.Elif(last):
+            m.d.sync += held.eq(0)
+        with m.If(held & inner.i_stream.ready & ~last):
+            m.d.sync += p.eq(p + 1)
+        sub = inner.i_stream.payload
+        m.d.comb += [inner.i_stream.valid.eq(held), sub.op.eq(hold.op)]
+        for name in ("r", "k", "prob"):
+            if hasattr(sub, name):
+                m.d.comb += getattr(sub, name).eq(getattr(hold, name))
+        with m.Switch(p):
+            for q in range(R):
+                with m.Case(q):
+                    m.d.comb += [sub.lanes[e].eq(hold.lanes[q * E + e]) for e in range(E)]
+
+        # -- collect: R sub-line results into one output line -------------------------------------
+        parts = [[Signal(signed(cfg.act_bits), name=f"col_{q}_{e}", reset_less=True)
+                  for e in range(E)] for q in range(R - 1)]
+        n_part = Signal(o_out.payload.sat.shape(), name="n_part", reset_less=True)
+        c = Signal(range(R))
+        out_valid = Signal()
+        out_data = Signal.like(o_out.payload, reset_less=True)
+        m.d.comb += [inner.o_stream.ready.eq(~out_valid | o_out.ready),
+                     o_out.valid.eq(out_valid), o_out.payload.eq(out_data)]
+        with m.If(o_out.ready):
+            m.d.sync += out_valid.eq(0)
+        isub = inner.o_stream.payload
+        with m.If(inner.o_stream.valid & inner.o_stream.ready):
+            m.d.sync += c.eq(Mux(c == R - 1, 0, c + 1))
+            with m.Switch(c):
+                for q in range(R - 1):
+                    with m.Case(q):
+                        m.d.sync += [parts[q][e].eq(isub.data[e]) for e in range(E)]
+            with m.If(c == 0):
+                m.d.sync += n_part.eq(isub.sat)
+            with m.Elif(c != R - 1):
+                m.d.sync += n_part.eq(n_part + isub.sat)
+            with m.Else():
+                m.d.sync += [out_valid.eq(1), out_data.sat.eq(n_part + isub.sat)]
+                m.d.sync += [out_data.data[q * E + e].eq(parts[q][e])
+                             for q in range(R - 1) for e in range(E)]
+                m.d.sync += [out_data.data[(R - 1) * E + e].eq(isub.data[e]) for e in range(E)]
+        return m
+
+
+def make_epilogue(config, *, row_norm=False, spad_add=False):
+    """The epilogue for ``config``: :class:`Epilogue` at full width (``epi_lanes`` 0 or ``cols``),
+    :class:`EpilogueGearbox` around a narrower one otherwise."""
+    config = get_config(config)
+    cls = Epilogue if config.epi_ratio == 1 else EpilogueGearbox
+    return cls(config, row_norm=row_norm, spad_add=spad_add)

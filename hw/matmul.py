@@ -79,7 +79,7 @@ From the ``start`` cycle to the ``done`` cycle, for an instruction that passes i
 (``T = ceil(n / cols)``, ``KT = ceil(k / rows)``, ``L`` rows; :meth:`MatmulUnit.cycles`
 computes it exactly)::
 
-    cycles = 4 + check + sum over the T * KT tiles of (W + CH + PAD + L * (1 + side)) + drain
+    cycles = 4 + check + sum over the T * KT tiles of (W + CH + PAD + L * P) + drain
 
     check = 2 + (L with gather or scatter) + (ceil(4 n / lanes) with an epilogue and chan_en)
             + CHECK_DRAIN (5)       -- or the validity scan if longer (acc_in != ZERO:
@@ -88,6 +88,9 @@ computes it exactly)::
     CH    = max(1, 4 cols / lanes) on the last K slice of an epilogue with chan_en, else 0
     PAD   = max(0, HAZARD_SLOTS - L - W - CH) when KT > 1, else 0
     side  = res_en + (out = SPAD_ADD) on the last K slice of an epilogue, else 0
+    P     = max(1 + side, epi_ratio) on the last K slice of an epilogue, else 1 (slots per row;
+            ``epi_ratio = cols / epi_lanes``: a narrow epilogue takes that many cycles per line,
+            so the sequencer leaves idle slots between those rows)
     drain = 9 + log2(rows) (out = ACC), 29 + log2(rows) (epilogue: + Epilogue.latency)
 
 For a plain MATMUL (``L = m``, ``m + rows >= 4``) this is ``T * KT * (m + rows) + 40 +
@@ -109,7 +112,7 @@ from vitamin import isa
 from vitamin.config import Config, get_config
 from vitamin.isa import AccIn, ErrorCode, OutMode
 
-from .epilogue import Epilogue, _popcount, _saturate
+from .epilogue import _popcount, _saturate, make_epilogue
 from .mac_array import MacArray
 from .ports import (
     ACC_READ_LATENCY,
@@ -204,7 +207,7 @@ class MatmulUnit(wiring.Component):
         self._cfg = config
         self._lanes = spad_lanes(config)
         self._mac = MacArray(config)
-        self._epi = Epilogue(config, row_norm=True, spad_add=True)
+        self._epi = make_epilogue(config, row_norm=True, spad_add=True)
         super().__init__({
             "ctl": In(UnitControl()),
             "spad": Out(SpadPort(config)),
@@ -256,7 +259,8 @@ class MatmulUnit(wiring.Component):
                 fixed += self.chan_slots if (epi and chan_en) else 0
                 pad = max(0, HAZARD_SLOTS - rows_l - fixed) if t_k > 1 else 0
                 side = (int(res_en) + int(spad_add)) if epi else 0
-                total += fixed + pad + rows_l * (1 + side)
+                per_row = max(1 + side, cfg.epi_ratio) if epi else 1
+                total += fixed + pad + rows_l * per_row
         return total
 
     def _walk_words(self, ranges):
@@ -395,7 +399,7 @@ class MatmulUnit(wiring.Component):
         ph = Signal(range(5))
         PH_W, PH_BUB, PH_CHAN, PH_PAD, PH_ROWS = range(5)
         row = Signal(17)
-        sub = Signal(2)
+        sub = Signal(range(max(4, cfg.epi_ratio + 1)))
         kt = Signal(17)
         nt = Signal(17)
         koff = Signal(17)
@@ -415,6 +419,13 @@ class MatmulUnit(wiring.Component):
         fixed = wslots + Mux(f.b_trans, rows, 0) + cslots
         pad = Mux((KT > 1) & (L + fixed < HAZARD_SLOTS), HAZARD_SLOTS - L - fixed, 0)
         side = Mux(epi_t, f.res_en + out_add, 0)
+        # the slot of a row's A line: after its side reads, and with a narrow epilogue
+        # (epi_ratio > 1) no earlier than epi_ratio - 1 idle slots after the previous row's
+        a_sub = Signal.like(sub)
+        if cfg.epi_ratio > 1:
+            m.d.comb += a_sub.eq(Mux(epi_t & (side < cfg.epi_ratio - 1), cfg.epi_ratio - 1, side))
+        else:
+            m.d.comb += a_sub.eq(side)
 
         # common fields of compute slots
         def slot(kind, i):
@@ -565,7 +576,7 @@ class MatmulUnit(wiring.Component):
                             with m.If(cnt == pad - 1):
                                 goto(PH_ROWS)
                         with m.Case(PH_ROWS):
-                            with m.If(sub == side):
+                            with m.If(sub == a_sub):
                                 slot(_Op.A, row)
                                 m.d.sync += [sub.eq(0), row.eq(row + 1)]
                                 with m.If(row == L - 1):
@@ -581,7 +592,8 @@ class MatmulUnit(wiring.Component):
                                         with m.If(arch):
                                             m.d.sync += accb.eq(accb + f.m)
                             with m.Else():
-                                slot(Mux((sub == 0) & f.res_en, _Op.RES, _Op.OLD), row)
+                                with m.If(sub < side):
+                                    slot(Mux((sub == 0) & f.res_en, _Op.RES, _Op.OLD), row)
                                 m.d.sync += sub.eq(sub + 1)
             with m.State("FINISH"):
                 m.d.comb += [fsm_busy.eq(1), finishing.eq(1)]

@@ -10,7 +10,7 @@ from hwutil import make_rng, run_sim, stream_get, stream_put
 from vitamin.config import PRESETS, ConfigError
 from vitamin.golden.numerics import Sat
 from vitamin.golden.units import GELU_FRAC, epilogue
-from vitamin.hw.epilogue import Epilogue
+from vitamin.hw.epilogue import Epilogue, EpilogueGearbox, make_epilogue
 from vitamin.isa import Act
 
 TINY = PRESETS["tiny"]
@@ -105,8 +105,8 @@ def _golden(config, line):
     return y[0], sat.events
 
 
-def _simulate(config, lines, *, seed, p_idle, p_stall):
-    dut = Epilogue(config)
+def _simulate(config, lines, *, seed, p_idle, p_stall, dut=None):
+    dut = Epilogue(config) if dut is None else dut
     rng_i, rng_o = make_rng(seed), make_rng(seed + 1)
     got, sats = [], []
 
@@ -120,7 +120,7 @@ def _simulate(config, lines, *, seed, p_idle, p_stall):
             got.append([p.data[c] for c in range(config.cols)])
             sats.append(p.sat)
 
-    run_sim(dut, source, sink, deadline_cycles=10 * len(lines) + 100)
+    run_sim(dut, source, sink, deadline_cycles=10 * config.epi_ratio * len(lines) + 100)
     return np.array(got, dtype=np.int64), sats
 
 
@@ -230,3 +230,66 @@ def test_epilogue_rejects_bad_config():
         Epilogue("nope")
     with pytest.raises(TypeError, match="Config"):
         Epilogue(3)
+
+
+@pytest.mark.parametrize("epi_lanes", [1, 2, 4])
+def test_gearbox_matches_golden(epi_lanes):
+    # A narrower epilogue behind the gearbox: the same bits as the full-width one, with random
+    # idle input cycles and a stalling sink, every activation mixed.
+    cfg = NARROW.replace(epi_lanes=epi_lanes)
+    dut = make_epilogue(cfg)
+    assert isinstance(dut, EpilogueGearbox)
+    lines = _lines(cfg, seed=40 + epi_lanes, n=160, acts=list(ACTS))
+    got, sats = _simulate(cfg, lines, seed=7, p_idle=0.3, p_stall=0.4, dut=dut)
+    _check(cfg, lines, got, sats)
+    assert sum(sats) > 0
+
+
+def test_gearbox_rate_and_latency():
+    # Offered a line every cycle, the gearbox takes one per R cycles; each comes out `latency`
+    # cycles after it was taken.
+    cfg = NARROW.replace(epi_lanes=2)
+    R = cfg.epi_ratio
+    dut = EpilogueGearbox(cfg)
+    lines = _lines(cfg, seed=4, n=30, acts=list(ACTS))
+    n = len(lines)
+    t_in, t_out, got, sats = [], [], [], []
+
+    async def source(ctx):
+        ctx.set(dut.i_stream.valid, 1)
+        cycle = 0
+        for line in lines:
+            ctx.set(dut.i_stream.payload, _payload(line))
+            while True:
+                _, _, ready = await ctx.tick().sample(dut.i_stream.ready)
+                cycle += 1
+                if ready:
+                    t_in.append(cycle)
+                    break
+        ctx.set(dut.i_stream.valid, 0)
+
+    async def sink(ctx):
+        ctx.set(dut.o_stream.ready, 1)
+        cycle = 0
+        while len(got) < n:
+            _, _, valid, p = await ctx.tick().sample(dut.o_stream.valid, dut.o_stream.payload)
+            cycle += 1
+            if valid:
+                t_out.append(cycle)
+                got.append([p.data[c] for c in range(cfg.cols)])
+                sats.append(p.sat)
+
+    run_sim(dut, source, sink, deadline_cycles=R * n + 100)
+    assert dut.latency == Epilogue(cfg.replace(cols=2, epi_lanes=0)).latency + R + 1
+    assert t_in == [1 + R * i for i in range(n)]
+    assert [o - i for i, o in zip(t_in, t_out, strict=True)] == [dut.latency] * n
+    _check(cfg, lines, np.array(got, dtype=np.int64), sats)
+
+
+def test_epi_lanes_must_divide_cols():
+    with pytest.raises(ConfigError, match="epi_lanes"):
+        NARROW.replace(epi_lanes=3)
+    with pytest.raises(ConfigError, match="epi_lanes"):
+        NARROW.replace(epi_lanes=16)
+    assert NARROW.epi_ratio == 1 and NARROW.replace(epi_lanes=2).epi_ratio == 4
+    assert NARROW.replace(epi_lanes=2).fingerprint() == NARROW.fingerprint()

@@ -38,6 +38,11 @@ QUAD = TINY.replace(name="quad", rows=4, cols=4, act_bits=8, acc_bits=36, max_k=
                     spad_words=4096, acc_lines=64, idx_entries=64, rowstate_rows=32,
                     max_experts=4, row_lanes=8, max_dim=64)
 
+# A narrow epilogue (epi_lanes = 1: four cycles per output line) behind the gearbox: the
+# sequencer spaces the epilogue rows; results and the cycle formula must still hold.
+QUAD_E1 = QUAD.replace(name="quad_e1", epi_lanes=1)
+TINY_E1 = TINY.replace(name="tiny_e1", epi_lanes=1)
+
 ACTS = [Act.NONE, Act.GELU, Act.RELU]
 
 
@@ -251,7 +256,7 @@ def _setup(cfg, seed, n_chan=64):
     return rng, _State(cfg, rng, spad=spad), zin, zout, zchan
 
 
-@pytest.mark.parametrize("cfg", [TINY, QUAD], ids=lambda c: c.name)
+@pytest.mark.parametrize("cfg", [TINY, QUAD, QUAD_E1], ids=lambda c: c.name)
 def test_matmul_random_shapes(cfg):
     # m = 1, k < rows, k and n not multiples of rows/cols, several K slices and column tiles;
     # B and B^T; channel table on and off; every activation; residual.
@@ -366,7 +371,7 @@ def _moe_state(cfg, seed, n_tok, d_in, d_hid):
     return rng, state, lay
 
 
-@pytest.mark.parametrize("cfg", [TINY, QUAD], ids=lambda c: c.name)
+@pytest.mark.parametrize("cfg", [TINY, QUAD, QUAD_E1], ids=lambda c: c.name)
 def test_matmul_gather_scatter_spad_add(cfg):
     # Expert FC1 gathers the queued tokens' rows, expert FC2 scatters its rows back to the
     # tokens with SPAD_ADD (scaled by the gate probability), as in a MoE layer.
@@ -402,7 +407,7 @@ def test_matmul_gather_scatter_spad_add(cfg):
     assert codes == [ErrorCode.OK] * 7 + [ErrorCode.BAD_FIELD]
 
 
-@pytest.mark.parametrize("cfg", [TINY, QUAD], ids=lambda c: c.name)
+@pytest.mark.parametrize("cfg", [TINY, QUAD, QUAD_E1], ids=lambda c: c.name)
 def test_matmul_saturation_everywhere(cfg):
     # Extreme words and parameters: every saturation stage of the golden model clamps, in
     # QUAD (acc_bits = 36) also the accumulator, the bias and the row_norm stages.
@@ -450,7 +455,7 @@ def _raw(word, lo, width, value):
     return (word & ~(((1 << width) - 1) << lo)) | (value << lo)
 
 
-@pytest.mark.parametrize("cfg", [TINY, QUAD], ids=lambda c: c.name)
+@pytest.mark.parametrize("cfg", [TINY, QUAD, QUAD_E1], ids=lambda c: c.name)
 def test_matmul_errors_match_golden(cfg):
     rng, state, zin, zout, zchan = _setup(cfg, seed=21)
     spw = cfg.spad_words
@@ -580,10 +585,10 @@ def _random_instr(cfg, rng, state, zin, zout, zchan):
     return _word(**f)
 
 
-def test_matmul_random_instructions():
+@pytest.mark.parametrize("cfg", [QUAD, QUAD_E1], ids=lambda c: c.name)
+def test_matmul_random_instructions(cfg):
     # A random program of MATMULs with every option, faulting and not: the unit must agree
     # with the golden model on every code, count and on the final memories.
-    cfg = QUAD
     rng, state, zin, zout, zchan = _setup(cfg, seed=33)
     pmax = 1 << (cfg.act_bits - 1)
     for q in range(cfg.max_experts):
@@ -598,10 +603,10 @@ def test_matmul_random_instructions():
     assert 15 <= ok <= 35, codes
 
 
-def test_matmul_cycle_count():
+@pytest.mark.parametrize("cfg", [TINY, TINY_E1], ids=lambda c: c.name)
+def test_matmul_cycle_count(cfg):
     # Cycles from start to done follow MatmulUnit.cycles() exactly; for a plain MATMUL that is
-    # ceil(n / cols) * ceil(k / rows) * (m + rows) + a fixed fill.
-    cfg = TINY
+    # ceil(n / cols) * ceil(k / rows) * (m + rows) + a fixed fill (full-width epilogue).
     rng, state, zin, zout, zchan = _setup(cfg, seed=8)
     state.queue(2, 40, [1, 3, 4], [5, 6, 7])
     cases = [dict(m=5, k=3, n=4), dict(m=1, k=1, n=1), dict(m=1, k=5, n=3),
@@ -626,8 +631,10 @@ def test_matmul_cycle_count():
     assert res.cycles == want
     # plain instructions: one slot per A line and weight line, plus a constant fill (when the
     # tiles are long enough to need no hazard padding)
-    fills = {n - -(-c["n"] // cfg.cols) * -(-c["k"] // cfg.rows) * (c["m"] + cfg.rows)
-             for n, c, p in zip(res.cycles, cases, plain, strict=True)
+    R = cfg.epi_ratio
+    t_k = [-(-c["k"] // cfg.rows) for c in cases]
+    fills = {n - -(-c["n"] // cfg.cols) * (tk * (c["m"] + cfg.rows) + (R - 1) * c["m"])
+             for n, c, p, tk in zip(res.cycles, cases, plain, t_k, strict=True)
              if p and c["m"] + cfg.rows >= HAZARD_SLOTS}
     assert fills == {4 + 2 + res.unit.CHECK_DRAIN + res.unit.run_drain}
 

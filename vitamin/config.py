@@ -78,6 +78,12 @@ class Config:
         when the target queue is full; the golden model checks that no program deadlocks on it.
     token_depth : int
         Depth of each dependency-token queue between two modules (a push stalls when full).
+    epi_lanes : int
+        Columns the MATMUL epilogue (requantisation, GELU, residual, online-softmax and MoE
+        scaling: about 12 multipliers per column) computes per cycle; 0 means ``cols``. With
+        fewer lanes the epilogue takes ``cols / epi_lanes`` cycles per output line and the
+        MATMUL sequencer spaces the rows of an epilogue's last K slice that far apart. It changes
+        cycle counts and multipliers, never results, so it is not part of the fingerprint.
     """
 
     name: str
@@ -106,6 +112,7 @@ class Config:
     watchdog_cycles: int = 1 << 20
     cmd_depth: int = 16
     token_depth: int = 16
+    epi_lanes: int = 0
 
     def __post_init__(self):
         def need(cond, field, msg):
@@ -172,6 +179,10 @@ class Config:
              "must be in 2..1024")
         need(isinstance(self.token_depth, int) and 1 <= self.token_depth <= 255, "token_depth",
              "must be in 1..255")
+        need(isinstance(self.epi_lanes, int) and (self.epi_lanes == 0 or (
+            self.epi_lanes > 0 and self.epi_lanes & (self.epi_lanes - 1) == 0
+            and self.cols % self.epi_lanes == 0)), "epi_lanes",
+             f"must be 0 (= cols) or a power of two dividing cols={self.cols}")
 
     # -- derived figures (computed here only) ---------------------------------------------------
 
@@ -179,6 +190,11 @@ class Config:
     def macs(self) -> int:
         """MACs per cycle of the array."""
         return self.rows * self.cols
+
+    @property
+    def epi_ratio(self) -> int:
+        """Cycles the MATMUL epilogue takes per output line (``cols / epi_lanes``)."""
+        return self.cols // self.epi_lanes if self.epi_lanes else 1
 
     @property
     def act_min(self) -> int:
@@ -232,13 +248,14 @@ class Config:
     def fingerprint(self) -> bytes:
         """8-byte fingerprint of everything that changes the bits a program computes or encodes.
 
-        The name, the nominal clock and the watchdog limit are left out: they do not change the
-        meaning of a program.
+        The name, the nominal clock, the watchdog limit and ``epi_lanes`` are left out: they do
+        not change the meaning of a program.
         """
         d = dataclasses.asdict(self)
         d.pop("name")
         d.pop("clock_mhz")
         d.pop("watchdog_cycles")
+        d.pop("epi_lanes")
         blob = json.dumps(d, sort_keys=True).encode()
         return hashlib.sha256(blob).digest()[:8]
 
