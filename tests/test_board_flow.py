@@ -95,6 +95,18 @@ def test_bitstream_ulx3s_reproducible(tmp_path):
 
 
 @pytest.mark.slow
+def test_bitstream_ulx3s_infrastructure_reproducible(tmp_path):
+    """The ULX3S top with the accelerator's controller and no units (bridge, arbiters, SDRAM
+    controller, fetch, queues, registers) routes, and two builds give the same bitstream."""
+    reps = [flow.build("ulx3s-85f", "tiny", tmp_path / f"c{i}", print, units={},
+                       throughput=False) for i in range(2)]
+    for rep in reps:
+        assert rep["status"] == "built", rep.get("reason")
+        assert rep["units"] == [] and rep["clocks"]
+    assert reps[0]["bitstream_sha256"] == reps[1]["bitstream_sha256"]
+
+
+@pytest.mark.slow
 def test_bitstream_icebreaker_reports_fit():
     """The iCEBreaker build either gives a bitstream or says by how much it does not fit."""
     rep = flow.build("icebreaker", "tiny")
