@@ -38,6 +38,7 @@ from amaranth import Elaboratable, Module
 from amaranth.lib import io
 
 from vitamin.config import get_config
+from vitamin.hw.lutmul import YOSYS_SOFT_MUL
 
 from .core import BoardCore
 
@@ -256,6 +257,7 @@ def _open_flow(board, cfg, out_dir, progress, seed, timeout, units=None):
     plan = platform.build(top, name=name, build_dir=str(out_dir), do_build=False,
                           synth_opts="-run :check" + (" -dsp" if board.family == "ice40"
                                                       else ""),
+                          script_after_read=YOSYS_SOFT_MUL,
                           script_after_synth=after,
                           nextpnr_opts=f"--seed {seed} --router router2 --report {name}_pnr.json "
                                        f"--timing-allow-fail",

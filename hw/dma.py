@@ -43,6 +43,7 @@ from vitamin import isa
 from vitamin.config import get_config
 from vitamin.isa import DmaMode, DType, ErrorCode, Mem
 
+from .lutmul import lut_mul
 from .ports import (
     IDX_READ_LATENCY,
     N_REGS,
@@ -174,7 +175,7 @@ class DmaSequencer(wiring.Component):
         mul_a = Signal(signed(36))
         mul_b = Signal(signed(34))
         prod = Signal(signed(70))
-        m.d.sync += prod.eq(mul_a * mul_b)
+        m.d.sync += prod.eq(lut_mul(mul_a, mul_b))
 
         base = Signal(signed(_DW))
         lo = Signal(signed(_DW))

@@ -65,9 +65,9 @@ from vitamin.isa import MULT, SHIFT, Act
 from .ports import RowStateLayout
 from .rom import INTERP_LATENCY, build_interp, interp_input_bits
 
-__all__ = ["Epilogue", "EpilogueGearbox", "make_epilogue", "BIAS_BITS", "RES_BITS", "OLD_BITS", "PROB_BITS", "ROW_NORM_STAGES",
-           "SPAD_ADD_STAGES", "lane_layout", "op_layout", "epilogue_in_layout",
-           "epilogue_out_layout"]
+__all__ = ["Epilogue", "EpilogueGearbox", "make_epilogue", "BIAS_BITS", "RES_BITS", "OLD_BITS",
+           "PROB_BITS", "ROW_NORM_STAGES", "SPAD_ADD_STAGES", "lane_layout", "op_layout",
+           "epilogue_in_layout", "epilogue_out_layout"]
 
 #: Bias width: the channel table stores the bias as two 16-bit scratchpad words (lo, hi), see
 #: the MATMUL epilogue of golden/isasim.py.

@@ -87,6 +87,7 @@ from amaranth.lib.wiring import In, Out
 from vitamin.config import get_config
 from vitamin.isa import INSTR_BITS, ErrorCode, Route, Spans
 
+from .lutmul import lut_mul
 from .ports import IdxPort, QueuePort, RegPort, UnitControl
 
 __all__ = ["RouteUnit", "SpansUnit", "SPANS_LIST_DEPTH"]
@@ -248,7 +249,7 @@ class RouteUnit(wiring.Component):
                 ctl.idle(self.ctl, "CHECK")
 
             with m.State("CHECK"):
-                m.d.sync += [mk.eq(f.m * f.k), ri.eq(0), tok.eq(0), slot.eq(0), nq.eq(0),
+                m.d.sync += [mk.eq(lut_mul(f.m, f.k)), ri.eq(0), tok.eq(0), slot.eq(0), nq.eq(0),
                              bad_expert.eq(0)]
                 with m.If((f.m < 1) | (f.m > cfg.max_dim) | (f.k < 1) | (f.k > cfg.max_topk)
                           | (ne < 1) | (ne > cfg.max_experts)):
@@ -428,7 +429,7 @@ class SpansUnit(wiring.Component):
 
         mul_a = Signal(32)
         prod = Signal(48)
-        m.d.comb += prod.eq(mul_a * block)
+        m.d.comb += prod.eq(lut_mul(mul_a, block))
 
         def emit_span():
             end = Mux(re < limit, re, limit)

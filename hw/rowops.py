@@ -56,6 +56,7 @@ from vitamin.golden.units import exp_shift
 from vitamin.isa import ErrorCode, SmMode, VecOp
 
 from .layernorm import LayerNormUnit, layernorm_in_layout, layernorm_param_layout
+from .lutmul import lut_mul
 from .ports import (
     IDX_READ_LATENCY,
     RS_READ_LATENCY,
@@ -144,7 +145,7 @@ def _shared_mul(m, step, widths, pairs_of, name):
                 m.d.comb += [x_op.eq(x), y_op.eq(y)]
     for i, p in enumerate(prods):
         with m.If(step == i):
-            m.d.sync += p.eq(x_op * y_op)
+            m.d.sync += p.eq(lut_mul(x_op, y_op))
     return prods
 
 

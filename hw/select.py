@@ -72,6 +72,7 @@ from vitamin.golden.tables import make_table, table_spec
 from vitamin.isa import ErrorCode, Opcode, Select
 
 from .idxops import _Control
+from .lutmul import lut_mul
 from .mem import NOINIT_ATTR
 from .ports import SPAD_READ_LATENCY, IdxPort, RegPort, SpadPort, UnitControl, spad_lanes
 from .rom import INTERP_LATENCY, build_interp, interp_input_bits
@@ -273,7 +274,7 @@ class SelectUnit(wiring.Component):
         # P5: the product; P6: the rounded score and the chunk's tokens outside F
         p5 = Signal(data.StructLayout({"valid": 1, "prod": signed(sw + 17), "c": nb, "a": 31,
                                        "l": lw, "k": 5}))
-        m.d.sync += [p5.valid.eq(d4.valid), p5.prod.eq(d4.s * r_out), p5.c.eq(d4.c),
+        m.d.sync += [p5.valid.eq(d4.valid), p5.prod.eq(lut_mul(d4.s, r_out)), p5.c.eq(d4.c),
                      p5.a.eq(d4.a), p5.l.eq(d4.l), p5.k.eq(d4.k)]
         score = ((p5.prod >> (14 + p5.k)) + 1) >> 1
         e_ = p5.a + p5.l

