@@ -45,7 +45,7 @@ def test_resource_estimate_against_yosys_counts():
     cal = explore.CALIBRATION["ecp5"]
     assert cal
     for preset, blocks in cal.items():
-        est = explore.estimate_resources(preset, "ecp5")
+        est = explore.estimate_resources(explore.cal_config(preset), "ecp5")
         for cls in ("LUT", "FF", "DSP", "BRAM"):
             meas = sum(b.get(cls, 0) for b in blocks.values())
             if cls in ("LUT", "FF"):
@@ -57,8 +57,8 @@ def test_resource_estimate_against_yosys_counts():
         est = explore.estimate_resources(preset, "ecp5")
         for cls, meas in whole.items():
             assert abs(est[cls] - meas) / meas <= TOL_RES, (preset, cls, est[cls], meas)
-    small = explore.estimate_resources(get_config("ecp5").replace(name="a", rows=4, cols=8),
-                                       "ecp5")
+    small = explore.estimate_resources(explore.cal_config("ecp5-8x16").replace(name="a", rows=4,
+                                                                              cols=8), "ecp5")
     # a configuration the model was not fitted on (held out): within 15 % per class
     for name, v in explore.VALIDATION["ecp5"].items():
         cfg = get_config(v["base"]).replace(name=name, **v["changes"])
@@ -68,7 +68,7 @@ def test_resource_estimate_against_yosys_counts():
             if cls in ("LUT", "FF"):
                 meas *= 1 + explore.TOP_OVERHEAD
             assert abs(est[cls] - meas) / meas <= TOL_RES, (name, cls, est[cls], meas)
-    big = explore.estimate_resources("ecp5", "ecp5")
+    big = explore.estimate_resources(explore.cal_config("ecp5-8x16"), "ecp5")
     assert small["DSP"] < big["DSP"] and small["LUT"] < big["LUT"]
     z = explore.estimate_resources("zcu102")
     assert z["family"] == "xcup" and z["DSP"] > big["DSP"]
