@@ -290,11 +290,14 @@ PRESETS: dict[str, Config] = {
     "tiny": Config(name="tiny", rows=2, cols=4, spad_words=16 * 1024, acc_lines=256,
                    idx_entries=512, rowstate_rows=128, max_experts=16, row_lanes=2,
                    max_k=1024, max_dim=1024, bus_bits=32, dram_bytes=1 << 24, clock_mhz=24.0),
-    # ULX3S LFE5U-85F: 156 MULT18X18D -> 8x16 = 128 MACs; 208 x 18 kbit BRAM (468 KB) ->
-    # 192 KiB scratchpad + 48 KiB accumulators; 16-bit SDRAM behind a 32-bit AXI port.
-    "ecp5": Config(name="ecp5", rows=8, cols=16, spad_words=96 * 1024, acc_lines=512,
-                   idx_entries=2048, rowstate_rows=256, max_experts=32, row_lanes=8,
-                   max_k=4096, max_dim=4096, bus_bits=32, dram_bytes=1 << 25, clock_mhz=100.0),
+    # ULX3S LFE5U-85F (156 MULT18X18D, 84k LUT4, 208 x 18 kbit BRAM): 8x4 = 32 MACs, a
+    # one-column epilogue (epi_lanes=1: 12 instead of 48 multipliers) and 2 row lanes, so
+    # that the whole ISA fits beside the array (an 8x16 array with full-width lanes needed 565
+    # multipliers and 111k LUT4); 192 KiB scratchpad; 16-bit SDRAM behind a 32-bit AXI port.
+    "ecp5": Config(name="ecp5", rows=8, cols=4, spad_words=96 * 1024, acc_lines=512,
+                   idx_entries=2048, rowstate_rows=256, max_experts=32, row_lanes=2,
+                   max_k=4096, max_dim=4096, bus_bits=32, dram_bytes=1 << 25, clock_mhz=100.0,
+                   epi_lanes=1),
     # ZCU102 like-for-like with Edge-MoE: 16x16 = 256 MACs at 300 MHz, 128-bit HP port to DDR4.
     "zcu102": Config(name="zcu102", rows=16, cols=16, spad_words=1024 * 1024, acc_lines=4096,
                      idx_entries=16384, rowstate_rows=4096, max_experts=64, row_lanes=16,
