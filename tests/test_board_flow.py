@@ -114,3 +114,25 @@ def test_bitstream_icebreaker_reports_fit():
         assert rep["overflow"] and all(v["factor"] > 1 for v in rep["overflow"].values())
     else:
         assert rep["bitstream_sha256"]
+
+
+def test_ecp5_pll_dividers():
+    # fout = 25 MHz / ref * fb, VCO = fout * op in 400..800 MHz (nearest 600 among equals)
+    assert flow.ecp5_pll(25e6, 100e6) == (1, 4, 6, 100e6)
+    assert flow.ecp5_pll(25e6, 50e6) == (1, 2, 12, 50e6)
+    ref, fb, op, f = flow.ecp5_pll(25e6, 40e6)
+    assert f == 40e6 and 400e6 <= f * op <= 800e6 and 25e6 / ref >= 3.125e6
+    with pytest.raises(ValueError, match="cannot make 1000 MHz"):
+        flow.ecp5_pll(25e6, 1e9)
+
+
+def test_ulx3s_top_with_pll(tmp_path):
+    from amaranth_boards.ulx3s import ULX3S_85F_Platform
+    os.environ.setdefault("OPENFPGALOADER", "true")
+    top = flow.Ulx3sTop("tiny", units={}, clk_hz=75e6)
+    assert top.pll == (1, 3, 8, 75e6) and top.clk_hz == 75e6
+    plan = ULX3S_85F_Platform().build(top, name="top", do_build=False)
+    plan.extract(str(tmp_path))
+    il = (tmp_path / "top.il").read_text()
+    assert "cell \\EHXPLLL" in il and "CLKOP_DIV" in il
+    assert "75000000.0 HZ" in (tmp_path / "top.lpf").read_text()

@@ -5,8 +5,12 @@ adder trees) and a change that stops multipliers from mapping to DSP blocks.
 """
 
 import pytest
+from amaranth import Module, signed
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
 
 from vitamin.config import PRESETS
+from vitamin.hw.lutmul import lut_mul
 from vitamin.hw.mac_array import MacArray
 from vitamin.sim.synth import FAMILIES, parse_stat_json, synthesize, yosys_version
 
@@ -39,3 +43,26 @@ def test_mac_array_tiny_ecp5(tmp_path):
     assert result.total_cells == sum(result.cells.values())
     assert result.log_path.exists()
     assert set(FAMILIES) == {"ecp5", "xcup", "ice40"}
+
+
+class _TwoProducts(wiring.Component):
+    """One product written with lut_mul, one plain."""
+
+    a: In(signed(24))
+    b: In(signed(16))
+    soft: Out(signed(40))
+    hard: Out(signed(40))
+
+    def elaborate(self, platform):
+        m = Module()
+        m.d.sync += [self.soft.eq(lut_mul(self.a, self.b)), self.hard.eq(self.b * self.a)]
+        return m
+
+
+def test_lut_mul_products_avoid_dsps(tmp_path):
+    # ECP5 (a family with a small DSP budget): only the plain product takes a MULT18X18D (24 x
+    # 16: two), the lut_mul one is logic; UltraScale+ keeps both on DSPs.
+    ecp5 = synthesize(_TwoProducts(), "ecp5", tmp_path / "ecp5", name="two")
+    assert ecp5["MULT18X18D"] == 2 and ecp5["LUT4"] > 300, ecp5.cells
+    xcup = synthesize(_TwoProducts(), "xcup", tmp_path / "xcup", name="two")
+    assert xcup["DSP48E2"] == 2, xcup.cells
