@@ -113,7 +113,6 @@ from vitamin.config import Config, get_config
 from vitamin.isa import AccIn, ErrorCode, OutMode
 
 from .epilogue import _popcount, _saturate, make_epilogue
-from .lutmul import lut_mul
 from .mac_array import MacArray
 from .ports import (
     ACC_READ_LATENCY,
@@ -638,7 +637,7 @@ class MatmulUnit(wiring.Component):
         far_a2 = Signal()
         far_o2 = Signal()
         m.d.sync += [
-            pa2.eq(lut_mul(ra, stride_a)), po2.eq(lut_mul(ro, f.out_stride)),
+            pa2.eq(ra * stride_a), po2.eq(ro * f.out_stride),
             far_a2.eq(use_tok_a & ~tok_fits & (stride_a != 0)),
             far_o2.eq(use_tok_o & ~tok_fits & (f.out_stride != 0)),
             t2.eq(t1),
@@ -828,7 +827,7 @@ class MatmulUnit(wiring.Component):
                 psum1[c].eq(o_mac.payload.data[c]),
                 psum2[c].eq(psum1[c]),
                 old2[c].eq(old),
-                scp2[c].eq(lut_mul(old, r1.c)),
+                scp2[c].eq(old * r1.c),
                 old3[c].eq(old2[c]),
             ]
             # R2: what the products are added to

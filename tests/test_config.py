@@ -49,7 +49,7 @@ def test_preset_sizes():
     assert PRESETS["zcu102"].macs == 256
     # iCE40UP5K has 8 DSPs.
     assert PRESETS["tiny"].macs <= 8
-    assert PRESETS["ecp5"].peak_gops == pytest.approx(6.4)   # 32 MACs at 100 MHz
+    assert PRESETS["ecp5"].peak_gops == pytest.approx(3.2)   # 16 MACs at 100 MHz
     assert PRESETS["zcu102"].peak_gops == pytest.approx(153.6)
 
 
@@ -61,8 +61,8 @@ def test_preset_sizes():
     # 4096 products of two 16-bit words need 31 + 12 + 1 = 44 bits.
     ("ecp5", {"acc_bits": 40, "max_k": 4096}, "acc_bits"),
     ("tiny", {"acc_bits": 32, "max_k": 1024}, "acc_bits"),
-    # ecp5 has rows*cols = 32; 96 Ki + 16 words is not a multiple of it.
-    ("ecp5", {"spad_words": 96 * 1024 + 16}, "spad_words"),
+    # ecp5 has rows*cols = 16; 96 Ki + 8 words is not a multiple of it.
+    ("ecp5", {"spad_words": 96 * 1024 + 8}, "spad_words"),
     ("ecp5", {"spad_words": 512}, "spad_words"),
     ("ecp5", {"bus_bits": 48}, "bus_bits"),
     ("ecp5", {"max_k": 3000}, "max_k"),
@@ -116,5 +116,5 @@ def test_fingerprints_of_presets_differ():
 def test_frozen():
     cfg = PRESETS["ecp5"]
     with pytest.raises(dataclasses.FrozenInstanceError):
-        cfg.rows = 4
-    assert cfg.rows == 8
+        cfg.rows = 2
+    assert cfg.rows == 4

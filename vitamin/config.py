@@ -290,11 +290,12 @@ PRESETS: dict[str, Config] = {
     "tiny": Config(name="tiny", rows=2, cols=4, spad_words=16 * 1024, acc_lines=256,
                    idx_entries=512, rowstate_rows=128, max_experts=16, row_lanes=2,
                    max_k=1024, max_dim=1024, bus_bits=32, dram_bytes=1 << 24, clock_mhz=24.0),
-    # ULX3S LFE5U-85F (156 MULT18X18D, 84k LUT4, 208 x 18 kbit BRAM): 8x4 = 32 MACs, a
-    # one-column epilogue (epi_lanes=1: 12 instead of 48 multipliers) and 2 row lanes, so
-    # that the whole ISA fits beside the array (an 8x16 array with full-width lanes needed 565
-    # multipliers and 111k LUT4); 192 KiB scratchpad; 16-bit SDRAM behind a 32-bit AXI port.
-    "ecp5": Config(name="ecp5", rows=8, cols=4, spad_words=96 * 1024, acc_lines=512,
+    # ULX3S LFE5U-85F (156 MULT18X18D, 83.6k LUT slots, 208 x 18 kbit BRAM): 4x4 = 16 MACs, a
+    # one-column epilogue (epi_lanes=1: 12 instead of 48 multipliers) and 2 row lanes, so that
+    # the whole ISA fits beside the array: logic, not multipliers, is what runs out (an 8x16
+    # array needed 565 multipliers and 111k LUT4; 8x4 fitted the multipliers but filled 109 %
+    # of the LUT slots). 192 KiB scratchpad; 16-bit SDRAM behind a 32-bit AXI port.
+    "ecp5": Config(name="ecp5", rows=4, cols=4, spad_words=96 * 1024, acc_lines=512,
                    idx_entries=2048, rowstate_rows=256, max_experts=32, row_lanes=2,
                    max_k=4096, max_dim=4096, bus_bits=32, dram_bytes=1 << 25, clock_mhz=100.0,
                    epi_lanes=1),
