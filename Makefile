@@ -41,11 +41,11 @@ rtl: $(STAMP)
 	$(VENV)/bin/vitamin rtl --config $(CONFIG) -o build/accel_$(CONFIG).v
 
 # Bitstreams of the open boards (YoWASP yosys + nextpnr), reports in build/boards/<board>-<preset>/.
-# The ULX3S gets the tiny preset: the ecp5 preset needs 562 DSPs of the LFE5U-85F's 156
-# (docs/BOARDS.md). A board that does not fit is reported (by how much) and does not fail the
-# target; a tool failure does. BITSTREAM_CONFIG= (empty) builds each board's own preset.
+# Each board gets its own preset (ULX3S: ecp5 with a 100 MHz PLL clock; iCEBreaker: tiny);
+# BITSTREAM_CONFIG=tiny builds one preset everywhere. A board that does not fit is reported
+# (by how much) and does not fail the target; a tool failure does. See docs/BOARDS.md.
 BITSTREAM_BOARDS ?= ulx3s-85f icebreaker
-BITSTREAM_CONFIG ?= tiny
+BITSTREAM_CONFIG ?=
 bitstream: $(STAMP)
 	$(VPY) -m vitamin.boards.flow $(if $(BITSTREAM_CONFIG),--config $(BITSTREAM_CONFIG)) $(BITSTREAM_BOARDS)
 

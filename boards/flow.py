@@ -68,7 +68,7 @@ class Board:
 #: ECP5, 4 kbit EBR on iCE40, 36 kbit RAMB36 on UltraScale+).
 BOARDS = {
     "ulx3s-85f": Board("ulx3s-85f", "ecp5", "ecp5", "LFE5U-85F-6BG381C", 25e6,
-                       {"LUT": 83640, "FF": 83640, "DSP": 156, "BRAM": 208}),
+                       {"LUT": 83640, "LOGIC": 83640, "FF": 83640, "DSP": 156, "BRAM": 208}),
     "icebreaker": Board("icebreaker", "ice40", "tiny", "iCE40UP5K-SG48", 12e6,
                         {"LUT": 5280, "FF": 5280, "DSP": 8, "BRAM": 30, "SPRAM": 4}),
     "zcu102": Board("zcu102", "xcup", "zcu102", "xczu9eg-ffvb1156-2-e", 300e6,
@@ -248,6 +248,12 @@ def _cells_to_resources(family, cells):
     for res, types in _CELLS[family].items():
         out[res] = sum(n for c, n in cells.items() for t in types
                        if c == t or c.endswith("\\" + t) or c.endswith("$" + t))
+    if family == "ecp5":
+        # nextpnr packs LUT4, carry and LUT-RAM cells into the same 83,640 TRELLIS_COMB slots:
+        # a CCU2C takes two, a TRELLIS_DPR16X4 four. This is what runs out first (a netlist
+        # of 64.6k LUT4 + 10.3k CCU2C + 550 DPR16X4 packed into 91.9k slots: the packer adds
+        # ~5 % route-through LUTs on top of this estimate).
+        out["LOGIC"] = out["LUT"] + 2 * out["CARRY"] + 4 * out["LUTRAM"]
     return out
 
 
