@@ -476,6 +476,15 @@ def format_report(rep: dict) -> str:
         for r, n in rep["available"].items():
             u = used.get(r, 0)
             lines.append(f"  {r:<6} {u:>8} / {n:<8} {100 * u / n:6.1f} %")
+    pnr = {k: v for k, v in (rep.get("pnr_utilization") or {}).items()
+           if isinstance(v, dict) and v.get("used")}
+    if pnr:
+        lines.append("resources (nextpnr, after packing):")
+        for k, v in pnr.items():
+            n = v.get("available") or 1
+            lines.append(f"  {k:<14} {v['used']:>8} / {n:<8} {100 * v['used'] / n:6.1f} %")
+    if rep.get("clock_mhz"):
+        lines.append(f"system clock: {rep['clock_mhz']:g} MHz")
     for clk, v in (rep.get("clocks") or {}).items():
         ok = "meets" if v.get("fmax_mhz", 0) >= v.get("target_mhz", 0) else "FAILS"
         lines.append(f"clock {clk}: Fmax {v.get('fmax_mhz')} MHz ({ok} the "

@@ -136,3 +136,17 @@ def test_ulx3s_top_with_pll(tmp_path):
     il = (tmp_path / "top.il").read_text()
     assert "cell \\EHXPLLL" in il and "CLKOP_DIV" in il
     assert "75000000.0 HZ" in (tmp_path / "top.lpf").read_text()
+
+
+def test_ecp5_logic_slots_decide_the_fit():
+    # The 8x4 netlist that passed a LUT4-only check (64.6k of 83.6k) but needed 91.9k of the
+    # 83,640 TRELLIS_COMB slots in nextpnr: carry cells take two slots, LUT RAM four.
+    cells = {"LUT4": 64613, "CCU2C": 10349, "TRELLIS_DPR16X4": 550, "MULT18X18D": 127,
+             "TRELLIS_FF": 34577, "DP16KD": 161}
+    used = flow._cells_to_resources("ecp5", cells)
+    assert used["LUT"] == 64613 and used["LOGIC"] == 64613 + 2 * 10349 + 4 * 550
+    avail = flow.BOARDS["ulx3s-85f"].available
+    assert used["LUT"] <= avail["LUT"] and used["LOGIC"] > avail["LOGIC"]
+    # the ecp5 preset as built: 47.3k LUT4 + 9.3k CCU2C + 533 DPR16X4 fits (nextpnr: 72,090)
+    ok = flow._cells_to_resources("ecp5", {"LUT4": 47308, "CCU2C": 9307, "TRELLIS_DPR16X4": 533})
+    assert ok["LOGIC"] <= avail["LOGIC"] * 0.85
