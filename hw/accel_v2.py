@@ -117,7 +117,8 @@ def elaborate_v2(accel, platform):
     window_reg = Signal(32)
     watchdog_lim = Signal(32, init=min(cfg.watchdog_cycles, (1 << 32) - 1))
     window = Signal(WINDOW_BITS)
-    m.d.comb += window.eq(Mux((window_reg == 0) | (window_reg > cfg.dram_bytes),
+    # registered: the host writes WINDOW cycles before it can write START
+    m.d.sync += window.eq(Mux((window_reg == 0) | (window_reg > cfg.dram_bytes),
                               cfg.dram_bytes, window_reg))
 
     busy = Signal()
@@ -606,7 +607,7 @@ def elaborate_v2(accel, platform):
             with m.Elif(pc >= prog_len):
                 m.d.comb += [fetch_fault.eq(1), fetch_code.eq(ErrorCode.NO_END)]
                 m.next = "STOPPED"
-            with m.Elif((pc << 6) + 64 > window):
+            with m.Elif(pc >= window[6:]):          # (pc + 1) * 64 > window
                 m.d.comb += [fetch_fault.eq(1), fetch_code.eq(ErrorCode.DRAM_RANGE)]
                 m.next = "STOPPED"
             with m.Else():
@@ -677,17 +678,34 @@ def elaborate_v2(accel, platform):
                 m.next = "FETCH"
 
     # ---- fault collection and halt --------------------------------------------------------------
-    best_v = Const(0, 1)
-    best_c = Const(0, 4)
-    best_p = Const(0, 32)
-    for i, (v, c, p) in enumerate(reports):
-        take = Signal(name=f"fsel{i}")
-        m.d.comb += take.eq(v & (~best_v | (p < best_p)))
-        nv, nc, npc = Signal(name=f"fb{i}_v"), Signal(4, name=f"fb{i}_c"), \
-            Signal(32, name=f"fb{i}_p")
-        m.d.comb += [nv.eq(best_v | v), nc.eq(Mux(take, c, best_c)), npc.eq(Mux(take, p, best_p))]
-        best_v, best_c, best_p = nv, nc, npc
-    with m.If(best_v & (~f_valid | (best_p < f_pc))):
+    # The valid report with the lowest pc wins, the earlier report on a tie. All comparisons
+    # run in parallel (one comparator deep, then one-hot selection): a chain of running minima
+    # put five 32-bit compare-and-select stages in series, the slowest path of the whole
+    # controller (26.7 MHz out of context on the LFE5U-85F).
+    n_rep = len(reports)
+    win = []
+    for i, (v, _c, p) in enumerate(reports):
+        terms = [v]
+        for j, (vj, _cj, pj) in enumerate(reports):
+            if j != i:
+                terms.append(~vj | ((p < pj) if j < i else (p <= pj)))
+        w = Signal(name=f"fwin{i}")
+        m.d.comb += w.eq(Cat(*terms).all())
+        win.append(w)
+    best_v = Signal(name="fbest_v")
+    best_c = Signal(4, name="fbest_c")
+    best_p = Signal(32, name="fbest_p")
+    earlier = Signal(name="fbest_earlier")     # the winner is older than the recorded fault
+    c_or = Const(0, 4)
+    p_or = Const(0, 32)
+    e_or = Const(0, 1)
+    for w, (_v, c, p) in zip(win, reports, strict=True):
+        c_or = c_or | Mux(w, c.as_value(), 0)
+        p_or = p_or | Mux(w, p, 0)
+        e_or = e_or | (w & (p < f_pc))
+    m.d.comb += [best_v.eq(Cat(*[v for v, _c, _p in reports]).any() if n_rep else 0),
+                 best_c.eq(c_or), best_p.eq(p_or), earlier.eq(e_or)]
+    with m.If(best_v & (~f_valid | earlier)):
         m.d.sync += [f_valid.eq(1), f_code.eq(best_c), f_pc.eq(best_p)]
     with m.If(best_v):
         m.d.sync += halting.eq(1)
@@ -710,12 +728,19 @@ def elaborate_v2(accel, platform):
     with m.Else():
         m.d.sync += stall.eq(0)
     m.d.comb += wd_fire.eq(running_prog & (watchdog_lim != 0) & (stall >= watchdog_lim))
-    # oldest instruction not retired
+    # oldest instruction not retired (the watchdog's error pc). Registered, and the four
+    # candidates compared in parallel: as a chain of running minima it was the controller's
+    # slowest path (three 32-bit compares in series). The watchdog fires only after at least
+    # 1024 cycles without progress, when nothing it looks at has changed for a long time.
     oldest = Signal(32)
-    cand = pc
-    for u in (_STORE, _LOAD, _COMPUTE):
-        cand = Mux(queues[u].r_rdy & (heads[u].pc < cand), heads[u].pc, cand)
-    m.d.comb += oldest.eq(cand)
+    cands = [(Const(1, 1), pc)] + [(queues[u].r_rdy, heads[u].pc)
+                                   for u in (_STORE, _LOAD, _COMPUTE)]
+    pick = Const(0, 32)
+    for i, (v, p) in enumerate(cands):
+        terms = [v] + [~vj | ((p < pj) if j < i else (p <= pj))
+                       for j, (vj, pj) in enumerate(cands) if j != i]
+        pick = pick | Mux(Cat(*terms).all(), p, 0)
+    m.d.sync += oldest.eq(pick)
 
     # ---- halt ----------------------------------------------------------------------------------
     units_quiet = ~Cat(*mod_running).any() & ~fetch_busy
