@@ -429,7 +429,7 @@ class SpansUnit(wiring.Component):
 
         mul_a = Signal(32)
         prod = Signal(48)
-        m.d.comb += prod.eq(lut_mul(mul_a, block))
+        m.d.comb += prod.eq(mul_a * block)     # combinational: on a DSP (as logic: 33 MHz)
 
         def emit_span():
             end = Mux(re < limit, re, limit)
