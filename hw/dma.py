@@ -179,6 +179,10 @@ class DmaSequencer(wiring.Component):
         base = Signal(signed(_DW))
         lo = Signal(signed(_DW))
         hi = Signal(signed(_DW))
+        # window - run bytes, set at decode: the last-byte check "hi + run > window" becomes
+        # "hi > wlim", so no step adds three terms (a three-term 72-bit add mapped to a chain of
+        # ~28 LUTs, STORE's slowest path)
+        wlim = Signal(signed(_DW))
         shi = Signal(unsigned(48))         # largest on-chip address
         p_save = Signal(signed(70))
 
@@ -235,7 +239,8 @@ class DmaSequencer(wiring.Component):
                 bad = ((f.run == 0) | (f.n0 == 0) | (f.n1 == 0) |
                        ((f.mode == DmaMode.STRIDED) & (f.n2 == 0)))
                 dt_bad = Mux(f.mem == Mem.IDX, f.dtype != DType.I32, f.dtype == DType.I32)
-                m.d.sync += shi.eq(f.spad_addr + f.run - 1)
+                m.d.sync += [shi.eq(f.spad_addr + f.run - 1),
+                             wlim.eq(self.window - (f.run << es_log))]
                 with m.If(bad | dt_bad):
                     fail(ErrorCode.BAD_FIELD)
                 with m.Elif(f.mode == DmaMode.STRIDED):
@@ -263,7 +268,7 @@ class DmaSequencer(wiring.Component):
             with m.State("S_D0"):
                 m.d.comb += self.busy.eq(1)
                 m.d.sync += [lo.eq(lo + Mux(prod < 0, prod, 0)),
-                             hi.eq(hi + Mux(prod > 0, prod, 0) + (f.run << es_log))]
+                             hi.eq(hi + Mux(prod > 0, prod, 0))]
                 m.d.comb += [mul_a.eq(f.n2 - 1), mul_b.eq(f.ss2)]
                 m.next = "S_S2"
             with m.State("S_S2"):
@@ -283,7 +288,7 @@ class DmaSequencer(wiring.Component):
 
             with m.State("CMP"):
                 m.d.comb += self.busy.eq(1)
-                with m.If((lo < 0) | (hi > self.window)):
+                with m.If((lo < 0) | (hi > wlim)):
                     fail(ErrorCode.DRAM_RANGE)
                 with m.Elif(shi >= lim):
                     fail(range_err)
@@ -395,7 +400,7 @@ class DmaSequencer(wiring.Component):
             with m.State("P_RHI"):
                 m.d.comb += self.busy.eq(1)
                 m.d.sync += [lo.eq(lo + Mux(prod < p_save, prod, p_save)),
-                             hi.eq(hi + Mux(prod > p_save, prod, p_save) + (f.run << es_log))]
+                             hi.eq(hi + Mux(prod > p_save, prod, p_save))]
                 m.d.comb += [mul_a.eq(f.n1 - 1), mul_b.eq(f.ss1)]
                 m.next = "P_S1"
             with m.State("P_S1"):
