@@ -79,7 +79,7 @@ Widths: span starts and lengths are written as 32-bit words and ``REG[rows_reg]`
 so every row number, length and count is exact.
 """
 
-from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -419,13 +419,30 @@ class SpansUnit(wiring.Component):
             ((x < dend) & (dlo < dend), Mux(x > dlo, x, dlo), dend[:32]),
             (lo_ok, lo, lo + 1),
         ]
-        c_s = Const((1 << 32) - 1, 33)
-        for p_has, p_s, _ in pieces:
-            c_s = Mux(p_has & (p_s < c_s), p_s, c_s)
-        c_e = Const(0, 33)
-        for p_has, p_s, p_e in pieces:
-            c_e = Mux(p_has & (p_s == c_s) & (p_e > c_e), p_e, c_e)
+        # c_s: the smallest start of a present piece; c_e: the largest end among the pieces
+        # starting there. Every comparison runs in parallel (one-hot selection): as chains of
+        # running minima and maxima they were the unit's slowest path.
+        n_p = len(pieces)
+        first = []      # piece i has the smallest start (the earliest piece on a tie)
+        for i, (h_i, s_i, _) in enumerate(pieces):
+            t = [h_i] + [~h_j | ((s_i < s_j) if j < i else (s_i <= s_j))
+                         for j, (h_j, s_j, _) in enumerate(pieces) if j != i]
+            first.append(Cat(*t).all())
+        c_s = Const(0, 33)
+        for w, (_, s_i, _) in zip(first, pieces, strict=True):
+            c_s = c_s | Mux(w, s_i, 0)
         c_has = pieces[0][0] | pieces[1][0] | pieces[2][0]
+        c_s = Mux(c_has, c_s, (1 << 32) - 1)
+        # the pieces that start at c_s: piece j starts there iff its start equals the winner's
+        same = [[h_j & (s_j == s_i) for (h_j, s_j, _) in pieces] for (_, s_i, _) in pieces]
+        c_e = Const(0, 33)
+        for i in range(n_p):
+            for j in range(n_p):
+                p_e = pieces[j][2]
+                best = Cat(*[~same[i][k] | ((p_e > pieces[k][2]) if k < j
+                                            else (p_e >= pieces[k][2]))
+                             for k in range(n_p) if k != j]).all()
+                c_e = c_e | Mux(first[i] & same[i][j] & best, p_e, 0)
 
         mul_a = Signal(32)
         prod = Signal(48)
