@@ -153,3 +153,9 @@ def test_explore_command(tmp_path, capsys):
     front = json.loads((tmp_path / "ex" / "front.json").read_text())
     assert front["part"] == "xczu9eg" and len(front["points"]) == 2
     assert (tmp_path / "ex" / "pareto.png").exists()
+
+
+def test_estimate_says_when_the_calibration_does_not_cover_the_config():
+    # ecp5 has a one-column epilogue (epi_lanes = 1), which the calibration does not model
+    assert "epi_lanes" in explore.estimate_resources("ecp5", "ecp5")["caveat"]
+    assert "caveat" not in explore.estimate_resources("tiny", "ecp5")

@@ -272,6 +272,9 @@ def estimate_resources(config, family=None) -> dict:
     if src != family:
         out["scaled_from"] = src
     out["blocks"] = {n: {k: round(v, 1) for k, v in b.items()} for n, b in blocks.items()}
+    if cfg.epi_ratio > 1:
+        out["caveat"] = ("epi_lanes < cols and lut_mul are not in the calibration (full-width "
+                         "epilogue, every product on DSPs): LUT and DSP are overestimated")
     return out
 
 

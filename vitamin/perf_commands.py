@@ -102,6 +102,8 @@ def _estimate(args):
     else:
         print(f"  resources       LUT {res['LUT']:,}  FF {res['FF']:,}  DSP {res['DSP']:,}  "
               f"BRAM {res['BRAM']:,}  ({res['family']} estimate{src}; vitamin/explore.py)")
+        if res.get("caveat"):
+            print(f"                  note: {res['caveat']}")
     return 0
 
 
