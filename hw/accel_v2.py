@@ -59,6 +59,7 @@ from vitamin.isa import ErrorCode, Opcode, OutMode
 
 from .dma import WINDOW_BITS, instr_view
 from .mem import AccMemory, IdxMemory, RowStateMemory, Scratchpad
+from .onehot import onehot_best, onehot_pick
 from .ports import (
     N_REGS,
     AccPort,
@@ -682,29 +683,18 @@ def elaborate_v2(accel, platform):
     # run in parallel (one comparator deep, then one-hot selection): a chain of running minima
     # put five 32-bit compare-and-select stages in series, the slowest path of the whole
     # controller (26.7 MHz out of context on the LFE5U-85F).
-    n_rep = len(reports)
-    win = []
-    for i, (v, _c, p) in enumerate(reports):
-        terms = [v]
-        for j, (vj, _cj, pj) in enumerate(reports):
-            if j != i:
-                terms.append(~vj | ((p < pj) if j < i else (p <= pj)))
-        w = Signal(name=f"fwin{i}")
-        m.d.comb += w.eq(Cat(*terms).all())
-        win.append(w)
+    wins = onehot_best([(v, p) for v, _c, p in reports])
     best_v = Signal(name="fbest_v")
     best_c = Signal(4, name="fbest_c")
     best_p = Signal(32, name="fbest_p")
     earlier = Signal(name="fbest_earlier")     # the winner is older than the recorded fault
-    c_or = Const(0, 4)
-    p_or = Const(0, 32)
-    e_or = Const(0, 1)
-    for w, (_v, c, p) in zip(win, reports, strict=True):
-        c_or = c_or | Mux(w, c.as_value(), 0)
-        p_or = p_or | Mux(w, p, 0)
-        e_or = e_or | (w & (p < f_pc))
-    m.d.comb += [best_v.eq(Cat(*[v for v, _c, _p in reports]).any() if n_rep else 0),
-                 best_c.eq(c_or), best_p.eq(p_or), earlier.eq(e_or)]
+    m.d.comb += [
+        best_v.eq(Cat(*[v for v, _c, _p in reports]).any() if reports else 0),
+        best_c.eq(onehot_pick(wins, [c.as_value() for _v, c, _p in reports], 4)),
+        best_p.eq(onehot_pick(wins, [p for _v, _c, p in reports], 32)),
+        earlier.eq(Cat(*[w & (p < f_pc) for w, (_v, _c, p) in zip(wins, reports,
+                                                                   strict=True)]).any()),
+    ]
     with m.If(best_v & (~f_valid | earlier)):
         m.d.sync += [f_valid.eq(1), f_code.eq(best_c), f_pc.eq(best_p)]
     with m.If(best_v):
@@ -735,12 +725,7 @@ def elaborate_v2(accel, platform):
     oldest = Signal(32)
     cands = [(Const(1, 1), pc)] + [(queues[u].r_rdy, heads[u].pc)
                                    for u in (_STORE, _LOAD, _COMPUTE)]
-    pick = Const(0, 32)
-    for i, (v, p) in enumerate(cands):
-        terms = [v] + [~vj | ((p < pj) if j < i else (p <= pj))
-                       for j, (vj, pj) in enumerate(cands) if j != i]
-        pick = pick | Mux(Cat(*terms).all(), p, 0)
-    m.d.sync += oldest.eq(pick)
+    m.d.sync += oldest.eq(onehot_pick(onehot_best(cands), [p for _v, p in cands], 32))
 
     # ---- halt ----------------------------------------------------------------------------------
     units_quiet = ~Cat(*mod_running).any() & ~fetch_busy

@@ -79,7 +79,7 @@ Widths: span starts and lengths are written as 32-bit words and ``REG[rows_reg]`
 so every row number, length and count is exact.
 """
 
-from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -88,6 +88,7 @@ from vitamin.config import get_config
 from vitamin.isa import INSTR_BITS, ErrorCode, Route, Spans
 
 from .lutmul import lut_mul
+from .onehot import onehot_best, onehot_pick
 from .ports import IdxPort, QueuePort, RegPort, UnitControl
 
 __all__ = ["RouteUnit", "SpansUnit", "SPANS_LIST_DEPTH"]
@@ -422,27 +423,15 @@ class SpansUnit(wiring.Component):
         # c_s: the smallest start of a present piece; c_e: the largest end among the pieces
         # starting there. Every comparison runs in parallel (one-hot selection): as chains of
         # running minima and maxima they were the unit's slowest path.
-        n_p = len(pieces)
-        first = []      # piece i has the smallest start (the earliest piece on a tie)
-        for i, (h_i, s_i, _) in enumerate(pieces):
-            t = [h_i] + [~h_j | ((s_i < s_j) if j < i else (s_i <= s_j))
-                         for j, (h_j, s_j, _) in enumerate(pieces) if j != i]
-            first.append(Cat(*t).all())
-        c_s = Const(0, 33)
-        for w, (_, s_i, _) in zip(first, pieces, strict=True):
-            c_s = c_s | Mux(w, s_i, 0)
+        first = onehot_best([(h, st) for h, st, _ in pieces])
         c_has = pieces[0][0] | pieces[1][0] | pieces[2][0]
-        c_s = Mux(c_has, c_s, (1 << 32) - 1)
-        # the pieces that start at c_s: piece j starts there iff its start equals the winner's
-        same = [[h_j & (s_j == s_i) for (h_j, s_j, _) in pieces] for (_, s_i, _) in pieces]
+        c_s = Mux(c_has, onehot_pick(first, [st for _, st, _ in pieces], 33), (1 << 32) - 1)
         c_e = Const(0, 33)
-        for i in range(n_p):
-            for j in range(n_p):
-                p_e = pieces[j][2]
-                best = Cat(*[~same[i][k] | ((p_e > pieces[k][2]) if k < j
-                                            else (p_e >= pieces[k][2]))
-                             for k in range(n_p) if k != j]).all()
-                c_e = c_e | Mux(first[i] & same[i][j] & best, p_e, 0)
+        for i, (_, s_i, _) in enumerate(pieces):
+            # among the pieces that start where piece i does, the largest end
+            ends = onehot_best([(h_j & (s_j == s_i), e_j) for h_j, s_j, e_j in pieces],
+                               better=lambda a, b: a > b)
+            c_e = c_e | Mux(first[i], onehot_pick(ends, [e for _, _, e in pieces], 33), 0)
 
         mul_a = Signal(32)
         prod = Signal(48)

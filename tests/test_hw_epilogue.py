@@ -187,10 +187,9 @@ def test_epilogue_counts_every_saturation_kind():
     assert sats == [4, 4, 2, 0]
 
 
-def test_epilogue_throughput_and_latency():
-    cfg = TINY
-    dut = Epilogue(cfg)
-    lines = _lines(cfg, seed=3, n=40, acts=list(ACTS))
+def _timed_run(dut, cfg, lines, deadline):
+    """Offer a line every cycle and sink every cycle: (cycles each line was taken, cycles each
+    output was valid, outputs, saturation counts)."""
     n = len(lines)
     t_in, t_out, got, sats = [], [], [], []
 
@@ -218,11 +217,20 @@ def test_epilogue_throughput_and_latency():
                 got.append([p.data[c] for c in range(cfg.cols)])
                 sats.append(p.sat)
 
-    run_sim(dut, source, sink, deadline_cycles=n + 100)
+    run_sim(dut, source, sink, deadline_cycles=deadline)
+    return t_in, t_out, np.array(got, dtype=np.int64), sats
+
+
+def test_epilogue_throughput_and_latency():
+    cfg = TINY
+    dut = Epilogue(cfg)
+    lines = _lines(cfg, seed=3, n=40, acts=list(ACTS))
+    n = len(lines)
+    t_in, t_out, got, sats = _timed_run(dut, cfg, lines, n + 100)
     assert dut.latency == 15
     assert t_in == list(range(1, n + 1))
     assert [o - i for i, o in zip(t_in, t_out, strict=True)] == [dut.latency] * n
-    _check(cfg, lines, np.array(got, dtype=np.int64), sats)
+    _check(cfg, lines, got, sats)
 
 
 def test_epilogue_rejects_bad_config():
@@ -253,37 +261,11 @@ def test_gearbox_rate_and_latency():
     dut = EpilogueGearbox(cfg)
     lines = _lines(cfg, seed=4, n=30, acts=list(ACTS))
     n = len(lines)
-    t_in, t_out, got, sats = [], [], [], []
-
-    async def source(ctx):
-        ctx.set(dut.i_stream.valid, 1)
-        cycle = 0
-        for line in lines:
-            ctx.set(dut.i_stream.payload, _payload(line))
-            while True:
-                _, _, ready = await ctx.tick().sample(dut.i_stream.ready)
-                cycle += 1
-                if ready:
-                    t_in.append(cycle)
-                    break
-        ctx.set(dut.i_stream.valid, 0)
-
-    async def sink(ctx):
-        ctx.set(dut.o_stream.ready, 1)
-        cycle = 0
-        while len(got) < n:
-            _, _, valid, p = await ctx.tick().sample(dut.o_stream.valid, dut.o_stream.payload)
-            cycle += 1
-            if valid:
-                t_out.append(cycle)
-                got.append([p.data[c] for c in range(cfg.cols)])
-                sats.append(p.sat)
-
-    run_sim(dut, source, sink, deadline_cycles=R * n + 100)
+    t_in, t_out, got, sats = _timed_run(dut, cfg, lines, R * n + 100)
     assert dut.latency == Epilogue(cfg.replace(cols=2, epi_lanes=0)).latency + R + 1
     assert t_in == [1 + R * i for i in range(n)]
     assert [o - i for i, o in zip(t_in, t_out, strict=True)] == [dut.latency] * n
-    _check(cfg, lines, np.array(got, dtype=np.int64), sats)
+    _check(cfg, lines, got, sats)
 
 
 def test_epi_lanes_must_divide_cols():
