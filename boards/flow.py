@@ -414,6 +414,11 @@ def build(board: str, config=None, out_dir=None, progress=None, *, seed: int = 1
     if board not in BOARDS:
         raise ValueError(f"unknown board {board!r}; boards: {', '.join(BOARDS)}")
     b = BOARDS[board]
+    if clock_mhz is not None and b.family != "ecp5":
+        raise ValueError(f"--clock-mhz: board {board} has a fixed clock "
+                         f"({b.clk_hz / 1e6:g} MHz); only the ULX3S has a PLL here")
+    if clock_mhz is not None and not clock_mhz > 0:
+        raise ValueError(f"--clock-mhz must be positive, not {clock_mhz!r}")
     cfg = get_config(config or b.default_config)
     out_dir = Path(out_dir or REPO_ROOT / "build" / "boards" / f"{board}-{cfg.name}")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -124,6 +124,11 @@ def test_ecp5_pll_dividers():
     assert f == 40e6 and 400e6 <= f * op <= 800e6 and 25e6 / ref >= 3.125e6
     with pytest.raises(ValueError, match="cannot make 1000 MHz"):
         flow.ecp5_pll(25e6, 1e9)
+    # a clock for a board without a PLL here, or not a frequency: refused before any work
+    with pytest.raises(ValueError, match="zcu102 has a fixed clock"):
+        flow.build("zcu102", clock_mhz=100)
+    with pytest.raises(ValueError, match="must be positive"):
+        flow.build("ulx3s-85f", clock_mhz=-5)
 
 
 def test_ulx3s_top_with_pll(tmp_path):
