@@ -62,6 +62,9 @@ class Board:
     clk_hz: float
     available: dict             # resource -> count on the device
     open_flow: bool = True
+    #: map the products written with :func:`vitamin.hw.lutmul.lut_mul` to logic (boards whose
+    #: preset is short of multipliers, not of logic)
+    soft_mul: bool = False
 
 
 #: Resource totals from the device datasheets (LUT4 = logic cells; BRAM = 18 kbit DP16KD on
@@ -70,7 +73,7 @@ BOARDS = {
     "ulx3s-85f": Board("ulx3s-85f", "ecp5", "ecp5", "LFE5U-85F-6BG381C", 25e6,
                        {"LUT": 83640, "LOGIC": 83640, "FF": 83640, "DSP": 156, "BRAM": 208}),
     "icebreaker": Board("icebreaker", "ice40", "tiny", "iCE40UP5K-SG48", 12e6,
-                        {"LUT": 5280, "FF": 5280, "DSP": 8, "BRAM": 30, "SPRAM": 4}),
+                        {"LUT": 5280, "FF": 5280, "DSP": 8, "BRAM": 30, "SPRAM": 4}, soft_mul=True),
     "zcu102": Board("zcu102", "xcup", "zcu102", "xczu9eg-ffvb1156-2-e", 300e6,
                     {"LUT": 274080, "FF": 548160, "DSP": 2520, "BRAM": 912}, open_flow=False),
 }
@@ -320,7 +323,7 @@ def _open_flow(board, cfg, out_dir, progress, seed, timeout, units=None, clock_m
     plan = platform.build(top, name=name, build_dir=str(out_dir), do_build=False,
                           synth_opts="-run :check" + (" -dsp" if board.family == "ice40"
                                                       else ""),
-                          script_after_read=YOSYS_SOFT_MUL,
+                          script_after_read=YOSYS_SOFT_MUL if board.soft_mul else "",
                           script_after_synth=after,
                           nextpnr_opts=f"--seed {seed} --router router2 --report {name}_pnr.json "
                                        f"--timing-allow-fail",

