@@ -325,7 +325,14 @@ def _open_flow(board, cfg, out_dir, progress, seed, timeout, units=None, clock_m
                                                       else ""),
                           script_after_read=YOSYS_SOFT_MUL if board.soft_mul else "",
                           script_after_synth=after,
-                          nextpnr_opts=f"--seed {seed} --router router2 --report {name}_pnr.json "
+                          # ECP5: the analytic "static" placer and router1. On the whole
+                          # ecp5 design HeAP's placements left router2 stalled at 28-42k
+                          # overused wires, and router2 diverged after 3.2k on the static
+                          # placement, which router1 routes (docs/BOARDS.md)
+                          nextpnr_opts=f"--seed {seed} "
+                                       + ("--placer static --router router1 "
+                                          if board.family == "ecp5" else "--router router2 ")
+                                       + f"--report {name}_pnr.json "
                                        f"--timing-allow-fail",
                           debug_verilog=False)
     plan.extract(str(out_dir))

@@ -183,6 +183,11 @@ class DmaSequencer(wiring.Component):
         # "hi > wlim", so no step adds three terms (a three-term 72-bit add mapped to a chain of
         # ~28 LUTs, STORE's slowest path)
         wlim = Signal(signed(_DW))
+        # SPANS' coarse check "base + prod > window + 2|ds0|" as "prod > wcoarse": window + 2|ds0|
+        # at decode, minus base once base is known (P_TOTAL). Written as one compare of two sums
+        # it was the whole ecp5 design's slowest path (34 ns: a 30-LUT ripple into ``err``).
+        wpad = Signal(signed(_DW))
+        wcoarse = Signal(signed(_DW))
         shi = Signal(unsigned(48))         # largest on-chip address
         p_save = Signal(signed(70))
 
@@ -240,7 +245,8 @@ class DmaSequencer(wiring.Component):
                        ((f.mode == DmaMode.STRIDED) & (f.n2 == 0)))
                 dt_bad = Mux(f.mem == Mem.IDX, f.dtype != DType.I32, f.dtype == DType.I32)
                 m.d.sync += [shi.eq(f.spad_addr + f.run - 1),
-                             wlim.eq(self.window - (f.run << es_log))]
+                             wlim.eq(self.window - (f.run << es_log)),
+                             wpad.eq(self.window + (Mux(ds0 < 0, -ds0, ds0) << 1))]
                 with m.If(bad | dt_bad):
                     fail(ErrorCode.BAD_FIELD)
                 with m.Elif(f.mode == DmaMode.STRIDED):
@@ -366,6 +372,7 @@ class DmaSequencer(wiring.Component):
             with m.State("P_TOTAL"):
                 m.d.comb += self.busy.eq(1)
                 m.d.comb += [mul_a.eq(max_end + 1), mul_b.eq(ds0)]
+                m.d.sync += wcoarse.eq(wpad - base)
                 with m.If(neg_len):
                     fail(ErrorCode.BAD_FIELD)
                 with m.Elif(total > lim):
@@ -378,10 +385,9 @@ class DmaSequencer(wiring.Component):
                     m.next = "P_COARSE"
             with m.State("P_COARSE"):
                 m.d.comb += self.busy.eq(1)
-                abs_ds0 = Mux(ds0 < 0, -ds0, ds0)
                 m.d.comb += [mul_a.eq(f.n1 - 1), mul_b.eq(ds1)]
                 m.d.sync += [lo.eq(base), hi.eq(base)]
-                with m.If(base + prod > self.window + (abs_ds0 << 1)):
+                with m.If(prod > wcoarse):          # base + prod > window + 2 |ds0|
                     fail(ErrorCode.DRAM_RANGE)
                 with m.Elif(total == 0):
                     m.next = "FINISH"
