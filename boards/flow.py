@@ -526,14 +526,15 @@ def format_report(rep: dict) -> str:
         lines.append(f"system clock: {rep['clock_mhz']:g} MHz")
     for clk, v in (rep.get("clocks") or {}).items():
         ok = "meets" if v.get("fmax_mhz", 0) >= v.get("target_mhz", 0) else "FAILS"
-        lines.append(f"clock {clk}: Fmax {v.get('fmax_mhz')} MHz ({ok} the "
-                     f"{v.get('target_mhz')} MHz constraint)")
+        fm, tg = v.get("fmax_mhz"), v.get("target_mhz")
+        lines.append(f"clock {clk}: Fmax {fm if fm is None else round(fm, 2)} MHz ({ok} the "
+                     f"{tg if tg is None else round(tg, 2)} MHz constraint)")
     if not rep.get("timing_verified"):
         lines.append("timing: NOT verified (no place and route for this board here)")
     d = rep.get("demo") or {}
     if "images_per_s" in d:
         lines.append(f"demo model {d['model']}: {d['cycles']} cycles/image, "
-                     f"{d['images_per_s']:.0f} images/s at {d['clock_mhz']} MHz")
+                     f"{d['images_per_s']:.0f} images/s at {round(d['clock_mhz'], 2)} MHz")
     elif "cycles" in d:
         lines.append(f"demo model {d['model']}: {d['cycles']} cycles/image (no Fmax)")
     elif d.get("error"):
