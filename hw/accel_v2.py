@@ -187,9 +187,15 @@ def elaborate_v2(accel, platform):
     macs_units = [u for u in instances if has(u, "macs_inc")]
     macs_sum = sum((u.macs_inc for u in macs_units), Const(0, 1))
     macs_done = Signal(48)     # controller-computed MATMUL MACs (units without macs_inc)
-    m.d.sync += [cnt["sat_events"].eq(cnt["sat_events"] + sat_sum),
-                 cnt["dram_read_bytes"].eq(cnt["dram_read_bytes"] + rd_sum),
-                 cnt["dram_write_bytes"].eq(cnt["dram_write_bytes"] + wr_sum)]
+    # the increments are registered first (they come late in the cycle, from the DMA units'
+    # grants and the units' saturation flags): these counters lag their events by one cycle,
+    # and a program's last events are counted in the cycle after it halts
+    incs = [Signal.like(v, name=f"inc_{k}") for k, v in
+            (("sat", sat_sum), ("rd", rd_sum), ("wr", wr_sum))]
+    m.d.sync += [r.eq(v) for r, v in zip(incs, (sat_sum, rd_sum, wr_sum))]
+    m.d.sync += [cnt["sat_events"].eq(cnt["sat_events"] + incs[0]),
+                 cnt["dram_read_bytes"].eq(cnt["dram_read_bytes"] + incs[1]),
+                 cnt["dram_write_bytes"].eq(cnt["dram_write_bytes"] + incs[2])]
     with m.If(busy):
         m.d.sync += cnt["cycles"].eq(cnt["cycles"] + 1)
 

@@ -170,11 +170,25 @@ class DmaSequencer(wiring.Component):
         range_err = Mux(f.mem == Mem.SPAD, ErrorCode.SPAD_RANGE, ErrorCode.IDX_RANGE)
         ds0, ds1, ds2 = f.ds0.as_signed(), f.ds1.as_signed(), f.ds2.as_signed()
 
-        # -- the shared multiplier: operands chosen by the state, product one cycle later ----
-        mul_a = Signal(signed(36))
+        # -- the shared multiplier: one product per state, registered at the end of the state.
+        # Its operands are registers that the PREVIOUS state loads ("ops for the next state"),
+        # so no state decode or operand mux sits in front of the DSPs (that was ~10 ns of the
+        # product's path on the LFE5U-85F); only G_SPAN multiplies a span start that arrives
+        # from index memory in that same state and FIELDS a register-file value, which then
+        # bypass the operand register.
+        blk_v = Mux(f.blk_reg == 0, 0, self.regs[f.blk_reg])
+        mul_a_r = Signal(signed(36))
         mul_b = Signal(signed(34))
+        a_span = Signal()                  # this state is G_SPAN (set by G_RD)
+        a_blk = Signal()                   # this state is FIELDS (set by IDLE)
+        mul_a = Signal(signed(36))
+        m.d.comb += mul_a.eq(Mux(a_span, self.idx_rd_data.a, Mux(a_blk, blk_v, mul_a_r)))
+        m.d.sync += [a_span.eq(0), a_blk.eq(0)]
         prod = Signal(signed(70))
         m.d.sync += prod.eq(mul_a * mul_b)   # 36 x 34: 4 DSPs, ~3.4k LUT4 as logic
+
+        def ops_next(a, b):
+            m.d.sync += [mul_a_r.eq(a), mul_b.eq(b)]
 
         base = Signal(signed(_DW))
         lo = Signal(signed(_DW))
@@ -227,7 +241,6 @@ class DmaSequencer(wiring.Component):
             m.d.sync += err.eq(code)
             m.next = "FINISH"
 
-        blk_v = Mux(f.blk_reg == 0, 0, self.regs[f.blk_reg])
 
         runs = self.runs
         m.d.comb += [runs.p.dram.eq(d0), runs.p.chip.eq(c0), runs.p.n.eq(f.run)]
@@ -236,11 +249,15 @@ class DmaSequencer(wiring.Component):
             with m.State("IDLE"):
                 with m.If(self.start):
                     m.d.sync += err.eq(ErrorCode.OK)
+                    # FIELDS: REG * blk_stride; the register is read in FIELDS (a unit may
+                    # write it in this cycle), blk_stride comes with the instruction
+                    ops_next(0, instr_view(isa.Dma, self.instr).blk_stride)
+                    m.d.sync += a_blk.eq(1)
                     m.next = "FIELDS"
 
             with m.State("FIELDS"):
                 m.d.comb += self.busy.eq(1)
-                m.d.comb += [mul_a.eq(blk_v), mul_b.eq(f.blk_stride)]
+                ops_next(f.n2 - 1, ds2)             # S_BASE
                 bad = ((f.run == 0) | (f.n0 == 0) | (f.n1 == 0) |
                        ((f.mode == DmaMode.STRIDED) & (f.n2 == 0)))
                 dt_bad = Mux(f.mem == Mem.IDX, f.dtype != DType.I32, f.dtype == DType.I32)
@@ -259,33 +276,32 @@ class DmaSequencer(wiring.Component):
                 m.d.comb += self.busy.eq(1)
                 m.d.sync += [base.eq(f.dram_addr + prod), lo.eq(f.dram_addr + prod),
                              hi.eq(f.dram_addr + prod)]
-                m.d.comb += [mul_a.eq(f.n2 - 1), mul_b.eq(ds2)]
+                ops_next(f.n1 - 1, ds1)
                 m.next = "S_D2"
             with m.State("S_D2"):
                 m.d.comb += self.busy.eq(1)
                 ext_lohi(prod)
-                m.d.comb += [mul_a.eq(f.n1 - 1), mul_b.eq(ds1)]
+                ops_next(f.n0 - 1, ds0)
                 m.next = "S_D1"
             with m.State("S_D1"):
                 m.d.comb += self.busy.eq(1)
                 ext_lohi(prod)
-                m.d.comb += [mul_a.eq(f.n0 - 1), mul_b.eq(ds0)]
+                ops_next(f.n2 - 1, f.ss2)
                 m.next = "S_D0"
             with m.State("S_D0"):
                 m.d.comb += self.busy.eq(1)
                 m.d.sync += [lo.eq(lo + Mux(prod < 0, prod, 0)),
                              hi.eq(hi + Mux(prod > 0, prod, 0))]
-                m.d.comb += [mul_a.eq(f.n2 - 1), mul_b.eq(f.ss2)]
+                ops_next(f.n1 - 1, f.ss1)
                 m.next = "S_S2"
             with m.State("S_S2"):
                 m.d.comb += self.busy.eq(1)
                 m.d.sync += shi.eq(shi + prod)
-                m.d.comb += [mul_a.eq(f.n1 - 1), mul_b.eq(f.ss1)]
+                ops_next(f.n0 - 1, f.ss0)
                 m.next = "S_S1"
             with m.State("S_S1"):
                 m.d.comb += self.busy.eq(1)
                 m.d.sync += shi.eq(shi + prod)
-                m.d.comb += [mul_a.eq(f.n0 - 1), mul_b.eq(f.ss0)]
                 m.next = "S_S0"
             with m.State("S_S0"):
                 m.d.comb += self.busy.eq(1)
@@ -340,6 +356,8 @@ class DmaSequencer(wiring.Component):
                     m.next = "P_SCAN"
             with m.State("P_SCAN"):
                 m.d.comb += self.busy.eq(1)
+                # P_TOTAL's operands: max_end is final in the last P_SCAN cycle (no read pending)
+                ops_next(max_end + 1, ds0)
                 # one read per cycle; IDX_READ_LATENCY = 1, so the data of the read issued in the
                 # previous cycle is on idx_rd_data now
                 assert IDX_READ_LATENCY == 1
@@ -371,7 +389,7 @@ class DmaSequencer(wiring.Component):
                     m.next = "P_TOTAL"
             with m.State("P_TOTAL"):
                 m.d.comb += self.busy.eq(1)
-                m.d.comb += [mul_a.eq(max_end + 1), mul_b.eq(ds0)]
+                ops_next(f.n1 - 1, ds1)             # P_COARSE
                 m.d.sync += wcoarse.eq(wpad - base)
                 with m.If(neg_len):
                     fail(ErrorCode.BAD_FIELD)
@@ -385,7 +403,7 @@ class DmaSequencer(wiring.Component):
                     m.next = "P_COARSE"
             with m.State("P_COARSE"):
                 m.d.comb += self.busy.eq(1)
-                m.d.comb += [mul_a.eq(f.n1 - 1), mul_b.eq(ds1)]
+                ops_next(rlo, ds0)                  # P_D1
                 m.d.sync += [lo.eq(base), hi.eq(base)]
                 with m.If(prod > wcoarse):          # base + prod > window + 2 |ds0|
                     fail(ErrorCode.DRAM_RANGE)
@@ -396,23 +414,22 @@ class DmaSequencer(wiring.Component):
             with m.State("P_D1"):
                 m.d.comb += self.busy.eq(1)
                 ext_lohi(prod)
-                m.d.comb += [mul_a.eq(rlo), mul_b.eq(ds0)]
+                ops_next(rhi, ds0)
                 m.next = "P_RLO"
             with m.State("P_RLO"):
                 m.d.comb += self.busy.eq(1)
                 m.d.sync += p_save.eq(prod)
-                m.d.comb += [mul_a.eq(rhi), mul_b.eq(ds0)]
+                ops_next(f.n1 - 1, f.ss1)
                 m.next = "P_RHI"
             with m.State("P_RHI"):
                 m.d.comb += self.busy.eq(1)
                 m.d.sync += [lo.eq(lo + Mux(prod < p_save, prod, p_save)),
                              hi.eq(hi + Mux(prod > p_save, prod, p_save))]
-                m.d.comb += [mul_a.eq(f.n1 - 1), mul_b.eq(f.ss1)]
+                ops_next(total - 1, f.ss0)
                 m.next = "P_S1"
             with m.State("P_S1"):
                 m.d.comb += self.busy.eq(1)
                 m.d.sync += shi.eq(shi + prod)
-                m.d.comb += [mul_a.eq(total - 1), mul_b.eq(f.ss0)]
                 m.next = "P_S0"
             with m.State("P_S0"):
                 m.d.comb += self.busy.eq(1)
@@ -425,12 +442,13 @@ class DmaSequencer(wiring.Component):
                 m.d.comb += [self.idx_rd_en.eq(self.idx_rd_gnt),
                              self.idx_rd_addr.eq(f.idx_addr + span_t)]
                 with m.If(self.idx_rd_gnt):
+                    ops_next(0, ds0)                # G_SPAN: a (read now) * ds0
+                    m.d.sync += a_span.eq(1)
                     m.next = "G_SPAN"
             with m.State("G_SPAN"):
                 m.d.comb += self.busy.eq(1)
                 a = self.idx_rd_data.a
                 ln = self.idx_rd_data.b
-                m.d.comb += [mul_a.eq(a), mul_b.eq(ds0)]
                 # The rows of one i1 pass never exceed the checked total, even if a LOAD into
                 # index memory has overwritten its own span list (see LoadUnit): bounded work.
                 m.d.sync += rows_left.eq(Mux(ln > q_left, q_left, ln))
@@ -629,8 +647,14 @@ class LoadUnit(_DmaUnit):
         beat = Signal(bb * 8)
         m.d.comb += beat.eq(ax.rdata >> (skip << 3))
 
-        m.d.sync += buf.eq(_shift_in(m, buf, cnt, consumed, beat, cap))
-        m.d.sync += cnt.eq(cnt - consumed + Mux(take, nb, 0))
+        # Both outcomes of this cycle's write are prepared and ``emit`` picks one at the end: the
+        # grant in ``emit`` depends on the COMPUTE unit's port use in this cycle, which can come
+        # late (from a unit's memory read data), so it must not feed the byte shifter.
+        got = Signal(range(bb + 1))
+        m.d.comb += got.eq(Mux(take, nb, 0))
+        m.d.sync += buf.eq(Mux(emit, _shift_in(m, buf, cnt, need, beat, cap),
+                               _shift_in(m, buf, cnt, 0, beat, cap)))
+        m.d.sync += cnt.eq(Mux(emit, cnt - need + got, cnt + got))
         with m.If(take):
             m.d.sync += [rx_left.eq(rx_left - nb), first.eq(0)]
 
@@ -831,16 +855,17 @@ class StoreUnit(_DmaUnit):
         buf = Signal(cap * 8)
         cnt = Signal(range(cap + 1))
         beat_no = Signal(9)
+        # bytes of the next beat, min(tx_left, bb - skip), kept in a register: it sets the
+        # shifters of the byte buffer and the strobes
+        nb = Signal(range(bb + 1))
         with m.If(~w_have & wq.r_rdy):
             m.d.comb += wq.r_en.eq(1)
             m.d.sync += [w_have.eq(1), w_first.eq(1), w_off.eq(wq.r_data.off),
                          tx_left.eq(wq.r_data.nbytes), acc_left.eq(wq.r_data.nbytes)]
+            room0 = bb - wq.r_data.off
+            m.d.sync += nb.eq(Mux(wq.r_data.nbytes < room0, wq.r_data.nbytes, room0))
         skip = Signal(range(bb))
         m.d.comb += skip.eq(Mux(w_first, w_off, 0))
-        avail = Signal(range(bb + 1))
-        m.d.comb += avail.eq(bb - skip)
-        nb = Signal(range(bb + 1))
-        m.d.comb += nb.eq(Mux(tx_left < avail, tx_left, avail))
         nb_mask = Signal(bb)
         m.d.comb += nb_mask.eq((Const(1, bb + 1) << nb) - 1)
         # bytes outside the strobes are zero, so W data stays stable while wvalid waits
@@ -850,17 +875,22 @@ class StoreUnit(_DmaUnit):
                      ax.wstrb.eq(nb_mask << skip),
                      ax.wlast.eq(beat_no + 1 == bq.r_data.beats)]
         w_go = ax.wvalid & ax.wready
-        consumed = Mux(w_go, nb, 0)
         take = Signal()
         m.d.comb += take.eq(w_have & cq.r_rdy & (acc_left != 0) &
                             (cnt + cq.r_data.nbytes <= cap))
         m.d.comb += cq.r_en.eq(take)
-        m.d.sync += buf.eq(_shift_in(m, buf, cnt, consumed, cq.r_data.data, cap))
-        m.d.sync += cnt.eq(cnt - consumed + Mux(take, cq.r_data.nbytes, 0))
+        got = Signal(range(chunk + 1))
+        m.d.comb += got.eq(Mux(take, cq.r_data.nbytes, 0))
+        # both outcomes prepared, ``w_go`` (with the slave's wready) picks one at the end
+        m.d.sync += buf.eq(Mux(w_go, _shift_in(m, buf, cnt, nb, cq.r_data.data, cap),
+                               _shift_in(m, buf, cnt, 0, cq.r_data.data, cap)))
+        m.d.sync += cnt.eq(Mux(w_go, cnt - nb + got, cnt + got))
         with m.If(take):
             m.d.sync += acc_left.eq(acc_left - cq.r_data.nbytes)
         with m.If(w_go):
-            m.d.sync += [tx_left.eq(tx_left - nb), w_first.eq(0), beat_no.eq(beat_no + 1)]
+            rem = tx_left - nb
+            m.d.sync += [tx_left.eq(rem), w_first.eq(0), beat_no.eq(beat_no + 1),
+                         nb.eq(Mux(rem < bb, rem, bb))]
             with m.If(ax.wlast):
                 m.d.comb += bq.r_en.eq(1)
                 m.d.sync += beat_no.eq(0)

@@ -149,6 +149,21 @@ def _shared_mul(m, step, widths, pairs_of, name):
     return prods
 
 
+def _msb_index(v):
+    """(any bit set, index of the highest set bit or 0) of ``v`` as a balanced tree: log2(width)
+    levels of 2:1 multiplexers, where a priority chain over the bits is one level per bit."""
+    bits = [v[i] for i in range(len(v))]
+
+    def tree(lo, n):
+        if n == 1:
+            return bits[lo], Const(0, 1)
+        h = n // 2
+        any_l, idx_l = tree(lo, h)
+        any_h, idx_h = tree(lo + h, n - h)
+        return any_l | any_h, Mux(any_h, idx_h + h, idx_l)
+    return tree(0, len(bits))
+
+
 def _popcount(bits):
     return sum(bits) if bits else Const(0, 1)
 
@@ -1099,12 +1114,8 @@ class SoftmaxRowUnit(wiring.Component):
         # 1/s = r * 2^-15 * 2^-k (recip_norm), after the last pass-1 chunk
         rc_spec = table_spec("recip", cfg)
         w_norm = len(s_run) - 1
-        bl = Signal(range(len(s_run) + 1))
-        for i in range(len(s_run)):
-            with m.If(s_run[i]):
-                m.d.comb += bl.eq(i + 1)
-        k_of_s = Signal(range(len(s_run)))
-        m.d.comb += k_of_s.eq(Mux(bl == 0, 0, bl - 1))
+        k_of_s = Signal(range(len(s_run)))     # index of the leading one (0 for s = 0)
+        m.d.comb += k_of_s.eq(_msb_index(s_run)[1])
         s_norm = Signal(2 * len(s_run))
         m.d.comb += s_norm.eq(s_run << (w_norm - k_of_s)[:w_norm.bit_length()])
         mant = Signal(16)
