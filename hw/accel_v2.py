@@ -689,6 +689,20 @@ def elaborate_v2(accel, platform):
     # run in parallel (one comparator deep, then one-hot selection): a chain of running minima
     # put five 32-bit compare-and-select stages in series, the slowest path of the whole
     # controller (26.7 MHz out of context on the LFE5U-85F).
+    # The reports are registered first and selected in the next cycle (a report's condition
+    # and the selection each took most of a cycle on the LFE5U-85F); ``halting`` is still set
+    # in the cycle of the report, and the halt waits for the recording (``rep_pending``).
+    reg_reports = []
+    for i, (v, c, p) in enumerate(reports):
+        rv = Signal(name=f"rfault{i}")
+        rc = Signal(ErrorCode, name=f"rfault{i}_code")
+        rp = Signal(32, name=f"rfault{i}_pc")
+        m.d.sync += [rv.eq(v & ~start_pulse), rc.eq(c), rp.eq(p)]
+        reg_reports.append((rv, rc, rp))
+    any_report = Cat(*[v for v, _c, _p in reports]).any() if reports else Const(0)
+    reports = reg_reports
+    rep_pending = Signal()
+    m.d.comb += rep_pending.eq(Cat(*[v for v, _c, _p in reports]).any() if reports else 0)
     wins = onehot_best([(v, p) for v, _c, p in reports])
     best_v = Signal(name="fbest_v")
     best_c = Signal(4, name="fbest_c")
@@ -703,7 +717,7 @@ def elaborate_v2(accel, platform):
     ]
     with m.If(best_v & (~f_valid | earlier)):
         m.d.sync += [f_valid.eq(1), f_code.eq(best_c), f_pc.eq(best_p)]
-    with m.If(best_v):
+    with m.If(any_report):
         m.d.sync += halting.eq(1)
 
     # ---- watchdog ------------------------------------------------------------------------------
@@ -743,7 +757,7 @@ def elaborate_v2(accel, platform):
     with m.If(running_prog):
         with m.If(wd_fire):
             finish(Mux(f_valid, f_code, ErrorCode.WATCHDOG), Mux(f_valid, f_pc, oldest))
-        with m.Elif(halting & units_quiet):
+        with m.Elif(halting & units_quiet & ~rep_pending):
             finish(f_code, f_pc)
         with m.Elif(end_fire):
             finish(ErrorCode.OK, 0)

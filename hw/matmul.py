@@ -407,8 +407,10 @@ class MatmulUnit(wiring.Component):
         accb = Signal(a_aw + 1)
         issuing_done = Signal()
 
-        kt_first = kt == 0
-        kt_last = kt == KT - 1
+        # kt == 0 and kt == KT - 1 as registers set with kt: they steer the slot issued this
+        # cycle, whose row index addresses index memory in the same cycle (S0)
+        kt_first = Signal()
+        kt_last = Signal()
         epi_t = kt_last & epi_i
         k_rem = f.k - koff
         n_rem = f.n - noff
@@ -522,6 +524,7 @@ class MatmulUnit(wiring.Component):
                 m.d.comb += fsm_busy.eq(1)
                 m.d.sync += cnt.eq(cnt + 1)
                 with m.If((cnt >= self.CHECK_DRAIN - 1) & ~vw_busy):
+                    m.d.sync += [kt_first.eq(1), kt_last.eq(KT == 1)]
                     m.d.sync += [cnt.eq(0), ph.eq(PH_W), row.eq(0), sub.eq(0), kt.eq(0),
                                  nt.eq(0), koff.eq(0), noff.eq(0), accb.eq(f.acc_addr),
                                  issuing_done.eq(L == 0), drain.eq(0)]
@@ -583,10 +586,12 @@ class MatmulUnit(wiring.Component):
                                     m.d.sync += row.eq(0)
                                     goto(PH_W)
                                     with m.If(~kt_last):
-                                        m.d.sync += [kt.eq(kt + 1), koff.eq(koff + rows)]
+                                        m.d.sync += [kt.eq(kt + 1), koff.eq(koff + rows),
+                                                     kt_first.eq(0), kt_last.eq(kt + 2 == KT)]
                                     with m.Elif(nt == T - 1):
                                         m.d.sync += issuing_done.eq(1)
                                     with m.Else():
+                                        m.d.sync += [kt_first.eq(1), kt_last.eq(KT == 1)]
                                         m.d.sync += [kt.eq(0), koff.eq(0), nt.eq(nt + 1),
                                                      noff.eq(noff + cols)]
                                         with m.If(arch):
