@@ -8,7 +8,7 @@ once and the winner is picked by a one-hot OR: one comparator deep, same result.
 
 from amaranth.hdl import Cat, Const, Mux
 
-__all__ = ["onehot_best", "onehot_pick"]
+__all__ = ["onehot_best", "onehot_pick", "msb_index"]
 
 
 def onehot_best(cands, better=lambda a, b: a < b):
@@ -36,3 +36,19 @@ def onehot_pick(wins, values, width):
     for w, x in zip(wins, values, strict=True):
         out = out | Mux(w, x, 0)
     return out
+
+
+def msb_index(v):
+    """``(any, index)``: whether ``v`` has a set bit and the index of its highest one (0 when
+    none), as a balanced tree of log2(width) 2:1 multiplexer levels; a priority chain over the
+    bits (``with m.If(v[i])`` per bit) is one level per bit (40 for the row sum of SOFTMAX)."""
+    bits = [v[i] for i in range(len(v))]
+
+    def tree(lo, n):
+        if n == 1:
+            return bits[lo], Const(0, 1)
+        h = n // 2
+        any_l, idx_l = tree(lo, h)
+        any_h, idx_h = tree(lo + h, n - h)
+        return any_l | any_h, Mux(any_h, idx_h + h, idx_l)
+    return tree(0, len(bits))

@@ -57,6 +57,7 @@ from vitamin.isa import ErrorCode, SmMode, VecOp
 
 from .layernorm import LayerNormUnit, layernorm_in_layout, layernorm_param_layout
 from .lutmul import lut_mul
+from .onehot import msb_index
 from .ports import (
     IDX_READ_LATENCY,
     RS_READ_LATENCY,
@@ -147,21 +148,6 @@ def _shared_mul(m, step, widths, pairs_of, name):
         with m.If(step == i):
             m.d.sync += p.eq(lut_mul(x_op, y_op))
     return prods
-
-
-def _msb_index(v):
-    """(any bit set, index of the highest set bit or 0) of ``v`` as a balanced tree: log2(width)
-    levels of 2:1 multiplexers, where a priority chain over the bits is one level per bit."""
-    bits = [v[i] for i in range(len(v))]
-
-    def tree(lo, n):
-        if n == 1:
-            return bits[lo], Const(0, 1)
-        h = n // 2
-        any_l, idx_l = tree(lo, h)
-        any_h, idx_h = tree(lo + h, n - h)
-        return any_l | any_h, Mux(any_h, idx_h + h, idx_l)
-    return tree(0, len(bits))
 
 
 def _popcount(bits):
@@ -1114,7 +1100,7 @@ class SoftmaxRowUnit(wiring.Component):
         rc_spec = table_spec("recip", cfg)
         w_norm = len(s_run) - 1
         k_of_s = Signal(range(len(s_run)))     # index of the leading one (0 for s = 0)
-        m.d.comb += k_of_s.eq(_msb_index(s_run)[1])
+        m.d.comb += k_of_s.eq(msb_index(s_run)[1])
         s_norm = Signal(2 * len(s_run))
         m.d.comb += s_norm.eq(s_run << (w_norm - k_of_s)[:w_norm.bit_length()])
         mant = Signal(16)

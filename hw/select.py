@@ -74,6 +74,7 @@ from vitamin.isa import ErrorCode, Opcode, Select
 from .idxops import _Control
 from .lutmul import lut_mul
 from .mem import NOINIT_ATTR
+from .onehot import msb_index
 from .ports import SPAD_READ_LATENCY, IdxPort, RegPort, SpadPort, UnitControl, spad_lanes
 from .rom import INTERP_LATENCY, build_interp, interp_input_bits
 
@@ -248,9 +249,8 @@ class SelectUnit(wiring.Component):
                      p0.a.eq(ta.a), p0.l.eq(ta.l)]
         # rsqrt_norm(l): k = (bitlen(l) - 1) // 2, u = l * 2^(16 - 2k) (truncating)
         blen = Signal(range(lw + 1))
-        for i in range(lw):
-            with m.If(p0.l[i]):
-                m.d.comb += blen.eq(i + 1)
+        l_any, l_msb = msb_index(p0.l)
+        m.d.comb += blen.eq(Mux(l_any, l_msb + 1, 0))
         k0 = Signal(5)
         m.d.comb += k0.eq((blen - 1) >> 1)
         spec = table_spec("rsqrt", cfg)
