@@ -549,7 +549,7 @@ DRAM_READ_LATENCY = 2
 #: FULL waits for the last row through :class:`~vitamin.hw.softmax.SoftmaxUnit` (``row_latency``
 #: + 3), LAYERNORM for the last row through :class:`~vitamin.hw.layernorm.LayerNormUnit`
 #: (``row_latency`` - 2); the others are constants.
-ROW_OVERHEAD = {"VEC": 14, "SOFTMAX_FULL": 3, "SOFTMAX_ONLINE": 5, "LAYERNORM": -2, "TOPK": 8}
+ROW_OVERHEAD = {"VEC": 15, "SOFTMAX_FULL": 4, "SOFTMAX_ONLINE": 6, "LAYERNORM": -1, "TOPK": 9}
 
 
 def fetch_cycles(cfg) -> int:

@@ -127,12 +127,15 @@ def _first_error(checks):
 
 
 def _shared_mul(m, step, widths, pairs_of, name):
-    """Products for the range checks on one multiplier, one per cycle.
+    """Products for the range checks on one multiplier, one per cycle, ``len(widths) + 1``
+    cycles in all.
 
     ``widths`` gives the width of each product register; ``pairs_of(prods)`` returns the
-    operand pairs ``(x, y)`` (unsigned), and may use the earlier product registers. In the cycle
-    where ``step == i`` the multiplier computes pair ``i`` and register ``i`` takes the product
-    at the end of that cycle. Returns the product registers.
+    operand pairs ``(x, y)`` (unsigned), and may use the product registers of pairs at least two
+    places earlier. In the cycle where ``step == i`` the operand registers take pair ``i``; in
+    the next cycle the multiplier computes it and register ``i`` takes the product at the end
+    of that cycle. (The operands are registered so that no step decode or operand multiplexer
+    sits in front of the DSP blocks.) Returns the product registers.
     """
     prods = [Signal(w, name=f"{name}_{i}") for i, w in enumerate(widths)]
     pairs = pairs_of(prods)
@@ -143,9 +146,9 @@ def _shared_mul(m, step, widths, pairs_of, name):
     with m.Switch(step):
         for i, (x, y) in enumerate(pairs):
             with m.Case(i):
-                m.d.comb += [x_op.eq(x), y_op.eq(y)]
+                m.d.sync += [x_op.eq(x), y_op.eq(y)]
     for i, p in enumerate(prods):
-        with m.If(step == i):
+        with m.If(step == i + 1):
             m.d.sync += p.eq(lut_mul(x_op, y_op))
     return prods
 
@@ -248,14 +251,14 @@ class VecUnit(wiring.Component):
                      is_add.eq(f.op == VecOp.ADD), two_in.eq(is_add | is_mul)]
 
         # -- checks (golden Machine.op_vec order) ------------------------------------------------
-        n_steps = 4
+        n_steps = 5                 # _shared_mul: one cycle per product, plus one
         step = ctl.step
-        rows_a, span_a, span_b, span_o = _shared_mul(
-            m, step, [32, 54, 38, 38],
+        rows_a, span_b, span_o, span_a = _shared_mul(
+            m, step, [32, 38, 38, 54],
             lambda p: [(f.m, Mux(is_pool, f.group, 1)),
-                       ((p[0] - 1)[:32], f.a_stride),
                        ((f.m - 1)[:16], f.b_stride),
-                       ((f.m - 1)[:16], f.out_stride)], "chk")
+                       ((f.m - 1)[:16], f.out_stride),
+                       ((p[0] - 1)[:32], f.a_stride)], "chk")
         W = cfg.spad_words
 
         def bad_dim(v):
@@ -475,7 +478,7 @@ class TopKUnit(wiring.Component):
         step = ctl.step
 
         # -- checks (golden Machine.op_topk order) -----------------------------------------------
-        n_steps = 2
+        n_steps = 3                 # _shared_mul: one cycle per product, plus one
         span_in, n_ent = _shared_mul(
             m, step, [38, 23],
             lambda p: [((f.m - 1)[:16], f.in_stride), (f.m, f.k)], "chk")
@@ -709,7 +712,7 @@ class SoftmaxRowUnit(wiring.Component):
         mult = f.mult[:15]
 
         # -- checks (golden Machine.op_softmax and _mask order) ----------------------------------
-        n_steps = 2
+        n_steps = 3                 # _shared_mul: one cycle per product, plus one
         span_in, span_out = _shared_mul(
             m, step, [38, 38],
             lambda p: [((f.m - 1)[:16], f.in_stride), ((f.m - 1)[:16], f.out_stride)], "chk")
@@ -1186,7 +1189,7 @@ class LayerNormRowUnit(wiring.Component):
         step = ctl.step
 
         # -- checks (golden Machine.op_layernorm order) ------------------------------------------
-        n_steps = 2
+        n_steps = 3                 # _shared_mul: one cycle per product, plus one
         span_in, span_out = _shared_mul(
             m, step, [38, 38],
             lambda p: [((f.m - 1)[:16], f.in_stride), ((f.m - 1)[:16], f.out_stride)], "chk")
