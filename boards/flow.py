@@ -408,6 +408,10 @@ def _open_flow(board, cfg, out_dir, progress, seed, timeout, units=None, clock_m
                     f"{r} {used[r]} of {board.available[r]}" for r in over))
                 break
             report["fits"] = True
+            netlist = Path(out_dir) / f"{name}.json"
+            if board.family == "ecp5" and netlist.exists():
+                report["pre_route_estimate"] = _pre_route_estimate(
+                    netlist, clock_mhz or board.clk_hz / 1e6, progress)
     report["times"] = times
     tim = Path(out_dir) / f"{name}.tim"
     if tim.exists():
@@ -424,6 +428,24 @@ def _open_flow(board, cfg, out_dir, progress, seed, timeout, units=None, clock_m
         report["bitstream"] = str(bitfile)
         report["bitstream_sha256"] = hashlib.sha256(bitfile.read_bytes()).hexdigest()
     return report
+
+
+def _pre_route_estimate(netlist, clock_mhz, progress):
+    """vitamin.sim.sta on the synthesised netlist: the slowest register groups, in seconds,
+    before the hour of place and route (an estimate; nextpnr's Fmax is the measurement)."""
+    from vitamin.sim.sta import estimate
+    period = 1000.0 / clock_mhz
+    try:
+        est = estimate(netlist)
+    except (OSError, ValueError, KeyError) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    slowest = [[k, w, n] for k, (w, n) in list(est.groups("name").items())[:8]]
+    out = {"fmax_mhz": round(est.fmax_mhz, 1), "worst_ns": est.worst_ns,
+           "period_ns": round(period, 2), "endpoints_over_period": est.count_over(period),
+           "endpoints": len(est.endpoints), "slowest": slowest}
+    progress(f"pre-route estimate {out['fmax_mhz']} MHz; slowest: "
+             + ", ".join(f"{k} {w:.1f} ns" for k, w, _n in slowest[:3]))
+    return out
 
 
 def build(board: str, config=None, out_dir=None, progress=None, *, seed: int = 1,
@@ -527,6 +549,12 @@ def format_report(rep: dict) -> str:
         for k, v in pnr.items():
             n = v.get("available") or 1
             lines.append(f"  {k:<14} {v['used']:>8} / {n:<8} {100 * v['used'] / n:6.1f} %")
+    est = rep.get("pre_route_estimate") or {}
+    if "fmax_mhz" in est:
+        lines.append(f"pre-route estimate (vitamin.sim.sta, not a measurement): "
+                     f"{est['fmax_mhz']} MHz, {est['endpoints_over_period']} of "
+                     f"{est['endpoints']} register inputs over {est['period_ns']} ns; slowest:")
+        lines += [f"  {w:6.1f} ns  {n:5d}  {k}" for k, w, n in est["slowest"]]
     if rep.get("clock_mhz"):
         lines.append(f"system clock: {rep['clock_mhz']:g} MHz")
     for clk, v in (rep.get("clocks") or {}).items():

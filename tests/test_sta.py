@@ -1,0 +1,79 @@
+"""The pre-route timing estimate (vitamin.sim.sta) on small synthesised designs: a one-LUT path,
+a priority chain and a carry-chain comparison, whose relative speed is known."""
+
+import pytest
+from amaranth import Module, Signal
+from amaranth.lib import wiring
+from amaranth.lib.wiring import In, Out
+
+from vitamin.sim.sta import DELAYS, estimate, format_estimate, main
+from vitamin.sim.synth import synthesize
+
+
+class _Paths(wiring.Component):
+    a: In(40)
+    b: In(40)
+    q_and: Out(1)
+    q_chain: Out(6)
+    q_cmp: Out(1)
+
+    def elaborate(self, platform):
+        m = Module()
+        ra, rb = Signal(40), Signal(40)
+        m.d.sync += [ra.eq(self.a), rb.eq(self.b), self.q_and.eq(ra[0] & rb[0]),
+                     self.q_cmp.eq(ra + rb > 12345)]
+        # a priority chain over 40 bits (the shape hw/onehot.msb_index replaces)
+        idx = Signal(6)
+        for i in range(40):
+            with m.If(ra[i]):
+                m.d.comb += idx.eq(i)
+        m.d.sync += self.q_chain.eq(idx)
+        return m
+
+
+@pytest.fixture(scope="module")
+def netlist(tmp_path_factory):
+    d = tmp_path_factory.mktemp("sta")
+    synthesize(_Paths(), "ecp5", d, name="paths", extra_commands=["write_json paths.json"])
+    return d / "paths.json"
+
+
+def test_estimate_orders_known_paths(netlist):
+    est = estimate(netlist)
+    g = est.groups("name")
+    one_lut = g["q_and"][0]
+    # FF -> net -> LUT4 -> net -> FF: clock-to-q, two nets, one LUT
+    lo = DELAYS["FF_CLK_Q"] + 2 * DELAYS["NET"] + DELAYS["LUT4"]
+    assert lo <= one_lut <= lo + 1.0, g
+    # the 40-bit priority chain is the slowest path, several LUT levels over the compare
+    assert est.worst_ns == g["q_chain"][0] > g["q_cmp"][0] + 2.0, g
+    assert g["q_cmp"][0] > one_lut
+    assert est.fmax_mhz == pytest.approx(1000 / est.worst_ns)
+    assert est.count_over(0.0) == len(est.endpoints)
+    assert est.worst_path[0][1] == "TRELLIS_FF" and est.worst_path[-1][0] <= est.worst_ns
+    text = format_estimate(est, period_ns=10.0)
+    assert "q_chain" in text and "pre-route estimate" in text
+
+
+def test_cli_reads_a_netlist_and_rejects_garbage(netlist, tmp_path, capsys):
+    assert main([str(netlist), "--top", "3"]) == 0
+    assert "slowest registers" in capsys.readouterr().out
+    bad = tmp_path / "bad.json"
+    bad.write_text("not json")
+    assert main([str(bad)]) == 2
+    assert "cannot read" in capsys.readouterr().err
+
+
+def test_build_report_carries_the_estimate(netlist):
+    from vitamin.boards.flow import _pre_route_estimate, format_report
+    msgs = []
+    est = _pre_route_estimate(netlist, 100.0, msgs.append)
+    assert est["period_ns"] == 10.0 and est["slowest"][0][0] == "q_chain"
+    assert est["endpoints_over_period"] == estimate(netlist).count_over(10.0)
+    assert msgs and "pre-route estimate" in msgs[0]
+    rep = {"board": "ulx3s-85f", "device": "LFE5U-85F", "config": "ecp5", "status": "built",
+           "available": {}, "pre_route_estimate": est, "timing_verified": True}
+    text = format_report(rep)
+    assert "pre-route estimate (vitamin.sim.sta, not a measurement)" in text
+    assert "q_chain" in text
+    assert "error" in _pre_route_estimate(netlist.parent / "missing.json", 100.0, msgs.append)
