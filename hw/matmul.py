@@ -13,7 +13,8 @@ tile and free when the next tile's weights arrive, so no stream ever stalls (a s
 ``protocol_error`` flag checks this and the FIFO levels)::
 
     sequencer --S0--> IDX / row-state read (queue entry, c, r, k)
-              --S1--> row * stride products (two 24 x 22-bit multipliers)
+              --S1--> row * stride operands (the token row from IDX) into registers
+              --S1b-> row * stride products (two 24 x 22-bit multipliers)
               --S2--> scratchpad read address (and the range checks of the check phase)
               --D---> weight line -> MacArray.w_stream      (B^T: transpose buffer first)
                       A line      -> MacArray.a_stream
@@ -82,7 +83,7 @@ computes it exactly)::
     cycles = 4 + check + sum over the T * KT tiles of (W + CH + PAD + L * P) + drain
 
     check = 2 + (L with gather or scatter) + (ceil(4 n / lanes) with an epilogue and chan_en)
-            + CHECK_DRAIN (5)       -- or the validity scan if longer (acc_in != ZERO:
+            + CHECK_DRAIN (6)       -- or the validity scan if longer (acc_in != ZERO:
                                        about T * (L / 16 + 1) cycles)
     W     = rows  (b_trans: cols + rows)
     CH    = max(1, 4 cols / lanes) on the last K slice of an epilogue with chan_en, else 0
@@ -91,10 +92,10 @@ computes it exactly)::
     P     = max(1 + side, epi_ratio) on the last K slice of an epilogue, else 1 (slots per row;
             ``epi_ratio = cols / epi_lanes``: a narrow epilogue takes that many cycles per line,
             so the sequencer leaves idle slots between those rows)
-    drain = 9 + log2(rows) (out = ACC), 29 + log2(rows) (epilogue: + Epilogue.latency)
+    drain = 10 + log2(rows) (out = ACC), 30 + log2(rows) (epilogue: + Epilogue.latency)
 
-For a plain MATMUL (``L = m``, ``m + rows >= 4``) this is ``T * KT * (m + rows) + 40 +
-log2(rows)`` (``20 + log2(rows)`` for ``out = ACC``), against the cost model's ``T * KT * m +
+For a plain MATMUL (``L = m``, ``m + rows >= 4``) this is ``T * KT * (m + rows) + 42 +
+log2(rows)`` (``22 + log2(rows)`` for ``out = ACC``), against the cost model's ``T * KT * m +
 MM_FILL`` (``MM_FILL = 24``): the weight tile costs ``rows`` slots per tile because it shares
 the single scratchpad read port with the A lines, and the fixed part is the check phase plus
 the pipeline depth (the controller's contract has no early ``done``).
@@ -235,15 +236,16 @@ class MatmulUnit(wiring.Component):
     @property
     def acc_drain(self) -> int:
         """Cycles from the last issued slot to the last accumulator write (``out = ACC``)."""
-        return 2 + SPAD_READ_LATENCY + self._mac.latency + 3
+        return 3 + SPAD_READ_LATENCY + self._mac.latency + 3
 
     @property
     def run_drain(self) -> int:
         """Cycles from the last issued slot to the last scratchpad write (epilogue)."""
         return self.acc_drain + self._epi.latency
 
-    #: Cycles from the last check slot to its flags (S2 + scratchpad latency + flag register).
-    CHECK_DRAIN = 2 + SPAD_READ_LATENCY + 1
+    #: Cycles from the last check slot to its flags (S1, S1b, S2 + scratchpad latency + flag
+    #: register).
+    CHECK_DRAIN = 3 + SPAD_READ_LATENCY + 1
 
     def tile_slots(self, *, k, n, rows_l, b_trans=False, epilogue=True, chan_en=False,
                    res_en=False, spad_add=False):
@@ -381,6 +383,7 @@ class MatmulUnit(wiring.Component):
 
         t0 = Signal(tag_layout)         # S0: the slot issued this cycle (comb)
         t1 = Signal(tag_layout)
+        t1b = Signal(tag_layout)        # S1b: the row products, from registered operands
         t2 = Signal(tag_layout)
         t3 = Signal(tag_layout)
         t4 = Signal(tag_layout)         # D: scratchpad data of the slot is valid
@@ -637,17 +640,29 @@ class MatmulUnit(wiring.Component):
         ro = Signal(signed(_ROW_BITS))
         m.d.comb += [ra.eq(Mux(use_tok_a, tok_row, row_a)), ro.eq(Mux(use_tok_o, tok_row, row_o))]
         stride_a = Mux(w_side, f.b_stride, f.a_stride)
+        # S1 registers the operands (the token row arrives from index memory in this cycle),
+        # S1b multiplies: no operand multiplexer in front of the DSP blocks
+        ra1 = Signal(signed(_ROW_BITS))
+        ro1 = Signal(signed(_ROW_BITS))
+        sa1 = Signal(stride_a.shape())
+        far_a1 = Signal()
+        far_o1 = Signal()
+        m.d.sync += [
+            ra1.eq(ra), ro1.eq(ro), sa1.eq(stride_a),
+            far_a1.eq(use_tok_a & ~tok_fits & (stride_a != 0)),
+            far_o1.eq(use_tok_o & ~tok_fits & (f.out_stride != 0)),
+            t1b.eq(t1),
+            t1b.prob.eq(self.idx.rd_data.b),
+            t1b.c.eq(self.rs.rd_data.c), t1b.r.eq(self.rs.rd_data.r), t1b.k.eq(self.rs.rd_data.k),
+        ]
         pa2 = Signal(signed(_ADDR_BITS))
         po2 = Signal(signed(_ADDR_BITS))
         far_a2 = Signal()
         far_o2 = Signal()
         m.d.sync += [
-            pa2.eq(ra * stride_a), po2.eq(ro * f.out_stride),
-            far_a2.eq(use_tok_a & ~tok_fits & (stride_a != 0)),
-            far_o2.eq(use_tok_o & ~tok_fits & (f.out_stride != 0)),
-            t2.eq(t1),
-            t2.prob.eq(self.idx.rd_data.b),
-            t2.c.eq(self.rs.rd_data.c), t2.r.eq(self.rs.rd_data.r), t2.k.eq(self.rs.rd_data.k),
+            pa2.eq(ra1 * sa1), po2.eq(ro1 * f.out_stride),
+            far_a2.eq(far_a1), far_o2.eq(far_o1),
+            t2.eq(t1b),
         ]
 
         # -- S2: addresses, scratchpad read, range checks -----------------------------------------
@@ -944,7 +959,7 @@ class MatmulUnit(wiring.Component):
                        vw_busy, stale)
 
         # nothing is left in the pipeline when an instruction ends
-        in_flight = Cat(*(t.kind.as_value() != _Op.NOP.value for t in (t1, t2, t3, t4)),
+        in_flight = Cat(*(t.kind.as_value() != _Op.NOP.value for t in (t1, t1b, t2, t3, t4)),
                         *(p.valid for p in pt[1:]), r1.valid, r2.valid, r3.valid, pushing)
         protocol(finishing & ((chan_fifo.level != 0) | (res_fifo.level != 0)
                               | (old_fifo.level != 0) | (wr_fifo.level != 0) | in_flight.any()))
