@@ -188,8 +188,9 @@ def elaborate_v2(accel, platform):
     macs_sum = sum((u.macs_inc for u in macs_units), Const(0, 1))
     macs_done = Signal(48)     # controller-computed MATMUL MACs (units without macs_inc)
     # the increments are registered first (they come late in the cycle, from the DMA units'
-    # grants and the units' saturation flags): these counters lag their events by one cycle,
-    # and a program's last events are counted in the cycle after it halts
+    # grants and the units' saturation flags): these counters lag their events by one cycle;
+    # every event comes at least a cycle before its unit reports done, so the values are
+    # complete when the program ends
     incs = [Signal.like(v, name=f"inc_{k}") for k, v in
             (("sat", sat_sum), ("rd", rd_sum), ("wr", wr_sum))]
     m.d.sync += [r.eq(v) for r, v in zip(incs, (sat_sum, rd_sum, wr_sum))]
