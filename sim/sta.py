@@ -96,7 +96,10 @@ def estimate(netlist) -> TimingEstimate:
     if not isinstance(netlist, dict):
         with open(netlist) as f:
             netlist = json.load(f)
-    top = max(netlist["modules"].values(), key=lambda mod: len(mod.get("cells", {})))
+    mods = netlist.get("modules") if isinstance(netlist, dict) else None
+    if not isinstance(mods, dict) or not mods:
+        raise ValueError("not a Yosys JSON netlist: no 'modules' object")
+    top = max(mods.values(), key=lambda mod: len(mod.get("cells", {})))
     cells = top["cells"]
     bitname = {}
     for n, info in top["netnames"].items():
@@ -296,7 +299,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     try:
         est = estimate(args.netlist)
-    except (OSError, json.JSONDecodeError, KeyError) as exc:
+    except (OSError, ValueError, KeyError) as exc:
         print(f"error: cannot read {args.netlist} as a Yosys JSON netlist: {exc}",
               file=sys.stderr)
         return 2

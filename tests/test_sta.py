@@ -62,6 +62,9 @@ def test_cli_reads_a_netlist_and_rejects_garbage(netlist, tmp_path, capsys):
     bad.write_text("not json")
     assert main([str(bad)]) == 2
     assert "cannot read" in capsys.readouterr().err
+    bad.write_text("[1, 2]")                    # JSON, but not a netlist
+    assert main([str(bad)]) == 2
+    assert "no 'modules'" in capsys.readouterr().err
 
 
 def test_build_report_carries_the_estimate(netlist):
