@@ -302,6 +302,15 @@ def _fmax(tim_text):
     return out
 
 
+def _log_timing(tim_text):
+    """(routed, post-placement) clocks from a nextpnr log: nextpnr prints the Fmax once after
+    placement (an estimate from its wire-length model) and once after routing (the measurement).
+    A run that stopped or failed while routing has only the first; it must not be reported as
+    the design's Fmax."""
+    head, sep, tail = tim_text.partition("Routing complete.")
+    return (_fmax(tail) if sep else {}), _fmax(head)
+
+
 def _open_flow(board, cfg, out_dir, progress, seed, timeout, units=None, clock_mhz=None,
                synth_only=False):
     from amaranth_boards.icebreaker import ICEBreakerPlatform
@@ -419,7 +428,11 @@ def _open_flow(board, cfg, out_dir, progress, seed, timeout, units=None, clock_m
     report["times"] = times
     tim = Path(out_dir) / f"{name}.tim"
     if tim.exists():
-        report["clocks"] = _fmax(tim.read_text(errors="replace"))
+        routed, placed = _log_timing(tim.read_text(errors="replace"))
+        if routed:
+            report["clocks"] = routed
+        if placed:
+            report["placement_clocks"] = placed
     pnr = Path(out_dir) / f"{name}_pnr.json"
     if pnr.exists():
         rep = json.loads(pnr.read_text())
@@ -566,6 +579,10 @@ def format_report(rep: dict) -> str:
         lines += [f"  {w:6.1f} ns  {n:5d}  {k}" for k, w, n in est["slowest"]]
     if rep.get("clock_mhz"):
         lines.append(f"system clock: {rep['clock_mhz']:g} MHz")
+    if not rep.get("clocks"):
+        for clk, v in (rep.get("placement_clocks") or {}).items():
+            lines.append(f"clock {clk}: post-placement estimate {round(v['fmax_mhz'], 2)} MHz "
+                         f"(routing did not finish; not a measurement)")
     for clk, v in (rep.get("clocks") or {}).items():
         ok = "meets" if v.get("fmax_mhz", 0) >= v.get("target_mhz", 0) else "FAILS"
         fm, tg = v.get("fmax_mhz"), v.get("target_mhz")
@@ -574,6 +591,7 @@ def format_report(rep: dict) -> str:
     if not rep.get("timing_verified"):
         lines.append("timing: NOT verified (" + (
             "place and route skipped" if rep.get("status", "").startswith("synthesised")
+            else "routing did not finish" if rep.get("pnr_error")
             else "no place and route for this board here") + ")")
     d = rep.get("demo") or {}
     if "images_per_s" in d:

@@ -26,6 +26,14 @@ def test_fmax_parser():
     assert got["sdram_clk"]["pass"] is False
 
 
+def test_log_timing_separates_placement_from_routing():
+    placed = "Info: Max frequency for clock 'clk': 20.00 MHz (FAIL at 100.00 MHz)\n"
+    routed = "Warning: Max frequency for clock 'clk': 29.09 MHz (FAIL at 100.00 MHz)\n"
+    assert flow._log_timing(placed + "Info: Routing..\n") == ({}, flow._fmax(placed))
+    got = flow._log_timing(placed + "Info: Routing complete.\n" + routed)
+    assert got[0]["clk"]["fmax_mhz"] == 29.09 and got[1]["clk"]["fmax_mhz"] == 20.0
+
+
 def test_cell_table_of_a_failed_synthesis():
     log = """
    12 $paramod$abc\\SB_RAM40_4K
@@ -171,8 +179,11 @@ _FAKE_NEXTPNR = """import sys
 args = sys.argv[1:]
 log = args[args.index("--log") + 1]
 with open(log, "w") as f:
-    f.write("Info: Max frequency for clock '$glbnet$clk': 31.25 MHz (FAIL at 100.00 MHz)\\n")
-    if "{mode}" == "unroutable":
+    f.write("Info: Max frequency for clock '$glbnet$clk': 24.00 MHz (FAIL at 100.00 MHz)\\n")
+    if "{mode}" != "unroutable":
+        f.write("Info: Routing complete.\\n")
+        f.write("Warning: Max frequency for clock '$glbnet$clk': 31.25 MHz (FAIL at 100.00 MHz)\\n")
+    else:
         f.write("Info:     iter=9 wires=1 overused=32895 overuse=33524 archfail=NA\\n")
         f.write("ERROR: Failed to route design\\n")
         sys.exit(1)
@@ -209,6 +220,10 @@ def test_build_reports_timing_failure_and_unroutable_designs(tmp_path, monkeypat
         assert rep["status"] == "place and route failed" and "bitstream" not in rep
         assert "overused=32895" in rep["reason"] and "Failed to route" in rep["reason"]
         assert "place and route failed" in txt
+        # the post-placement figure is reported as an estimate, never as the design's Fmax
+        assert "clocks" not in rep and not rep["timing_verified"]
+        assert rep["placement_clocks"]["$glbnet$clk"]["fmax_mhz"] == 24.0
+        assert "post-placement estimate 24.0 MHz" in txt and "NOT verified" in txt
 
 
 def test_synth_only_stops_before_place_and_route(tmp_path, monkeypatch):
