@@ -748,6 +748,7 @@ class SoftmaxRowUnit(wiring.Component):
         w_pos = Signal(16)                # key positions known
         w_tleft = Signal(33)              # spans not read yet (cnt - w_t; cnt >= 0 when walking)
         w_pos_done = Signal()             # w_pos >= n
+        w_tzero = Signal()                # w_tleft == 0 (registered: it drives the idx read)
         w_lane = Signal(range(R))
         w_line = Signal(range(n_lines))
         w_start = Signal(kpos_shape)
@@ -870,7 +871,8 @@ class SoftmaxRowUnit(wiring.Component):
                 m.d.sync += step.eq(step + 1)
                 with m.If(step == n_steps):
                     m.d.sync += [w_t.eq(0), w_pos.eq(0), w_lane.eq(0), w_line.eq(0),
-                                 w_tleft.eq(cnt), w_pos_done.eq(f.n == 0)]
+                                 w_tleft.eq(cnt), w_tzero.eq(cnt == 0),
+                                 w_pos_done.eq(f.n == 0)]
                     with m.If(err_fields != ErrorCode.OK):
                         ctl.finish(err_fields)
                     with m.Elif(f.kpos_spans & (err_spans != ErrorCode.OK)):
@@ -880,11 +882,11 @@ class SoftmaxRowUnit(wiring.Component):
                     with m.Else():
                         m.next = "POST"
             with m.State("WALK_RD"):
-                # a registered flag (w_pos >= n) and a count to zero (spans left): this state
-                # drives the index-memory read enable, which the DMA grants depend on
+                # two registered flags (w_pos >= n, no span left): this state drives the
+                # index-memory read enable, which the DMA grants depend on
                 with m.If(w_pos_done):
                     m.next = "POST"
-                with m.Elif(w_tleft == 0):
+                with m.Elif(w_tzero):
                     ctl.finish(ErrorCode.BAD_FIELD)    # too few key positions
                 with m.Else():
                     m.d.comb += [ix.rd_en.eq(1), ix.rd_addr.eq(f.idx_addr + w_t)]
@@ -893,7 +895,7 @@ class SoftmaxRowUnit(wiring.Component):
                 assert IDX_READ_LATENCY == 1
                 # negative span lengths give no positions
                 m.d.sync += [w_start.eq(ix.rd_data.a), w_t.eq(w_t + 1),
-                             w_tleft.eq(w_tleft - 1),
+                             w_tleft.eq(w_tleft - 1), w_tzero.eq(w_tleft == 1),
                              w_rem.eq(Mux(ix.rd_data.b < 0, 0, ix.rd_data.b))]
                 m.next = "WALK_EX"
             with m.State("WALK_EX"):
