@@ -256,6 +256,11 @@ def elaborate_v2(accel, platform):
             with m.Else():
                 for n in wr_names:
                     m.d.comb += getattr(mp, n).eq(getattr(ld, n))
+            # the same enable as the selection above (LOAD's wr_en is its request and its
+            # grant, ~cb.wr_en), without LOAD's grant logic between the COMPUTE unit's enable
+            # and the memory's
+            m.d.comb += mp.wr_en.eq(Mux(clear_on, clr.wr_en,
+                                        cb.wr_en | getattr(instances[load_i], f"{kind}_wr_req")))
         # read side
         with m.If(cb.rd_en | (not (ld_rd or st_rd))):
             for n in rd_names:
@@ -732,9 +737,13 @@ def elaborate_v2(accel, platform):
     stall = Signal(32)
     running_prog = Signal()
     m.d.comb += running_prog.eq(started)
+    # a cycle without progress is counted one cycle later: ``progress`` gathers enables from
+    # every unit and memory port across the chip, so it ends in a register
+    stall_ev = Signal()
+    m.d.sync += stall_ev.eq(running_prog & ~progress)
     with m.If(start_pulse):
         m.d.sync += stall.eq(0)
-    with m.Elif(running_prog & ~progress):
+    with m.Elif(stall_ev):
         m.d.sync += [stall.eq(stall + 1), cnt["stall_cycles"].eq(cnt["stall_cycles"] + 1)]
     with m.Else():
         m.d.sync += stall.eq(0)

@@ -524,6 +524,9 @@ class _DmaUnit(wiring.Component):
             counter_name: Out(range(self._chunk + 1)),
             # grants of the shared memory ports (v2 top; 1 when the unit owns the ports)
             "spad_gnt": In(1, init=1), "idx_rd_gnt": In(1, init=1), "idx_wr_gnt": In(1, init=1),
+            # LOAD: the write this cycle if granted (``wr_en`` = ``wr_req`` & grant), so the v2
+            # top can form the memories' write enables without the late grant
+            "spad_wr_req": Out(1), "idx_wr_req": Out(1),
         })
 
     @property
@@ -629,8 +632,10 @@ class LoadUnit(_DmaUnit):
         need = Signal(range(chunk + 1))
         m.d.comb += need.eq(k << es_log)
         emit = Signal()
-        m.d.comb += emit.eq(have & (el_left != 0) & (cnt >= need) &
-                            Mux(is_idx, self.idx_wr_gnt, self.spad_gnt))
+        want = Signal()
+        m.d.comb += [want.eq(have & (el_left != 0) & (cnt >= need)),
+                     emit.eq(want & Mux(is_idx, self.idx_wr_gnt, self.spad_gnt)),
+                     self.spad_wr_req.eq(want & ~is_idx), self.idx_wr_req.eq(want & is_idx)]
         consumed = Signal(range(chunk + 1))
         m.d.comb += consumed.eq(Mux(emit, need, 0))
 

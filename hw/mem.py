@@ -100,11 +100,13 @@ class Scratchpad(wiring.Component):
             rp = mem.read_port()
             off = Signal(range(lanes), name=f"rd_off{b}")
             m.d.comb += off.eq((b - ra_lo) % lanes if lanes > 1 else 0)
+            # the banks read every cycle: ``rd_data`` is defined only READ_LATENCY cycles after
+            # ``rd_en`` (hw/ports.py), and an enable would put the arbitration of the shared
+            # port (which unit reads this cycle) in front of every bank
             m.d.comb += [rp.addr.eq(ra_hi + ((ra_lo + off) >> lb) if lanes > 1 else ra),
-                         rp.en.eq(p.rd_en)]
+                         rp.en.eq(1)]
             outs.append(rp.data)
-        with m.If(p.rd_en):
-            m.d.sync += rd_rot.eq(ra_lo)
+        m.d.sync += rd_rot.eq(ra_lo)
         # rotate register: lane i <- bank (rot + i) % lanes
         rot = Signal(data.ArrayLayout(signed(16), lanes))
         for i in range(lanes):
