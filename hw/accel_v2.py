@@ -39,7 +39,8 @@ the machine halts with the fault of the LOWEST instruction index among those rep
 modules overlap, instructions of other modules with a higher index may have completed and
 queued ones with a lower index may not have run. The watchdog counts cycles in which nothing at
 all progresses (no AXI handshake, memory access, token, dispatch or retirement) while a program
-runs; it halts at once with ``WATCHDOG`` and ``ERROR_PC`` = the oldest instruction not retired
+runs (each such cycle is counted one cycle later, a timing register) and then halts with
+``WATCHDOG`` and ``ERROR_PC`` = the oldest instruction not retired
 (a hung unit is left as it is: reset the accelerator).
 
 Sequential mode. CTRL bit 2 (``CTRL_SEQUENTIAL``) with START runs the program in program order:
