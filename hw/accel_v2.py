@@ -267,7 +267,8 @@ def elaborate_v2(accel, platform):
             for n in rd_names:
                 m.d.comb += getattr(mp, n).eq(getattr(cb, n))
         if ld_rd:
-            with m.Elif(ld.rd_en):
+            # LOAD's request selects (its rd_en is the request and ~cb.rd_en, the first branch)
+            with m.Elif(instances[load_i].idx_rd_req):
                 for n in rd_names:
                     m.d.comb += getattr(mp, n).eq(getattr(ld, n))
         if st_rd:
@@ -286,9 +287,14 @@ def elaborate_v2(accel, platform):
                              instances[load_i].idx_rd_gnt.eq(~cb.rd_en & ~clear_on)]
             if st is not None:
                 m.d.comb += instances[store_i].idx_rd_gnt.eq(
-                    ~cb.rd_en & ~clear_on & ~(ld.rd_en if ld_rd else 0))
+                    ~cb.rd_en & ~clear_on & ~(instances[load_i].idx_rd_req if ld_rd else 0))
 
     # register file and queue writes: only compute units write them
+    q_wr = Signal()
+    q_wr_addr = Signal(qsig.members["wr_addr"].shape)
+    q_wr_off = Signal(qsig.members["wr_off"].shape)
+    q_wr_len = Signal(qsig.members["wr_len"].shape)
+    m.d.sync += q_wr.eq(0)
     with m.Switch(cowner):
         for i in reg_users:
             if i in compute_units:
@@ -296,13 +302,17 @@ def elaborate_v2(accel, platform):
                     rp = instances[i].regs
                     with m.If(rp.wr_en & (rp.wr_addr != 0)):
                         m.d.sync += regfile[rp.wr_addr].eq(rp.wr_data)
+        # queue-state writes land one cycle later (a register between the writing unit and
+        # the max_experts entries); ROUTE writes them before its TABLE state, and nothing
+        # reads them while it runs
         for i in q_users:
             if i in compute_units:
                 with m.Case(i):
                     qp = instances[i].queues
-                    with m.If(qp.wr_en):
-                        m.d.sync += [qstate[qp.wr_addr].off.eq(qp.wr_off),
-                                     qstate[qp.wr_addr].len.eq(qp.wr_len)]
+                    m.d.sync += [q_wr.eq(qp.wr_en), q_wr_addr.eq(qp.wr_addr),
+                                 q_wr_off.eq(qp.wr_off), q_wr_len.eq(qp.wr_len)]
+    with m.If(q_wr):
+        m.d.sync += [qstate[q_wr_addr].off.eq(q_wr_off), qstate[q_wr_addr].len.eq(q_wr_len)]
 
     # ---- module queues ----------------------------------------------------------------------
     ent_layout = data.StructLayout({"instr": isa.INSTR_BITS, "pc": 32})

@@ -150,6 +150,7 @@ class DmaSequencer(wiring.Component):
             "idx_rd_en": Out(1), "idx_rd_addr": Out(idx_sig.members["rd_addr"].shape),
             "idx_rd_data": In(idx_sig.members["rd_data"].shape),
             "idx_rd_gnt": In(1, init=1),
+            "idx_rd_req": Out(1),          # the read this cycle if granted (before the grant)
             "runs": Out(stream.Signature(run_layout(cfg))),
             "finished": Out(1), "error": Out(ErrorCode), "busy": Out(1),
         })
@@ -361,8 +362,10 @@ class DmaSequencer(wiring.Component):
                 # one read per cycle; IDX_READ_LATENCY = 1, so the data of the read issued in the
                 # previous cycle is on idx_rd_data now
                 assert IDX_READ_LATENCY == 1
-                issue = (scan_t < count.as_unsigned()) & self.idx_rd_gnt
-                m.d.comb += [self.idx_rd_en.eq(issue), self.idx_rd_addr.eq(f.idx_addr + scan_t)]
+                want = scan_t < count.as_unsigned()
+                issue = want & self.idx_rd_gnt
+                m.d.comb += [self.idx_rd_req.eq(want), self.idx_rd_en.eq(issue),
+                             self.idx_rd_addr.eq(f.idx_addr + scan_t)]
                 m.d.sync += scan_pend.eq(issue)
                 with m.If(issue):
                     m.d.sync += scan_t.eq(scan_t + 1)
@@ -439,7 +442,7 @@ class DmaSequencer(wiring.Component):
             # ---- SPANS generation -------------------------------------------------------------
             with m.State("G_RD"):
                 m.d.comb += self.busy.eq(1)
-                m.d.comb += [self.idx_rd_en.eq(self.idx_rd_gnt),
+                m.d.comb += [self.idx_rd_req.eq(1), self.idx_rd_en.eq(self.idx_rd_gnt),
                              self.idx_rd_addr.eq(f.idx_addr + span_t)]
                 with m.If(self.idx_rd_gnt):
                     ops_next(0, ds0)                # G_SPAN: a (read now) * ds0
@@ -527,6 +530,8 @@ class _DmaUnit(wiring.Component):
             # LOAD: the write this cycle if granted (``wr_en`` = ``wr_req`` & grant), so the v2
             # top can form the memories' write enables without the late grant
             "spad_wr_req": Out(1), "idx_wr_req": Out(1),
+            # LOAD: its span-list read this cycle if granted
+            "idx_rd_req": Out(1),
         })
 
     @property
@@ -689,6 +694,7 @@ class LoadUnit(_DmaUnit):
 
         # span-list reads of the sequencer
         m.d.comb += [ix.rd_en.eq(seq.idx_rd_en), ix.rd_addr.eq(seq.idx_rd_addr),
+                     self.idx_rd_req.eq(seq.idx_rd_req),
                      seq.idx_rd_data.eq(ix.rd_data)]
 
         # ---- control ------------------------------------------------------------------------

@@ -133,7 +133,8 @@ class Scratchpad(wiring.Component):
 
 
 class _Plain(wiring.Component):
-    def __init__(self, sig, shape, depth, init=None):
+    def __init__(self, sig, shape, depth, init=None, always_read=False):
+        self._always_read = always_read
         self._shape = shape
         self._depth = depth
         self._init = list(init or [])
@@ -149,7 +150,8 @@ class _Plain(wiring.Component):
         rp = mem.read_port()
         wp = mem.write_port()
         p = self.port
-        m.d.comb += [rp.addr.eq(p.rd_addr), rp.en.eq(p.rd_en), p.rd_data.eq(rp.data),
+        m.d.comb += [rp.addr.eq(p.rd_addr), rp.en.eq(1 if self._always_read else p.rd_en),
+                     p.rd_data.eq(rp.data),
                      wp.addr.eq(p.wr_addr), wp.data.eq(p.wr_data), wp.en.eq(p.wr_en)]
         return m
 
@@ -166,7 +168,10 @@ class IdxMemory(_Plain):
     """``idx_entries`` entries of (a, b) signed 32-bit pairs; port: In(IdxPort(config))."""
 
     def __init__(self, config, init=None):
-        super().__init__(IdxPort(config), idx_entry_layout(), config.idx_entries, init)
+        # reads every cycle, like the scratchpad: the enable would come from the arbitration
+        # of the shared port (every reader takes its data exactly IDX_READ_LATENCY later)
+        super().__init__(IdxPort(config), idx_entry_layout(), config.idx_entries, init,
+                         always_read=True)
 
 
 class RowStateMemory(_Plain):
