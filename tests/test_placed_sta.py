@@ -1,0 +1,82 @@
+"""vitamin.sim.placed_sta: the post-placement estimate on small hand-placed designs whose
+arrival times are known (nextpnr's distance model, the cell delays, untimed pins and PLLs)."""
+
+import json
+
+import pytest
+
+from vitamin.sim import placed_sta
+from vitamin.sim.sta import DELAYS
+
+
+def _cell(typ, bel, conns, dirs, params=None):
+    return {"type": typ, "attributes": {"NEXTPNR_BEL": bel}, "parameters": params or {},
+            "connections": conns, "port_directions": dirs}
+
+
+def _design(x_far=10, y_far=0):
+    # q0 (FF at X0/Y0) -> lut (X x_far) -> q1 (FF beside the LUT: F -> DI costs nothing);
+    # lock (PLL, not timed) -> lut2 -> q2's LSR; a LUT with constant inputs -> q3.
+    ff = {"CLK": "input", "DI": "input", "LSR": "input", "Q": "output"}
+    lut = {"A": "input", "B": "input", "F": "output"}
+    cells = {
+        "q0": _cell("TRELLIS_FF", "X0/Y0/SLICEA.FF0", {"CLK": [2], "DI": [9], "Q": [3]}, ff),
+        "lut": _cell("TRELLIS_COMB", f"X{x_far}/Y{y_far}/SLICEA.K0", {"A": [3], "F": [4]}, lut,
+                     {"MODE": "LOGIC"}),
+        "q1": _cell("TRELLIS_FF", f"X{x_far}/Y{y_far}/SLICEA.FF0",
+                    {"CLK": [2], "DI": [4], "Q": [5]}, ff),
+        "pll": _cell("EHXPLLL", "X1/Y1/PLL", {"LOCK": [6], "CLKOP": [2]},
+                     {"LOCK": "output", "CLKOP": "output"}),
+        "lut2": _cell("TRELLIS_COMB", "X3/Y3/SLICEB.K0", {"A": [6], "F": [7]}, lut,
+                      {"MODE": "LOGIC"}),
+        "q2": _cell("TRELLIS_FF", "X3/Y3/SLICEB.FF0", {"CLK": [2], "LSR": [7], "DI": [5],
+                                                       "Q": [8]}, ff),
+        "$PACKER_VCC": _cell("TRELLIS_COMB", "X9/Y9/SLICEA.K0", {"F": [9]}, {"F": "output"}),
+        "lut3": _cell("TRELLIS_COMB", "X9/Y9/SLICEA.K1", {"A": [9], "F": [10]}, lut,
+                      {"MODE": "LOGIC"}),
+        "q3": _cell("TRELLIS_FF", "X9/Y9/SLICEA.FF1", {"CLK": [2], "DI": [10], "Q": [11]}, ff),
+    }
+    names = {"core.q0": [3], "core.q1": [5], "core.q2": [8], "core.q3": [11]}
+    return {"modules": {"top": {"cells": cells,
+                                "netnames": {k: {"bits": v} for k, v in names.items()}}}}
+
+
+def test_net_delay_is_nextpnrs_distance_model():
+    assert placed_sta.net_delay((0, 0), (0, 0)) == pytest.approx(0.36)
+    assert placed_sta.net_delay((0, 0), (10, 0)) == pytest.approx(0.12 * (3 + 5 + 2 * 5))
+    assert placed_sta.net_delay((40, 3), (0, 60)) == pytest.approx(0.12 * (3 + 35 + 52 + 20))
+    assert placed_sta.net_delay((0, 0), (30, 30), "FCO", "FCI") == 0.0
+    assert placed_sta.net_delay((0, 0), (30, 30), "F", "DI") == 0.0
+
+
+@pytest.mark.parametrize("x_far,y_far", [(10, 0), (40, 60)])
+def test_arrival_grows_with_distance(x_far, y_far):
+    est = placed_sta.estimate_placed(_design(x_far, y_far))
+    want = DELAYS["FF_CLK_Q"] + placed_sta.net_delay((0, 0), (x_far, y_far)) + DELAYS["LUT4"]
+    got = {e.name: e.arrival_ns for e in est.endpoints}
+    assert got["core.q1"] == pytest.approx(want)
+    arr = [e.arrival_ns for e in est.endpoints]
+    assert arr == sorted(arr, reverse=True) and est.worst_ns == max(arr)
+    # q2's reset comes from the PLL's lock (not timed): only its data input (from q1) counts
+    assert got["core.q2"] == pytest.approx(
+        DELAYS["FF_CLK_Q"] + placed_sta.net_delay((x_far, y_far), (3, 3)))
+    # a LUT of constants starts no path
+    assert got["core.q3"] == 0.0
+    assert [s[2] for s in est.paths["core.q1"]][0] == "core.q0"
+
+
+def test_unplaced_design_and_cli_errors(tmp_path, capsys):
+    d = _design()
+    for c in d["modules"]["top"]["cells"].values():
+        c["attributes"] = {}
+    with pytest.raises(ValueError, match="NEXTPNR_BEL"):
+        placed_sta.estimate_placed(d)
+    bad = tmp_path / "x.json"
+    bad.write_text(json.dumps({"creator": "not nextpnr"}))
+    assert placed_sta.main([str(bad)]) == 2
+    assert "no 'modules'" in capsys.readouterr().err
+    good = tmp_path / "placed.json"
+    good.write_text(json.dumps(_design()))
+    assert placed_sta.main([str(good), "--path", "q1"]) == 0
+    out = capsys.readouterr().out
+    assert "post-placement estimate" in out and "path into core.q1" in out and "X10/Y0" in out
