@@ -618,13 +618,16 @@ def main(argv=None) -> int:
     ap.add_argument("boards", nargs="+", choices=sorted(BOARDS))
     ap.add_argument("--config", help="preset for every board (default: each board's own)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--clock-mhz", type=float, default=None,
+                    help="system clock of the ECP5 boards (default: the preset's)")
     args = ap.parse_args(argv)
     t0 = time.monotonic()
     status = 0
     for b in args.boards:
         def progress(msg, b=b):
             print(f"[{time.monotonic() - t0:7.1f} s] {b}: {msg}", flush=True)
-        rep = build(b, args.config, None, progress, seed=args.seed)
+        clk = args.clock_mhz if BOARDS[b].family == "ecp5" else None
+        rep = build(b, args.config, None, progress, seed=args.seed, clock_mhz=clk)
         print(format_report(rep), flush=True)
         if rep["status"] in ("place and route failed", "built, timing NOT met") or (
                 rep["status"] == "unsupported" and rep.get("fits") is not False):

