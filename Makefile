@@ -46,8 +46,9 @@ rtl: $(STAMP)
 # (by how much) and does not fail the target; a tool failure does. See docs/BOARDS.md.
 BITSTREAM_BOARDS ?= ulx3s-85f icebreaker
 BITSTREAM_CONFIG ?=
+BITSTREAM_CLOCK_MHZ ?=
 bitstream: $(STAMP)
-	$(VPY) -m vitamin.boards.flow $(if $(BITSTREAM_CONFIG),--config $(BITSTREAM_CONFIG)) $(BITSTREAM_BOARDS)
+	$(VPY) -m vitamin.boards.flow $(if $(BITSTREAM_CONFIG),--config $(BITSTREAM_CONFIG)) $(if $(BITSTREAM_CLOCK_MHZ),--clock-mhz $(BITSTREAM_CLOCK_MHZ)) $(BITSTREAM_BOARDS)
 
 # Slow tests (exit 5 = none collected is fine here), then the measured report in bench/results/.
 bench: $(STAMP)
