@@ -41,12 +41,14 @@ rtl: $(STAMP)
 	$(VENV)/bin/vitamin rtl --config $(CONFIG) -o build/accel_$(CONFIG).v
 
 # Bitstreams of the open boards (YoWASP yosys + nextpnr), reports in build/boards/<board>-<preset>/.
-# Each board gets its own preset (ULX3S: ecp5 with a 100 MHz PLL clock; iCEBreaker: tiny);
+# Each board gets its own preset (ULX3S: ecp5, PLL clock BITSTREAM_CLOCK_MHZ = 25 MHz, which
+# the whole design meets; the preset's 100 MHz target is not met, see docs/BOARDS.md;
+# iCEBreaker: tiny);
 # BITSTREAM_CONFIG=tiny builds one preset everywhere. A board that does not fit is reported
 # (by how much) and does not fail the target; a tool failure does. See docs/BOARDS.md.
 BITSTREAM_BOARDS ?= ulx3s-85f icebreaker
 BITSTREAM_CONFIG ?=
-BITSTREAM_CLOCK_MHZ ?=
+BITSTREAM_CLOCK_MHZ ?= 25
 bitstream: $(STAMP)
 	$(VPY) -m vitamin.boards.flow $(if $(BITSTREAM_CONFIG),--config $(BITSTREAM_CONFIG)) $(if $(BITSTREAM_CLOCK_MHZ),--clock-mhz $(BITSTREAM_CLOCK_MHZ)) $(BITSTREAM_BOARDS)
 
