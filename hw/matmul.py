@@ -132,7 +132,7 @@ from .ports import (
 __all__ = ["MatmulUnit", "HAZARD_SLOTS", "VALID_WORD"]
 
 # The pipeline below is written for these port latencies (the stage names S0..D and R0..R3).
-assert SPAD_READ_LATENCY == 2 and ACC_READ_LATENCY == 1
+assert SPAD_READ_LATENCY >= 1 and ACC_READ_LATENCY == 1
 assert IDX_READ_LATENCY == 1 and RS_READ_LATENCY == 1
 
 #: Accumulator lines are read at R0 and written back at R3; a line read again before R3 + 1
@@ -385,9 +385,11 @@ class MatmulUnit(wiring.Component):
         t1 = Signal(tag_layout)
         t1b = Signal(tag_layout)        # S1b: the row products, from registered operands
         t2 = Signal(tag_layout)
-        t3 = Signal(tag_layout)
-        t4 = Signal(tag_layout)         # D: scratchpad data of the slot is valid
-        m.d.sync += [t1.eq(t0), t3.eq(t2), t4.eq(t3)]
+        # S2 + 1 .. D: the slot waits for its scratchpad data (SPAD_READ_LATENCY stages)
+        t_rd = [Signal(tag_layout, name=f"t{3 + i}") for i in range(SPAD_READ_LATENCY)]
+        t3, t4 = t_rd[0], t_rd[-1]      # t4 = D: scratchpad data of the slot is valid
+        m.d.sync += [t1.eq(t0), t3.eq(t2)]
+        m.d.sync += [b.eq(a) for a, b in zip(t_rd, t_rd[1:])]
 
         # -- sequencer ----------------------------------------------------------------------------
         fsm_busy = Signal()
@@ -959,7 +961,7 @@ class MatmulUnit(wiring.Component):
                        vw_busy, stale)
 
         # nothing is left in the pipeline when an instruction ends
-        in_flight = Cat(*(t.kind.as_value() != _Op.NOP.value for t in (t1, t1b, t2, t3, t4)),
+        in_flight = Cat(*(t.kind.as_value() != _Op.NOP.value for t in (t1, t1b, t2, *t_rd)),
                         *(p.valid for p in pt[1:]), r1.valid, r2.valid, r3.valid, pushing)
         protocol(finishing & ((chan_fifo.level != 0) | (res_fifo.level != 0)
                               | (old_fifo.level != 0) | (wr_fifo.level != 0) | in_flight.any()))

@@ -3,8 +3,10 @@
 ``Scratchpad`` is banked: ``spad_lanes`` banks of 16-bit words, element ``e`` in bank
 ``e % lanes`` at row ``e // lanes``, so any ``lanes`` consecutive elements sit in distinct banks and
 one access of ``lanes`` words at any element address takes one cycle. Reads rotate the banks'
-outputs into element order (latency ``SPAD_READ_LATENCY`` = 2: bank read, then rotate register);
-writes rotate the data and mask into bank order.
+outputs into element order (latency ``SPAD_READ_LATENCY`` = 3: request register, bank read, then
+rotate register); writes pass the same request register (they land one cycle after the port
+presents them, so reads and writes keep their order) and rotate the data and mask into bank
+order.
 
 ``AccMemory``, ``IdxMemory`` and ``RowStateMemory`` are plain one-read, one-write memories with a
 read latency of 1.
@@ -55,7 +57,7 @@ class Scratchpad(wiring.Component):
     Ports
     -----
     port : In(SpadPort(config))
-        One read (latency 2) and one write per cycle, ``spad_lanes`` consecutive words each.
+        One read (latency 3) and one write per cycle, ``spad_lanes`` consecutive words each.
     """
 
     def __init__(self, config, init=None):
@@ -91,8 +93,18 @@ class Scratchpad(wiring.Component):
                                 attrs=_noinit_attrs(self._init))
             m.submodules[f"bank{b}"] = mem
             self.banks.append(mem)
+        # request stage: the shared port's read address and write request are registered
+        # here, so the wires from the units' address logic and the port multiplexer end at
+        # a register, and the banks (spread over the device) are driven from one
+        rq_ra = Signal.like(p.rd_addr, name="rq_rd_addr")
+        rq_wa = Signal.like(p.wr_addr, name="rq_wr_addr")
+        rq_we = Signal(name="rq_wr_en")
+        rq_wd = Signal.like(p.wr_data, name="rq_wr_data")
+        rq_wm = Signal.like(p.wr_mask, name="rq_wr_mask")
+        m.d.sync += [rq_ra.eq(p.rd_addr), rq_wa.eq(p.wr_addr), rq_we.eq(p.wr_en),
+                     rq_wd.eq(p.wr_data), rq_wm.eq(p.wr_mask)]
         # read: bank b serves element a + ((b - a) mod lanes)
-        ra = p.rd_addr
+        ra = rq_ra
         ra_lo = ra[:lb] if lanes > 1 else 0
         ra_hi = ra >> lb if lanes > 1 else ra
         outs = []
@@ -116,7 +128,7 @@ class Scratchpad(wiring.Component):
                         m.d.sync += rot[i].eq(outs[(r + i) % lanes])
         m.d.comb += p.rd_data.eq(rot)
         # write: lane i -> bank (a + i) % lanes at row (a + i) // lanes
-        wa = p.wr_addr
+        wa = rq_wa
         wa_lo = wa[:lb] if lanes > 1 else 0
         wa_hi = wa >> lb if lanes > 1 else wa
         for b, mem in enumerate(self.banks):
@@ -127,8 +139,8 @@ class Scratchpad(wiring.Component):
             with m.Switch(lane):
                 for i in range(lanes):
                     with m.Case(i):
-                        m.d.comb += [wp.data.eq(p.wr_data[i]),
-                                     wp.en.eq(p.wr_en & p.wr_mask[i])]
+                        m.d.comb += [wp.data.eq(rq_wd[i]),
+                                     wp.en.eq(rq_we & rq_wm[i])]
         return m
 
 

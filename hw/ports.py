@@ -12,7 +12,10 @@ Conventions
   cycle is undefined (the scratchpad and the index memory read every cycle). A unit owns its
   memory ports while it is busy (the controller grants them), so no arbitration stalls are
   possible.
-* Writes take effect at the clock edge in which ``wr_en`` is high.
+* Writes take effect at the clock edge in which ``wr_en`` is high, except in the scratchpad,
+  which registers its requests (read address and write alike) before the banks: a scratchpad
+  write lands one cycle later, and so does every read, so an access still sees every write
+  requested before it.
 * Scratchpad accesses move ``spad_lanes(config)`` consecutive 16-bit words starting at ANY element
   address (the scratchpad is banked and rotates internally); ``wr_mask`` selects the lanes
   written. Lanes whose element address would be >= ``spad_words`` must be masked off by the unit
@@ -38,7 +41,7 @@ __all__ = [
     "RegPort", "QueuePort", "AxiRead", "AxiWrite", "idx_entry_layout", "N_REGS",
 ]
 
-SPAD_READ_LATENCY = 2
+SPAD_READ_LATENCY = 3
 ACC_READ_LATENCY = 1
 IDX_READ_LATENCY = 1
 RS_READ_LATENCY = 1

@@ -81,14 +81,15 @@ SHIFT_MAX = 62
 EPS_E_MAX = 40
 # Address registers hold an address plus one stride (the row after the last one): 2^22 + 2^22.
 PTR_BITS = isa.SPAD_ADDR + 2
-# ONLINE: cycles per row beyond the two passes (row-state read 2, pipeline 13, row-state write
-# 1), and from the start of a row to its end when 1/s must wait for the recip table
-# (SoftmaxRowUnit.row_cycles; checked by tests/test_hw_rowops.py::test_row_timing).
-_ONLINE_ROW_OVERHEAD = 16
-_ONLINE_RECIP_CYCLES = 22
+# ONLINE: cycles per row beyond the two passes (row-state read 2, pipeline 11 +
+# SPAD_READ_LATENCY, row-state write 1), and from the start of a row to its end when 1/s must
+# wait for the recip table (SoftmaxRowUnit.row_cycles; checked by
+# tests/test_hw_rowops.py::test_row_timing).
+_ONLINE_ROW_OVERHEAD = 14 + SPAD_READ_LATENCY
+_ONLINE_RECIP_CYCLES = 20 + SPAD_READ_LATENCY
 # FIFO depth (chunks) between the scratchpad reader and the stream units. A read is issued only
-# when its chunk has a place in the FIFO; the credit comes back 5 cycles after the issue (read
-# latency 2, FIFO write, FIFO output register, take), so 8 keeps the reads back to back while
+# when its chunk has a place in the FIFO; the credit comes back 6 cycles after the issue (read
+# latency 3, FIFO write, FIFO output register, take), so 8 keeps the reads back to back while
 # the unit takes one chunk per cycle (measured by tests/test_hw_rowops.py::test_row_timing).
 FIFO_DEPTH = 8
 
@@ -799,10 +800,15 @@ class SoftmaxRowUnit(wiring.Component):
             tag0.q.eq(qpos),
             kb_rd.addr.eq(cbase >> lr),
         ]
-        # Key positions of the chunk arrive with the scratchpad data (read latency 1 + 1).
-        kline = Signal(data.ArrayLayout(kpos_shape, R))
-        m.d.sync += kline.eq(kb_rd.data)
-        assert SPAD_READ_LATENCY == 2
+        # Key positions of the chunk arrive with the scratchpad data: the line buffer's read
+        # latency 1, then SPAD_READ_LATENCY - 1 registers.
+        klines = [kb_rd.data]
+        for i in range(SPAD_READ_LATENCY - 1):
+            kl = Signal(data.ArrayLayout(kpos_shape, R), name=f"kline{i}")
+            m.d.sync += kl.eq(klines[-1])
+            klines.append(kl)
+        kline = klines[-1]
+        assert SPAD_READ_LATENCY >= 2
         mask_a = Signal(R)
         for lane in range(R):
             col = tag_a.cbase + lane

@@ -39,14 +39,14 @@ exact; :func:`select_cycles` derives its arguments from the instruction and the 
     + 1 + iters * (N + 2)                           SELECT: start, scans
     + 2 * (N + 5)                                   two walks
     + 3                                             registers, done
-    = cnt + 8 + (N > 0) * (sum_c ceil(l_c / spad_lanes) + 10) + iters * (N + 2) + 2 * (N + 5)
+    = cnt + 8 + (N > 0) * (sum_c ceil(l_c / spad_lanes) + 11) + iters * (N + 2) + 2 * (N + 5)
 
-with ``l_c`` the clipped chunk lengths, ``SCORE_DRAIN`` the depth of the score pipeline (10) and
+with ``l_c`` the clipped chunk lengths, ``SCORE_DRAIN`` the depth of the score pipeline (11) and
 ``iters`` the number of scans: 0 when ``R <= 0`` or ``N = 0``, else the number of chunks that
 give tokens plus 1 when the budget is not used up by them. A fault is reported after CHECK
 (2 cycles), after LAST (``cnt + 4``) or after the counting walk. E.g. 32 chunks of 128 tokens
 (4096 keys, all below the limit), budget 1024 with 128 sink and 128 recent tokens, 16 lanes:
-40 + SCORE 32 * 8 + 10 + 6 scans of 34 + walks 74 = 584 cycles.
+40 + SCORE 32 * 8 + 11 + 6 scans of 34 + walks 74 = 585 cycles.
 
 Watchdog: the SELECT scans and the walks' reads use only the unit's own memory, which the
 accelerator's watchdog does not see as progress. A SELECT whose selection phase exceeds the

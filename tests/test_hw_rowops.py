@@ -386,7 +386,7 @@ def test_topk_random(config):
 
 
 def test_topk_timing():
-    """A row takes max(chunks, k) cycles; an instruction adds k + ROW_OVERHEAD["TOPK"] (9)."""
+    """A row takes max(chunks, k) cycles; an instruction adds k + ROW_OVERHEAD["TOPK"] (10)."""
     cfg = TINY4
     bench = Bench(cfg, TopKUnit, seed=3)
 
