@@ -624,16 +624,19 @@ class LoadUnit(_DmaUnit):
         buf = Signal(cap * 8)
         cnt = Signal(range(cap + 1))
 
+        # element chunk of this cycle: k = 1 (index memory) or min(el_left, lanes), kept as a
+        # register beside el_left (it steers the byte shifters, whose path it would lengthen)
+        is_idx = f.mem == Mem.IDX
+        k = Signal(range(lanes + 1))
+
+        def chunk_of(n):
+            return Mux(is_idx, 1, Mux(n < lanes, n, lanes))
+
         with m.If(~have & dq.r_rdy):
             m.d.comb += dq.r_en.eq(1)
             m.d.sync += [have.eq(1), first.eq(1), off.eq(dq.r_data.off),
                          rx_left.eq(dq.r_data.nbytes), el_left.eq(dq.r_data.n),
-                         chip.eq(dq.r_data.chip)]
-
-        # element chunk of this cycle
-        is_idx = f.mem == Mem.IDX
-        k = Signal(range(lanes + 1))
-        m.d.comb += k.eq(Mux(is_idx, 1, Mux(el_left < lanes, el_left, lanes)))
+                         k.eq(chunk_of(dq.r_data.n)), chip.eq(dq.r_data.chip)]
         need = Signal(range(chunk + 1))
         m.d.comb += need.eq(k << es_log)
         emit = Signal()
@@ -687,8 +690,10 @@ class LoadUnit(_DmaUnit):
         m.d.comb += [ix.wr_addr.eq(chip), ix.wr_en.eq(emit & is_idx),
                      ix.wr_data.a.eq(Cat(*bytes_[0:4])), ix.wr_data.b.eq(Cat(*bytes_[4:8]))]
         m.d.comb += self.dram_rd_inc.eq(consumed)
+        el_next = Signal.like(el_left)
+        m.d.comb += el_next.eq(el_left - k)
         with m.If(emit):
-            m.d.sync += [chip.eq(chip + k), el_left.eq(el_left - k)]
+            m.d.sync += [chip.eq(chip + k), el_left.eq(el_next), k.eq(chunk_of(el_next))]
             with m.If(el_left == k):
                 m.d.sync += have.eq(0)
 

@@ -39,14 +39,14 @@ exact; :func:`select_cycles` derives its arguments from the instruction and the 
     + 1 + iters * (N + 2)                           SELECT: start, scans
     + 2 * (N + 5)                                   two walks
     + 3                                             registers, done
-    = cnt + 8 + (N > 0) * (sum_c ceil(l_c / spad_lanes) + 11) + iters * (N + 2) + 2 * (N + 5)
+    = cnt + 8 + (N > 0) * (sum_c ceil(l_c / spad_lanes) + 12) + iters * (N + 2) + 2 * (N + 5)
 
-with ``l_c`` the clipped chunk lengths, ``SCORE_DRAIN`` the depth of the score pipeline (11) and
+with ``l_c`` the clipped chunk lengths, ``SCORE_DRAIN`` the depth of the score pipeline (12) and
 ``iters`` the number of scans: 0 when ``R <= 0`` or ``N = 0``, else the number of chunks that
 give tokens plus 1 when the budget is not used up by them. A fault is reported after CHECK
 (2 cycles), after LAST (``cnt + 4``) or after the counting walk. E.g. 32 chunks of 128 tokens
 (4096 keys, all below the limit), budget 1024 with 128 sink and 128 recent tokens, 16 lanes:
-40 + SCORE 32 * 8 + 11 + 6 scans of 34 + walks 74 = 585 cycles.
+40 + SCORE 32 * 8 + 12 + 6 scans of 34 + walks 74 = 586 cycles.
 
 Watchdog: the SELECT scans and the walks' reads use only the unit's own memory, which the
 accelerator's watchdog does not see as progress. A SELECT whose selection phase exceeds the
@@ -80,9 +80,10 @@ from .rom import INTERP_LATENCY, build_interp, interp_input_bits
 
 __all__ = ["SelectUnit", "select_cycles", "SCORE_DRAIN"]
 
-#: Cycles from the last scratchpad read of the SCORE phase to the end of the phase: read latency,
-#: the sum, the table pipeline, the product, the rounding, the entry write.
-SCORE_DRAIN = SPAD_READ_LATENCY + 1 + INTERP_LATENCY + 2 + 1
+#: Cycles from the last scratchpad read of the SCORE phase to the end of the phase: the request
+#: register, read latency, the sum, the table pipeline, the product, the rounding, the entry
+#: write.
+SCORE_DRAIN = 1 + SPAD_READ_LATENCY + 1 + INTERP_LATENCY + 2 + 1
 
 
 def _bits(n: int) -> int:
@@ -222,15 +223,21 @@ class SelectUnit(wiring.Component):
         sc_issue = Signal()
         tag = data.StructLayout({"valid": 1, "first": 1, "last": 1, "c": nb, "a": 31,
                                  "l": lw, "mask": lanes})
-        tags = [Signal(tag, name=f"tag{i}") for i in range(SPAD_READ_LATENCY + 1)]
-        for i in range(SPAD_READ_LATENCY):
+        # tags[0]: the read decided this cycle; tags[1]: presented to the scratchpad (the
+        # request is registered: the chunk entry comes from a block RAM, and its address sum
+        # would otherwise run on through the shared port's multiplexer); tags[-1]: its data
+        tags = [Signal(tag, name=f"tag{i}") for i in range(SPAD_READ_LATENCY + 2)]
+        for i in range(SPAD_READ_LATENCY + 1):
             m.d.sync += tags[i + 1].eq(tags[i])
         t0, ta = tags[0], tags[-1]
         rem = Signal(lw + 1)
+        sp_en = Signal()
+        sp_addr = Signal.like(sp.rd_addr)
+        m.d.sync += [sp_en.eq(sc_issue), sp_addr.eq(f.in_addr + a_cur + off)]
         m.d.comb += [
             rem.eq(l_cur - off),
-            sp.rd_en.eq(sc_issue),
-            sp.rd_addr.eq(f.in_addr + a_cur + off),
+            sp.rd_en.eq(sp_en),
+            sp.rd_addr.eq(sp_addr),
             t0.valid.eq(sc_issue), t0.first.eq(off == 0), t0.last.eq(rem <= lanes),
             t0.c.eq(c_cur), t0.a.eq(a_cur), t0.l.eq(l_cur),
             t0.mask.eq(Cat(rem > i for i in range(lanes))),
@@ -303,12 +310,21 @@ class SelectUnit(wiring.Component):
         count = Signal(nb + 1)
         rows = Signal(32)
 
+        # span writes are registered: they reach index memory one cycle after the walk emits
+        # them (the last one in W_END, before the registers are written), so the walk's
+        # comparisons of chunk entries end at a register, not at the shared port
+        iw = Signal(data.StructLayout({"en": 1, "addr": idx.wr_addr.shape(),
+                                       "a": 32, "b": 32}))
+        m.d.sync += iw.en.eq(0)
+        m.d.comb += [idx.wr_en.eq(iw.en), idx.wr_addr.eq(iw.addr),
+                     idx.wr_data.a.eq(iw.a), idx.wr_data.b.eq(iw.b)]
+
         def emit_span():
             length = Signal(32)
             m.d.comb += length.eq(sp_e - sp_s)
             with m.If(emit):
-                m.d.comb += [idx.wr_en.eq(1), idx.wr_addr.eq(f.out_addr + count),
-                             idx.wr_data.a.eq(sp_s), idx.wr_data.b.eq(length)]
+                m.d.sync += [iw.en.eq(1), iw.addr.eq(f.out_addr + count),
+                             iw.a.eq(sp_s), iw.b.eq(length)]
             m.d.sync += [count.eq(count + 1), rows.eq(rows + length)]
 
         def piece(s, e):
