@@ -97,15 +97,25 @@ def _bytes_of(value, n):
     return [value.word_select(j, 8) for j in range(n)]
 
 
-def _shift_in(m, buf, cnt, consumed, new, cap):
+def _shift_in(m, buf, cnt, consumed, new, cap, skip=None):
     """Byte FIFO update: drop ``consumed`` bytes from the front of ``buf`` (``cnt`` valid bytes)
-    and append the bytes of ``new`` behind the kept ones. Bytes at and above the new count are
-    don't-care (they are always overwritten before they are read)."""
+    and append the bytes of ``new`` (from byte ``skip`` on, if given) behind the kept ones. Bytes
+    at and above the new count are don't-care (they are always overwritten before they are
+    read)."""
     keep = Signal(range(cap + 1))
     m.d.comb += keep.eq(cnt - consumed)
     old = Signal(cap * 8)
     ins = Signal(cap * 8)
-    m.d.comb += [old.eq(buf >> (consumed << 3)), ins.eq(new << (keep << 3))]
+    m.d.comb += old.eq(buf >> (consumed << 3))
+    if skip is None:
+        m.d.comb += ins.eq(new << (keep << 3))
+    else:
+        # byte j of ins is byte j - keep + skip of new: ONE shifter of the raw bytes behind
+        # cap zero bytes, by cap - keep + skip (not a shift by skip and then one by keep)
+        n_new = len(new) // 8
+        u = Signal(range(cap + n_new + 1))
+        m.d.comb += [u.eq(cap - keep + skip),
+                     ins.eq((Cat(Const(0, cap * 8), new) >> (u << 3))[:cap * 8])]
     out = Cat(*[Mux(j < keep, o, i) for j, (o, i) in
                 enumerate(zip(_bytes_of(old, cap), _bytes_of(ins, cap)))])
     return out
@@ -657,16 +667,14 @@ class LoadUnit(_DmaUnit):
         m.d.comb += ax.rready.eq(have & (rx_left != 0) & (cnt + bb <= cap))
         take = Signal()
         m.d.comb += take.eq(ax.rvalid & ax.rready)
-        beat = Signal(bb * 8)
-        m.d.comb += beat.eq(ax.rdata >> (skip << 3))
 
         # Both outcomes of this cycle's write are prepared and ``emit`` picks one at the end: the
         # grant in ``emit`` depends on the COMPUTE unit's port use in this cycle, which can come
         # late (from a unit's memory read data), so it must not feed the byte shifter.
         got = Signal(range(bb + 1))
         m.d.comb += got.eq(Mux(take, nb, 0))
-        m.d.sync += buf.eq(Mux(emit, _shift_in(m, buf, cnt, need, beat, cap),
-                               _shift_in(m, buf, cnt, 0, beat, cap)))
+        m.d.sync += buf.eq(Mux(emit, _shift_in(m, buf, cnt, need, ax.rdata, cap, skip),
+                               _shift_in(m, buf, cnt, 0, ax.rdata, cap, skip)))
         m.d.sync += cnt.eq(Mux(emit, cnt - need + got, cnt + got))
         with m.If(take):
             m.d.sync += [rx_left.eq(rx_left - nb), first.eq(0)]
