@@ -19,7 +19,7 @@ tile and free when the next tile's weights arrive, so no stream ever stalls (a s
               --D---> weight line -> MacArray.w_stream      (B^T: transpose buffer first)
                       A line      -> MacArray.a_stream
                       channel table / residual / SPAD_ADD destination words -> FIFOs
-    MacArray  --R0--> ACC (and EXT) read of the line
+    MacArray  --R0--> ACC (and EXT) data of the line (read one cycle before, registered)
               --R1--> acc_in = SCALE: old * c
               --R2--> base + partial sum
               --R3--> last K slice: sat_acc -> ACC write (out = ACC) or Epilogue input;
@@ -135,10 +135,11 @@ __all__ = ["MatmulUnit", "HAZARD_SLOTS", "VALID_WORD"]
 assert SPAD_READ_LATENCY >= 1 and ACC_READ_LATENCY == 1
 assert IDX_READ_LATENCY == 1 and RS_READ_LATENCY == 1
 
-#: Accumulator lines are read at R0 and written back at R3; a line read again before R3 + 1
-#: would miss its own update, so the same line's slots of consecutive K slices are at least
-#: this many slots apart.
-HAZARD_SLOTS = 4
+#: Accumulator lines are read one cycle before R0 (the data is registered at R0, so the SCALE
+#: multipliers start from a register, not from the block RAM) and written back at R3; a line
+#: read again before R3 + 1 would miss its own update, so the same line's slots of consecutive
+#: K slices are at least this many slots apart.
+HAZARD_SLOTS = 5
 #: Bits per word of the accumulator-validity flip-flops (the check scans a word per cycle).
 VALID_WORD = 16
 # Rows, tokens and columns enter the address multipliers as 24-bit signed values: a token
@@ -323,6 +324,7 @@ class MatmulUnit(wiring.Component):
         m.submodules.mac = mac = self._mac
         m.submodules.epi = epi = self._epi
         lm = mac.latency
+        assert lm >= 1, "the accumulator read is issued one stage before the array output"
 
         ctl = self.ctl
         err_flag = Signal()     # sticky protocol error (simulation aid)
@@ -827,9 +829,11 @@ class MatmulUnit(wiring.Component):
         m.submodules.ext = ext
         ext_rd = ext.read_port()
         ext_wr = ext.write_port()
+        # the read is issued with the tag one stage before the array's output (R0 - 1)
+        q_tag = pt[lm - 1]
         m.d.comb += [
-            self.acc.rd_en.eq(p_tag.valid), self.acc.rd_addr.eq(p_tag.line),
-            ext_rd.en.eq(p_tag.valid), ext_rd.addr.eq(p_tag.line),
+            self.acc.rd_en.eq(q_tag.valid), self.acc.rd_addr.eq(q_tag.line),
+            ext_rd.en.eq(q_tag.valid), ext_rd.addr.eq(q_tag.line),
         ]
         r1 = Signal(ptag_layout)
         r2 = Signal(ptag_layout)
@@ -839,13 +843,16 @@ class MatmulUnit(wiring.Component):
         psum2 = [Signal(signed(ab), name=f"psum2_{c}") for c in range(cols)]
         old2 = [Signal(signed(ab), name=f"old2_{c}") for c in range(cols)]
         old3 = [Signal(signed(ab), name=f"old3_{c}") for c in range(cols)]
+        ext1 = Signal(cols)
         ext2 = Signal(cols)
+        old1 = [Signal(signed(ab), name=f"old1_{c}") for c in range(cols)]
         scp2 = [Signal(signed(ab + 18), name=f"scp2_{c}") for c in range(cols)]
         sum3 = [Signal(signed(ab + 4), name=f"sum3_{c}") for c in range(cols)]
-        m.d.sync += ext2.eq(ext_rd.data)
+        m.d.sync += [ext1.eq(ext_rd.data), ext2.eq(ext1)]
         for c in range(cols):
-            old = self.acc.rd_data[c]
+            old = old1[c]
             m.d.sync += [
+                old1[c].eq(self.acc.rd_data[c]),
                 psum1[c].eq(o_mac.payload.data[c]),
                 psum2[c].eq(psum1[c]),
                 old2[c].eq(old),
