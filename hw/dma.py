@@ -816,32 +816,53 @@ class StoreUnit(_DmaUnit):
         chunk_layout = data.StructLayout({"data": chunk * 8, "nbytes": range(chunk + 1)})
         cq = _Fifo(m, "chunkq", chunk_layout, depth)
         credits = Signal(range(depth + 1), init=depth)
+        # The grant arrives late (the running COMPUTE unit's read enable, through the owner
+        # multiplexer, from anywhere on the chip), so it only lands in a register (gnt_q): a
+        # read request goes out from the state *as of the previous request's outcome*. The
+        # registers hold the state before that outcome and its successor if it was accepted
+        # (r_chip_k, r_left_k, last_q); ``acc`` picks one. Cycle for cycle the same reads as
+        # taking the grant into the state directly.
         r_have = Signal()
         r_chip = Signal(isa.SPAD_ADDR)
         r_left = Signal(isa.COUNT + 1)
-        with m.If(~r_have & rdq.r_rdy):
+        r_chip_k = Signal(isa.SPAD_ADDR)
+        r_left_k = Signal(isa.COUNT + 1)
+        last_q = Signal()
+        req_q = Signal()
+        gnt_q = Signal()
+        k_q = Signal(range(lanes + 1))
+        acc = Signal()                     # the previous cycle's request was granted
+        m.d.comb += acc.eq(req_q & gnt_q)
+        have_e = Signal()
+        chip_e = Signal(isa.SPAD_ADDR)
+        left_e = Signal(isa.COUNT + 1)
+        m.d.comb += [have_e.eq(r_have & ~(acc & last_q)),
+                     chip_e.eq(Mux(acc, r_chip_k, r_chip)),
+                     left_e.eq(Mux(acc, r_left_k, r_left))]
+        credits_ok = Mux(acc, credits > 1, credits != 0)
+        k = Signal(range(lanes + 1))
+        m.d.comb += k.eq(Mux(is_idx, 1, Mux(left_e < lanes, left_e, lanes)))
+        issue = Signal()                   # a read request (granted or not)
+        m.d.comb += issue.eq(have_e & credits_ok & ~seq.idx_rd_req)
+        m.d.sync += [req_q.eq(issue), gnt_q.eq(Mux(is_idx, self.idx_rd_gnt, self.spad_gnt)),
+                     k_q.eq(k), last_q.eq(left_e == k),
+                     r_chip_k.eq(chip_e + k), r_left_k.eq(left_e - k)]
+        with m.If(~have_e & rdq.r_rdy):
             m.d.comb += rdq.r_en.eq(1)
             m.d.sync += [r_have.eq(1), r_chip.eq(rdq.r_data.chip), r_left.eq(rdq.r_data.n)]
-        k = Signal(range(lanes + 1))
-        m.d.comb += k.eq(Mux(is_idx, 1, Mux(r_left < lanes, r_left, lanes)))
-        issue = Signal()
-        m.d.comb += issue.eq(r_have & (credits != 0) & ~seq.idx_rd_en &
-                             Mux(is_idx, self.idx_rd_gnt, self.spad_gnt))
-        with m.If(issue):
-            m.d.sync += [r_chip.eq(r_chip + k), r_left.eq(r_left - k)]
-            with m.If(r_left == k):
-                m.d.sync += r_have.eq(0)
-        m.d.sync += credits.eq(credits - issue + cq.r_en)
+        with m.Else():
+            m.d.sync += [r_have.eq(have_e), r_chip.eq(chip_e), r_left.eq(left_e)]
+        m.d.sync += credits.eq(credits - acc + cq.r_en)
         sp, ix = self.spad, self.idx
-        m.d.comb += [sp.rd_en.eq(issue & ~is_idx), sp.rd_addr.eq(r_chip)]
-        m.d.comb += [ix.rd_en.eq(Mux(seq.idx_rd_en, 1, issue & is_idx)),
-                     ix.rd_addr.eq(Mux(seq.idx_rd_en, seq.idx_rd_addr, r_chip)),
+        m.d.comb += [sp.rd_en.eq(issue & ~is_idx), sp.rd_addr.eq(chip_e)]
+        m.d.comb += [ix.rd_en.eq(Mux(seq.idx_rd_req, seq.idx_rd_en, issue & is_idx)),
+                     ix.rd_addr.eq(Mux(seq.idx_rd_req, seq.idx_rd_addr, chip_e)),
                      seq.idx_rd_data.eq(ix.rd_data)]
         # delay line of (valid, k) to the read data: SPAD_READ_LATENCY for the scratchpad,
         # IDX_READ_LATENCY for index memory
         pipe_v = [Signal(name=f"pv{i}") for i in range(lat)]
         pipe_k = [Signal(range(lanes + 1), name=f"pk{i}") for i in range(lat)]
-        m.d.sync += [pipe_v[0].eq(issue), pipe_k[0].eq(k)]
+        m.d.comb += [pipe_v[0].eq(acc), pipe_k[0].eq(k_q)]
         for i in range(1, lat):
             m.d.sync += [pipe_v[i].eq(pipe_v[i - 1]), pipe_k[i].eq(pipe_k[i - 1])]
         arr_v = Mux(is_idx, pipe_v[IDX_READ_LATENCY - 1], pipe_v[lat - 1])

@@ -15,7 +15,7 @@ from collections import deque
 
 import numpy as np
 import pytest
-from amaranth import Module
+from amaranth import Module, Mux, Signal
 from amaranth.lib import wiring
 from hwutil import make_rng, run_sim
 
@@ -146,10 +146,14 @@ def axi_write_slave(ax, ram, rng, p_ready=0.7, p_valid=0.7, base=0):
 class _Bench(wiring.Component):
     """A DMA unit with the real scratchpad and index memory behind its ports."""
 
-    def __init__(self, unit, cfg, spad_init, idx_init):
+    def __init__(self, unit, cfg, spad_init, idx_init, contention=False):
         self.unit = unit
         self.spad = Scratchpad(cfg, init=spad_init)
         self.idx = IdxMemory(cfg, init=[{"a": int(a), "b": int(b)} for a, b in idx_init])
+        self.contention = contention
+        # with contention, another user reads these addresses while the unit is not granted
+        self.other_spad = Signal(range(cfg.spad_words // spad_lanes(cfg)))
+        self.other_idx = Signal(range(cfg.idx_entries))
         super().__init__({})
 
     def elaborate(self, platform):
@@ -157,8 +161,21 @@ class _Bench(wiring.Component):
         m.submodules.unit = self.unit
         m.submodules.spad = self.spad
         m.submodules.idx = self.idx
-        wiring.connect(m, self.unit.spad, self.spad.port)
-        wiring.connect(m, self.unit.idx, self.idx.port)
+        if not self.contention:
+            wiring.connect(m, self.unit.spad, self.spad.port)
+            wiring.connect(m, self.unit.idx, self.idx.port)
+            return m
+        u = self.unit
+        for up, mp, rd_gnt, wr_gnt, other in (
+                (u.spad, self.spad.port, u.spad_gnt, u.spad_gnt, self.other_spad),
+                (u.idx, self.idx.port, u.idx_rd_gnt, u.idx_wr_gnt, self.other_idx)):
+            m.d.comb += [up.rd_data.eq(mp.rd_data),
+                         mp.rd_en.eq(Mux(rd_gnt, up.rd_en, 1)),
+                         mp.rd_addr.eq(Mux(rd_gnt, up.rd_addr, other)),
+                         mp.wr_en.eq(up.wr_en & wr_gnt), mp.wr_addr.eq(up.wr_addr),
+                         mp.wr_data.eq(up.wr_data)]
+            if hasattr(mp, "wr_mask"):
+                m.d.comb += mp.wr_mask.eq(up.wr_mask)
         return m
 
 
@@ -270,9 +287,25 @@ def initial_state(cfg, op, window, seed):
     return dram, spad, idx
 
 
+def port_contention(bench, unit, rng, p_gnt):
+    """Background testbench: the shared-port grants (``spad_gnt``, ``idx_rd_gnt``,
+    ``idx_wr_gnt``) each high with probability ``p_gnt`` in every cycle, as when a COMPUTE unit
+    takes the ports in the v2 top; while a grant is low, the memory reads another address and
+    ignores the unit's writes."""
+    async def process(ctx):
+        while True:
+            for g in (unit.spad_gnt, unit.idx_rd_gnt, unit.idx_wr_gnt):
+                ctx.set(g, rng.random() < p_gnt)
+            ctx.set(bench.other_spad, rng.randrange(1 << len(bench.other_spad)))
+            ctx.set(bench.other_idx, rng.randrange(1 << len(bench.other_idx)))
+            await ctx.tick()
+    return process
+
+
 def run_dma_sequence(cfg, op, descs, *, seed, window, regs, state=None, p_ready=0.7,
-                     p_valid=0.7, deadline=400_000):
+                     p_valid=0.7, deadline=400_000, p_gnt=None):
     """Run ``descs`` (field dicts) through the unit and through golden; compare everything.
+    ``p_gnt``: grant the shared memory ports only with this probability per cycle.
 
     Returns ``[(word, golden error code, golden sat events, golden bytes)]``.
     """
@@ -300,7 +333,7 @@ def run_dma_sequence(cfg, op, descs, *, seed, window, regs, state=None, p_ready=
                        after[1] - before[1] + after[2] - before[2]))
 
     unit = (LoadUnit if op == Opcode.LOAD else StoreUnit)(cfg)
-    bench = _Bench(unit, cfg, [int(x) for x in spad], idx)
+    bench = _Bench(unit, cfg, [int(x) for x in spad], idx, contention=p_gnt is not None)
     ram = AxiRamModel(dram.tobytes(), cfg.bus_bytes, window)
     got = []
     final = {}
@@ -335,6 +368,8 @@ def run_dma_sequence(cfg, op, descs, *, seed, window, regs, state=None, p_ready=
 
     procs = [axi_read_slave(unit.axi_r, ram, rng, p_ready, p_valid) if op == Opcode.LOAD else
              axi_write_slave(unit.axi_w, ram, rng, p_ready, p_valid)]
+    if p_gnt is not None:
+        procs.append(port_contention(bench, unit, rng, p_gnt))
     run_sim(bench, driver, processes=procs, deadline_cycles=deadline)
 
     for i, ((word, code, sat, nbytes), (g_code, g_sat, g_bytes)) in enumerate(zip(expect, got)):
@@ -363,6 +398,20 @@ def test_random_descriptors_match_golden(op, name):
     # the random mix must exercise success and the main faults
     assert ErrorCode.OK in codes and ErrorCode.DRAM_RANGE in codes, codes
     assert sum(c == ErrorCode.OK for _, c, _, _ in expect) >= 35
+
+
+@pytest.mark.parametrize("name", ["l4b32", "l8b64"])
+@pytest.mark.parametrize("op", [Opcode.LOAD, Opcode.STORE])
+def test_random_descriptors_under_port_contention(op, name):
+    """The memory ports granted in 55 % of the cycles: the units wait (STORE's grant reaches
+    its state a cycle late, through a register) and still match golden exactly."""
+    cfg = CONFIGS[name]
+    window = 10_000
+    rng = make_rng(zlib.crc32(f"gnt{op.name}{name}".encode()))
+    descs = [random_descriptor(rng, cfg, window, op == Opcode.STORE) for _ in range(40)]
+    expect = run_dma_sequence(cfg, op, descs, seed=int(op.value) * 13 + len(name),
+                              window=window, regs=REGS, p_gnt=0.55)
+    assert sum(c == ErrorCode.OK for _, c, _, _ in expect) >= 20
 
 
 def _base(**kw):
