@@ -445,6 +445,15 @@ def elaborate_v2(accel, platform):
         fcode = Signal(ErrorCode, name=f"mod{u}_fcode")
         report(fault, fcode, h.pc)
         is_end = op == Opcode.END.value
+        # the predicate, evaluated in every cycle and used in CHECK: the head does not change
+        # between IDLE and CHECK, and no queue state is written then (ROUTE writes it before
+        # its last state, and an instruction that depends on it waits for its token). The
+        # queue-state lookup ends here in a register, not in ``cowner`` and ``active``.
+        pred_bad = Signal(name=f"mod{u}_pred_bad")
+        pred_skip = Signal(name=f"mod{u}_pred_skip")
+        m.d.sync += [pred_bad.eq(hdr.pred_en & (hdr.pred_q >= cfg.max_experts)),
+                     pred_skip.eq(hdr.pred_en & (qstate[hdr.pred_q[:qbits]].len == 0))]
+
         def restart():
             # a START leaves any state (after a fault a module may be anywhere); no state
             # changes on its own in the START cycle (IDLE waits for it to pass)
@@ -465,10 +474,10 @@ def elaborate_v2(accel, platform):
             with m.State("CHECK"):
                 restart()
                 m.d.comb += instr_inc[u].eq(1)
-                with m.If(hdr.pred_en & (hdr.pred_q >= cfg.max_experts)):
+                with m.If(pred_bad):
                     m.d.comb += [fault.eq(1), fcode.eq(ErrorCode.BAD_FIELD)]
                     m.next = "STOP"
-                with m.Elif(hdr.pred_en & (qstate[hdr.pred_q[:qbits]].len == 0)):
+                with m.Elif(pred_skip):
                     m.d.comb += skip_inc[u].eq(1)
                     m.next = "PUSH"
                 if u == _COMPUTE:
