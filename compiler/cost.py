@@ -715,9 +715,9 @@ def _load_run(off, bursts, nbytes, n, es, lanes, bb, chunk, is_idx, lead=0):
 
 
 def _seq_strided(n_runs):
-    """DmaSequencer, STRIDED: the first run is offered 10 cycles after start (field and range
+    """DmaSequencer, STRIDED: the first run is offered 11 cycles after start (field and range
     checks), one run per cycle after that."""
-    return 10, ["e"] * n_runs, None
+    return 11, ["e"] * n_runs, None
 
 
 def _seq_spans(f, spans):
@@ -728,9 +728,9 @@ def _seq_spans(f, spans):
     total = int(sum(max(0, int(b)) for _, b in spans)) if c else 0
     scan = c + 2 if c else 1
     if c == 0:
-        return None, None, 6
+        return None, None, 7
     if total == 0:
-        return None, None, 6 + scan
+        return None, None, 7 + scan
     steps = []
     for _ in range(f["n1"]):
         q = total
@@ -739,10 +739,10 @@ def _seq_spans(f, spans):
             steps += ["r", "c"]
             if ln > 0 and q > 0:
                 rows = min(ln, q)
-                steps += ["c"] + ["e"] * rows
+                steps += ["c", "c"] + ["e"] * rows
                 q -= rows
             steps.append("c")
-    return 11 + scan, steps, None
+    return 12 + scan, steps, None
 
 
 def _load_cycles(f, starts, cfg, lanes, seq):
@@ -750,7 +750,7 @@ def _load_cycles(f, starts, cfg, lanes, seq):
     4-deep run FIFO) -> RAM -> data path (one run at a time)."""
     first, steps, empty = seq
     if first is None or len(starts) == 0:
-        return empty if empty is not None else 12
+        return empty if empty is not None else 13
     bb = cfg.bus_bytes
     chunk = max(2 * lanes, 8)
     es = _ES[f["dtype"].value]
@@ -829,7 +829,7 @@ def _store_cycles(f, starts, cfg, lanes, seq):
     from vitamin.hw.ports import IDX_READ_LATENCY, SPAD_READ_LATENCY
     first, steps, empty = seq
     if first is None or len(starts) == 0:
-        return empty if empty is not None else 12
+        return empty if empty is not None else 13
     bb = cfg.bus_bytes
     chunk = max(2 * lanes, 8)
     cap = bb + chunk

@@ -184,17 +184,15 @@ class DmaSequencer(wiring.Component):
         # -- the shared multiplier: one product per state, registered at the end of the state.
         # Its operands are registers that the PREVIOUS state loads ("ops for the next state"),
         # so no state decode or operand mux sits in front of the DSPs (that was ~10 ns of the
-        # product's path on the LFE5U-85F); only G_SPAN multiplies a span start that arrives
-        # from index memory in that same state and FIELDS a register-file value, which then
-        # bypass the operand register.
+        # product's path on the LFE5U-85F). The register-file value (FIELDS) and a span start
+        # from index memory (G_SPAN) are loaded into the operand register too, a state before
+        # their product: both come from across the chip (the index memory's read data was the
+        # whole ecp5 design's third-slowest path into ``prod``).
         blk_v = Mux(f.blk_reg == 0, 0, self.regs[f.blk_reg])
         mul_a_r = Signal(signed(36))
         mul_b = Signal(signed(34))
-        a_span = Signal()                  # this state is G_SPAN (set by G_RD)
-        a_blk = Signal()                   # this state is FIELDS (set by IDLE)
         mul_a = Signal(signed(36))
-        m.d.comb += mul_a.eq(Mux(a_span, self.idx_rd_data.a, Mux(a_blk, blk_v, mul_a_r)))
-        m.d.sync += [a_span.eq(0), a_blk.eq(0)]
+        m.d.comb += mul_a.eq(mul_a_r)
         prod = Signal(signed(70))
         m.d.sync += prod.eq(mul_a * mul_b)   # 36 x 34: 4 DSPs, ~3.4k LUT4 as logic
 
@@ -263,10 +261,14 @@ class DmaSequencer(wiring.Component):
                     # FIELDS: REG * blk_stride; the register is read in FIELDS (a unit may
                     # write it in this cycle), blk_stride comes with the instruction
                     ops_next(0, instr_view(isa.Dma, self.instr).blk_stride)
-                    m.d.sync += a_blk.eq(1)
                     m.next = "FIELDS"
 
             with m.State("FIELDS"):
+                m.d.comb += self.busy.eq(1)
+                m.d.sync += mul_a_r.eq(blk_v)
+                m.next = "BLK"
+
+            with m.State("BLK"):                    # REG * blk_stride
                 m.d.comb += self.busy.eq(1)
                 ops_next(f.n2 - 1, ds2)             # S_BASE
                 bad = ((f.run == 0) | (f.n0 == 0) | (f.n1 == 0) |
@@ -455,8 +457,6 @@ class DmaSequencer(wiring.Component):
                 m.d.comb += [self.idx_rd_req.eq(1), self.idx_rd_en.eq(self.idx_rd_gnt),
                              self.idx_rd_addr.eq(f.idx_addr + span_t)]
                 with m.If(self.idx_rd_gnt):
-                    ops_next(0, ds0)                # G_SPAN: a (read now) * ds0
-                    m.d.sync += a_span.eq(1)
                     m.next = "G_SPAN"
             with m.State("G_SPAN"):
                 m.d.comb += self.busy.eq(1)
@@ -465,10 +465,14 @@ class DmaSequencer(wiring.Component):
                 # The rows of one i1 pass never exceed the checked total, even if a LOAD into
                 # index memory has overwritten its own span list (see LoadUnit): bounded work.
                 m.d.sync += rows_left.eq(Mux(ln > q_left, q_left, ln))
+                ops_next(a, ds0)                    # G_MUL: a * ds0
                 with m.If((ln > 0) & (q_left != 0)):
-                    m.next = "G_ROW"
+                    m.next = "G_MUL"
                 with m.Else():
                     m.next = "G_NEXT"
+            with m.State("G_MUL"):
+                m.d.comb += self.busy.eq(1)
+                m.next = "G_ROW"
             with m.State("G_ROW"):
                 m.d.comb += self.busy.eq(1)
                 m.d.sync += d0.eq(d1 + prod)
