@@ -189,12 +189,12 @@ def elaborate_v2(accel, platform):
     macs_sum = sum((u.macs_inc for u in macs_units), Const(0, 1))
     macs_done = Signal(48)     # controller-computed MATMUL MACs (units without macs_inc)
     # the increments are registered first (they come late in the cycle, from the DMA units'
-    # grants and the units' saturation flags): these counters lag their events by one cycle;
-    # every event comes at least a cycle before its unit reports done, so the values are
-    # complete when the program ends
+    # grants, the units' saturation flags and MATMUL's k x n product): these counters lag
+    # their events by one cycle; every event comes at least a cycle before its unit reports
+    # done, so the values are complete when the program ends
     incs = [Signal.like(v, name=f"inc_{k}") for k, v in
-            (("sat", sat_sum), ("rd", rd_sum), ("wr", wr_sum))]
-    m.d.sync += [r.eq(v) for r, v in zip(incs, (sat_sum, rd_sum, wr_sum))]
+            (("sat", sat_sum), ("rd", rd_sum), ("wr", wr_sum), ("macs", macs_sum))]
+    m.d.sync += [r.eq(v) for r, v in zip(incs, (sat_sum, rd_sum, wr_sum, macs_sum))]
     m.d.sync += [cnt["sat_events"].eq(cnt["sat_events"] + incs[0]),
                  cnt["dram_read_bytes"].eq(cnt["dram_read_bytes"] + incs[1]),
                  cnt["dram_write_bytes"].eq(cnt["dram_write_bytes"] + incs[2])]
@@ -417,7 +417,7 @@ def elaborate_v2(accel, platform):
         mm_rows_k = Signal(33)
         m.d.sync += [mm_rows_k.eq(rows_mm * mmf.k), macs_done.eq(mm_rows_k * mmf.n)]
 
-    m.d.sync += cnt["macs"].eq(cnt["macs"] + macs_sum)
+    m.d.sync += cnt["macs"].eq(cnt["macs"] + incs[3])
     for u in range(3):
         q, h, hdr = queues[u], heads[u], head_hdr[u]
         op = hdr.opcode.as_value()
@@ -518,7 +518,7 @@ def elaborate_v2(accel, platform):
                         m.d.sync += cowner.eq(NOBODY)
                         if count_mm:
                             with m.If((op == Opcode.MATMUL.value) & (u_err == ErrorCode.OK)):
-                                m.d.sync += cnt["macs"].eq(cnt["macs"] + macs_sum +
+                                m.d.sync += cnt["macs"].eq(cnt["macs"] + incs[3] +
                                                            macs_done)
                     with m.If(u_err != ErrorCode.OK):
                         m.d.comb += [fault.eq(1), fcode.eq(u_err)]

@@ -79,8 +79,8 @@ _GELU_BITS = 32
 # Saturation events per element: acc, 32-bit (GELU), activation, residual; plus one for each of
 # the optional row-norm and SPAD_ADD stages.
 _EVENTS_PER_LANE = 4
-#: Register stages added by ``row_norm=True`` (product, shift, round + saturate).
-ROW_NORM_STAGES = 3
+#: Register stages added by ``row_norm=True`` (input, product, shift, round + saturate).
+ROW_NORM_STAGES = 4
 #: Register stages added by ``spad_add=True`` (product, round + add + saturate).
 SPAD_ADD_STAGES = 2
 #: Width of the destination word read back for ``SPAD_ADD`` (a scratchpad word).
@@ -349,18 +349,22 @@ class Epilogue(wiring.Component):
         # `core` is the line as the base lane sees it, `acc_core` its accumulators and
         # `ev_rn_core` the row-norm saturation events, all aligned with `core`.
         if self._row_norm:
-            rn_en = chain(line.op.row_norm, 2, "rn_en")
+            # stage 1 registers the line: the multipliers start from a register beside them,
+            # not from the gearbox's sub-line multiplexer (on the LFE5U-85F that path crossed
+            # the chip into the DSP rows)
+            rn_en = chain(line.op.row_norm, 3, "rn_en")
             # 15 + k - exp_shift >= 15 - 15 = 0 for any k (exp_shift <= 15 as act_bits >= 2).
-            sh_1 = reg(15 + line.k - exp_shift(cfg), "rn_sh_1", unsigned(8))
+            sh = chain(15 + line.k - exp_shift(cfg), 2, "rn_sh", unsigned(8))
+            r_1 = reg(line.r, "rn_r_1")
             acc_core, ev_rn_core = [], []
             for c in range(cols):
-                acc = chain(line.lanes[c].acc, 2, f"rn_acc_{c}")
-                p_1 = reg(acc[0] * line.r, f"rn_p_1_{c}", signed(cfg.acc_bits + 18))
-                t_2 = reg((p_1 << 1) >> sh_1, f"rn_t_2_{c}", signed(cfg.acc_bits + 19))
-                v, ev = _saturate(_round_shifted(t_2), cfg.acc_bits)
-                acc_core.append(reg(Mux(rn_en[2], v, acc[2]), f"rn_v_3_{c}",
+                acc = chain(line.lanes[c].acc, 3, f"rn_acc_{c}")
+                p_2 = reg(acc[1] * r_1, f"rn_p_2_{c}", signed(cfg.acc_bits + 18))
+                t_3 = reg((p_2 << 1) >> sh[2], f"rn_t_3_{c}", signed(cfg.acc_bits + 19))
+                v, ev = _saturate(_round_shifted(t_3), cfg.acc_bits)
+                acc_core.append(reg(Mux(rn_en[3], v, acc[3]), f"rn_v_4_{c}",
                                     signed(cfg.acc_bits)))
-                ev_rn_core.append(reg(ev & rn_en[2], f"rn_ev_3_{c}"))
+                ev_rn_core.append(reg(ev & rn_en[3], f"rn_ev_4_{c}"))
             core = chain(line, ROW_NORM_STAGES, "rn_line")[-1]
         else:
             core = line

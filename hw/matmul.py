@@ -92,9 +92,9 @@ computes it exactly)::
     P     = max(1 + side, epi_ratio) on the last K slice of an epilogue, else 1 (slots per row;
             ``epi_ratio = cols / epi_lanes``: a narrow epilogue takes that many cycles per line,
             so the sequencer leaves idle slots between those rows)
-    drain = 10 + log2(rows) (out = ACC), 30 + log2(rows) (epilogue: + Epilogue.latency)
+    drain = 10 + log2(rows) (out = ACC), 31 + log2(rows) (epilogue: + Epilogue.latency)
 
-For a plain MATMUL (``L = m``, ``m + rows >= 4``) this is ``T * KT * (m + rows) + 42 +
+For a plain MATMUL (``L = m``, ``m + rows >= 4``) this is ``T * KT * (m + rows) + 43 +
 log2(rows)`` (``22 + log2(rows)`` for ``out = ACC``), against the cost model's ``T * KT * m +
 MM_FILL`` (``MM_FILL = 24``): the weight tile costs ``rows`` slots per tile because it shares
 the single scratchpad read port with the A lines, and the fixed part is the check phase plus
