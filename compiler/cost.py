@@ -14,7 +14,7 @@ default hardware is (``hw.accel.DEFAULT_ISSUE``, v2):
       while a token queue it pushes holds ``token_depth``), then the next; a queue entry can
       start 2 cycles after its dispatch, a token the cycle after its push; MARK and skipped
       instructions take CHECK and PUSH only; END waits for fetch to stop and the LOAD and
-      STORE queues to drain;
+      STORE queues to drain, and the machine halts two cycles after its CHECK;
     * unit cycles: the exact figures of the v1 model below (:func:`v1_unit_cycles`: the units
       are the same; COMPUTE units are fixed pipelines that own the memory ports);
     * contention, by a fixed point over :data:`V2_PASSES` passes, each using the previous pass's
@@ -379,7 +379,7 @@ def _estimate_v2(program, sim_result=None) -> Estimate:
                         if any(x is None for x in rest):
                             break
                         g = max([g, D[pc] + 1] + [x + 1 for x in rest])
-                        S[pc], R[pc], total = g + 1, g + 1, g + 2
+                        S[pc], R[pc], total = g + 1, g + 1, g + 3
                         mi[u] += 1
                         progress = True
                         continue

@@ -403,7 +403,10 @@ def elaborate_v2(accel, platform):
 
     mark_set = Signal()
     mark_id = Signal(16)
+    # END completes one cycle after its CHECK (a register between the END decode, the token
+    # counts and the halt logic)
     end_fire = Signal()
+    m.d.sync += end_fire.eq(0)
     wd_fire = Signal()
 
     # MATMUL MACs computed by the top when the unit does not count them (as v1)
@@ -491,7 +494,7 @@ def elaborate_v2(accel, platform):
                         with m.If(~seq_mode & left):
                             m.d.comb += [fault.eq(1), fcode.eq(ErrorCode.DEADLOCK)]
                         with m.Else():
-                            m.d.comb += end_fire.eq(1)
+                            m.d.sync += end_fire.eq(1)
                         m.next = "STOP"
                 with m.Else():
                     with m.Switch(hdr.opcode):
@@ -753,14 +756,19 @@ def elaborate_v2(accel, platform):
           *[tok_pop[k] | tok_push[k] for k in _TOKQ], *start_sig]
     for mem in mems.values():
         hs += [mem.port.rd_en, mem.port.wr_en]
-    m.d.comb += progress.eq(Cat(*hs).any())
     stall = Signal(32)
     running_prog = Signal()
     m.d.comb += running_prog.eq(started)
-    # a cycle without progress is counted one cycle later: ``progress`` gathers enables from
-    # every unit and memory port across the chip, so it ends in a register
+    # a cycle without progress is counted two cycles later: the enables come from every unit
+    # and memory port across the chip, so each is registered where it is made, and their OR
+    # is registered again
+    hs_r = [Signal(name=f"prog_ev{i}") for i in range(len(hs))]
+    m.d.sync += [r.eq(v) for r, v in zip(hs_r, hs, strict=True)]
+    m.d.comb += progress.eq(Cat(*hs_r).any())
+    running_d = Signal()
+    m.d.sync += running_d.eq(running_prog)
     stall_ev = Signal()
-    m.d.sync += stall_ev.eq(running_prog & ~progress)
+    m.d.sync += stall_ev.eq(running_d & ~progress)
     with m.If(start_pulse):
         m.d.sync += stall.eq(0)
     with m.Elif(stall_ev):
