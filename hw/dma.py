@@ -239,6 +239,7 @@ class DmaSequencer(wiring.Component):
         rows_left = Signal(32)
         q_left = Signal.like(total)
         span_t = Signal(unsigned(33))
+        g_acc = Signal()                   # G_RD's read was granted
 
         err = Signal(ErrorCode)
         m.d.comb += self.error.eq(err)
@@ -456,8 +457,10 @@ class DmaSequencer(wiring.Component):
                 m.d.comb += self.busy.eq(1)
                 m.d.comb += [self.idx_rd_req.eq(1), self.idx_rd_en.eq(self.idx_rd_gnt),
                              self.idx_rd_addr.eq(f.idx_addr + span_t)]
-                with m.If(self.idx_rd_gnt):
-                    m.next = "G_SPAN"
+                # the late grant goes into a register, not into the state: G_SPAN goes back
+                # here if the read was not granted
+                m.d.sync += g_acc.eq(self.idx_rd_gnt)
+                m.next = "G_SPAN"
             with m.State("G_SPAN"):
                 m.d.comb += self.busy.eq(1)
                 a = self.idx_rd_data.a
@@ -466,7 +469,9 @@ class DmaSequencer(wiring.Component):
                 # index memory has overwritten its own span list (see LoadUnit): bounded work.
                 m.d.sync += rows_left.eq(Mux(ln > q_left, q_left, ln))
                 ops_next(a, ds0)                    # G_MUL: a * ds0
-                with m.If((ln > 0) & (q_left != 0)):
+                with m.If(~g_acc):
+                    m.next = "G_RD"
+                with m.Elif((ln > 0) & (q_left != 0)):
                     m.next = "G_MUL"
                 with m.Else():
                     m.next = "G_NEXT"

@@ -734,6 +734,16 @@ class SoftmaxRowUnit(wiring.Component):
             (cnt < 0, ErrorCode.BAD_FIELD),
             (f.idx_addr + cnt > cfg.idx_entries, ErrorCode.IDX_RANGE),
         ])
+        # Both are registered in every cycle and used at step n_steps: they hold the values of
+        # step n_steps - 1, where span_in is already there (its product lands at the end of
+        # step 1) and nothing else changes (the fields are the instruction's, and only the
+        # running COMPUTE unit, this one, writes registers). The register-file read and the
+        # range sums end here, not in the state register.
+        assert n_steps >= 3
+        err_fields_r = Signal(4, name="err_fields_r")
+        err_spans_r = Signal(4, name="err_spans_r")
+        m.d.sync += [err_fields_r.eq(err_fields), err_spans_r.eq(err_spans)]
+        err_fields, err_spans = err_fields_r, err_spans_r
         err_out = _first_error([
             (f.out_addr + span_out + f.n > cfg.spad_words, ErrorCode.SPAD_RANGE),
             (online & (f.rs_base + f.m > cfg.rowstate_rows), ErrorCode.ROWSTATE_RANGE),
