@@ -792,7 +792,7 @@ def _load_cycles(f, starts, cfg, lanes, seq):
         last_take = t0 + lt
         last_emit = t0 + le
         ar_free = (t0 + far if len(bursts) > 1 else ar_hs) + 1
-    return max(last_emit + 1, acc + 2 + tail)
+    return max(last_emit + 2, acc + 2 + tail)     # the write queue: +1 after the last emit
 
 
 class _Fifo:

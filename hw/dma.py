@@ -25,9 +25,12 @@ so the checks cost about ten cycles per instruction and a handful of DSPs, not n
 Shared memory ports: ``spad_gnt``, ``idx_rd_gnt`` and ``idx_wr_gnt`` (inputs, 1 unless driven)
 say that this unit may use the scratchpad / index-memory port in this cycle. The v2 top drives
 them low while the COMPUTE module uses the port (compute pipelines have no backpressure, so they
-always win): LOAD then holds its packed elements (and, once its byte buffer is full, AXI
-``rready``), STORE delays its next read (its read pipeline has a fixed latency from the granted
-read), and the span-list reads of the sequencer wait.
+always win): LOAD's two-entry write queue then holds its packed elements (and, once the queue
+and the byte buffer are full, AXI ``rready``), STORE repeats its read request (its read
+pipeline has a fixed latency from the granted read), and the span-list reads of the sequencer
+wait. The grants arrive late in the cycle, so both units take them into registers only (LOAD's
+queue read side, STORE's ``gnt_q``, the sequencer's ``g_acc``), never into their buffers or
+address counters.
 
 v1 limits (performance only, never results): each run is its own burst sequence (contiguous
 runs are not merged), and a run's bytes are packed before the next run's beats are accepted.
@@ -658,11 +661,21 @@ class LoadUnit(_DmaUnit):
                          k.eq(chunk_of(dq.r_data.n)), chip.eq(dq.r_data.chip)]
         need = Signal(range(chunk + 1))
         m.d.comb += need.eq(k << es_log)
+        # The packed elements go into a two-entry write queue, which writes them when the port
+        # is granted: the late grant (the running COMPUTE unit's write enable, through the
+        # owner multiplexer) only moves the queue's read side, not the byte buffer, and the
+        # memories' write request is a register. Each write lands one cycle later than it is
+        # packed; with the port free, one write per cycle.
+        spad_word = data.ArrayLayout(signed(16), lanes)
+        wq_layout = data.StructLayout({"idx": 1, "addr": isa.SPAD_ADDR, "mask": lanes,
+                                       "data": spad_word, "entry": 64})
+        m.submodules.wrq = wrq = fifo.SyncFIFO(width=wq_layout.size, depth=2)
+        w_in = data.View(wq_layout, wrq.w_data)
+        w_hd = data.View(wq_layout, wrq.r_data)
         emit = Signal()
         want = Signal()
         m.d.comb += [want.eq(have & (el_left != 0) & (cnt >= need)),
-                     emit.eq(want & Mux(is_idx, self.idx_wr_gnt, self.spad_gnt)),
-                     self.spad_wr_req.eq(want & ~is_idx), self.idx_wr_req.eq(want & is_idx)]
+                     emit.eq(want & wrq.w_rdy), wrq.w_en.eq(emit)]
         consumed = Signal(range(chunk + 1))
         m.d.comb += consumed.eq(Mux(emit, need, 0))
 
@@ -677,9 +690,7 @@ class LoadUnit(_DmaUnit):
         take = Signal()
         m.d.comb += take.eq(ax.rvalid & ax.rready)
 
-        # Both outcomes of this cycle's write are prepared and ``emit`` picks one at the end: the
-        # grant in ``emit`` depends on the COMPUTE unit's port use in this cycle, which can come
-        # late (from a unit's memory read data), so it must not feed the byte shifter.
+        # Both outcomes of this cycle's write are prepared and ``emit`` picks one at the end.
         got = Signal(range(bb + 1))
         m.d.comb += got.eq(Mux(take, nb, 0))
         m.d.sync += buf.eq(Mux(emit, _shift_in(m, buf, cnt, need, ax.rdata, cap, skip),
@@ -688,24 +699,33 @@ class LoadUnit(_DmaUnit):
         with m.If(take):
             m.d.sync += [rx_left.eq(rx_left - nb), first.eq(0)]
 
-        # writes
+        # writes: packed into the queue entry ...
         bytes_ = _bytes_of(buf, cap)
-        sp = self.spad
-        m.d.comb += [sp.wr_addr.eq(chip), sp.wr_en.eq(emit & ~is_idx),
-                     sp.wr_mask.eq(Cat(*[i < k for i in range(lanes)]))]
+        m.d.comb += [w_in.idx.eq(is_idx), w_in.addr.eq(chip),
+                     w_in.mask.eq(Cat(*[i < k for i in range(lanes)])),
+                     w_in.entry.eq(Cat(*bytes_[0:8]))]
         for i in range(lanes):
             b8 = Cat(bytes_[i]) if i < len(bytes_) else Const(0, 8)
             w16 = Cat(bytes_[2 * i], bytes_[2 * i + 1]) if 2 * i + 1 < cap else Const(0, 16)
             with m.Switch(f.dtype):
                 with m.Case(DType.I8):
-                    m.d.comb += sp.wr_data[i].eq(b8.as_signed())
+                    m.d.comb += w_in.data[i].eq(b8.as_signed())
                 with m.Case(DType.U8):
-                    m.d.comb += sp.wr_data[i].eq(b8)
+                    m.d.comb += w_in.data[i].eq(b8)
                 with m.Default():
-                    m.d.comb += sp.wr_data[i].eq(w16.as_signed())
-        ix = self.idx
-        m.d.comb += [ix.wr_addr.eq(chip), ix.wr_en.eq(emit & is_idx),
-                     ix.wr_data.a.eq(Cat(*bytes_[0:4])), ix.wr_data.b.eq(Cat(*bytes_[4:8]))]
+                    m.d.comb += w_in.data[i].eq(w16.as_signed())
+        # ... and written from the queue's head when granted
+        sp, ix = self.spad, self.idx
+        gnt = Mux(w_hd.idx, self.idx_wr_gnt, self.spad_gnt)
+        m.d.comb += [wrq.r_en.eq(wrq.r_rdy & gnt),
+                     self.spad_wr_req.eq(wrq.r_rdy & ~w_hd.idx),
+                     self.idx_wr_req.eq(wrq.r_rdy & w_hd.idx),
+                     sp.wr_en.eq(wrq.r_rdy & ~w_hd.idx & self.spad_gnt),
+                     sp.wr_addr.eq(w_hd.addr), sp.wr_mask.eq(w_hd.mask),
+                     sp.wr_data.eq(w_hd.data),
+                     ix.wr_en.eq(wrq.r_rdy & w_hd.idx & self.idx_wr_gnt),
+                     ix.wr_addr.eq(w_hd.addr),
+                     ix.wr_data.a.eq(w_hd.entry[:32]), ix.wr_data.b.eq(w_hd.entry[32:])]
         m.d.comb += self.dram_rd_inc.eq(consumed)
         el_next = Signal.like(el_left)
         m.d.comb += el_next.eq(el_left - k)
@@ -732,7 +752,7 @@ class LoadUnit(_DmaUnit):
             m.d.sync += [busy.eq(1), gen_done.eq(0), err.eq(ErrorCode.OK), bus_err.eq(0)]
         with m.If(seq.finished):
             m.d.sync += [gen_done.eq(1), err.eq(seq.error)]
-        drained = gen_done & ~ar_busy & dq.empty & ~have
+        drained = gen_done & ~ar_busy & dq.empty & ~have & ~wrq.r_rdy
         with m.If(busy & drained):
             m.d.comb += ctl.done.eq(1)
             m.d.sync += busy.eq(0)
