@@ -81,12 +81,12 @@ SHIFT_MAX = 62
 EPS_E_MAX = 40
 # Address registers hold an address plus one stride (the row after the last one): 2^22 + 2^22.
 PTR_BITS = isa.SPAD_ADDR + 2
-# ONLINE: cycles per row beyond the two passes (row-state read 2, pipeline 11 +
+# ONLINE: cycles per row beyond the two passes (row-state read 2, pipeline 12 +
 # SPAD_READ_LATENCY, row-state write 1), and from the start of a row to its end when 1/s must
 # wait for the recip table (SoftmaxRowUnit.row_cycles; checked by
 # tests/test_hw_rowops.py::test_row_timing).
-_ONLINE_ROW_OVERHEAD = 14 + SPAD_READ_LATENCY
-_ONLINE_RECIP_CYCLES = 20 + SPAD_READ_LATENCY
+_ONLINE_ROW_OVERHEAD = 15 + SPAD_READ_LATENCY
+_ONLINE_RECIP_CYCLES = 21 + SPAD_READ_LATENCY
 # FIFO depth (chunks) between the scratchpad reader and the stream units. A read is issued only
 # when its chunk has a place in the FIFO; the credit comes back 6 cycles after the issue (read
 # latency 3, FIFO write, FIFO output register, take), so 8 keeps the reads back to back while
@@ -646,15 +646,16 @@ class SoftmaxRowUnit(wiring.Component):
     the chunks once for the running max and sum (``row_lanes + 1`` exp lanes, the extra one for
     the rescale factor), stream them again to write ``E(z(m, x)) >> exp_shift``; the extra lane
     of the first replayed chunk gives ``c = E(z(m, m_old))``, and ``1/s`` is normalised with
-    the ``recip`` table when ``last`` is set. Rows do not overlap: ``2 * C + 16`` cycles per row
-    (at least ``C + 22`` with ``last``, :meth:`row_cycles`).
+    the ``recip`` table when ``last`` is set. Rows do not overlap: ``2 * C + 18`` cycles per row
+    (at least ``C + 24`` with ``last``, :meth:`row_cycles`).
     Pipeline (one chunk per cycle, no stalls)::
 
-        A  scratchpad data, lane mask            S4-S7 exp2 table read and interpolation
-        S0 chunk register                        S8    E = rnd(T >> int(z)), masked
-        S1 running max (loop)                    S9    lane sum / output rnd(E >> exp_shift)
-        S2 (hi - x) * mult                       S10   s = rnd(s * scale >> 15) + sum (loop)
-        S3 z = rnd(. >> shift)
+        A  scratchpad data, lane mask            S5-S8 exp2 table read and interpolation
+        S0 chunk register                        S9    E = rnd(T >> int(z)), masked
+        S1 running max (loop)                    S10   lane sum / output rnd(E >> exp_shift)
+        S2 hi - x                                S11   s = rnd(s * scale >> 15) + sum (loop)
+        S3 (hi - x) * mult
+        S4 z = rnd(. >> shift)
 
     Attributes
     ----------
@@ -684,8 +685,9 @@ class SoftmaxRowUnit(wiring.Component):
         """Cycles per row without the per-instruction overhead and the key-span walk.
 
         FULL: :meth:`SoftmaxUnit.row_cycles`. ONLINE: the row-state read (2), both passes
-        (``2 * C``), the pipeline (13) and the row-state write (1); with ``last``, at least
-        22 cycles after the first pass for ``1/s``.
+        (``2 * C``), the pipeline (12 + ``SPAD_READ_LATENCY``) and the row-state write (1);
+        with ``last``, at least 21 + ``SPAD_READ_LATENCY`` cycles after the first pass for
+        ``1/s``.
         """
         chunks = -(-n // self._config.row_lanes)
         if SmMode(mode) == SmMode.FULL:
@@ -1030,7 +1032,7 @@ class SoftmaxRowUnit(wiring.Component):
         def pipe(name, stages, shape):
             return [Signal(shape, name=f"{name}_{i}") for i in range(stages)]
 
-        n_st = 10                         # S0 .. S9
+        n_st = 11                         # S0 .. S10
         valid = pipe("on_valid", n_st, 1)
         p2 = pipe("on_pass2", n_st, 1)
         first = pipe("on_first", n_st, 1)
@@ -1073,15 +1075,18 @@ class SoftmaxRowUnit(wiring.Component):
             anyv[1].eq(vm[0].any()),
             x1.eq(x0),
         ]
-        # S2: differences times mult (hi >= x on valid lanes: 0..65535)
-        prod2 = pipe("on_prod", n_e, 31)
+        # S2: differences (hi >= x on valid lanes: 0..65535), registered beside the multipliers
+        d2 = pipe("on_diff", n_e, 16)
         for lane in range(R):
-            m.d.sync += prod2[lane].eq(Mux(vm[1][lane], (hi1 - x1[lane])[:16], 0) * mult)
-        m.d.sync += prod2[sc].eq(Mux(sc_en[1], (sc_hi1 - sc_lo1)[:16], 0) * mult)
-        # S3: z
+            m.d.sync += d2[lane].eq(Mux(vm[1][lane], (hi1 - x1[lane])[:16], 0))
+        m.d.sync += d2[sc].eq(Mux(sc_en[1], (sc_hi1 - sc_lo1)[:16], 0))
+        # S3: times mult
+        prod2 = pipe("on_prod", n_e, 31)
+        m.d.sync += [prod2[lane].eq(d2[lane] * mult) for lane in range(n_e)]
+        # S4: z
         z3 = pipe("on_z", n_e, 31)
         m.d.sync += [z3[lane].eq(_rnd(prod2[lane], f.shift)) for lane in range(n_e)]
-        # S4..S7: table (INTERP_LATENCY stages), integer part of z alongside
+        # S5..S8: table (INTERP_LATENCY stages), integer part of z alongside
         spec = table_spec("exp2", cfg)
         tab = make_table("exp2", cfg)
         t7 = []
@@ -1096,26 +1101,26 @@ class SoftmaxRowUnit(wiring.Component):
             nxt = [Signal(range(ip_cap + 1), name=f"on_ip{lane}") for lane in range(n_e)]
             m.d.sync += [nxt[lane].eq(ip[lane]) for lane in range(n_e)]
             ip = nxt
-        assert INTERP_LATENCY == 4   # S4..S7
-        # S8: E, masked
+        assert INTERP_LATENCY == 4   # S5..S8
+        # S9: E, masked
         e8 = pipe("on_e", n_e, 16)
         for lane in range(R):
-            m.d.sync += e8[lane].eq(Mux(vm[7][lane], _rnd(t7[lane], ip[lane]), 0))
-        m.d.sync += e8[sc].eq(Mux(sc_en[7], _rnd(t7[sc], ip[sc]), 0))
-        # S9: lane sum and scale (pass 1); outputs (pass 2); c
+            m.d.sync += e8[lane].eq(Mux(vm[8][lane], _rnd(t7[lane], ip[lane]), 0))
+        m.d.sync += e8[sc].eq(Mux(sc_en[8], _rnd(t7[sc], ip[sc]), 0))
+        # S10: lane sum and scale (pass 1); outputs (pass 2); c
         esum9 = Signal(16 + R.bit_length())
         scale9 = Signal(16)
         out9 = Signal(data.ArrayLayout(WORD, R))
         es = exp_shift(cfg)
         m.d.sync += [esum9.eq(sum(e8[:R])), scale9.eq(e8[sc])]
         m.d.sync += [out9[lane].eq(_rnd_const(e8[lane], es)) for lane in range(R)]
-        with m.If(valid[8] & p2[8] & first[8]):
+        with m.If(valid[9] & p2[9] & first[9]):
             m.d.sync += c_row.eq(e8[sc])
-        # S10: running sum
-        with m.If(valid[9] & ~p2[9] & anyv[9]):
+        # S11: running sum
+        with m.If(valid[10] & ~p2[10] & anyv[10]):
             m.d.sync += s_run.eq(_rnd_const(s_run * scale9, 15) + esum9)
         s_done = Signal()
-        m.d.sync += s_done.eq(valid[9] & ~p2[9] & last[9])
+        m.d.sync += s_done.eq(valid[10] & ~p2[10] & last[10])
 
         # 1/s = r * 2^-15 * 2^-k (recip_norm), after the last pass-1 chunk
         rc_spec = table_spec("recip", cfg)
@@ -1151,8 +1156,8 @@ class SoftmaxRowUnit(wiring.Component):
         busy = Signal()
         # (1/s is only written with `last`)
         m.d.comb += busy.eq(Cat(*valid).any() | (f.last & Cat(s_done, *rc_v).any()))
-        return {"load": load, "busy": busy, "state": state, "wr_en": valid[9] & p2[9],
-                "wr_cbase": cbase[9], "wr_data": out9}
+        return {"load": load, "busy": busy, "state": state, "wr_en": valid[10] & p2[10],
+                "wr_cbase": cbase[10], "wr_data": out9}
 
 
 class LayerNormRowUnit(wiring.Component):
