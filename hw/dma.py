@@ -79,10 +79,12 @@ def _es_log(dtype):
 
 
 class _Fifo:
-    """A SyncFIFO whose entries are ``layout`` values (``w_data``/``r_data`` are views)."""
+    """A SyncFIFO whose entries are ``layout`` values (``w_data``/``r_data`` are views);
+    ``buffered=False``: an entry is readable the cycle after its write (``SyncFIFO``)."""
 
-    def __init__(self, m, name, layout, depth):
-        self.fifo = fifo.SyncFIFOBuffered(width=data.Layout.cast(layout).size, depth=depth)
+    def __init__(self, m, name, layout, depth, buffered=True):
+        cls = fifo.SyncFIFOBuffered if buffered else fifo.SyncFIFO
+        self.fifo = cls(width=data.Layout.cast(layout).size, depth=depth)
         m.submodules[name] = self.fifo
         self.w_data = data.View(layout, self.fifo.w_data)
         self.r_data = data.View(layout, self.fifo.r_data)
@@ -194,10 +196,8 @@ class DmaSequencer(wiring.Component):
         blk_v = Mux(f.blk_reg == 0, 0, self.regs[f.blk_reg])
         mul_a_r = Signal(signed(36))
         mul_b = Signal(signed(34))
-        mul_a = Signal(signed(36))
-        m.d.comb += mul_a.eq(mul_a_r)
         prod = Signal(signed(70))
-        m.d.sync += prod.eq(mul_a * mul_b)   # 36 x 34: 4 DSPs, ~3.4k LUT4 as logic
+        m.d.sync += prod.eq(mul_a_r * mul_b)   # 36 x 34: 4 DSPs, ~3.4k LUT4 as logic
 
         def ops_next(a, b):
             m.d.sync += [mul_a_r.eq(a), mul_b.eq(b)]
@@ -666,12 +666,10 @@ class LoadUnit(_DmaUnit):
         # owner multiplexer) only moves the queue's read side, not the byte buffer, and the
         # memories' write request is a register. Each write lands one cycle later than it is
         # packed; with the port free, one write per cycle.
-        spad_word = data.ArrayLayout(signed(16), lanes)
         wq_layout = data.StructLayout({"idx": 1, "addr": isa.SPAD_ADDR, "mask": lanes,
-                                       "data": spad_word, "entry": 64})
-        m.submodules.wrq = wrq = fifo.SyncFIFO(width=wq_layout.size, depth=2)
-        w_in = data.View(wq_layout, wrq.w_data)
-        w_hd = data.View(wq_layout, wrq.r_data)
+                                       "data": self.spad.wr_data.shape(), "entry": 64})
+        wrq = _Fifo(m, "wrq", wq_layout, 2, buffered=False)
+        w_in, w_hd = wrq.w_data, wrq.r_data
         emit = Signal()
         want = Signal()
         m.d.comb += [want.eq(have & (el_left != 0) & (cnt >= need)),
