@@ -12,7 +12,8 @@ of the slots guarantees that the array's weight shadow is complete before the fi
 tile and free when the next tile's weights arrive, so no stream ever stalls (a simulation-only
 ``protocol_error`` flag checks this and the FIFO levels)::
 
-    sequencer --S0--> IDX / row-state read (queue entry, c, r, k)
+    sequencer ------> slot and its IDX / row-state addresses registered
+              --S0--> IDX / row-state read (queue entry, c, r, k)
               --S1--> row * stride operands (the token row from IDX) into registers
               --S1b-> row * stride products (two 24 x 22-bit multipliers)
               --S2--> scratchpad read address (and the range checks of the check phase)
@@ -83,7 +84,7 @@ computes it exactly)::
     cycles = 4 + check + sum over the T * KT tiles of (W + CH + PAD + L * P) + drain
 
     check = 2 + (L with gather or scatter) + (ceil(4 n / lanes) with an epilogue and chan_en)
-            + CHECK_DRAIN (6)       -- or the validity scan if longer (acc_in != ZERO:
+            + CHECK_DRAIN (8)       -- or the validity scan if longer (acc_in != ZERO:
                                        about T * (L / 16 + 1) cycles)
     W     = rows  (b_trans: cols + rows)
     CH    = max(1, 4 cols / lanes) on the last K slice of an epilogue with chan_en, else 0
@@ -92,13 +93,13 @@ computes it exactly)::
     P     = max(1 + side, epi_ratio) on the last K slice of an epilogue, else 1 (slots per row;
             ``epi_ratio = cols / epi_lanes``: a narrow epilogue takes that many cycles per line,
             so the sequencer leaves idle slots between those rows)
-    drain = 10 + log2(rows) (out = ACC), 31 + log2(rows) (epilogue: + Epilogue.latency)
+    drain = 12 + log2(rows) (out = ACC); epilogue: that + Epilogue.latency (21 for tiny)
 
-For a plain MATMUL (``L = m``, ``m + rows >= 4``) this is ``T * KT * (m + rows) + 43 +
-log2(rows)`` (``22 + log2(rows)`` for ``out = ACC``), against the cost model's ``T * KT * m +
-MM_FILL`` (``MM_FILL = 24``): the weight tile costs ``rows`` slots per tile because it shares
-the single scratchpad read port with the A lines, and the fixed part is the check phase plus
-the pipeline depth (the controller's contract has no early ``done``).
+For a plain MATMUL (``L = m``, ``m + rows >= 4``) this is ``T * KT * (m + rows) + 26 +
+log2(rows) + Epilogue.latency`` (``26 + log2(rows)`` for ``out = ACC``), against the cost
+model's ``T * KT * m + MM_FILL`` (``MM_FILL = 24``): the weight tile costs ``rows`` slots per
+tile because it shares the single scratchpad read port with the A lines, and the fixed part is
+the check phase plus the pipeline depth (the controller's contract has no early ``done``).
 """
 
 from __future__ import annotations
@@ -237,16 +238,16 @@ class MatmulUnit(wiring.Component):
     @property
     def acc_drain(self) -> int:
         """Cycles from the last issued slot to the last accumulator write (``out = ACC``)."""
-        return 3 + SPAD_READ_LATENCY + self._mac.latency + 3
+        return 4 + SPAD_READ_LATENCY + self._mac.latency + 3
 
     @property
     def run_drain(self) -> int:
         """Cycles from the last issued slot to the last scratchpad write (epilogue)."""
         return self.acc_drain + self._epi.latency
 
-    #: Cycles from the last check slot to its flags (S1, S1b, S2 + scratchpad latency + flag
+    #: Cycles from the last check slot to its flags (S0, S1, S1b, S2 + scratchpad latency + flag
     #: register).
-    CHECK_DRAIN = 3 + SPAD_READ_LATENCY + 1
+    CHECK_DRAIN = 4 + SPAD_READ_LATENCY + 1
 
     def tile_slots(self, *, k, n, rows_l, b_trans=False, epilogue=True, chan_en=False,
                    res_en=False, spad_add=False):
@@ -383,14 +384,15 @@ class MatmulUnit(wiring.Component):
             "oaddr": s_aw,
         })
 
-        t0 = Signal(tag_layout)         # S0: the slot issued this cycle (comb)
+        t0 = Signal(tag_layout)         # the slot issued this cycle (comb, from the sequencer)
+        t0q = Signal(tag_layout)        # S0: the issued slot, registered; reads its memories
         t1 = Signal(tag_layout)
         t1b = Signal(tag_layout)        # S1b: the row products, from registered operands
         t2 = Signal(tag_layout)
         # S2 + 1 .. D: the slot waits for its scratchpad data (SPAD_READ_LATENCY stages)
         t_rd = [Signal(tag_layout, name=f"t{3 + i}") for i in range(SPAD_READ_LATENCY)]
         t3, t4 = t_rd[0], t_rd[-1]      # t4 = D: scratchpad data of the slot is valid
-        m.d.sync += [t1.eq(t0), t3.eq(t2)]
+        m.d.sync += [t0q.eq(t0), t1.eq(t0q), t3.eq(t2)]
         m.d.sync += [b.eq(a) for a, b in zip(t_rd, t_rd[1:])]
 
         # -- sequencer ----------------------------------------------------------------------------
@@ -415,7 +417,7 @@ class MatmulUnit(wiring.Component):
         issuing_done = Signal()
 
         # kt == 0 and kt == KT - 1 as registers set with kt: they steer the slot issued this
-        # cycle, whose row index addresses index memory in the same cycle (S0)
+        # cycle, whose index-memory address is registered with it
         kt_first = Signal()
         kt_last = Signal()
         epi_t = kt_last & epi_i
@@ -613,9 +615,14 @@ class MatmulUnit(wiring.Component):
                 m.next = "IDLE"
 
         # -- S0: queue entry and row state reads ------------------------------------------------
+        # The addresses are registered with the slot (the sequencer's multiplexers and these
+        # sums do not reach the shared index memory's port in the same cycle).
+        idx_a0 = Signal.like(self.idx.rd_addr)
+        rs_a0 = Signal.like(self.rs.rd_addr)
+        m.d.sync += [idx_a0.eq(qoff + t0.i), rs_a0.eq(f.rs_base + t0.i)]
         m.d.comb += [
-            self.idx.rd_en.eq(1), self.idx.rd_addr.eq(qoff + t0.i),
-            self.rs.rd_en.eq(1), self.rs.rd_addr.eq(f.rs_base + t0.i),
+            self.idx.rd_en.eq(1), self.idx.rd_addr.eq(idx_a0),
+            self.rs.rd_en.eq(1), self.rs.rd_addr.eq(rs_a0),
         ]
 
         # -- S1: row * stride products ------------------------------------------------------------
@@ -968,7 +975,7 @@ class MatmulUnit(wiring.Component):
                        vw_busy, stale)
 
         # nothing is left in the pipeline when an instruction ends
-        in_flight = Cat(*(t.kind.as_value() != _Op.NOP.value for t in (t1, t1b, t2, *t_rd)),
+        in_flight = Cat(*(t.kind.as_value() != _Op.NOP.value for t in (t0q, t1, t1b, t2, *t_rd)),
                         *(p.valid for p in pt[1:]), r1.valid, r2.valid, r3.valid, pushing)
         protocol(finishing & ((chan_fifo.level != 0) | (res_fifo.level != 0)
                               | (old_fifo.level != 0) | (wr_fifo.level != 0) | in_flight.any()))
