@@ -6,11 +6,17 @@
                         --axi_r--\\                 /-- Accelerator.m_axi_r
                         --axi_w--> AxiArbiter x2 <---- Accelerator.m_axi_w
                                        |
+                                 AxiSlice x2  (a register on every channel)
+                                       |
                          SdramController (ULX3S) | SpramMemory (iCEBreaker)
 
 :class:`AxiReadArbiter` / :class:`AxiWriteArbiter` grant the memory to one master per burst
 (the accelerator first, the bridge when the accelerator is not asking). The host only touches
-memory while the accelerator is idle, so the bridge never waits long.
+memory while the accelerator is idle, so the bridge never waits long. :class:`AxiReadSlice` /
+:class:`AxiWriteSlice` put a register on each channel between the arbiters and the memory
+controller, so that no path runs from an accelerator unit through the arbiter into the SDRAM
+controller's command registers and pins (the slowest paths of the placed ULX3S design before
+they were added).
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from vitamin.hw.bridge import Bridge, UartBridge
 from vitamin.hw.ports import AxiRead, AxiWrite
 from vitamin.hw.sdram import SdramBus, SdramController, SdramGeometry, SdramTiming
 
-__all__ = ["AxiReadArbiter", "AxiWriteArbiter", "SpramMemory", "BoardCore"]
+__all__ = ["AxiReadArbiter", "AxiWriteArbiter", "AxiReadSlice", "AxiWriteSlice", "SpramMemory",
+           "BoardCore"]
 
 
 def _fwd(m, src, dst, names):
@@ -98,6 +105,65 @@ class AxiWriteArbiter(wiring.Component):
             m.d.sync += [busy.eq(1), sel.eq(pick)]
         with m.If(s.bvalid & s.bready):
             m.d.sync += busy.eq(0)
+        return m
+
+
+def _skid(m, name, src_valid, src_ready, src_data, dst_valid, dst_ready, dst_data):
+    """One registered stage of a valid/ready channel, at full throughput.
+
+    ``dst_valid``/``dst_data`` come from the output register and ``src_ready`` from a register
+    (the skid entry is empty), so neither side's combinational logic reaches the other. A beat
+    accepted while the output is stalled waits in the skid entry. One cycle of latency.
+    """
+    width = len(src_data)
+    out_v = Signal(name=f"{name}_v")
+    out_d = Signal(width, name=f"{name}_d")
+    skid_v = Signal(name=f"{name}_skid_v")
+    skid_d = Signal(width, name=f"{name}_skid_d")
+    m.d.comb += [src_ready.eq(~skid_v), dst_valid.eq(out_v), dst_data.eq(out_d)]
+    with m.If(~out_v | dst_ready):
+        with m.If(skid_v):
+            m.d.sync += [out_v.eq(1), out_d.eq(skid_d), skid_v.eq(0)]
+        with m.Else():
+            m.d.sync += [out_v.eq(src_valid), out_d.eq(src_data)]
+    with m.Elif(src_valid & ~skid_v):
+        m.d.sync += [skid_v.eq(1), skid_d.eq(src_data)]
+
+
+class AxiReadSlice(wiring.Component):
+    """A register stage on both channels of an AXI4 read port (``m`` from the master, ``s`` to
+    the slave): AR forward, R back, each one beat per cycle with one cycle of latency."""
+
+    def __init__(self, data_bits=32, addr_bits=32):
+        sig = AxiRead(data_bits, addr_bits)
+        super().__init__({"m": In(sig), "s": Out(sig)})
+
+    def elaborate(self, platform):
+        m = Module()
+        a, b = self.m, self.s
+        _skid(m, "ar", a.arvalid, a.arready, Cat(a.araddr, a.arlen, a.arsize, a.arburst, a.arid),
+              b.arvalid, b.arready, Cat(b.araddr, b.arlen, b.arsize, b.arburst, b.arid))
+        _skid(m, "r", b.rvalid, b.rready, Cat(b.rdata, b.rresp, b.rlast, b.rid),
+              a.rvalid, a.rready, Cat(a.rdata, a.rresp, a.rlast, a.rid))
+        return m
+
+
+class AxiWriteSlice(wiring.Component):
+    """A register stage on the three channels of an AXI4 write port: AW and W forward, B back."""
+
+    def __init__(self, data_bits=32, addr_bits=32):
+        sig = AxiWrite(data_bits, addr_bits)
+        super().__init__({"m": In(sig), "s": Out(sig)})
+
+    def elaborate(self, platform):
+        m = Module()
+        a, b = self.m, self.s
+        _skid(m, "aw", a.awvalid, a.awready, Cat(a.awaddr, a.awlen, a.awsize, a.awburst, a.awid),
+              b.awvalid, b.awready, Cat(b.awaddr, b.awlen, b.awsize, b.awburst, b.awid))
+        _skid(m, "w", a.wvalid, a.wready, Cat(a.wdata, a.wstrb, a.wlast),
+              b.wvalid, b.wready, Cat(b.wdata, b.wstrb, b.wlast))
+        _skid(m, "b", b.bvalid, b.bready, Cat(b.bresp, b.bid),
+              a.bvalid, a.bready, Cat(a.bresp, a.bid))
         return m
 
 
@@ -249,7 +315,11 @@ class BoardCore(wiring.Component):
             m.d.comb += self.init_done.eq(mem.init_done)
         else:
             mem = m.submodules.spram = SpramMemory()
-        wiring.connect(m, rarb.s, mem.axi_r)
-        wiring.connect(m, warb.s, mem.axi_w)
+        rsl = m.submodules.rslice = AxiReadSlice()
+        wsl = m.submodules.wslice = AxiWriteSlice()
+        wiring.connect(m, rarb.s, rsl.m)
+        wiring.connect(m, warb.s, wsl.m)
+        wiring.connect(m, rsl.s, mem.axi_r)
+        wiring.connect(m, wsl.s, mem.axi_w)
         m.d.comb += self.irq.eq(acc.irq)
         return m

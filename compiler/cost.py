@@ -726,7 +726,7 @@ def _seq_spans(f, spans):
     ``ready``); or (None, None, cycles) when no run is generated."""
     c = len(spans)
     total = int(sum(max(0, int(b)) for _, b in spans)) if c else 0
-    scan = c + 2 if c else 1
+    scan = c + 3 if c else 1
     if c == 0:
         return None, None, 7
     if total == 0:

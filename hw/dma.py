@@ -221,6 +221,9 @@ class DmaSequencer(wiring.Component):
         count = Signal(signed(33))
         scan_t = Signal(unsigned(33))
         scan_pend = Signal()               # a span-list read is in flight
+        scan_v = Signal()                  # the span read two cycles ago is in scan_a/scan_ln
+        scan_a = Signal(signed(32))
+        scan_ln = Signal(signed(32))
         neg_len = Signal()
         total = Signal(range((1 << 23) + 1))   # saturating sum of span lengths
         min_start = Signal(signed(32))
@@ -385,9 +388,13 @@ class DmaSequencer(wiring.Component):
                 m.d.sync += scan_pend.eq(issue)
                 with m.If(issue):
                     m.d.sync += scan_t.eq(scan_t + 1)
-                with m.If(scan_pend):
-                    a = self.idx_rd_data.a
-                    ln = self.idx_rd_data.b
+                # the span is registered before the sums and comparisons (the index memory's
+                # data crosses the chip from the shared port)
+                m.d.sync += [scan_v.eq(scan_pend), scan_a.eq(self.idx_rd_data.a),
+                             scan_ln.eq(self.idx_rd_data.b)]
+                with m.If(scan_v):
+                    a = scan_a
+                    ln = scan_ln
                     end = Signal(signed(34))
                     m.d.comb += end.eq(a + ln)
                     with m.If(ln < 0):
@@ -404,7 +411,7 @@ class DmaSequencer(wiring.Component):
                             m.d.sync += rlo.eq(a)
                         with m.If(end - 1 > rhi):
                             m.d.sync += rhi.eq(end - 1)
-                with m.If((scan_t >= count.as_unsigned()) & ~scan_pend):
+                with m.If((scan_t >= count.as_unsigned()) & ~scan_pend & ~scan_v):
                     m.next = "P_TOTAL"
             with m.State("P_TOTAL"):
                 m.d.comb += self.busy.eq(1)

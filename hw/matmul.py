@@ -298,7 +298,7 @@ class MatmulUnit(wiring.Component):
         if f["acc_in"] != AccIn.ZERO:
             lo = f["acc_addr"]
             scan = self._walk_words([(lo + t * m, lo + t * m + rows_l) for t in range(t_n)])
-            check = max(check, scan + 1)
+            check = max(check, scan + 2)
         run = self.tile_slots(k=k, n=n, rows_l=rows_l, b_trans=f["b_trans"],
                               epilogue=epilogue, chan_en=f["chan_en"], res_en=f["res_en"],
                               spad_add=f["out"] == OutMode.SPAD_ADD)
@@ -1010,7 +1010,12 @@ class MatmulUnit(wiring.Component):
         w = Signal(18)          # current word
         tiles = Signal(17)      # ranges left including the current one
         clear = Signal()
-        m.d.comb += busy.eq(tiles != 0)
+        walking = Signal()
+        # a scanned word and its mask are registered, then compared: `busy` covers that stage
+        cmp_v = Signal()
+        cmp_word = Signal(vw)
+        cmp_mask = Signal(vw)
+        m.d.comb += [walking.eq(tiles != 0), busy.eq(walking | cmp_v)]
 
         w_lo = lo >> lvw
         w_hi = (hi - 1) >> lvw
@@ -1026,20 +1031,23 @@ class MatmulUnit(wiring.Component):
         with m.Elif(start_clear):
             m.d.sync += [lo.eq(f.acc_addr), hi.eq(f.acc_addr + used), w.eq(f.acc_addr >> lvw),
                          tiles.eq(1), clear.eq(1)]
-        with m.Elif(busy):
-            with m.If(~clear & ((cur & mask) != mask)):
-                m.d.sync += stale.eq(1)
+        with m.Elif(walking):
             with m.If(w == w_hi):
                 m.d.sync += [tiles.eq(tiles - 1), lo.eq(lo + f.m), hi.eq(hi + f.m),
                              w.eq((lo + f.m) >> lvw)]
             with m.Else():
                 m.d.sync += w.eq(w + 1)
 
+        m.d.sync += [cmp_v.eq(walking & ~clear & ~start_scan & ~start_clear),
+                     cmp_word.eq(cur), cmp_mask.eq(mask)]
+        with m.If(cmp_v & ((cmp_word & cmp_mask) != cmp_mask)):
+            m.d.sync += stale.eq(1)
+
         # out = ACC marks every line it writes on the last K slice
         set_en = r3.valid & r3.kt_last & out_acc
         set_w = r3.line >> lvw
         set_b = r3.line[:lvw]
         for i, word in enumerate(words):
-            clr = Mux(busy & clear & (w == i), mask, 0)
+            clr = Mux(walking & clear & (w == i), mask, 0)
             setv = Mux(set_en & (set_w == i), Const(1, vw) << set_b, 0)
             m.d.sync += word.eq((word & ~clr) | setv)

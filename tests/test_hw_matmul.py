@@ -616,7 +616,10 @@ def test_matmul_cycle_count(cfg):
              dict(m=2, k=5, n=8, out=OutMode.ACC, acc_addr=100),
              dict(m=2, k=3, n=7, acc_in=AccIn.ACC, acc_addr=100),
              dict(m=5, k=4, n=6, gather=1, scatter=1, queue=2, out=OutMode.SPAD_ADD),
-             dict(m=16, k=16, n=16), dict(m=32, k=6, n=4)]
+             dict(m=16, k=16, n=16), dict(m=32, k=6, n=4),
+             # 12 column tiles: the validity scan (12 words) outlasts the check slots
+             dict(m=2, k=3, n=48, out=OutMode.ACC, acc_addr=120),
+             dict(m=2, k=3, n=48, acc_in=AccIn.ACC, acc_addr=120, out=OutMode.ACC)]
     words, plain = [], []
     for c in cases:
         f = _fields(cfg, rng, zone_in=zin, zone_out=zout, chan_addr=zchan, **c)
