@@ -439,11 +439,16 @@ def elaborate_v2(accel, platform):
         active = Signal(range(n_units + 1), name=f"mod{u}_unit", init=n_units)
         u_done = Signal(name=f"mod{u}_done")
         u_err = Signal(ErrorCode, name=f"mod{u}_err")
-        with m.Switch(active):
-            for i in set(mine.values()):
-                with m.Case(i):
-                    m.d.comb += [u_done.eq(instances[i].ctl.done),
-                                 u_err.eq(instances[i].ctl.error)]
+        # Only the unit this module started raises `done` (for one cycle), so the module's done
+        # and error are ORs over its units, each error gated by its own unit's done: no
+        # selection by `active`, whose register sits beside the controller (a path from
+        # `active` out to the units and back into `halting` crossed the chip twice).
+        done_or, err_or = Const(0), Const(0, len(u_err.as_value()))
+        for i in sorted(set(mine.values())):
+            ctl_i = instances[i].ctl
+            done_or = done_or | ctl_i.done
+            err_or = err_or | Mux(ctl_i.done, ctl_i.error.as_value(), 0)
+        m.d.comb += [u_done.eq(done_or), u_err.eq(err_or)]
         fault = Signal(name=f"mod{u}_fault")
         fcode = Signal(ErrorCode, name=f"mod{u}_fcode")
         report(fault, fcode, h.pc)
