@@ -39,14 +39,14 @@ exact; :func:`select_cycles` derives its arguments from the instruction and the 
     + 1 + iters * (N + 2)                           SELECT: start, scans
     + 2 * (N + 5)                                   two walks
     + 3                                             registers, done
-    = cnt + 8 + (N > 0) * (sum_c ceil(l_c / spad_lanes) + 12) + iters * (N + 2) + 2 * (N + 5)
+    = cnt + 8 + (N > 0) * (sum_c ceil(l_c / spad_lanes) + 13) + iters * (N + 2) + 2 * (N + 5)
 
-with ``l_c`` the clipped chunk lengths, ``SCORE_DRAIN`` the depth of the score pipeline (12) and
+with ``l_c`` the clipped chunk lengths, ``SCORE_DRAIN`` the depth of the score pipeline (13) and
 ``iters`` the number of scans: 0 when ``R <= 0`` or ``N = 0``, else the number of chunks that
 give tokens plus 1 when the budget is not used up by them. A fault is reported after CHECK
 (2 cycles), after LAST (``cnt + 4``) or after the counting walk. E.g. 32 chunks of 128 tokens
 (4096 keys, all below the limit), budget 1024 with 128 sink and 128 recent tokens, 16 lanes:
-40 + SCORE 32 * 8 + 12 + 6 scans of 34 + walks 74 = 586 cycles.
+40 + SCORE 32 * 8 + 13 + 6 scans of 34 + walks 74 = 587 cycles.
 
 Watchdog: the SELECT scans and the walks' reads use only the unit's own memory, which the
 accelerator's watchdog does not see as progress. A SELECT whose selection phase exceeds the
@@ -83,7 +83,7 @@ __all__ = ["SelectUnit", "select_cycles", "SCORE_DRAIN"]
 #: Cycles from the last scratchpad read of the SCORE phase to the end of the phase: the request
 #: register, read latency, the sum, the table pipeline, the product, the rounding, the entry
 #: write.
-SCORE_DRAIN = 1 + SPAD_READ_LATENCY + 1 + INTERP_LATENCY + 2 + 1
+SCORE_DRAIN = 1 + SPAD_READ_LATENCY + 2 + INTERP_LATENCY + 2 + 1
 
 
 def _bits(n: int) -> int:
@@ -254,28 +254,30 @@ class SelectUnit(wiring.Component):
         p0 = Signal(pipe)
         m.d.sync += [p0.valid.eq(ta.valid & ta.last), p0.s.eq(acc_n), p0.c.eq(ta.c),
                      p0.a.eq(ta.a), p0.l.eq(ta.l)]
-        # rsqrt_norm(l): k = (bitlen(l) - 1) // 2, u = l * 2^(16 - 2k) (truncating)
+        # rsqrt_norm(l): k = (bitlen(l) - 1) // 2 (P0 -> P0b, registered), then
+        # u = l * 2^(16 - 2k) (truncating) into the table: the leading-one search and the
+        # shifter took one cycle together with the table's address (20 ns on the LFE5U-85F)
         blen = Signal(range(lw + 1))
         l_any, l_msb = msb_index(p0.l)
         m.d.comb += blen.eq(Mux(l_any, l_msb + 1, 0))
         k0 = Signal(5)
         m.d.comb += k0.eq((blen - 1) >> 1)
+        p0b = Signal(pipe)
+        m.d.sync += [p0b.eq(p0), p0b.k.eq(k0)]
         spec = table_spec("rsqrt", cfg)
         ub = interp_input_bits(spec)
         u = Signal(ub)
         shl = Signal(6)
-        m.d.comb += shl.eq(16 - 2 * k0)
-        with m.If(2 * k0 >= 16):
-            m.d.comb += u.eq(p0.l >> (2 * k0 - 16)[:6])
+        m.d.comb += shl.eq(16 - 2 * p0b.k)
+        with m.If(2 * p0b.k >= 16):
+            m.d.comb += u.eq(p0b.l >> (2 * p0b.k - 16)[:6])
         with m.Else():
-            m.d.comb += u.eq(p0.l << shl)
+            m.d.comb += u.eq(p0b.l << shl)
         [r_out] = build_interp(m, spec, make_table("rsqrt", cfg), [u], Const(1, 1), name="rsqrt")
-        dl = [p0]
+        dl = [p0b]
         for i in range(INTERP_LATENCY):
             d = Signal(pipe, name=f"d{i + 1}")
             m.d.sync += d.eq(dl[-1])
-            if i == 0:
-                m.d.sync += d.k.eq(k0)
             dl.append(d)
         d4 = dl[-1]
         # P5: the product; P6: the rounded score and the chunk's tokens outside F
@@ -291,7 +293,7 @@ class SelectUnit(wiring.Component):
                                        "n": lw}))
         m.d.sync += [p6.valid.eq(p5.valid), p6.score.eq(score), p6.c.eq(p5.c), p6.lo.eq(lo_c),
                      p6.n.eq(Mux(hi_c > lo_c, hi_c - lo_c, 0))]
-        pipe_busy = Cat(*[t.valid for t in tags[1:]], p0.valid,
+        pipe_busy = Cat(*[t.valid for t in tags[1:]], p0.valid, p0b.valid,
                         *[d.valid for d in dl[1:]], p5.valid, p6.valid).any()
 
         # -- SELECT state ---------------------------------------------------------------------
