@@ -31,12 +31,12 @@ reset (which may cut an instruction short) an INIT scan clears all ``max_experts
 table is written last, after the queue entries, as the golden model does, so the two may
 overlap. Cycles from ``start`` to ``done`` of a successful ROUTE (:meth:`RouteUnit.cycles`)::
 
-    1 + (m*k + 2) + 1 + (n_experts + 1) + max(m*k + 2, max_experts - n_experts + 1)
+    1 + (m*k + 3) + 1 + (n_experts + 1) + max(m*k + 3, max_experts - n_experts + 1)
       + (n_experts + 1) + 1
-    = 2 * m * k + 2 * n_experts + 9      unless clearing the unused queue registers is longer
+    = 2 * m * k + 2 * n_experts + 11     unless clearing the unused queue registers is longer
 
-e.g. 197 tokens, top-2, 16 experts: 829 cycles. A fault is reported after CHECK (2 cycles) or
-after COUNT and CLEAR (``m*k + n_experts + 6``).
+e.g. 197 tokens, top-2, 16 experts: 831 cycles. A fault is reported after CHECK (2 cycles) or
+after COUNT and CLEAR (``m*k + n_experts + 7``).
 
 Restriction (the golden model must mirror it): PLACE re-reads the routing input while it writes
 queue entries, so the queue entries ``q_addr .. q_addr + nq - 1`` (``nq`` = entries with an
@@ -166,9 +166,9 @@ class RouteUnit(wiring.Component):
     def cycles(self, m: int, k: int, n_experts: int) -> int:
         """Cycles from ``start`` to ``done`` of a ROUTE that does not fault."""
         mk = m * k
-        place = max(mk + 2, self._cfg.max_experts - n_experts + 1)
+        place = max(mk + 3, self._cfg.max_experts - n_experts + 1)
         # CHECK, COUNT, CHECK2, PREFIX, PLACE, TABLE, then the done cycle.
-        return 1 + (mk + 2) + 1 + (n_experts + 1) + place + (n_experts + 1) + 1
+        return 1 + (mk + 3) + 1 + (n_experts + 1) + place + (n_experts + 1) + 1
 
     def elaborate(self, platform):
         cfg = self._cfg
@@ -195,7 +195,8 @@ class RouteUnit(wiring.Component):
         sc = Signal(range(cfg.max_experts + 1))     # expert scan (PREFIX, TABLE, CLEAR)
         zq = Signal(range(cfg.max_experts + 1))     # queue registers cleared in PLACE
         run = Signal(aw)                            # prefix sum of the queue lengths
-        # Pipeline: s1 = IDX data of the read issued in the previous cycle; s2 = cnt/ptr data.
+        # Pipeline: s1 = IDX data of the read issued in the previous cycle, s1b = that data
+        # registered; s2 = cnt/ptr data.
         s1_v = Signal()
         s1_tok = Signal.like(tok)
         s2_v = Signal()
@@ -205,9 +206,14 @@ class RouteUnit(wiring.Component):
         p_v = Signal()                              # scan pipeline (cnt data valid)
         p_e = Signal(range(cfg.max_experts))
         m.d.sync += [s1_v.eq(0), s2_v.eq(0), p_v.eq(0)]
-
-        e_in = idx.rd_data.a
-        p_in = idx.rd_data.b
+        # s1b: the entry registered beside this unit before its checks and the cnt/ptr reads
+        # (the index memory's data crosses the chip from the shared port)
+        s1b_v = Signal()
+        s1b_tok = Signal.like(tok)
+        e_in = Signal(signed(32))
+        p_in = Signal(signed(32))
+        m.d.sync += [s1b_v.eq(s1_v), s1b_tok.eq(s1_tok), e_in.eq(idx.rd_data.a),
+                     p_in.eq(idx.rd_data.b)]
         ne = f.n_experts
         issue = Signal()
         m.d.comb += [idx.rd_addr.eq(f.idx_addr + ri), issue.eq(ri < mk)]
@@ -262,7 +268,7 @@ class RouteUnit(wiring.Component):
 
             with m.State("COUNT"):
                 read_entries()
-                with m.If(s1_v):
+                with m.If(s1b_v):
                     with m.If((e_in < -1) | (e_in >= ne)):
                         m.d.sync += bad_expert.eq(1)
                     with m.Elif(e_in >= 0):
@@ -270,7 +276,7 @@ class RouteUnit(wiring.Component):
                         m.d.sync += [s2_v.eq(1), s2_e.eq(e_in), nq.eq(nq + 1)]
                 m.d.comb += [cnt_w.en.eq(s2_v), cnt_w.addr.eq(s2_e),
                              cnt_w.data.eq(cnt_r.data + 1)]
-                with m.If(~issue & ~s1_v):   # the last increment (s2) is written now
+                with m.If(~issue & ~s1_v & ~s1b_v):   # the last increment (s2) is written now
                     m.next = "CHECK2"
 
             with m.State("CHECK2"):
@@ -303,9 +309,9 @@ class RouteUnit(wiring.Component):
 
             with m.State("PLACE"):
                 read_entries()
-                with m.If(s1_v & (e_in >= 0)):
+                with m.If(s1b_v & (e_in >= 0)):
                     m.d.comb += ptr_r.addr.eq(e_in)
-                    m.d.sync += [s2_v.eq(1), s2_e.eq(e_in), s2_tok.eq(s1_tok), s2_p.eq(p_in)]
+                    m.d.sync += [s2_v.eq(1), s2_e.eq(e_in), s2_tok.eq(s1b_tok), s2_p.eq(p_in)]
                 with m.If(s2_v):
                     m.d.comb += [idx.wr_en.eq(1), idx.wr_addr.eq(ptr_r.data),
                                  idx.wr_data.a.eq(s2_tok), idx.wr_data.b.eq(s2_p),
@@ -315,7 +321,7 @@ class RouteUnit(wiring.Component):
                     m.d.comb += [qp.wr_en.eq(1), qp.wr_addr.eq(zq), qp.wr_off.eq(0),
                                  qp.wr_len.eq(0)]
                     m.d.sync += zq.eq(zq + 1)
-                with m.If(~issue & ~s1_v & (zq == cfg.max_experts)):
+                with m.If(~issue & ~s1_v & ~s1b_v & (zq == cfg.max_experts)):
                     m.d.sync += [sc.eq(0), run.eq(0)]
                     m.next = "TABLE"
 
