@@ -2,7 +2,7 @@
 
 ::
 
-    rx/tx -> UartBridge --axil--------------------------> Accelerator.s_axil
+    rx/tx -> UartBridge --axil--> AxiLiteSlice ---------> Accelerator.s_axil
                         --axi_r--\\                 /-- Accelerator.m_axi_r
                         --axi_w--> AxiArbiter x2 <---- Accelerator.m_axi_w
                                        |
@@ -26,13 +26,13 @@ from amaranth.lib import stream, wiring
 from amaranth.lib.wiring import In, Out
 
 from vitamin.config import get_config
-from vitamin.hw.accel import Accelerator
+from vitamin.hw.accel import Accelerator, AxiLite
 from vitamin.hw.bridge import Bridge, UartBridge
 from vitamin.hw.ports import AxiRead, AxiWrite
 from vitamin.hw.sdram import SdramBus, SdramController, SdramGeometry, SdramTiming
 
-__all__ = ["AxiReadArbiter", "AxiWriteArbiter", "AxiReadSlice", "AxiWriteSlice", "SpramMemory",
-           "BoardCore"]
+__all__ = ["AxiReadArbiter", "AxiWriteArbiter", "AxiReadSlice", "AxiWriteSlice", "AxiLiteSlice",
+           "SpramMemory", "BoardCore"]
 
 
 def _fwd(m, src, dst, names):
@@ -164,6 +164,30 @@ class AxiWriteSlice(wiring.Component):
               b.wvalid, b.wready, Cat(b.wdata, b.wstrb, b.wlast))
         _skid(m, "b", b.bvalid, b.bready, Cat(b.bresp, b.bid),
               a.bvalid, a.bready, Cat(a.bresp, a.bid))
+        return m
+
+
+class AxiLiteSlice(wiring.Component):
+    """A register stage on the five channels of the accelerator's AXI4-Lite port (between the
+    bridge and ``Accelerator.s_axil``): the host's register writes (CTRL.CLEAR, START) reached
+    the memories' clear addresses through the bridge's state machine in one cycle."""
+
+    def __init__(self, addr_bits=12):
+        sig = AxiLite(addr_bits)
+        super().__init__({"m": In(sig), "s": Out(sig)})
+
+    def elaborate(self, platform):
+        m = Module()
+        a, b = self.m, self.s
+        _skid(m, "aw", a.awvalid, a.awready, Cat(a.awaddr, a.awprot),
+              b.awvalid, b.awready, Cat(b.awaddr, b.awprot))
+        _skid(m, "w", a.wvalid, a.wready, Cat(a.wdata, a.wstrb),
+              b.wvalid, b.wready, Cat(b.wdata, b.wstrb))
+        _skid(m, "b", b.bvalid, b.bready, b.bresp, a.bvalid, a.bready, a.bresp)
+        _skid(m, "ar", a.arvalid, a.arready, Cat(a.araddr, a.arprot),
+              b.arvalid, b.arready, Cat(b.araddr, b.arprot))
+        _skid(m, "r", b.rvalid, b.rready, Cat(b.rdata, b.rresp),
+              a.rvalid, a.rready, Cat(a.rdata, a.rresp))
         return m
 
 
@@ -302,7 +326,9 @@ class BoardCore(wiring.Component):
             wiring.connect(m, wiring.flipped(self.i), br.i)
             wiring.connect(m, br.o, wiring.flipped(self.o))
             m.d.comb += self.bridge_busy.eq(br.busy)
-        wiring.connect(m, br.axil, acc.s_axil)
+        lsl = m.submodules.lslice = AxiLiteSlice()
+        wiring.connect(m, br.axil, lsl.m)
+        wiring.connect(m, lsl.s, acc.s_axil)
         rarb = m.submodules.rarb = AxiReadArbiter()
         warb = m.submodules.warb = AxiWriteArbiter()
         wiring.connect(m, acc.m_axi_r, rarb.m0)
