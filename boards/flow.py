@@ -346,7 +346,11 @@ def _open_flow(board, cfg, out_dir, progress, seed, timeout, units=None, clock_m
                                        + ("--placer static --router router1 "
                                           if board.family == "ecp5" else "--router router2 ")
                                        + f"--report {name}_pnr.json "
-                                       f"--timing-allow-fail",
+                                       # the routed design, for `vitamin.sim.placed_sta
+                                       # --routed` (which paths to cut next)
+                                       + (f"--write {name}_routed.json "
+                                          if board.family == "ecp5" else "")
+                                       + "--timing-allow-fail",
                           debug_verilog=False)
     plan.extract(str(out_dir))
     if board.family == "ecp5":

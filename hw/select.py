@@ -11,13 +11,15 @@ Micro-architecture (sequential, one memory of chunk entries)
 A local memory ``chunks`` of ``cfg.idx_entries`` entries (the largest chunk list: the whole index
 memory, so no extra limit) holds per candidate chunk ``(avail, score, lo, n, t)``. Phases::
 
-    CHECK   fields (BAD_FIELD), count register >= 0 (BAD_FIELD), chunk list (IDX_RANGE), score
+    CHECK   (two cycles: the count and the field checks are registered, then checked) fields
+            (BAD_FIELD), count register >= 0 (BAD_FIELD), chunk list (IDX_RANGE), score
             region (SPAD_RANGE); F = [0, sk) U [rs, limit) and R = budget - |F|
     LIST    read the cnt chunk starts (one per cycle), check >= 0 and strictly ascending; chunk
             c = [a_c, min(a_(c+1), limit)) with a_c < limit goes to chunks[c] as (lo = a_c,
             n = length); N = number of candidates (a prefix of the list)
     LAST    the last chunk (ends at seq); BAD_FIELD here if a start was out of order
-    SCORE   for c < N: scratchpad reads of spad_lanes words from in_addr + a_c (ceil(l /
+    SCORE   (one cycle to register the first entry; each next entry is read ahead)
+            for c < N: scratchpad reads of spad_lanes words from in_addr + a_c (ceil(l /
             spad_lanes) reads, lanes beyond the chunk masked), summed exactly; then
             (r, k) = rsqrt_norm(l) from the shared interpolated ROM (hw/rom.py, contents from
             golden/tables.py), score = rnd(S * r, 15 + k); chunks[c] <- (n' > 0, score, lo',
@@ -27,26 +29,26 @@ memory, so no extra limit) holds per candidate chunk ``(avail, score, lo, n, t)`
             (highest score, the first of equal ones); take t = min(R, n') of it
             (chunks[c].t <- t, avail <- 0), R -= t; stop when R = 0 or none is left
     WALK    merge the pieces [0, sk), [lo'_c, lo'_c + t_c) (c ascending), [rs, limit) into
-            spans: a first walk counts them (out_addr + spans <= idx_entries, else IDX_RANGE),
+            spans (each entry registered before the merge): a first walk counts them (out_addr + spans <= idx_entries, else IDX_RANGE),
             a second one writes them
     REGS    REG[dst_reg] <- spans, then REG[rows_reg] <- rows (rows win when equal)
 
 Cycles from ``start`` to ``done`` of a SELECT that does not fault (:meth:`SelectUnit.cycles`,
 exact; :func:`select_cycles` derives its arguments from the instruction and the data)::
 
-    3 + (cnt + 1)                                   CHECK, LIST, LAST, first entry read
-    + (N > 0) * (sum_c ceil(l_c / spad_lanes) + SCORE_DRAIN)    SCORE
+    4 + (cnt + 1)                                   CHECK, CHECK2, LIST, LAST, first entry
+    + (N > 0) * (1 + sum_c ceil(l_c / spad_lanes) + SCORE_DRAIN)    SCORE
     + 1 + iters * (N + 2)                           SELECT: start, scans
-    + 2 * (N + 5)                                   two walks
+    + 2 * (N + 5 + (N > 0))                         two walks
     + 3                                             registers, done
-    = cnt + 8 + (N > 0) * (sum_c ceil(l_c / spad_lanes) + 13) + iters * (N + 2) + 2 * (N + 5)
+    = cnt + 9 + (N > 0) * (sum_c ceil(l_c / spad_lanes) + 16) + iters * (N + 2) + 2 * (N + 5)
 
 with ``l_c`` the clipped chunk lengths, ``SCORE_DRAIN`` the depth of the score pipeline (13) and
 ``iters`` the number of scans: 0 when ``R <= 0`` or ``N = 0``, else the number of chunks that
-give tokens plus 1 when the budget is not used up by them. A fault is reported after CHECK
-(2 cycles), after LAST (``cnt + 4``) or after the counting walk. E.g. 32 chunks of 128 tokens
+give tokens plus 1 when the budget is not used up by them. A fault is reported after CHECK2
+(3 cycles), after LAST (``cnt + 5``) or after the counting walk. E.g. 32 chunks of 128 tokens
 (4096 keys, all below the limit), budget 1024 with 128 sink and 128 recent tokens, 16 lanes:
-40 + SCORE 32 * 8 + 13 + 6 scans of 34 + walks 74 = 587 cycles.
+41 + SCORE 32 * 8 + 16 + 6 scans of 34 + walks 76 = 591 cycles.
 
 Watchdog: the SELECT scans and the walks' reads use only the unit's own memory, which the
 accelerator's watchdog does not see as progress. A SELECT whose selection phase exceeds the
@@ -157,8 +159,8 @@ class SelectUnit(wiring.Component):
         selection scans (module docstring)."""
         lanes = spad_lanes(get_config(config))
         n = len(lens)
-        score = sum(-(-int(v) // lanes) for v in lens) + SCORE_DRAIN if n else 0
-        return 3 + (cnt + 1) + score + 1 + iters * (n + 2) + 2 * (n + 5) + 3
+        score = 1 + sum(-(-int(v) // lanes) for v in lens) + SCORE_DRAIN if n else 0
+        return 4 + (cnt + 1) + score + 1 + iters * (n + 2) + 2 * (n + 5 + (n > 0)) + 3
 
     def elaborate(self, platform):
         cfg = self._cfg
@@ -199,25 +201,30 @@ class SelectUnit(wiring.Component):
         emit = Signal()                   # the walk writes spans
 
         # -- CHECK ----------------------------------------------------------------------------
+        # CHECK registers the count (a register file read) and the field checks; CHECK2 checks
+        # the count and computes R from registers (one cycle for all of it ran through the
+        # register file's multiplexer, two adders and the error priority into `error`)
         reg_cnt = rp.regs[f.count_reg]
-        cnt_c = Signal(signed(33))
-        m.d.comb += cnt_c.eq(Mux(f.count_reg != 0, reg_cnt, f.n_chunks))
-        sk_c = Mux(f.sink < limit, f.sink, limit)
-        rs_c = Mux(limit > f.recent, limit - f.recent, 0)
-        nf_c = Mux(sk_c >= rs_c, limit, sk_c + (limit - rs_c))
+        cnt_r = Signal(signed(33))
+        bad_f = Signal()
+        bad_sp = Signal()
+        nf = Mux(sk >= rs, limit, sk + (limit - rs))
         checks = [
-            ((f.budget == 0) | (f.limit > f.seq) | f.limit[31], ErrorCode.BAD_FIELD),
-            (cnt_c < 0, ErrorCode.BAD_FIELD),
-            (f.chunk_addr + cnt_c[:32] > n_ent, ErrorCode.IDX_RANGE),
-            ((limit != 0) & (f.in_addr + limit > cfg.spad_words), ErrorCode.SPAD_RANGE),
+            (bad_f, ErrorCode.BAD_FIELD),
+            (cnt_r < 0, ErrorCode.BAD_FIELD),
+            (f.chunk_addr + cnt_r[:32] > n_ent, ErrorCode.IDX_RANGE),
+            (bad_sp, ErrorCode.SPAD_RANGE),
         ]
         err = Const(ErrorCode.OK.value, 4)
         for cond, code in reversed(checks):
             err = Mux(cond, code.value, err)
 
         # -- SCORE datapath ---------------------------------------------------------------------
-        a_cur = rd.lo                     # the chunk being read (held by the read port)
-        l_cur = rd.n
+        # the chunk being read, registered from the read port (its entry comes out of a block
+        # RAM; the next chunk's entry is read ahead and waits on the read port)
+        a_cur = Signal(31)
+        l_cur = Signal(lw)
+        rem = Signal(lw + 1)              # its words not requested yet
         c_cur = Signal(nb)
         off = Signal(lw + 1)
         sc_issue = Signal()
@@ -230,12 +237,10 @@ class SelectUnit(wiring.Component):
         for i in range(SPAD_READ_LATENCY + 1):
             m.d.sync += tags[i + 1].eq(tags[i])
         t0, ta = tags[0], tags[-1]
-        rem = Signal(lw + 1)
         sp_en = Signal()
         sp_addr = Signal.like(sp.rd_addr)
         m.d.sync += [sp_en.eq(sc_issue), sp_addr.eq(f.in_addr + a_cur + off)]
         m.d.comb += [
-            rem.eq(l_cur - off),
             sp.rd_en.eq(sp_en),
             sp.rd_addr.eq(sp_addr),
             t0.valid.eq(sc_issue), t0.first.eq(off == 0), t0.last.eq(rem <= lanes),
@@ -311,6 +316,10 @@ class SelectUnit(wiring.Component):
         sp_e = Signal(32)
         count = Signal(nb + 1)
         rows = Signal(32)
+        w_v = Signal()                    # a chunk's piece [w_lo, w_e) for the merge
+        w_lo = Signal(31)
+        w_e = Signal(32)
+        m.d.sync += w_v.eq(0)
 
         # span writes are registered: they reach index memory one cycle after the walk emits
         # them (the last one in W_END, before the registers are written), so the walk's
@@ -348,8 +357,18 @@ class SelectUnit(wiring.Component):
                 ctl.idle(self.ctl, "CHECK")
 
             with m.State("CHECK"):
-                m.d.sync += [cnt.eq(cnt_c[:nb]), ri.eq(0), ncand.eq(0), bad.eq(0),
-                             sk.eq(sk_c), rs.eq(rs_c), left.eq(f.budget - nf_c)]
+                m.d.sync += [
+                    cnt_r.eq(Mux(f.count_reg != 0, reg_cnt, f.n_chunks)),
+                    sk.eq(Mux(f.sink < limit, f.sink, limit)),
+                    rs.eq(Mux(limit > f.recent, limit - f.recent, 0)),
+                    bad_f.eq((f.budget == 0) | (f.limit > f.seq) | f.limit[31]),
+                    bad_sp.eq((limit != 0) & (f.in_addr + limit > cfg.spad_words)),
+                ]
+                m.next = "CHECK2"
+
+            with m.State("CHECK2"):
+                m.d.sync += [cnt.eq(cnt_r[:nb]), ri.eq(0), ncand.eq(0), bad.eq(0),
+                             left.eq(f.budget - nf)]
                 with m.If(err != ErrorCode.OK):
                     ctl.finish(err)
                 with m.Else():
@@ -393,17 +412,24 @@ class SelectUnit(wiring.Component):
                 with m.If(ncand == 0):
                     m.next = "SEL_INIT"
                 with m.Else():
-                    m.next = "SC_ISSUE"
+                    m.next = "SC_LATCH"
+
+            with m.State("SC_LATCH"):
+                m.d.comb += [mr.en.eq(1), mr.addr.eq(1)]
+                m.d.sync += [a_cur.eq(rd.lo), l_cur.eq(rd.n), rem.eq(rd.n)]
+                m.next = "SC_ISSUE"
 
             with m.State("SC_ISSUE"):
                 m.d.comb += sc_issue.eq(1)
                 with m.If(rem <= lanes):
-                    m.d.comb += [mr.en.eq(1), mr.addr.eq(c_cur + 1)]
-                    m.d.sync += [c_cur.eq(c_cur + 1), off.eq(0)]
+                    # (beyond the last candidate the read-ahead returns an unused entry)
+                    m.d.comb += [mr.en.eq(1), mr.addr.eq(c_cur + 2)]
+                    m.d.sync += [c_cur.eq(c_cur + 1), off.eq(0),
+                                 a_cur.eq(rd.lo), l_cur.eq(rd.n), rem.eq(rd.n)]
                     with m.If(c_cur + 1 == ncand):
                         m.next = "SC_DRAIN"
                 with m.Else():
-                    m.d.sync += off.eq(off + lanes)
+                    m.d.sync += [off.eq(off + lanes), rem.eq(rem - lanes)]
 
             with m.State("SC_DRAIN"):
                 with m.If(~pipe_busy):
@@ -452,9 +478,11 @@ class SelectUnit(wiring.Component):
                 m.d.comb += [mr.en.eq(issue), mr.addr.eq(ri)]
                 with m.If(issue):
                     m.d.sync += [ri.eq(ri + 1), s1_v.eq(1)]
-                with m.If(s1_v & (rd.t != 0)):
-                    piece(rd.lo, rd.lo + rd.t)
-                with m.If(~issue):
+                # the entry read last cycle is registered before the merge
+                m.d.sync += [w_v.eq(s1_v & (rd.t != 0)), w_lo.eq(rd.lo), w_e.eq(rd.lo + rd.t)]
+                with m.If(w_v):
+                    piece(w_lo, w_e)
+                with m.If(~issue & ~s1_v):
                     m.next = "W_RECENT"
 
             with m.State("W_RECENT"):
