@@ -82,11 +82,11 @@ EPS_E_MAX = 40
 # Address registers hold an address plus one stride (the row after the last one): 2^22 + 2^22.
 PTR_BITS = isa.SPAD_ADDR + 2
 # ONLINE: cycles per row beyond the two passes (row-state read 2, pipeline 12 +
-# SPAD_READ_LATENCY, row-state write 1), and from the start of a row to its end when 1/s must
-# wait for the recip table (SoftmaxRowUnit.row_cycles; checked by
-# tests/test_hw_rowops.py::test_row_timing).
-_ONLINE_ROW_OVERHEAD = 15 + SPAD_READ_LATENCY
-_ONLINE_RECIP_CYCLES = 21 + SPAD_READ_LATENCY
+# SPAD_READ_LATENCY, the running sum's lag behind pass 2 2, row-state write 1), and the extra
+# cycles of a row with `last` (1/s from the recip table after the sum)
+# (SoftmaxRowUnit.row_cycles; checked by tests/test_hw_rowops.py::test_row_timing).
+_ONLINE_ROW_OVERHEAD = 17 + SPAD_READ_LATENCY
+_ONLINE_RECIP_CYCLES = 6
 # FIFO depth (chunks) between the scratchpad reader and the stream units. A read is issued only
 # when its chunk has a place in the FIFO; the credit comes back 6 cycles after the issue (read
 # latency 3, FIFO write, FIFO output register, take), so 8 keeps the reads back to back while
@@ -646,14 +646,15 @@ class SoftmaxRowUnit(wiring.Component):
     the chunks once for the running max and sum (``row_lanes + 1`` exp lanes, the extra one for
     the rescale factor), stream them again to write ``E(z(m, x)) >> exp_shift``; the extra lane
     of the first replayed chunk gives ``c = E(z(m, m_old))``, and ``1/s`` is normalised with
-    the ``recip`` table when ``last`` is set. Rows do not overlap: ``2 * C + 18`` cycles per row
-    (at least ``C + 24`` with ``last``, :meth:`row_cycles`).
+    the ``recip`` table when ``last`` is set. Rows do not overlap: ``2 * C + 20`` cycles per row
+    (``2 * C + 26`` with ``last``, :meth:`row_cycles`).
     Pipeline (one chunk per cycle, no stalls)::
 
         A  scratchpad data, lane mask            S5-S8 exp2 table read and interpolation
         S0 chunk register                        S9    E = rnd(T >> int(z)), masked
         S1 running max (loop)                    S10   lane sum / output rnd(E >> exp_shift)
-        S2 hi - x                                S11   s = rnd(s * scale >> 15) + sum (loop)
+        S2 hi - x                                S11   s = rnd(s * scale >> 15) + sum (loop
+                                                       of two cycles per chunk, behind a FIFO)
         S3 (hi - x) * mult
         S4 z = rnd(. >> shift)
 
@@ -685,17 +686,13 @@ class SoftmaxRowUnit(wiring.Component):
         """Cycles per row without the per-instruction overhead and the key-span walk.
 
         FULL: :meth:`SoftmaxUnit.row_cycles`. ONLINE: the row-state read (2), both passes
-        (``2 * C``), the pipeline (12 + ``SPAD_READ_LATENCY``) and the row-state write (1);
-        with ``last``, at least 21 + ``SPAD_READ_LATENCY`` cycles after the first pass for
-        ``1/s``.
+        (``2 * C``), the pipeline (12 + ``SPAD_READ_LATENCY``), the running sum's lag (2) and
+        the row-state write (1); with ``last``, 6 more for ``1/s``.
         """
         chunks = -(-n // self._config.row_lanes)
         if SmMode(mode) == SmMode.FULL:
             return self._sm.row_cycles(n)
-        cycles = 2 * chunks + _ONLINE_ROW_OVERHEAD
-        if last:
-            cycles = max(cycles, chunks + _ONLINE_RECIP_CYCLES)
-        return cycles
+        return 2 * chunks + _ONLINE_ROW_OVERHEAD + (_ONLINE_RECIP_CYCLES if last else 0)
 
     def elaborate(self, platform):
         m = Module()
@@ -1116,11 +1113,38 @@ class SoftmaxRowUnit(wiring.Component):
         m.d.sync += [out9[lane].eq(_rnd_const(e8[lane], es)) for lane in range(R)]
         with m.If(valid[9] & p2[9] & first[9]):
             m.d.sync += c_row.eq(e8[sc])
-        # S11: running sum
-        with m.If(valid[10] & ~p2[10] & anyv[10]):
-            m.d.sync += s_run.eq(_rnd_const(s_run * scale9, 15) + esum9)
+        # S11: the running sum s = rnd(s * scale >> 15) + sum, a recurrence through a 40 x 16
+        # product, in two cycles per chunk: the first multiplies (P), the second rounds and adds
+        # (rnd(P >> 15) + sum = (P + 2^14 + sum * 2^15) >> 15, exact). Pass 1 delivers a chunk
+        # per cycle, so its (scale, sum) wait in a FIFO of half a row's chunks; the sum keeps
+        # up during pass 2, which takes as many cycles, and is complete one or two cycles
+        # after it. (In one cycle the product's DSPs, placed far from the logic on the
+        # LFE5U-85F, made this loop the slowest path of the ecp5 design.)
+        sq_w = data.StructLayout({"scale": 16, "esum": len(esum9), "anyv": 1, "last": 1})
+        n_chunks = -(-cfg.max_dim // R)
+        m.submodules.on_sum_fifo = sq = fifo.SyncFIFOBuffered(
+            width=sq_w.size, depth=n_chunks // 2 + 8)
+        sq_in = Signal(sq_w)
+        sq_out = Signal(sq_w)
+        m.d.comb += [sq_in.scale.eq(scale9), sq_in.esum.eq(esum9), sq_in.anyv.eq(anyv[10]),
+                     sq_in.last.eq(last[10]), sq.w_data.eq(sq_in),
+                     sq.w_en.eq(valid[10] & ~p2[10]), sq_out.eq(sq.r_data)]
+        sum_ph = Signal()                 # the second cycle of a chunk
+        sum_p = Signal(len(s_run) + 16)
+        sum_add = Signal(len(s_run) + 16)
+        sum_av = Signal()
+        sum_last = Signal()
+        with m.If(~sum_ph & sq.r_rdy):
+            m.d.comb += sq.r_en.eq(1)
+            m.d.sync += [sum_ph.eq(1), sum_p.eq(s_run * sq_out.scale),
+                         sum_add.eq((sq_out.esum << 15) | (1 << 14)),
+                         sum_av.eq(sq_out.anyv), sum_last.eq(sq_out.last)]
+        with m.If(sum_ph):
+            m.d.sync += sum_ph.eq(0)
+            with m.If(sum_av):
+                m.d.sync += s_run.eq((sum_p + sum_add) >> 15)
         s_done = Signal()
-        m.d.sync += s_done.eq(valid[10] & ~p2[10] & last[10])
+        m.d.sync += s_done.eq(sum_ph & sum_last)
 
         # 1/s = r * 2^-15 * 2^-k (recip_norm), after the last pass-1 chunk
         rc_spec = table_spec("recip", cfg)
@@ -1155,7 +1179,8 @@ class SoftmaxRowUnit(wiring.Component):
         ]
         busy = Signal()
         # (1/s is only written with `last`)
-        m.d.comb += busy.eq(Cat(*valid).any() | (f.last & Cat(s_done, *rc_v).any()))
+        m.d.comb += busy.eq(Cat(*valid).any() | (sq.level != 0) | sum_ph
+                            | (f.last & Cat(s_done, *rc_v).any()))
         return {"load": load, "busy": busy, "state": state, "wr_en": valid[10] & p2[10],
                 "wr_cbase": cbase[10], "wr_data": out9}
 

@@ -515,6 +515,31 @@ async def _online_rows(ctx, bench, i):
                           rs=(rs_base, m), name=f"online #{i}")
 
 
+def test_online_longest_row():
+    """ONLINE rows of ``max_dim`` columns (``tiny``: 512 chunks): the running sum's FIFO holds
+    half a row's chunks, so these fill it furthest. Sorted scores raise the running max in every
+    chunk (every chunk rescales the sum), then random ones; bit-exact with the row state,
+    cycles as ``row_cycles``."""
+    cfg = TINY
+    bench = Bench(cfg, SoftmaxRowUnit, seed=61)
+    n = cfg.max_dim
+
+    async def tb(ctx):
+        rng = bench.rng
+        m = 2
+        x = np.concatenate([_scores(rng, (1, n), 2), _scores(rng, (1, n), 0)])
+        await _put_spad(ctx, bench, 0, m, n, x)
+        for last in (0, 1):
+            f = dict(mode=SmMode.ONLINE, m=m, n=n, in_addr=0, in_stride=n, out_addr=4 * n,
+                     out_stride=n, mult=1200, shift=12, first=1, last=last, rs_base=3)
+            _, cyc = await bench.check(ctx, isa.encode(Opcode.SOFTMAX, **f),
+                                       out=(4 * n, m, n, n), rs=(3, m), name=f"last={last}")
+            want = m * bench.unit.row_cycles(SmMode.ONLINE, n, last) + ROW_OVERHEAD["SOFTMAX_ONLINE"]
+            assert cyc == want, (last, cyc, want)
+
+    bench.run(tb)
+
+
 def _softmax_errors(cfg):
     ok = dict(mode=SmMode.FULL, m=2, n=5, in_addr=0, in_stride=5, out_addr=100, out_stride=5,
               mult=1000, shift=10, causal=1, q_pos=3, k_pos=0, rs_base=0)
