@@ -182,7 +182,11 @@ def elaborate_v2(accel, platform):
 
     # ---- counters ---------------------------------------------------------------------
     cnt = {name: Signal(64, name=f"cnt_{name}") for name in COUNTERS}
-    sat_sum = sum((u.ctl.sat_inc for u in instances), Const(0, 1))
+    # each unit's saturation count is registered before the sum (it comes from the unit's
+    # data path: a popcount of saturating lanes), so sat_events lags by two cycles
+    sat_u = [Signal.like(u.ctl.sat_inc, name=f"sat_u{i}") for i, u in enumerate(instances)]
+    m.d.sync += [r.eq(u.ctl.sat_inc) for r, u in zip(sat_u, instances)]
+    sat_sum = sum(sat_u, Const(0, 1))
     rd_sum = sum((u.dram_rd_inc for u in instances if has(u, "dram_rd_inc")), Const(0, 1))
     wr_sum = sum((u.dram_wr_inc for u in instances if has(u, "dram_wr_inc")), Const(0, 1))
     macs_units = [u for u in instances if has(u, "macs_inc")]
@@ -190,8 +194,8 @@ def elaborate_v2(accel, platform):
     macs_done = Signal(48)     # controller-computed MATMUL MACs (units without macs_inc)
     # the increments are registered first (they come late in the cycle, from the DMA units'
     # grants, the units' saturation flags and MATMUL's k x n product): these counters lag
-    # their events by one cycle; every event comes at least a cycle before its unit reports
-    # done, so the values are complete when the program ends
+    # their events by one cycle (sat_events by two); the program ends several cycles after
+    # its last unit reports done (the END instruction's fetch), so the values are complete
     incs = [Signal.like(v, name=f"inc_{k}") for k, v in
             (("sat", sat_sum), ("rd", rd_sum), ("wr", wr_sum), ("macs", macs_sum))]
     m.d.sync += [r.eq(v) for r, v in zip(incs, (sat_sum, rd_sum, wr_sum, macs_sum))]
