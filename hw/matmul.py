@@ -426,17 +426,39 @@ class MatmulUnit(wiring.Component):
         kval = Mux(k_rem > rows, rows, k_rem)
         nval = Mux(n_rem > cols, cols, n_rem)
         wslots = Mux(f.b_trans, cols, rows)
-        cslots = Mux(epi_t & f.chan_en, nch, 0)
-        fixed = wslots + Mux(f.b_trans, rows, 0) + cslots
-        pad = Mux((KT > 1) & (L + fixed < HAZARD_SLOTS), HAZARD_SLOTS - L - fixed, 0)
-        side = Mux(epi_t, f.res_en + out_add, 0)
-        # the slot of a row's A line: after its side reads, and with a narrow epilogue
-        # (epi_ratio > 1) no earlier than epi_ratio - 1 idle slots after the previous row's
-        a_sub = Signal.like(sub)
-        if cfg.epi_ratio > 1:
-            m.d.comb += a_sub.eq(Mux(epi_t & (side < cfg.epi_ratio - 1), cfg.epi_ratio - 1, side))
-        else:
-            m.d.comb += a_sub.eq(side)
+        # A tile's slot counts depend on the fields, L and KT (constant from DECIDE to the end
+        # of RUN) and on epi_t: both variants are registered (long before RUN) and epi_t
+        # selects one, so the sequencer's decisions start from registers (the sums,
+        # comparisons and the phase choice ran into nt/koff/noff in one cycle)
+        tile_l = data.StructLayout({"cs_m1": 17, "cs_nz": 1, "pad_m1": 17, "pad_nz": 1,
+                                    "side": range(4), "a_sub": sub.shape(),
+                                    "after_bub": ph.shape(), "after_chan": ph.shape()})
+        tile_v = [Signal(tile_l, name=f"tile_epi{e}") for e in (0, 1)]
+        L1 = Signal(17)                   # L - 1
+        T1 = Signal(17)                   # T - 1
+        m.d.sync += [L1.eq(L - 1), T1.eq(T - 1)]
+        for e, tv in enumerate(tile_v):
+            cs_e = Mux(f.chan_en, nch, 0) if e else Const(0, 1)
+            fixed_e = wslots + Mux(f.b_trans, rows, 0) + cs_e
+            pad_e = Mux((KT > 1) & (L + fixed_e < HAZARD_SLOTS), HAZARD_SLOTS - L - fixed_e, 0)
+            side_e = (f.res_en + out_add) if e else Const(0, 1)
+            # the slot of a row's A line: after its side reads, and with a narrow epilogue
+            # (epi_ratio > 1) no earlier than epi_ratio - 1 idle slots after the previous row's
+            if cfg.epi_ratio > 1 and e:
+                a_sub_e = Mux(side_e < cfg.epi_ratio - 1, cfg.epi_ratio - 1, side_e)
+            else:
+                a_sub_e = side_e
+            m.d.sync += [
+                tv.cs_m1.eq(cs_e - 1), tv.cs_nz.eq(cs_e != 0),
+                tv.pad_m1.eq(pad_e - 1), tv.pad_nz.eq(pad_e != 0),
+                tv.side.eq(side_e), tv.a_sub.eq(a_sub_e),
+                tv.after_bub.eq(Mux(cs_e != 0, PH_CHAN, Mux(pad_e != 0, PH_PAD, PH_ROWS))),
+                tv.after_chan.eq(Mux(pad_e != 0, PH_PAD, PH_ROWS)),
+            ]
+        tile = Signal(tile_l)
+        m.d.comb += tile.eq(Mux(epi_t, tile_v[1], tile_v[0]))
+        side = tile.side
+        a_sub = tile.a_sub
 
         # common fields of compute slots
         def slot(kind, i):
@@ -447,8 +469,8 @@ class MatmulUnit(wiring.Component):
                 t0.first.eq((kind == _Op.A) & (i == 0)),
             ]
 
-        after_bub = Mux(cslots != 0, PH_CHAN, Mux(pad != 0, PH_PAD, PH_ROWS))
-        after_chan = Mux(pad != 0, PH_PAD, PH_ROWS)
+        after_bub = tile.after_bub
+        after_chan = tile.after_chan
 
         def goto(phase):
             m.d.sync += [ph.eq(phase), cnt.eq(0)]
@@ -582,22 +604,22 @@ class MatmulUnit(wiring.Component):
                                 goto(after_bub)
                         with m.Case(PH_CHAN):
                             slot(_Op.CHAN, cnt)
-                            with m.If(cnt == cslots - 1):
+                            with m.If(cnt == tile.cs_m1):
                                 goto(after_chan)
                         with m.Case(PH_PAD):
-                            with m.If(cnt == pad - 1):
+                            with m.If(cnt == tile.pad_m1):
                                 goto(PH_ROWS)
                         with m.Case(PH_ROWS):
                             with m.If(sub == a_sub):
                                 slot(_Op.A, row)
                                 m.d.sync += [sub.eq(0), row.eq(row + 1)]
-                                with m.If(row == L - 1):
+                                with m.If(row == L1):
                                     m.d.sync += row.eq(0)
                                     goto(PH_W)
                                     with m.If(~kt_last):
                                         m.d.sync += [kt.eq(kt + 1), koff.eq(koff + rows),
                                                      kt_first.eq(0), kt_last.eq(kt + 2 == KT)]
-                                    with m.Elif(nt == T - 1):
+                                    with m.Elif(nt == T1):
                                         m.d.sync += issuing_done.eq(1)
                                     with m.Else():
                                         m.d.sync += [kt_first.eq(1), kt_last.eq(KT == 1)]
