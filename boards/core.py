@@ -130,65 +130,56 @@ def _skid(m, name, src_valid, src_ready, src_data, dst_valid, dst_ready, dst_dat
         m.d.sync += [skid_v.eq(1), skid_d.eq(src_data)]
 
 
-class AxiReadSlice(wiring.Component):
-    """A register stage on both channels of an AXI4 read port (``m`` from the master, ``s`` to
-    the slave): AR forward, R back, each one beat per cycle with one cycle of latency."""
+class _Slice(wiring.Component):
+    """A register stage (:func:`_skid`) on every channel of an AXI port, ``m`` from the master,
+    ``s`` to the slave. ``CHANNELS``: (name, forward, payload fields); forward channels go from
+    ``m`` to ``s``, the others back."""
 
-    def __init__(self, data_bits=32, addr_bits=32):
-        sig = AxiRead(data_bits, addr_bits)
+    CHANNELS = ()
+
+    def __init__(self, sig):
         super().__init__({"m": In(sig), "s": Out(sig)})
 
     def elaborate(self, platform):
         m = Module()
-        a, b = self.m, self.s
-        _skid(m, "ar", a.arvalid, a.arready, Cat(a.araddr, a.arlen, a.arsize, a.arburst, a.arid),
-              b.arvalid, b.arready, Cat(b.araddr, b.arlen, b.arsize, b.arburst, b.arid))
-        _skid(m, "r", b.rvalid, b.rready, Cat(b.rdata, b.rresp, b.rlast, b.rid),
-              a.rvalid, a.rready, Cat(a.rdata, a.rresp, a.rlast, a.rid))
+        for ch, forward, fields in self.CHANNELS:
+            src, dst = (self.m, self.s) if forward else (self.s, self.m)
+            _skid(m, ch, getattr(src, f"{ch}valid"), getattr(src, f"{ch}ready"),
+                  Cat(getattr(src, n) for n in fields), getattr(dst, f"{ch}valid"),
+                  getattr(dst, f"{ch}ready"), Cat(getattr(dst, n) for n in fields))
         return m
 
 
-class AxiWriteSlice(wiring.Component):
+class AxiReadSlice(_Slice):
+    """A register stage on both channels of an AXI4 read port: AR forward, R back, each one beat
+    per cycle with one cycle of latency."""
+
+    CHANNELS = (("ar", True, _AR + ("arid",)), ("r", False, ("rdata", "rresp", "rlast", "rid")))
+
+    def __init__(self, data_bits=32, addr_bits=32):
+        super().__init__(AxiRead(data_bits, addr_bits))
+
+
+class AxiWriteSlice(_Slice):
     """A register stage on the three channels of an AXI4 write port: AW and W forward, B back."""
 
+    CHANNELS = (("aw", True, _AW + ("awid",)), ("w", True, _W), ("b", False, ("bresp", "bid")))
+
     def __init__(self, data_bits=32, addr_bits=32):
-        sig = AxiWrite(data_bits, addr_bits)
-        super().__init__({"m": In(sig), "s": Out(sig)})
-
-    def elaborate(self, platform):
-        m = Module()
-        a, b = self.m, self.s
-        _skid(m, "aw", a.awvalid, a.awready, Cat(a.awaddr, a.awlen, a.awsize, a.awburst, a.awid),
-              b.awvalid, b.awready, Cat(b.awaddr, b.awlen, b.awsize, b.awburst, b.awid))
-        _skid(m, "w", a.wvalid, a.wready, Cat(a.wdata, a.wstrb, a.wlast),
-              b.wvalid, b.wready, Cat(b.wdata, b.wstrb, b.wlast))
-        _skid(m, "b", b.bvalid, b.bready, Cat(b.bresp, b.bid),
-              a.bvalid, a.bready, Cat(a.bresp, a.bid))
-        return m
+        super().__init__(AxiWrite(data_bits, addr_bits))
 
 
-class AxiLiteSlice(wiring.Component):
+class AxiLiteSlice(_Slice):
     """A register stage on the five channels of the accelerator's AXI4-Lite port (between the
     bridge and ``Accelerator.s_axil``): the host's register writes (CTRL.CLEAR, START) reached
     the memories' clear addresses through the bridge's state machine in one cycle."""
 
-    def __init__(self, addr_bits=12):
-        sig = AxiLite(addr_bits)
-        super().__init__({"m": In(sig), "s": Out(sig)})
+    CHANNELS = (("aw", True, ("awaddr", "awprot")), ("w", True, ("wdata", "wstrb")),
+                ("b", False, ("bresp",)), ("ar", True, ("araddr", "arprot")),
+                ("r", False, ("rdata", "rresp")))
 
-    def elaborate(self, platform):
-        m = Module()
-        a, b = self.m, self.s
-        _skid(m, "aw", a.awvalid, a.awready, Cat(a.awaddr, a.awprot),
-              b.awvalid, b.awready, Cat(b.awaddr, b.awprot))
-        _skid(m, "w", a.wvalid, a.wready, Cat(a.wdata, a.wstrb),
-              b.wvalid, b.wready, Cat(b.wdata, b.wstrb))
-        _skid(m, "b", b.bvalid, b.bready, b.bresp, a.bvalid, a.bready, a.bresp)
-        _skid(m, "ar", a.arvalid, a.arready, Cat(a.araddr, a.arprot),
-              b.arvalid, b.arready, Cat(b.araddr, b.arprot))
-        _skid(m, "r", b.rvalid, b.rready, Cat(b.rdata, b.rresp),
-              a.rvalid, a.rready, Cat(a.rdata, a.rresp))
-        return m
+    def __init__(self, addr_bits=12):
+        super().__init__(AxiLite(addr_bits))
 
 
 class SpramMemory(wiring.Component):
