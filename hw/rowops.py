@@ -86,7 +86,7 @@ PTR_BITS = isa.SPAD_ADDR + 2
 # cycles of a row with `last` (1/s from the recip table after the sum)
 # (SoftmaxRowUnit.row_cycles; checked by tests/test_hw_rowops.py::test_row_timing).
 _ONLINE_ROW_OVERHEAD = 17 + SPAD_READ_LATENCY
-_ONLINE_RECIP_CYCLES = 6
+_ONLINE_RECIP_CYCLES = 7
 # FIFO depth (chunks) between the scratchpad reader and the stream units. A read is issued only
 # when its chunk has a place in the FIFO; the credit comes back 6 cycles after the issue (read
 # latency 3, FIFO write, FIFO output register, take), so 8 keeps the reads back to back while
@@ -647,7 +647,7 @@ class SoftmaxRowUnit(wiring.Component):
     the rescale factor), stream them again to write ``E(z(m, x)) >> exp_shift``; the extra lane
     of the first replayed chunk gives ``c = E(z(m, m_old))``, and ``1/s`` is normalised with
     the ``recip`` table when ``last`` is set. Rows do not overlap: ``2 * C + 20`` cycles per row
-    (``2 * C + 26`` with ``last``, :meth:`row_cycles`).
+    (``2 * C + 27`` with ``last``, :meth:`row_cycles`).
     Pipeline (one chunk per cycle, no stalls)::
 
         A  scratchpad data, lane mask            S5-S8 exp2 table read and interpolation
@@ -687,7 +687,7 @@ class SoftmaxRowUnit(wiring.Component):
 
         FULL: :meth:`SoftmaxUnit.row_cycles`. ONLINE: the row-state read (2), both passes
         (``2 * C``), the pipeline (12 + ``SPAD_READ_LATENCY``), the running sum's lag (2) and
-        the row-state write (1); with ``last``, 6 more for ``1/s``.
+        the row-state write (1); with ``last``, 7 more for ``1/s``.
         """
         chunks = -(-n // self._config.row_lanes)
         if SmMode(mode) == SmMode.FULL:
@@ -1130,37 +1130,48 @@ class SoftmaxRowUnit(wiring.Component):
                      sq_in.last.eq(last[10]), sq.w_data.eq(sq_in),
                      sq.w_en.eq(valid[10] & ~p2[10]), sq_out.eq(sq.r_data)]
         sum_ph = Signal()                 # the second cycle of a chunk
-        sum_p = Signal(len(s_run) + 16)
+        # the product as three registered 17-bit x 16-bit partial products (one DSP each; the
+        # sum of the pieces runs in the second cycle with the rounding and the addend)
+        pieces = [(0, 17), (17, 34), (34, len(s_run))]
+        sum_pp = [Signal(hi - lo + 16, name=f"sum_pp{i}") for i, (lo, hi) in enumerate(pieces)]
         sum_add = Signal(len(s_run) + 16)
         sum_av = Signal()
         sum_last = Signal()
         with m.If(~sum_ph & sq.r_rdy):
             m.d.comb += sq.r_en.eq(1)
-            m.d.sync += [sum_ph.eq(1), sum_p.eq(s_run * sq_out.scale),
-                         sum_add.eq((sq_out.esum << 15) | (1 << 14)),
+            m.d.sync += [sum_ph.eq(1), sum_add.eq((sq_out.esum << 15) | (1 << 14)),
                          sum_av.eq(sq_out.anyv), sum_last.eq(sq_out.last)]
+            m.d.sync += [pp.eq(s_run[lo:hi] * sq_out.scale)
+                         for pp, (lo, hi) in zip(sum_pp, pieces, strict=True)]
         with m.If(sum_ph):
             m.d.sync += sum_ph.eq(0)
             with m.If(sum_av):
-                m.d.sync += s_run.eq((sum_p + sum_add) >> 15)
+                m.d.sync += s_run.eq((sum(pp << lo for pp, (lo, _) in zip(sum_pp, pieces,
+                                                                           strict=True))
+                                      + sum_add) >> 15)
         s_done = Signal()
         m.d.sync += s_done.eq(sum_ph & sum_last)
 
         # 1/s = r * 2^-15 * 2^-k (recip_norm), after the last pass-1 chunk
         rc_spec = table_spec("recip", cfg)
         w_norm = len(s_run) - 1
-        k_of_s = Signal(range(len(s_run)))     # index of the leading one (0 for s = 0)
-        m.d.comb += k_of_s.eq(msb_index(s_run)[1])
+        # the leading one of s (0 for s = 0) is registered before the normalising shift (s
+        # holds its final value from s_done on)
+        k_of_s = Signal(range(len(s_run)))
+        s_done2 = Signal()
+        m.d.sync += s_done2.eq(s_done)
+        with m.If(s_done):
+            m.d.sync += k_of_s.eq(msb_index(s_run)[1])
         s_norm = Signal(2 * len(s_run))
         m.d.comb += s_norm.eq(s_run << (w_norm - k_of_s)[:w_norm.bit_length()])
         mant = Signal(16)
         rc_k = [Signal(range(len(s_run)), name=f"rc_k{i}") for i in range(INTERP_LATENCY + 1)]
         rc_zero = [Signal(name=f"rc_zero{i}") for i in range(INTERP_LATENCY + 1)]
         rc_v = [Signal(name=f"rc_valid{i}") for i in range(INTERP_LATENCY + 1)]
-        with m.If(s_done):
+        with m.If(s_done2):
             m.d.sync += [mant.eq(s_norm[w_norm - 16:w_norm]), rc_k[0].eq(k_of_s),
                          rc_zero[0].eq(s_run == 0)]
-        m.d.sync += rc_v[0].eq(s_done)
+        m.d.sync += rc_v[0].eq(s_done2)
         [r_t] = build_interp(m, rc_spec, make_table("recip", cfg), [mant], Const(1),
                              name="on_recip")
         for i in range(1, INTERP_LATENCY + 1):
@@ -1180,7 +1191,7 @@ class SoftmaxRowUnit(wiring.Component):
         busy = Signal()
         # (1/s is only written with `last`)
         m.d.comb += busy.eq(Cat(*valid).any() | (sq.level != 0) | sum_ph
-                            | (f.last & Cat(s_done, *rc_v).any()))
+                            | (f.last & Cat(s_done, s_done2, *rc_v).any()))
         return {"load": load, "busy": busy, "state": state, "wr_en": valid[10] & p2[10],
                 "wr_cbase": cbase[10], "wr_data": out9}
 
