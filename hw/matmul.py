@@ -306,7 +306,7 @@ class MatmulUnit(wiring.Component):
         if epilogue:
             arch = f["acc_in"] != AccIn.ZERO
             used = (t_n if arch else min(t_n, 2)) * m
-            run = max(run, self._walk_words([(f["acc_addr"], f["acc_addr"] + used)]) + 1)
+            run = max(run, self._walk_words([(f["acc_addr"], f["acc_addr"] + used)]) + 2)
         # start -> STATIC -> DECIDE -> check -> RUN -> FINISH -> done
         return 4 + check + run
 
@@ -1029,6 +1029,7 @@ class MatmulUnit(wiring.Component):
 
         lo = Signal(18)         # current line range [lo, hi)
         hi = Signal(18)
+        hm1 = Signal(18)        # hi - 1, registered with hi
         w = Signal(18)          # current word
         tiles = Signal(17)      # ranges left including the current one
         clear = Signal()
@@ -1037,26 +1038,32 @@ class MatmulUnit(wiring.Component):
         cmp_v = Signal()
         cmp_word = Signal(vw)
         cmp_mask = Signal(vw)
-        m.d.comb += [walking.eq(tiles != 0), busy.eq(walking | cmp_v)]
+        # a cleared word's mask is registered before it is applied: `busy` covers that stage
+        clr_v = Signal()
+        clr_w = Signal(18)
+        clr_mask = Signal(vw)
+        m.d.comb += [walking.eq(tiles != 0), busy.eq(walking | cmp_v | clr_v)]
 
         w_lo = lo >> lvw
-        w_hi = (hi - 1) >> lvw
+        w_hi = hm1 >> lvw
         b_lo = Mux(w == w_lo, lo[:lvw], 0)
-        b_hi = Mux(w == w_hi, (hi - 1)[:lvw], vw - 1)
+        b_hi = Mux(w == w_hi, hm1[:lvw], vw - 1)
         mask = Signal(vw)
         m.d.comb += mask.eq(Cat((b >= b_lo) & (b <= b_hi) for b in range(vw)))
         cur = Array(words)[w[:wa]]
 
         with m.If(start_scan):
-            m.d.sync += [lo.eq(f.acc_addr), hi.eq(f.acc_addr + L), w.eq(f.acc_addr >> lvw),
-                         tiles.eq(Mux(L == 0, 0, T)), clear.eq(0), stale.eq(0)]
+            m.d.sync += [lo.eq(f.acc_addr), hi.eq(f.acc_addr + L), hm1.eq(f.acc_addr + L - 1),
+                         w.eq(f.acc_addr >> lvw), tiles.eq(Mux(L == 0, 0, T)), clear.eq(0),
+                         stale.eq(0)]
         with m.Elif(start_clear):
-            m.d.sync += [lo.eq(f.acc_addr), hi.eq(f.acc_addr + used), w.eq(f.acc_addr >> lvw),
-                         tiles.eq(1), clear.eq(1)]
+            m.d.sync += [lo.eq(f.acc_addr), hi.eq(f.acc_addr + used),
+                         hm1.eq(f.acc_addr + used - 1), w.eq(f.acc_addr >> lvw), tiles.eq(1),
+                         clear.eq(1)]
         with m.Elif(walking):
             with m.If(w == w_hi):
                 m.d.sync += [tiles.eq(tiles - 1), lo.eq(lo + f.m), hi.eq(hi + f.m),
-                             w.eq((lo + f.m) >> lvw)]
+                             hm1.eq(hm1 + f.m), w.eq((lo + f.m) >> lvw)]
             with m.Else():
                 m.d.sync += w.eq(w + 1)
 
@@ -1069,7 +1076,8 @@ class MatmulUnit(wiring.Component):
         set_en = r3.valid & r3.kt_last & out_acc
         set_w = r3.line >> lvw
         set_b = r3.line[:lvw]
+        m.d.sync += [clr_v.eq(walking & clear), clr_w.eq(w), clr_mask.eq(mask)]
         for i, word in enumerate(words):
-            clr = Mux(walking & clear & (w == i), mask, 0)
+            clr = Mux(clr_v & (clr_w == i), clr_mask, 0)
             setv = Mux(set_en & (set_w == i), Const(1, vw) << set_b, 0)
             m.d.sync += word.eq((word & ~clr) | setv)
