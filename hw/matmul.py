@@ -481,6 +481,7 @@ class MatmulUnit(wiring.Component):
         vw_busy = Signal()
 
         sat_pend = Signal(32)
+        ev_r = Signal(16)       # this cycle's saturation events, registered
         finishing = Signal()
 
         with m.FSM():
@@ -590,7 +591,7 @@ class MatmulUnit(wiring.Component):
                 with m.If(issuing_done):
                     m.d.sync += drain.eq(drain + 1)
                     need = Mux(out_acc, self.acc_drain, self.run_drain)
-                    with m.If((drain >= need - 1) & ~vw_busy & (sat_pend == 0)):
+                    with m.If((drain >= need - 1) & ~vw_busy & (sat_pend == 0) & (ev_r <= 255)):
                         m.next = "FINISH"
                 with m.Else():
                     m.d.sync += cnt.eq(cnt + 1)
@@ -983,11 +984,12 @@ class MatmulUnit(wiring.Component):
                          self.spad.wr_mask[c].eq(c < wr_r.nval)]
 
         # -- saturation events --------------------------------------------------------------------
-        # Reported in the cycle they happen; only more than 255 in one cycle (cols >= 43 with
-        # every lane clamping at several stages) are carried over to the next cycles.
+        # Counted in the cycle they happen and reported in the next one (a register after the
+        # popcount); only more than 255 in one cycle (cols >= 43 with every lane clamping at
+        # several stages) are carried over to the next cycles.
         ev_all = Signal(32)
-        m.d.comb += ev_all.eq(sat_pend + _popcount(ev_rmw)
-                              + Mux(e_out.valid, e_out.payload.sat, 0))
+        m.d.sync += ev_r.eq(_popcount(ev_rmw) + Mux(e_out.valid, e_out.payload.sat, 0))
+        m.d.comb += ev_all.eq(sat_pend + ev_r)
         sat_out = Mux(ev_all > 255, 255, ev_all)
         m.d.comb += ctl.sat_inc.eq(sat_out)
         m.d.sync += sat_pend.eq(ev_all - sat_out)
