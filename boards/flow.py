@@ -466,6 +466,14 @@ def _pre_route_estimate(netlist, clock_mhz, progress):
            "endpoints": len(est.endpoints), "slowest": slowest}
     progress(f"pre-route estimate {out['fmax_mhz']} MHz; slowest: "
              + ", ".join(f"{k} {w:.1f} ns" for k, w, _n in slowest[:3]))
+    if est.fmax_mhz < clock_mhz:
+        # router1's timing-driven route of the whole ecp5 design did not finish at 40 MHz
+        # (session 8) nor at 100 MHz (session 10: 157k arcs left after 315k iterations)
+        out["warning"] = (f"the estimate is below the {clock_mhz:g} MHz clock: the design will "
+                          f"not meet it, and routing a large design for a clock this far out "
+                          f"may not finish; --clock-mhz 25 routes the ecp5 preset in about an "
+                          f"hour")
+        progress("warning: " + out["warning"])
     return out
 
 
@@ -581,6 +589,8 @@ def format_report(rep: dict) -> str:
                      f"{est['fmax_mhz']} MHz, {est['endpoints_over_period']} of "
                      f"{est['endpoints']} register inputs over {est['period_ns']} ns; slowest:")
         lines += [f"  {w:6.1f} ns  {n:5d}  {k}" for k, w, n in est["slowest"]]
+        if est.get("warning"):
+            lines.append(f"  warning: {est['warning']}")
     if rep.get("clock_mhz"):
         lines.append(f"system clock: {rep['clock_mhz']:g} MHz")
     if not rep.get("clocks"):

@@ -80,3 +80,20 @@ def test_build_report_carries_the_estimate(netlist):
     assert "pre-route estimate (vitamin.sim.sta, not a measurement)" in text
     assert "q_chain" in text
     assert "error" in _pre_route_estimate(netlist.parent / "missing.json", 100.0, msgs.append)
+
+
+def test_build_warns_when_the_estimate_misses_the_clock(netlist):
+    """A clock above the pre-route estimate is flagged before place and route (and in the
+    report); one below it is not."""
+    from vitamin.boards.flow import _pre_route_estimate, format_report
+    fmax = estimate(netlist).fmax_mhz
+    msgs = []
+    est = _pre_route_estimate(netlist, fmax * 1.5, msgs.append)
+    assert "warning" in est and f"{fmax * 1.5:g} MHz clock" in est["warning"]
+    assert any(msg.startswith("warning:") for msg in msgs)
+    rep = {"board": "ulx3s-85f", "device": "LFE5U-85F", "config": "ecp5", "status": "built",
+           "available": {}, "pre_route_estimate": est, "timing_verified": True}
+    assert "warning: the estimate is below" in format_report(rep)
+    msgs = []
+    assert "warning" not in _pre_route_estimate(netlist, fmax * 0.5, msgs.append)
+    assert not any(msg.startswith("warning:") for msg in msgs)
