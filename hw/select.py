@@ -14,7 +14,8 @@ memory, so no extra limit) holds per candidate chunk ``(avail, score, lo, n, t)`
     CHECK   (two cycles: the count and the field checks are registered, then checked) fields
             (BAD_FIELD), count register >= 0 (BAD_FIELD), chunk list (IDX_RANGE), score
             region (SPAD_RANGE); F = [0, sk) U [rs, limit) and R = budget - |F|
-    LIST    read the cnt chunk starts (one per cycle), check >= 0 and strictly ascending; chunk
+    LIST    read the cnt chunk starts (one per cycle, each registered before its checks), check
+            >= 0 and strictly ascending; chunk
             c = [a_c, min(a_(c+1), limit)) with a_c < limit goes to chunks[c] as (lo = a_c,
             n = length); N = number of candidates (a prefix of the list)
     LAST    the last chunk (ends at seq); BAD_FIELD here if a start was out of order
@@ -36,19 +37,20 @@ memory, so no extra limit) holds per candidate chunk ``(avail, score, lo, n, t)`
 Cycles from ``start`` to ``done`` of a SELECT that does not fault (:meth:`SelectUnit.cycles`,
 exact; :func:`select_cycles` derives its arguments from the instruction and the data)::
 
-    4 + (cnt + 1)                                   CHECK, CHECK2, LIST, LAST, first entry
+    4 + (cnt + 1 + (cnt > 0))                       CHECK, CHECK2, LIST, LAST, first entry
     + (N > 0) * (1 + sum_c ceil(l_c / spad_lanes) + SCORE_DRAIN)    SCORE
     + 1 + iters * (N + 2)                           SELECT: start, scans
     + 2 * (N + 5 + (N > 0))                         two walks
     + 3                                             registers, done
-    = cnt + 9 + (N > 0) * (sum_c ceil(l_c / spad_lanes) + 16) + iters * (N + 2) + 2 * (N + 5)
+    = cnt + 9 + (cnt > 0) + (N > 0) * (sum_c ceil(l_c / spad_lanes) + 16) + iters * (N + 2)
+      + 2 * (N + 5)
 
 with ``l_c`` the clipped chunk lengths, ``SCORE_DRAIN`` the depth of the score pipeline (13) and
 ``iters`` the number of scans: 0 when ``R <= 0`` or ``N = 0``, else the number of chunks that
 give tokens plus 1 when the budget is not used up by them. A fault is reported after CHECK2
-(3 cycles), after LAST (``cnt + 5``) or after the counting walk. E.g. 32 chunks of 128 tokens
-(4096 keys, all below the limit), budget 1024 with 128 sink and 128 recent tokens, 16 lanes:
-41 + SCORE 32 * 8 + 16 + 6 scans of 34 + walks 76 = 591 cycles.
+(3 cycles), after LAST (``cnt + 5 + (cnt > 0)``) or after the counting walk. E.g. 32 chunks of
+128 tokens (4096 keys, all below the limit), budget 1024 with 128 sink and 128 recent tokens, 16
+lanes: 42 + SCORE 32 * 8 + 16 + 6 scans of 34 + walks 76 = 592 cycles.
 
 Watchdog: the SELECT scans and the walks' reads use only the unit's own memory, which the
 accelerator's watchdog does not see as progress. A SELECT whose selection phase exceeds the
@@ -160,7 +162,8 @@ class SelectUnit(wiring.Component):
         lanes = spad_lanes(get_config(config))
         n = len(lens)
         score = 1 + sum(-(-int(v) // lanes) for v in lens) + SCORE_DRAIN if n else 0
-        return 4 + (cnt + 1) + score + 1 + iters * (n + 2) + 2 * (n + 5 + (n > 0)) + 3
+        return (4 + (cnt + 1 + (cnt > 0)) + score + 1 + iters * (n + 2) + 2 * (n + 5 + (n > 0))
+                + 3)
 
     def elaborate(self, platform):
         cfg = self._cfg
@@ -194,6 +197,12 @@ class SelectUnit(wiring.Component):
         s1_i = Signal(nb)
         m.d.sync += s1_v.eq(0)
         prev = Signal(signed(32))         # last chunk start read
+        lptr = Signal.like(idx.rd_addr)   # LIST: index-memory address of the next start
+        l2_v = Signal()                   # LIST: a start registered from index memory
+        l2_i = Signal(nb)
+        l2_a = Signal(signed(32))
+        l2_neg = Signal()
+        l2_lt = Signal()
         bad = Signal()
         sk = Signal(31)                   # F = [0, sk) U [rs, limit)
         rs = Signal(31)
@@ -368,32 +377,37 @@ class SelectUnit(wiring.Component):
 
             with m.State("CHECK2"):
                 m.d.sync += [cnt.eq(cnt_r[:nb]), ri.eq(0), ncand.eq(0), bad.eq(0),
-                             left.eq(f.budget - nf)]
+                             left.eq(f.budget - nf), lptr.eq(f.chunk_addr)]
                 with m.If(err != ErrorCode.OK):
                     ctl.finish(err)
                 with m.Else():
                     m.next = "LIST"
 
             with m.State("LIST"):
+                # the read address from a pointer register; each start read from index
+                # memory is registered (with its comparisons against 0 and the limit) before
+                # the checks and the entry write
                 issue = ri < cnt
-                m.d.comb += [idx.rd_en.eq(issue), idx.rd_addr.eq(f.chunk_addr + ri)]
+                m.d.comb += [idx.rd_en.eq(issue), idx.rd_addr.eq(lptr)]
                 with m.If(issue):
-                    m.d.sync += [ri.eq(ri + 1), s1_v.eq(1), s1_i.eq(ri)]
-                a_in = idx.rd_data.a
-                with m.If(s1_v):
-                    m.d.sync += prev.eq(a_in)
-                    with m.If(s1_i == 0):
-                        with m.If(a_in < 0):
+                    m.d.sync += [ri.eq(ri + 1), lptr.eq(lptr + 1), s1_v.eq(1), s1_i.eq(ri)]
+                a_rd = idx.rd_data.a
+                m.d.sync += [l2_v.eq(s1_v), l2_i.eq(s1_i), l2_a.eq(a_rd), l2_neg.eq(a_rd < 0),
+                             l2_lt.eq(a_rd < limit)]
+                with m.If(l2_v):
+                    m.d.sync += prev.eq(l2_a)
+                    with m.If(l2_i == 0):
+                        with m.If(l2_neg):
                             m.d.sync += bad.eq(1)
                     with m.Else():
-                        with m.If(a_in <= prev):
+                        with m.If(l2_a <= prev):
                             m.d.sync += bad.eq(1)
                         with m.If(prev < limit):
-                            e_in = Mux(a_in < limit, a_in, limit)
-                            m.d.comb += [mw.en.eq(1), mw.addr.eq(s1_i - 1),
+                            e_in = Mux(l2_lt, l2_a, limit)
+                            m.d.comb += [mw.en.eq(1), mw.addr.eq(l2_i - 1),
                                          mw.data.lo.eq(prev), mw.data.n.eq(e_in - prev)]
-                            m.d.sync += ncand.eq(s1_i)
-                with m.If(~issue):
+                            m.d.sync += ncand.eq(l2_i)
+                with m.If(~issue & ~s1_v):
                     m.next = "LAST"
 
             with m.State("LAST"):
