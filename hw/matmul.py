@@ -507,7 +507,8 @@ class MatmulUnit(wiring.Component):
                     st.chan.eq(f.chan_en & (f.chan_addr + 4 * f.n > spw)),
                     st.shift.eq((~f.chan_en & (f.shift > 62)) | (f.act_shift > 62)
                                 | (f.res_shift > 62)),
-                    n_chk_chunks.eq((4 * f.n + lanes - 1) >> _log2(lanes)),
+                    # the channel-table chunks minus one (the CHK_C compare's operand)
+                    n_chk_chunks.eq(((4 * f.n + lanes - 1) >> _log2(lanes)) - 1),
                     bad_a.eq(0), bad_b.eq(0), bad_o.eq(0), bad_cs.eq(0),
                 ]
                 m.next = "DECIDE"
@@ -540,7 +541,7 @@ class MatmulUnit(wiring.Component):
             with m.State("CHK_Q"):
                 m.d.comb += [fsm_busy.eq(1), t0.kind.eq(_Op.CHK_Q), t0.i.eq(cnt)]
                 m.d.sync += cnt.eq(cnt + 1)
-                with m.If(cnt == L - 1):
+                with m.If(cnt == L1):
                     m.d.sync += cnt.eq(0)
                     with m.If(epi_i & f.chan_en & ~st.chan):
                         m.next = "CHK_C"
@@ -549,7 +550,7 @@ class MatmulUnit(wiring.Component):
             with m.State("CHK_C"):
                 m.d.comb += [fsm_busy.eq(1), t0.kind.eq(_Op.CHK_C), t0.i.eq(cnt)]
                 m.d.sync += cnt.eq(cnt + 1)
-                with m.If(cnt == n_chk_chunks - 1):
+                with m.If(cnt == n_chk_chunks):
                     m.d.sync += cnt.eq(0)
                     m.next = "CHK_WAIT"
             with m.State("CHK_WAIT"):
