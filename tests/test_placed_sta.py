@@ -80,3 +80,29 @@ def test_unplaced_design_and_cli_errors(tmp_path, capsys):
     assert placed_sta.main([str(good), "--path", "q1"]) == 0
     out = capsys.readouterr().out
     assert "post-placement estimate" in out and "path into core.q1" in out and "X10/Y0" in out
+
+
+def test_routed_net_model():
+    """--routed: the fit to routed delays (0.70 + 0.058 per tile of Manhattan distance), cheaper
+    than the placer's model over distance, still free on the carry chain and into a LUT's own
+    register; estimate_placed and the CLI use it."""
+    nd = placed_sta.net_delay
+    assert nd((0, 0), (0, 0), routed=True) == pytest.approx(0.70)
+    assert nd((0, 0), (50, 23), routed=True) == pytest.approx(0.70 + 0.058 * 73)
+    assert nd((0, 0), (50, 23), routed=True) < nd((0, 0), (50, 23)) / 2
+    assert nd((0, 0), (30, 30), "FCO", "FCI", routed=True) == 0.0
+    assert nd((0, 0), (30, 30), "F", "DI", routed=True) == 0.0
+    est = placed_sta.estimate_placed(_design(40, 60), routed=True)
+    got = {e.name: e.arrival_ns for e in est.endpoints}
+    assert got["core.q1"] == pytest.approx(
+        DELAYS["FF_CLK_Q"] + nd((0, 0), (40, 60), routed=True) + DELAYS["LUT4"])
+
+
+def test_cli_routed(tmp_path, capsys):
+    good = tmp_path / "routed.json"
+    good.write_text(json.dumps(_design(40, 60)))
+    assert placed_sta.main([str(good)]) == 0
+    placed = capsys.readouterr().out
+    assert placed_sta.main([str(good), "--routed"]) == 0
+    routed = capsys.readouterr().out
+    assert "slowest register input" in routed and routed != placed
