@@ -349,7 +349,10 @@ class MatmulUnit(wiring.Component):
         # "arch": the accumulator lines are architectural state (read or kept), golden's rule.
         arch = out_acc | ~is_zero
 
-        q_ent = self.queues.q[f.queue]
+        # the expert queue's (offset, length), registered with the instruction: the queue
+        # registers sit in the controller, and their selection by the queue field ran on
+        # across the chip into STATIC's checks (`rs_base + L > rowstate_rows`) in one cycle
+        q_ent = Signal(self.queues.q.shape().elem_shape)
         L = Signal(17)          # rows processed
         T = Signal(17)          # column tiles
         KT = Signal(17)         # K slices
@@ -487,7 +490,8 @@ class MatmulUnit(wiring.Component):
         with m.FSM():
             with m.State("IDLE"):
                 with m.If(ctl.start):
-                    m.d.sync += f.eq(data.View(isa.Matmul, ctl.instr[:_INSTR_LAYOUT.size]))
+                    f_in = data.View(isa.Matmul, ctl.instr[:_INSTR_LAYOUT.size])
+                    m.d.sync += [f.eq(f_in), q_ent.eq(self.queues.q[f_in.queue])]
                     m.next = "STATIC"
             with m.State("STATIC"):
                 m.d.comb += fsm_busy.eq(1)
