@@ -373,7 +373,7 @@ class MatmulUnit(wiring.Component):
         kt_static = (f.k + rows - 1) >> _log2(rows)
         l_static = Mux(qmode, q_ent.len, f.m)
         used_tiles = Mux(arch, t_static, Mux(t_static > 2, 2, t_static))
-        n_chk_chunks = Signal(19)
+        chk_last = Signal(19)
 
         # -- pipeline tag layouts -----------------------------------------------------------------
         tag_layout = data.StructLayout({
@@ -433,9 +433,9 @@ class MatmulUnit(wiring.Component):
         # of RUN) and on epi_t: both variants are registered (long before RUN) and epi_t
         # selects one, so the sequencer's decisions start from registers (the sums,
         # comparisons and the phase choice ran into nt/koff/noff in one cycle)
-        tile_l = data.StructLayout({"cs_m1": 17, "cs_nz": 1, "pad_m1": 17, "pad_nz": 1,
-                                    "side": range(4), "a_sub": sub.shape(),
-                                    "after_bub": ph.shape(), "after_chan": ph.shape()})
+        tile_l = data.StructLayout({"cs_m1": 17, "pad_m1": 17, "side": range(4),
+                                    "a_sub": sub.shape(), "after_bub": ph.shape(),
+                                    "after_chan": ph.shape()})
         tile_v = [Signal(tile_l, name=f"tile_epi{e}") for e in (0, 1)]
         L1 = Signal(17)                   # L - 1
         T1 = Signal(17)                   # T - 1
@@ -452,8 +452,7 @@ class MatmulUnit(wiring.Component):
             else:
                 a_sub_e = side_e
             m.d.sync += [
-                tv.cs_m1.eq(cs_e - 1), tv.cs_nz.eq(cs_e != 0),
-                tv.pad_m1.eq(pad_e - 1), tv.pad_nz.eq(pad_e != 0),
+                tv.cs_m1.eq(cs_e - 1), tv.pad_m1.eq(pad_e - 1),
                 tv.side.eq(side_e), tv.a_sub.eq(a_sub_e),
                 tv.after_bub.eq(Mux(cs_e != 0, PH_CHAN, Mux(pad_e != 0, PH_PAD, PH_ROWS))),
                 tv.after_chan.eq(Mux(pad_e != 0, PH_PAD, PH_ROWS)),
@@ -511,8 +510,8 @@ class MatmulUnit(wiring.Component):
                     st.chan.eq(f.chan_en & (f.chan_addr + 4 * f.n > spw)),
                     st.shift.eq((~f.chan_en & (f.shift > 62)) | (f.act_shift > 62)
                                 | (f.res_shift > 62)),
-                    # the channel-table chunks minus one (the CHK_C compare's operand)
-                    n_chk_chunks.eq(((4 * f.n + lanes - 1) >> _log2(lanes)) - 1),
+                    # the last channel-table chunk (the CHK_C compare's operand)
+                    chk_last.eq(((4 * f.n + lanes - 1) >> _log2(lanes)) - 1),
                     bad_a.eq(0), bad_b.eq(0), bad_o.eq(0), bad_cs.eq(0),
                 ]
                 m.next = "DECIDE"
@@ -554,7 +553,7 @@ class MatmulUnit(wiring.Component):
             with m.State("CHK_C"):
                 m.d.comb += [fsm_busy.eq(1), t0.kind.eq(_Op.CHK_C), t0.i.eq(cnt)]
                 m.d.sync += cnt.eq(cnt + 1)
-                with m.If(cnt == n_chk_chunks):
+                with m.If(cnt == chk_last):
                     m.d.sync += cnt.eq(0)
                     m.next = "CHK_WAIT"
             with m.State("CHK_WAIT"):
@@ -1034,9 +1033,8 @@ class MatmulUnit(wiring.Component):
         words = [Signal(vw, name=f"acc_valid_{i}") for i in range(n_words)]
         wa = max(1, (n_words - 1).bit_length())
 
-        lo = Signal(18)         # current line range [lo, hi)
-        hi = Signal(18)
-        hm1 = Signal(18)        # hi - 1, registered with hi
+        lo = Signal(18)         # current line range [lo, hm1] (hm1 = hi - 1, kept as a register)
+        hm1 = Signal(18)
         w = Signal(18)          # current word
         tiles = Signal(17)      # ranges left including the current one
         clear = Signal()
@@ -1060,17 +1058,15 @@ class MatmulUnit(wiring.Component):
         cur = Array(words)[w[:wa]]
 
         with m.If(start_scan):
-            m.d.sync += [lo.eq(f.acc_addr), hi.eq(f.acc_addr + L), hm1.eq(f.acc_addr + L - 1),
-                         w.eq(f.acc_addr >> lvw), tiles.eq(Mux(L == 0, 0, T)), clear.eq(0),
-                         stale.eq(0)]
+            m.d.sync += [lo.eq(f.acc_addr), hm1.eq(f.acc_addr + L - 1), w.eq(f.acc_addr >> lvw),
+                         tiles.eq(Mux(L == 0, 0, T)), clear.eq(0), stale.eq(0)]
         with m.Elif(start_clear):
-            m.d.sync += [lo.eq(f.acc_addr), hi.eq(f.acc_addr + used),
-                         hm1.eq(f.acc_addr + used - 1), w.eq(f.acc_addr >> lvw), tiles.eq(1),
-                         clear.eq(1)]
+            m.d.sync += [lo.eq(f.acc_addr), hm1.eq(f.acc_addr + used - 1),
+                         w.eq(f.acc_addr >> lvw), tiles.eq(1), clear.eq(1)]
         with m.Elif(walking):
             with m.If(w == w_hi):
-                m.d.sync += [tiles.eq(tiles - 1), lo.eq(lo + f.m), hi.eq(hi + f.m),
-                             hm1.eq(hm1 + f.m), w.eq((lo + f.m) >> lvw)]
+                m.d.sync += [tiles.eq(tiles - 1), lo.eq(lo + f.m), hm1.eq(hm1 + f.m),
+                             w.eq((lo + f.m) >> lvw)]
             with m.Else():
                 m.d.sync += w.eq(w + 1)
 

@@ -82,7 +82,7 @@ EPS_E_MAX = 40
 # Address registers hold an address plus one stride (the row after the last one): 2^22 + 2^22.
 PTR_BITS = isa.SPAD_ADDR + 2
 # ONLINE: cycles per row beyond the two passes (row-state read 2, pipeline 12 +
-# SPAD_READ_LATENCY, the running sum's lag behind pass 2 2, row-state write 1), and the extra
+# SPAD_READ_LATENCY, the running sum's lag behind pass 2: 2, row-state write 1), and the extra
 # cycles of a row with `last` (1/s from the recip table after the sum)
 # (SoftmaxRowUnit.row_cycles; checked by tests/test_hw_rowops.py::test_row_timing).
 _ONLINE_ROW_OVERHEAD = 17 + SPAD_READ_LATENCY
@@ -1117,8 +1117,8 @@ class SoftmaxRowUnit(wiring.Component):
         # product, in two cycles per chunk: the first multiplies (P), the second rounds and adds
         # (rnd(P >> 15) + sum = (P + 2^14 + sum * 2^15) >> 15, exact). Pass 1 delivers a chunk
         # per cycle, so its (scale, sum) wait in a FIFO of half a row's chunks; the sum keeps
-        # up during pass 2, which takes as many cycles, and is complete one or two cycles
-        # after it. (In one cycle the product's DSPs, placed far from the logic on the
+        # up during pass 2, which takes as many cycles, and is complete two cycles after
+        # it. (In one cycle the product's DSPs, placed far from the logic on the
         # LFE5U-85F, made this loop the slowest path of the ecp5 design.)
         sq_w = data.StructLayout({"scale": 16, "esum": len(esum9), "anyv": 1, "last": 1})
         n_chunks = -(-cfg.max_dim // R)
@@ -1152,7 +1152,7 @@ class SoftmaxRowUnit(wiring.Component):
         s_done = Signal()
         m.d.sync += s_done.eq(sum_ph & sum_last)
 
-        # 1/s = r * 2^-15 * 2^-k (recip_norm), after the last pass-1 chunk
+        # 1/s = r * 2^-15 * 2^-k (recip_norm), once the running sum has taken the last pass-1 chunk
         rc_spec = table_spec("recip", cfg)
         w_norm = len(s_run) - 1
         # the leading one of s (0 for s = 0) is registered before the normalising shift (s

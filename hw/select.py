@@ -14,10 +14,10 @@ memory, so no extra limit) holds per candidate chunk ``(avail, score, lo, n, t)`
     CHECK   (two cycles: the count and the field checks are registered, then checked) fields
             (BAD_FIELD), count register >= 0 (BAD_FIELD), chunk list (IDX_RANGE), score
             region (SPAD_RANGE); F = [0, sk) U [rs, limit) and R = budget - |F|
-    LIST    read the cnt chunk starts (one per cycle, each registered before its checks), check
-            >= 0 and strictly ascending; chunk
-            c = [a_c, min(a_(c+1), limit)) with a_c < limit goes to chunks[c] as (lo = a_c,
-            n = length); N = number of candidates (a prefix of the list)
+    LIST    read the cnt chunk starts (one per cycle, each registered before its checks),
+            check >= 0 and strictly ascending; chunk c = [a_c, min(a_(c+1), limit)) with
+            a_c < limit goes to chunks[c] as (lo = a_c, n = length); N = number of candidates
+            (a prefix of the list)
     LAST    the last chunk (ends at seq); BAD_FIELD here if a start was out of order
     SCORE   (one cycle to register the first entry; each next entry is read ahead)
             for c < N: scratchpad reads of spad_lanes words from in_addr + a_c (ceil(l /
@@ -30,8 +30,8 @@ memory, so no extra limit) holds per candidate chunk ``(avail, score, lo, n, t)`
             (highest score, the first of equal ones); take t = min(R, n') of it
             (chunks[c].t <- t, avail <- 0), R -= t; stop when R = 0 or none is left
     WALK    merge the pieces [0, sk), [lo'_c, lo'_c + t_c) (c ascending), [rs, limit) into
-            spans (each entry registered before the merge): a first walk counts them (out_addr + spans <= idx_entries, else IDX_RANGE),
-            a second one writes them
+            spans (each entry registered before the merge): a first walk counts them
+            (out_addr + spans <= idx_entries, else IDX_RANGE), a second one writes them
     REGS    REG[dst_reg] <- spans, then REG[rows_reg] <- rows (rows win when equal)
 
 Cycles from ``start`` to ``done`` of a SELECT that does not fault (:meth:`SelectUnit.cycles`,

@@ -534,7 +534,8 @@ def test_online_longest_row():
                      out_stride=n, mult=1200, shift=12, first=1, last=last, rs_base=3)
             _, cyc = await bench.check(ctx, isa.encode(Opcode.SOFTMAX, **f),
                                        out=(4 * n, m, n, n), rs=(3, m), name=f"last={last}")
-            want = m * bench.unit.row_cycles(SmMode.ONLINE, n, last) + ROW_OVERHEAD["SOFTMAX_ONLINE"]
+            want = (m * bench.unit.row_cycles(SmMode.ONLINE, n, last)
+                    + ROW_OVERHEAD["SOFTMAX_ONLINE"])
             assert cyc == want, (last, cyc, want)
 
     bench.run(tb)

@@ -8,7 +8,8 @@ import pytest
 
 import vitamin
 from vitamin.api import compare, quantize_inputs
-from vitamin.compiler import sparse, sparse_models as sm
+from vitamin.compiler import sparse
+from vitamin.compiler import sparse_models as sm
 from vitamin.compiler.ir import CompileError
 from vitamin.golden.isasim import check_tokens, decode_program, run_program
 from vitamin.isa import DmaMode, Opcode
