@@ -736,10 +736,10 @@ def _seq_spans(f, spans):
         q = total
         for _, ln in spans:
             ln = int(ln)
-            steps += ["r", "c"]
+            steps += ["r", "c", "c"]            # G_RD, G_SPAN, G_MUL
             if ln > 0 and q > 0:
                 rows = min(ln, q)
-                steps += ["c", "c"] + ["e"] * rows
+                steps += ["c"] + ["e"] * rows   # G_ROW, G_EMIT per row
                 q -= rows
             steps.append("c")
     return 12 + scan, steps, None

@@ -219,6 +219,7 @@ class DmaSequencer(wiring.Component):
 
         # SPANS scan results
         count = Signal(signed(33))
+        cnt_r = Signal(32)                 # the span count as read in BLK
         scan_t = Signal(unsigned(33))
         scan_pend = Signal()               # a span-list read is in flight
         scan_v = Signal()                  # the span read two cycles ago is in scan_a/scan_ln
@@ -246,6 +247,7 @@ class DmaSequencer(wiring.Component):
         q_left = Signal.like(total)
         span_t = Signal(unsigned(33))
         g_acc = Signal()                   # G_RD's read was granted
+        g_ln = Signal(signed(32))          # the span's length, registered in G_SPAN
 
         err = Signal(ErrorCode)
         m.d.comb += self.error.eq(err)
@@ -278,6 +280,10 @@ class DmaSequencer(wiring.Component):
             with m.State("BLK"):                    # REG * blk_stride
                 m.d.comb += self.busy.eq(1)
                 ops_next(f.n2 - 1, ds2)             # S_BASE
+                # SPANS' span count, for P_BASE's checks: the register file's value is selected
+                # here and registered (selected and compared in one cycle it was the ecp5
+                # design's LOAD ``error`` path, 21 ns routed)
+                m.d.sync += cnt_r.eq(Mux(f.count_reg == 0, f.n2, self.regs[f.count_reg]))
                 bad = ((f.run == 0) | (f.n0 == 0) | (f.n1 == 0) |
                        ((f.mode == DmaMode.STRIDED) & (f.n2 == 0)))
                 dt_bad = Mux(f.mem == Mem.IDX, f.dtype != DType.I32, f.dtype == DType.I32)
@@ -364,7 +370,7 @@ class DmaSequencer(wiring.Component):
             with m.State("P_BASE"):
                 m.d.comb += self.busy.eq(1)
                 m.d.sync += base.eq(f.dram_addr + prod)
-                cnt = Mux(f.count_reg == 0, f.n2, self.regs[f.count_reg])
+                cnt = cnt_r
                 m.d.sync += [count.eq(cnt), scan_t.eq(0), scan_pend.eq(0), neg_len.eq(0),
                              total.eq(0), min_start.eq((1 << 31) - 1), max_end.eq(-(1 << 33)),
                              rlo.eq((1 << 31) - 1), rhi.eq(-(1 << 33)), any_rows.eq(0)]
@@ -473,21 +479,25 @@ class DmaSequencer(wiring.Component):
                 m.next = "G_SPAN"
             with m.State("G_SPAN"):
                 m.d.comb += self.busy.eq(1)
-                a = self.idx_rd_data.a
-                ln = self.idx_rd_data.b
-                # The rows of one i1 pass never exceed the checked total, even if a LOAD into
-                # index memory has overwritten its own span list (see LoadUnit): bounded work.
-                m.d.sync += rows_left.eq(Mux(ln > q_left, q_left, ln))
-                ops_next(a, ds0)                    # G_MUL: a * ds0
+                # The span as read: its start goes to the multiplier, its length into a
+                # register; nothing branches on index memory's read data in this cycle (the
+                # block RAM's clock-to-out and the way across the chip left no time for a
+                # 33-bit compare: LOAD's state register, 21 ns routed).
+                m.d.sync += g_ln.eq(self.idx_rd_data.b)
+                ops_next(self.idx_rd_data.a, ds0)   # G_MUL: a * ds0
                 with m.If(~g_acc):
                     m.next = "G_RD"
-                with m.Elif((ln > 0) & (q_left != 0)):
-                    m.next = "G_MUL"
                 with m.Else():
-                    m.next = "G_NEXT"
+                    m.next = "G_MUL"
             with m.State("G_MUL"):
                 m.d.comb += self.busy.eq(1)
-                m.next = "G_ROW"
+                # The rows of one i1 pass never exceed the checked total, even if a LOAD into
+                # index memory has overwritten its own span list (see LoadUnit): bounded work.
+                m.d.sync += rows_left.eq(Mux(g_ln > q_left, q_left, g_ln))
+                with m.If((g_ln > 0) & (q_left != 0)):
+                    m.next = "G_ROW"
+                with m.Else():
+                    m.next = "G_NEXT"
             with m.State("G_ROW"):
                 m.d.comb += self.busy.eq(1)
                 m.d.sync += d0.eq(d1 + prod)
