@@ -216,6 +216,8 @@ class DmaSequencer(wiring.Component):
         wcoarse = Signal(signed(_DW))
         shi = Signal(unsigned(48))         # largest on-chip address
         p_save = Signal(signed(70))
+        p_min = Signal(signed(70))
+        p_max = Signal(signed(70))
 
         # SPANS scan results
         count = Signal(signed(33))
@@ -455,13 +457,15 @@ class DmaSequencer(wiring.Component):
                 m.next = "P_RHI"
             with m.State("P_RHI"):
                 m.d.comb += self.busy.eq(1)
-                m.d.sync += [lo.eq(lo + Mux(prod < p_save, prod, p_save)),
-                             hi.eq(hi + Mux(prod > p_save, prod, p_save))]
+                # the smaller and the larger row offset are registered and added in P_S1 (a
+                # 72-bit compare, select and add in one cycle was STORE's ``hi`` path)
+                m.d.sync += [p_min.eq(Mux(prod < p_save, prod, p_save)),
+                             p_max.eq(Mux(prod > p_save, prod, p_save))]
                 ops_next(total - 1, f.ss0)
                 m.next = "P_S1"
             with m.State("P_S1"):
                 m.d.comb += self.busy.eq(1)
-                m.d.sync += shi.eq(shi + prod)
+                m.d.sync += [shi.eq(shi + prod), lo.eq(lo + p_min), hi.eq(hi + p_max)]
                 m.next = "P_S0"
             with m.State("P_S0"):
                 m.d.comb += self.busy.eq(1)

@@ -115,6 +115,17 @@ def _rnd(x, s):
     return Mux(s == 0, x, ((x >> (s - 1)[:len(s)]) + 1) >> 1)
 
 
+def _rnd_reg(m, s, name):
+    """``rnd(x, s)`` as :func:`_rnd`, for a shift field ``s`` that is constant while an
+    instruction runs: ``s - 1`` and ``s == 0`` are registered once (one cycle after ``s``), so
+    neither the decrement nor the field's way from the instruction register sits in front of
+    every lane's shifter. Returns ``rnd(x)``, a function of ``x``."""
+    sm1 = Signal(len(s), name=f"{name}_m1")
+    sz = Signal(name=f"{name}_z")
+    m.d.sync += [sm1.eq(s - 1), sz.eq(s == 0)]
+    return lambda x: Mux(sz, x, ((x >> sm1) + 1) >> 1)
+
+
 def _rnd_const(x, c):
     return x if c == 0 else (x + (1 << (c - 1))) >> c
 
@@ -403,8 +414,10 @@ class VecUnit(wiring.Component):
         v2 = stage("v2_", lambda lane: t1[lane] * ma, signed(49))
         u2 = stage("u2_", lambda lane: u1[lane], signed(32))
         # E3
-        r3 = stage("r3_", lambda lane: _rnd(v2[lane], f.sa), signed(49))
-        q3 = stage("q3_", lambda lane: Mux(is_add, _rnd(u2[lane], f.sb), 0), signed(32))
+        rnd_a = _rnd_reg(m, f.sa, "sa")    # f is latched at the start; E3 runs after CHECK
+        rnd_b = _rnd_reg(m, f.sb, "sb")
+        r3 = stage("r3_", lambda lane: rnd_a(v2[lane]), signed(49))
+        q3 = stage("q3_", lambda lane: Mux(is_add, rnd_b(u2[lane]), 0), signed(32))
         # E4
         flags = []
         z4 = Signal(word_l)
@@ -1082,7 +1095,8 @@ class SoftmaxRowUnit(wiring.Component):
         m.d.sync += [prod2[lane].eq(d2[lane] * mult) for lane in range(n_e)]
         # S4: z
         z3 = pipe("on_z", n_e, 31)
-        m.d.sync += [z3[lane].eq(_rnd(prod2[lane], f.shift)) for lane in range(n_e)]
+        rnd_z = _rnd_reg(m, f.shift, "on_shift")
+        m.d.sync += [z3[lane].eq(rnd_z(prod2[lane])) for lane in range(n_e)]
         # S5..S8: table (INTERP_LATENCY stages), integer part of z alongside
         spec = table_spec("exp2", cfg)
         tab = make_table("exp2", cfg)
