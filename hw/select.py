@@ -316,8 +316,11 @@ class SelectUnit(wiring.Component):
         bi = Signal(nb)
         b_lo = Signal(31)
         b_n = Signal(lw)
+        # the take min(left, n) of the best entry and whether it ends the selection: registered
+        # with the entry in SEL_SCAN (``left`` does not change there), so SEL_DECIDE's write,
+        # budget update and next state start at registers
         take = Signal(lw)
-        m.d.comb += take.eq(Mux(left < b_n, left[:lw], b_n))
+        take_all = Signal()
 
         # -- WALK state -----------------------------------------------------------------------
         open_ = Signal()
@@ -464,7 +467,8 @@ class SelectUnit(wiring.Component):
                     m.d.sync += [ri.eq(ri + 1), s1_v.eq(1), s1_i.eq(ri)]
                 with m.If(s1_v & rd.avail & (~have | (rd.score > best))):
                     m.d.sync += [have.eq(1), best.eq(rd.score), bi.eq(s1_i), b_lo.eq(rd.lo),
-                                 b_n.eq(rd.n)]
+                                 b_n.eq(rd.n), take.eq(Mux(left < rd.n, left[:lw], rd.n)),
+                                 take_all.eq(left <= rd.n)]
                 with m.If(~issue):
                     m.next = "SEL_DECIDE"
 
@@ -475,7 +479,7 @@ class SelectUnit(wiring.Component):
                                  mw.data.score.eq(best), mw.data.lo.eq(b_lo),
                                  mw.data.n.eq(b_n), mw.data.t.eq(take)]
                     m.d.sync += left.eq(left - take)
-                    with m.If(left == take):
+                    with m.If(take_all):
                         start_walk()
                     with m.Else():
                         m.next = "SEL_SCAN"
