@@ -760,6 +760,10 @@ class SoftmaxRowUnit(wiring.Component):
             (f.out_addr + span_out + f.n > cfg.spad_words, ErrorCode.SPAD_RANGE),
             (online & (f.rs_base + f.m > cfg.rowstate_rows), ErrorCode.ROWSTATE_RANGE),
         ])
+        # registered too (used in POST, after step n_steps; span_out lands at the end of step 2)
+        err_out_r = Signal(4, name="err_out_r")
+        m.d.sync += err_out_r.eq(err_out)
+        err_out = err_out_r
 
         # -- key positions: span walk into the kpos buffer ---------------------------------------
         kpos_shape = signed(34)           # span start (int32) + offset (< 2^31)
