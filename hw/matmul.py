@@ -84,7 +84,7 @@ computes it exactly)::
     cycles = 4 + check + sum over the T * KT tiles of (W + CH + PAD + L * P) + drain
 
     check = 2 + (L with gather or scatter) + (ceil(4 n / lanes) with an epilogue and chan_en)
-            + CHECK_DRAIN (8)       -- or the validity scan if longer (acc_in != ZERO:
+            + CHECK_DRAIN (9)       -- or the validity scan if longer (acc_in != ZERO:
                                        about T * (L / 16 + 1) cycles)
     W     = rows  (b_trans: cols + rows)
     CH    = max(1, 4 cols / lanes) on the last K slice of an epilogue with chan_en, else 0
@@ -93,11 +93,11 @@ computes it exactly)::
     P     = max(1 + side, epi_ratio) on the last K slice of an epilogue, else 1 (slots per row;
             ``epi_ratio = cols / epi_lanes``: a narrow epilogue takes that many cycles per line,
             so the sequencer leaves idle slots between those rows)
-    drain = 12 + log2(rows) (out = ACC); epilogue: that + Epilogue.latency (21 for tiny)
+    drain = 13 + log2(rows) (out = ACC); epilogue: that + Epilogue.latency (21 for tiny)
 
-For a plain MATMUL (``L = m``, ``m + rows >= 4``) this is ``T * KT * (m + rows) + 26 +
-log2(rows) + Epilogue.latency`` (``26 + log2(rows)`` for ``out = ACC``), against the cost
-model's ``T * KT * m + MM_FILL`` (``MM_FILL = 24``): the weight tile costs ``rows`` slots per
+For a plain MATMUL (``L = m``, ``m + rows >= 4``) this is ``T * KT * (m + rows) + 28 +
+log2(rows) + Epilogue.latency`` (``28 + log2(rows)`` for ``out = ACC``), against a first-order
+cost of ``T * KT * m`` plus a fixed fill: the weight tile costs ``rows`` slots per
 tile because it shares the single scratchpad read port with the A lines, and the fixed part is
 the check phase plus the pipeline depth (the controller's contract has no early ``done``).
 """

@@ -3,8 +3,8 @@
 ``Scratchpad`` is banked: ``spad_lanes`` banks of 16-bit words, element ``e`` in bank
 ``e % lanes`` at row ``e // lanes``, so any ``lanes`` consecutive elements sit in distinct banks and
 one access of ``lanes`` words at any element address takes one cycle. Reads rotate the banks'
-outputs into element order (latency ``SPAD_READ_LATENCY`` = 3: request register, bank read, then
-rotate register); writes pass the same request register (they land one cycle after the port
+outputs into element order (latency ``SPAD_READ_LATENCY`` = 4: request register, bank read, the
+bank's output register, then rotate register); writes pass the same request register (they land one cycle after the port
 presents them, so reads and writes keep their order) and rotate the data and mask into bank
 order.
 
@@ -57,7 +57,7 @@ class Scratchpad(wiring.Component):
     Ports
     -----
     port : In(SpadPort(config))
-        One read (latency 3) and one write per cycle, ``spad_lanes`` consecutive words each.
+        One read (latency 4) and one write per cycle, ``spad_lanes`` consecutive words each.
     """
 
     def __init__(self, config, init=None):
@@ -117,8 +117,14 @@ class Scratchpad(wiring.Component):
             # port (which unit reads this cycle) in front of every bank
             m.d.comb += [rp.addr.eq(ra_hi + ((ra_lo + off) >> lb) if lanes > 1 else ra),
                          rp.en.eq(1)]
-            outs.append(rp.data)
-        m.d.sync += rd_rot.eq(ra_lo)
+            # the bank's output register (the block RAM's own, DP16KD REGMODE OUTREG): the
+            # rotation below starts at a register next to the bank, not at the RAM's 5.8 ns
+            # clock-to-output
+            q = Signal.like(rp.data, name=f"rd_q{b}")
+            m.d.sync += q.eq(rp.data)
+            outs.append(q)
+        ra_lo_d = Signal(range(lanes), name="rd_rot0")
+        m.d.sync += [ra_lo_d.eq(ra_lo), rd_rot.eq(ra_lo_d)]
         # rotate register: lane i <- bank (rot + i) % lanes
         rot = Signal(data.ArrayLayout(signed(16), lanes))
         for i in range(lanes):

@@ -41,7 +41,7 @@ __all__ = [
     "RegPort", "QueuePort", "AxiRead", "AxiWrite", "idx_entry_layout", "N_REGS",
 ]
 
-SPAD_READ_LATENCY = 3
+SPAD_READ_LATENCY = 4
 ACC_READ_LATENCY = 1
 IDX_READ_LATENCY = 1
 RS_READ_LATENCY = 1

@@ -45,7 +45,7 @@ exact; :func:`select_cycles` derives its arguments from the instruction and the 
     = cnt + 9 + (cnt > 0) + (N > 0) * (sum_c ceil(l_c / spad_lanes) + 16) + iters * (N + 2)
       + 2 * (N + 5)
 
-with ``l_c`` the clipped chunk lengths, ``SCORE_DRAIN`` the depth of the score pipeline (13) and
+with ``l_c`` the clipped chunk lengths, ``SCORE_DRAIN`` the depth of the score pipeline (14) and
 ``iters`` the number of scans: 0 when ``R <= 0`` or ``N = 0``, else the number of chunks that
 give tokens plus 1 when the budget is not used up by them. A fault is reported after CHECK2
 (3 cycles), after LAST (``cnt + 5 + (cnt > 0)``) or after the counting walk. E.g. 32 chunks of
