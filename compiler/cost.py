@@ -551,7 +551,7 @@ DRAM_READ_LATENCY = 2
 #: :class:`~vitamin.hw.layernorm.LayerNormUnit`. The figures include the scratchpad's read
 #: latency (``hw.ports.SPAD_READ_LATENCY`` = 3; at 2, VEC, TOPK and SOFTMAX FULL were one lower
 #: and LAYERNORM two; SOFTMAX ONLINE's extra cycle is in its per-row figure).
-ROW_OVERHEAD = {"VEC": 17, "SOFTMAX_FULL": 6, "SOFTMAX_ONLINE": 6, "LAYERNORM": 3, "TOPK": 11}
+ROW_OVERHEAD = {"VEC": 18, "SOFTMAX_FULL": 7, "SOFTMAX_ONLINE": 7, "LAYERNORM": 4, "TOPK": 12}
 
 
 def fetch_cycles(cfg) -> int:
