@@ -117,9 +117,9 @@ class Scratchpad(wiring.Component):
             # port (which unit reads this cycle) in front of every bank
             m.d.comb += [rp.addr.eq(ra_hi + ((ra_lo + off) >> lb) if lanes > 1 else ra),
                          rp.en.eq(1)]
-            # the bank's output register (the block RAM's own, DP16KD REGMODE OUTREG): the
-            # rotation below starts at a register next to the bank, not at the RAM's 5.8 ns
-            # clock-to-output
+            # the bank's output register (placed beside the block RAM; whether Yosys packs it
+            # into the DP16KD's own output register was not checked): the rotation below
+            # starts at a register, not at the RAM's 5.8 ns clock-to-output
             q = Signal.like(rp.data, name=f"rd_q{b}")
             m.d.sync += q.eq(rp.data)
             outs.append(q)
