@@ -82,14 +82,14 @@ EPS_E_MAX = 40
 # Address registers hold an address plus one stride (the row after the last one): 2^22 + 2^22.
 PTR_BITS = isa.SPAD_ADDR + 2
 # ONLINE: cycles per row beyond the two passes (row-state read 2, pipeline 12 +
-# SPAD_READ_LATENCY, the running sum's lag behind pass 2: 2, row-state write 1), and the extra
+# SPAD_READ_LATENCY, the running sum's lag behind pass 2: 3, row-state write 1), and the extra
 # cycles of a row with `last` (1/s from the recip table after the sum)
 # (SoftmaxRowUnit.row_cycles; checked by tests/test_hw_rowops.py::test_row_timing).
-_ONLINE_ROW_OVERHEAD = 17 + SPAD_READ_LATENCY
+_ONLINE_ROW_OVERHEAD = 18 + SPAD_READ_LATENCY
 _ONLINE_RECIP_CYCLES = 7
 # FIFO depth (chunks) between the scratchpad reader and the stream units. A read is issued only
-# when its chunk has a place in the FIFO; the credit comes back 6 cycles after the issue (read
-# latency 3, FIFO write, FIFO output register, take), so 8 keeps the reads back to back while
+# when its chunk has a place in the FIFO; the credit comes back 7 cycles after the issue (read
+# latency 4, FIFO write, FIFO output register, take), so 8 keeps the reads back to back while
 # the unit takes one chunk per cycle (measured by tests/test_hw_rowops.py::test_row_timing).
 FIFO_DEPTH = 8
 
@@ -667,8 +667,8 @@ class SoftmaxRowUnit(wiring.Component):
     the chunks once for the running max and sum (``row_lanes + 1`` exp lanes, the extra one for
     the rescale factor), stream them again to write ``E(z(m, x)) >> exp_shift``; the extra lane
     of the first replayed chunk gives ``c = E(z(m, m_old))``, and ``1/s`` is normalised with
-    the ``recip`` table when ``last`` is set. Rows do not overlap: ``2 * C + 20`` cycles per row
-    (``2 * C + 27`` with ``last``, :meth:`row_cycles`).
+    the ``recip`` table when ``last`` is set. Rows do not overlap: ``2 * C + 22`` cycles per row
+    (``2 * C + 29`` with ``last``, :meth:`row_cycles`).
     Pipeline (one chunk per cycle, no stalls)::
 
         A  scratchpad data, lane mask            S5-S8 exp2 table read and interpolation
@@ -707,7 +707,7 @@ class SoftmaxRowUnit(wiring.Component):
         """Cycles per row without the per-instruction overhead and the key-span walk.
 
         FULL: :meth:`SoftmaxUnit.row_cycles`. ONLINE: the row-state read (2), both passes
-        (``2 * C``), the pipeline (12 + ``SPAD_READ_LATENCY``), the running sum's lag (2) and
+        (``2 * C``), the pipeline (12 + ``SPAD_READ_LATENCY``), the running sum's lag (3) and
         the row-state write (1); with ``last``, 7 more for ``1/s``.
         """
         chunks = -(-n // self._config.row_lanes)
@@ -1143,7 +1143,7 @@ class SoftmaxRowUnit(wiring.Component):
         # product, in two cycles per chunk: the first multiplies (P), the second rounds and adds
         # (rnd(P >> 15) + sum = (P + 2^14 + sum * 2^15) >> 15, exact). Pass 1 delivers a chunk
         # per cycle, so its (scale, sum) wait in a FIFO of half a row's chunks; the sum keeps
-        # up during pass 2, which takes as many cycles, and is complete two cycles after
+        # up during pass 2, which takes as many cycles, and is complete three cycles after
         # it. (In one cycle the product's DSPs, placed far from the logic on the
         # LFE5U-85F, made this loop the slowest path of the ecp5 design.)
         sq_w = data.StructLayout({"scale": 16, "esum": len(esum9), "anyv": 1, "last": 1})
@@ -1155,6 +1155,17 @@ class SoftmaxRowUnit(wiring.Component):
         m.d.comb += [sq_in.scale.eq(scale9), sq_in.esum.eq(esum9), sq_in.anyv.eq(anyv[10]),
                      sq_in.last.eq(last[10]), sq.w_data.eq(sq_in),
                      sq.w_en.eq(valid[10] & ~p2[10]), sq_out.eq(sq.r_data)]
+        # the FIFO's output is registered (sq_q, valid sq_qv) before the multipliers: its block
+        # RAM and output multiplexer are placed apart from the product's DSPs on the LFE5U-85F
+        # (the 2da45db build's routed critical path, 20.3 ns, ran from the FIFO into the DSPs)
+        sq_q = Signal(sq_w)
+        sq_qv = Signal()
+        sq_take = Signal()                # the loop takes sq_q this cycle
+        with m.If(sq.r_rdy & (~sq_qv | sq_take)):
+            m.d.comb += sq.r_en.eq(1)
+            m.d.sync += [sq_q.eq(sq_out), sq_qv.eq(1)]
+        with m.Elif(sq_take):
+            m.d.sync += sq_qv.eq(0)
         sum_ph = Signal()                 # the second cycle of a chunk
         # the product as three registered 17-bit x 16-bit partial products (one DSP each; the
         # sum of the pieces runs in the second cycle with the rounding and the addend)
@@ -1163,11 +1174,11 @@ class SoftmaxRowUnit(wiring.Component):
         sum_add = Signal(len(s_run) + 16)
         sum_av = Signal()
         sum_last = Signal()
-        with m.If(~sum_ph & sq.r_rdy):
-            m.d.comb += sq.r_en.eq(1)
-            m.d.sync += [sum_ph.eq(1), sum_add.eq((sq_out.esum << 15) | (1 << 14)),
-                         sum_av.eq(sq_out.anyv), sum_last.eq(sq_out.last)]
-            m.d.sync += [pp.eq(s_run[lo:hi] * sq_out.scale)
+        with m.If(~sum_ph & sq_qv):
+            m.d.comb += sq_take.eq(1)
+            m.d.sync += [sum_ph.eq(1), sum_add.eq((sq_q.esum << 15) | (1 << 14)),
+                         sum_av.eq(sq_q.anyv), sum_last.eq(sq_q.last)]
+            m.d.sync += [pp.eq(s_run[lo:hi] * sq_q.scale)
                          for pp, (lo, hi) in zip(sum_pp, pieces, strict=True)]
         with m.If(sum_ph):
             m.d.sync += sum_ph.eq(0)
@@ -1216,7 +1227,7 @@ class SoftmaxRowUnit(wiring.Component):
         ]
         busy = Signal()
         # (1/s is only written with `last`)
-        m.d.comb += busy.eq(Cat(*valid).any() | (sq.level != 0) | sum_ph
+        m.d.comb += busy.eq(Cat(*valid).any() | (sq.level != 0) | sq_qv | sum_ph
                             | (f.last & Cat(s_done, s_done2, *rc_v).any()))
         return {"load": load, "busy": busy, "state": state, "wr_en": valid[10] & p2[10],
                 "wr_cbase": cbase[10], "wr_data": out9}
