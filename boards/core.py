@@ -65,8 +65,9 @@ class AxiReadArbiter(wiring.Component):
                 _fwd(m, mm, s, _AR)
                 m.d.comb += [s.arvalid.eq(mm.arvalid & ~busy), mm.arready.eq(s.arready & ~busy),
                              s.arid.eq(mm.arid)]
-                with m.If(busy):
-                    m.d.comb += [mm.rvalid.eq(s.rvalid), s.rready.eq(mm.rready)]
+            # the burst's owner from registers only (``pick`` also depends on m0's arvalid)
+            with m.If(busy & (sel == k)):
+                m.d.comb += [mm.rvalid.eq(s.rvalid), s.rready.eq(mm.rready)]
             m.d.comb += [mm.rdata.eq(s.rdata), mm.rresp.eq(s.rresp), mm.rlast.eq(s.rlast),
                          mm.rid.eq(s.rid)]
         with m.If(s.arvalid & s.arready):
@@ -96,10 +97,12 @@ class AxiWriteArbiter(wiring.Component):
                 _fwd(m, mm, s, _AW)
                 m.d.comb += [s.awvalid.eq(mm.awvalid & ~busy),
                              mm.awready.eq(s.awready & ~busy), s.awid.eq(mm.awid)]
-                with m.If(busy):
-                    _fwd(m, mm, s, _W)
-                    m.d.comb += [s.wvalid.eq(mm.wvalid), mm.wready.eq(s.wready),
-                                 mm.bvalid.eq(s.bvalid), s.bready.eq(mm.bready)]
+            # W and B from registers only: through ``pick``, m0's awvalid reached the write
+            # beat's ready, and the STORE unit's burst FIFO behind it (routed model, 2da45db)
+            with m.If(busy & (sel == k)):
+                _fwd(m, mm, s, _W)
+                m.d.comb += [s.wvalid.eq(mm.wvalid), mm.wready.eq(s.wready),
+                             mm.bvalid.eq(s.bvalid), s.bready.eq(mm.bready)]
             m.d.comb += [mm.bresp.eq(s.bresp), mm.bid.eq(s.bid)]
         with m.If(s.awvalid & s.awready):
             m.d.sync += [busy.eq(1), sel.eq(pick)]
