@@ -880,7 +880,12 @@ class MatmulUnit(wiring.Component):
         ext1 = Signal(cols)
         ext2 = Signal(cols)
         old1 = [Signal(signed(ab), name=f"old1_{c}") for c in range(cols)]
-        scp2 = [Signal(signed(ab + 18), name=f"scp2_{c}") for c in range(cols)]
+        # old * c as two registered partial products (one DSP each); their sum joins the
+        # addition of R2 (the product and its adder in one cycle were the 2da45db build's
+        # slowest MATMUL path in the routed model, 20 ns, most of it the way to the DSPs)
+        assert ab > 17
+        sc_lo = [Signal(34, name=f"sc_lo2_{c}") for c in range(cols)]
+        sc_hi = [Signal(signed(ab - 17 + 18), name=f"sc_hi2_{c}") for c in range(cols)]
         sum3 = [Signal(signed(ab + 4), name=f"sum3_{c}") for c in range(cols)]
         m.d.sync += [ext1.eq(ext_rd.data), ext2.eq(ext1)]
         for c in range(cols):
@@ -890,21 +895,25 @@ class MatmulUnit(wiring.Component):
                 psum1[c].eq(o_mac.payload.data[c]),
                 psum2[c].eq(psum1[c]),
                 old2[c].eq(old),
-                scp2[c].eq(old * r1.c),
+                sc_lo[c].eq(old[:17] * r1.c),
+                sc_hi[c].eq(old[17:].as_signed() * r1.c),
                 old3[c].eq(old2[c]),
             ]
-            # R2: what the products are added to
+            # R2: what the products are added to; scaled: rnd(old * c >> 15) + psum
+            # = (lo + hi * 2^17 + psum * 2^15 + 2^14) >> 15, exact, one sum
             base = Signal(signed(ab + 4), name=f"base_{c}")
             with m.If(r2.kt_first):
-                with m.If(is_scale):
-                    m.d.comb += base.eq((scp2[c] + (1 << 14)) >> 15)
-                with m.Elif(is_zero):
+                with m.If(is_zero):
                     m.d.comb += base.eq(0)
                 with m.Else():
                     m.d.comb += base.eq(old2[c])
             with m.Else():
                 m.d.comb += base.eq(Cat(old2[c], ext2[c]).as_signed())
-            m.d.sync += sum3[c].eq(base + psum2[c])
+            with m.If(r2.kt_first & is_scale):
+                m.d.sync += sum3[c].eq((sc_lo[c] + (sc_hi[c] << 17) + (psum2[c] << 15)
+                                        + (1 << 14)) >> 15)
+            with m.Else():
+                m.d.sync += sum3[c].eq(base + psum2[c])
 
         # R3: saturate on the last K slice; write back or hand to the epilogue
         fin = []
