@@ -715,9 +715,9 @@ def _load_run(off, bursts, nbytes, n, es, lanes, bb, chunk, is_idx, lead=0):
 
 
 def _seq_strided(n_runs):
-    """DmaSequencer, STRIDED: the first run is offered 11 cycles after start (field and range
+    """DmaSequencer, STRIDED: the first run is offered 12 cycles after start (field and range
     checks), one run per cycle after that."""
-    return 11, ["e"] * n_runs, None
+    return 12, ["e"] * n_runs, None
 
 
 def _seq_spans(f, spans):
@@ -742,7 +742,7 @@ def _seq_spans(f, spans):
                 steps += ["c"] + ["e"] * rows   # G_ROW, G_EMIT per row
                 q -= rows
             steps.append("c")
-    return 12 + scan, steps, None
+    return 13 + scan, steps, None
 
 
 def _load_cycles(f, starts, cfg, lanes, seq):
