@@ -151,7 +151,7 @@ def _shared_mul(m, step, widths, pairs_of, name):
     front of the DSP blocks; the halves are registered so that the DSP blocks' outputs and the
     adders that join a wide product do not share a cycle: in one cycle they were the routed
     critical path of the ``ecp5`` ULX3S build, 18.9 ns across three DSP rows.) Returns the
-    product registers.
+    product registers and the step at which all of them hold their products.
     """
     prods = [Signal(w, name=f"{name}_{i}") for i, w in enumerate(widths)]
     pairs = pairs_of(prods)
@@ -170,7 +170,7 @@ def _shared_mul(m, step, widths, pairs_of, name):
     for i, p in enumerate(prods):
         with m.If(step == i + 2):
             m.d.sync += p.eq(p_lo + (p_hi << half))
-    return prods
+    return prods, len(widths) + 2
 
 
 def _popcount(bits):
@@ -271,9 +271,8 @@ class VecUnit(wiring.Component):
                      is_add.eq(f.op == VecOp.ADD), two_in.eq(is_add | is_mul)]
 
         # -- checks (golden Machine.op_vec order) ------------------------------------------------
-        n_steps = 6                 # _shared_mul: one cycle per product, plus two
         step = ctl.step
-        rows_a, span_b, span_o, span_a = _shared_mul(
+        (rows_a, span_b, span_o, span_a), n_steps = _shared_mul(
             m, step, [32, 38, 38, 54],
             lambda p: [(f.m, Mux(is_pool, f.group, 1)),
                        ((f.m - 1)[:16], f.b_stride),
@@ -504,8 +503,7 @@ class TopKUnit(wiring.Component):
         step = ctl.step
 
         # -- checks (golden Machine.op_topk order) -----------------------------------------------
-        n_steps = 4                 # _shared_mul: one cycle per product, plus two
-        span_in, n_ent = _shared_mul(
+        (span_in, n_ent), n_steps = _shared_mul(
             m, step, [38, 23],
             lambda p: [((f.m - 1)[:16], f.in_stride), (f.m, f.k)], "chk")
 
@@ -740,8 +738,7 @@ class SoftmaxRowUnit(wiring.Component):
         mult = f.mult[:15]
 
         # -- checks (golden Machine.op_softmax and _mask order) ----------------------------------
-        n_steps = 4                 # _shared_mul: one cycle per product, plus two
-        span_in, span_out = _shared_mul(
+        (span_in, span_out), n_steps = _shared_mul(
             m, step, [38, 38],
             lambda p: [((f.m - 1)[:16], f.in_stride), ((f.m - 1)[:16], f.out_stride)], "chk")
 
@@ -1293,8 +1290,7 @@ class LayerNormRowUnit(wiring.Component):
         step = ctl.step
 
         # -- checks (golden Machine.op_layernorm order) ------------------------------------------
-        n_steps = 4                 # _shared_mul: one cycle per product, plus two
-        span_in, span_out = _shared_mul(
+        (span_in, span_out), n_steps = _shared_mul(
             m, step, [38, 38],
             lambda p: [((f.m - 1)[:16], f.in_stride), ((f.m - 1)[:16], f.out_stride)], "chk")
 
