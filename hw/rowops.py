@@ -411,11 +411,7 @@ class VecUnit(wiring.Component):
                                      Mux(tag_a.store_a | ~two_in, sp.rd_data[lane],
                                          a_hold[lane])))
                      for lane in range(L)]
-        # the read data is registered with this unit's own enable: the units share the read
-        # bus, and Yosys merges identical unconditional registers of it into one, placed away
-        # from all but one of its users (the TOPK merge loop started from SOFTMAX's ``x0``)
-        with m.If(tag_a.valid):
-            m.d.sync += y0.eq(sp.rd_data)
+        m.d.sync += y0.eq(sp.rd_data)
         # E1: |a * b| <= 2^30, |POOL sum| < 2^31: 33 bits; |b * mb| <= 2^30
         # (x0 holds a sign-extended word unless POOL: a 16 x 16 product, one DSP)
         t1 = stage("t1_", lambda lane: Mux(is_mul, x0[lane][:16].as_signed() * y0[lane],
@@ -599,11 +595,8 @@ class TopKUnit(wiring.Component):
             # Lane q beats lane p: a larger value, or an equal value at a lower column.
             beats = [tag_a.mask[q] & ((x[q] >= x[p]) if q < p else (x[q] > x[p]))
                      for q in range(R) if q != p]
-            # (with this unit's enable, so Yosys keeps these registers apart from other units'
-            # registers of the shared read bus; see VecUnit's ``y0``)
-            with m.If(tag_a.valid):
-                m.d.sync += [pv[p].eq(x[p]), pc[p].eq(tag_a.cbase + p),
-                             pok[p].eq(tag_a.mask[p]), prank[p].eq(_popcount(beats))]
+            m.d.sync += [pv[p].eq(x[p]), pc[p].eq(tag_a.cbase + p), pok[p].eq(tag_a.mask[p]),
+                         prank[p].eq(_popcount(beats))]
 
         # -- M: merge into the list --------------------------------------------------------------
         entry = data.StructLayout({"val": WORD, "col": cw, "ok": 1})
@@ -1077,8 +1070,7 @@ class SoftmaxRowUnit(wiring.Component):
             if i >= 2:
                 m.d.sync += [anyv[i].eq(anyv[i - 1]), sc_en[i].eq(sc_en[i - 1])]
         x0 = Signal(data.ArrayLayout(WORD, R))
-        with m.If(tag_a.valid):          # this unit's own register (see VecUnit's ``y0``)
-            m.d.sync += x0.eq(Cat(sp.rd_data[lane] for lane in range(R)))
+        m.d.sync += x0.eq(Cat(sp.rd_data[lane] for lane in range(R)))
 
         # S1: running max
         cands = [Mux(vm[0][lane], x0[lane], -(1 << 15)) for lane in range(R)]
