@@ -549,8 +549,9 @@ DRAM_READ_LATENCY = 2
 #: tests/test_hw_rowops.py). SOFTMAX FULL adds the ``row_latency`` of
 #: :class:`~vitamin.hw.softmax.SoftmaxUnit` for its last row, LAYERNORM the ``row_latency`` of
 #: :class:`~vitamin.hw.layernorm.LayerNormUnit`. The figures include the scratchpad's read
-#: latency (``hw.ports.SPAD_READ_LATENCY`` = 3; at 2, VEC, TOPK and SOFTMAX FULL were one lower
-#: and LAYERNORM two; SOFTMAX ONLINE's extra cycle is in its per-row figure).
+#: latency (``hw.ports.SPAD_READ_LATENCY`` = 4; each step of it adds one to VEC, TOPK and
+#: SOFTMAX FULL and two to LAYERNORM; SOFTMAX ONLINE's is in its per-row figure) and the check
+#: phase of the row units' shared range-check multiplier (``_shared_mul`` in hw/rowops.py).
 ROW_OVERHEAD = {"VEC": 18, "SOFTMAX_FULL": 7, "SOFTMAX_ONLINE": 7, "LAYERNORM": 4, "TOPK": 12}
 
 
