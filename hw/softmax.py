@@ -19,14 +19,15 @@ The chunks are written to a row buffer at the same time. Pass 2 replays the buff
 Pipeline
 --------
 Both passes share one pipeline; each beat carries a ``pass2`` tag. Stages, by their names in
-:attr:`SoftmaxUnit.stages` (``t = max(1, log2(row_lanes))`` max-tree levels; 13 stages for 2
-lanes, 15 for 8)::
+:attr:`SoftmaxUnit.stages` (``t = max(1, log2(row_lanes))`` max-tree levels; 14 stages for 2
+lanes, 16 for 8)::
 
     src        chunk: input register, or the row buffer's read port in pass 2
     x          chunk, registered (a block RAM's output is too slow to feed more logic)
     x+1 .. cm  chunk max over the valid lanes, one register per tree level
     m          running max m (loop register); the beat's hi = m_new (pass 1) or final m (pass 2)
-    mul        (hi - x) * mult per lane, and (m_new - m_old) * mult for the rescale lane
+    sub        hi - x per lane, and m_new - m_old for the rescale lane (masked: 0)
+    mul        the differences times mult
     z          z = rnd(product >> shift)
     rom        exp2 table read (synchronous ROM, one port per lane)
     word       table word, registered
@@ -49,7 +50,7 @@ from the buffer, so the next row's chunks follow the replayed ones with no gap.
 
 Timing without backpressure, for a row of ``c = ceil(n / row_lanes)`` chunks: the unit accepts
 rows every ``2 * c + 6`` cycles (:meth:`SoftmaxUnit.row_cycles`); the first output chunk of a
-row is transferred ``latency + 7`` cycles (20 for 2 lanes, 22 for 8) after its last input chunk
+row is transferred ``latency + 7`` cycles (21 for 2 lanes, 23 for 8) after its last input chunk
 (:attr:`SoftmaxUnit.row_latency`), the others follow one per cycle.
 
 Clock: the ``s * scale`` multiply-add in stage ``acc`` is a loop-carried path (a
@@ -95,7 +96,7 @@ def _stages(lanes):
     """Stage indices of the softmax pipeline for ``lanes`` lanes (see the module docstring)."""
     st = {"src": 0, "x": 1}
     st["cm"] = st["x"] + max(1, (lanes - 1).bit_length())   # one register per max-tree level
-    for name in ("m", "mul", "z", "rom", "word", "t", "e", "sum", "acc", "out"):
+    for name in ("m", "sub", "mul", "z", "rom", "word", "t", "e", "sum", "acc", "out"):
         st[name] = max(st.values()) + 1
     st["n"] = st["out"] + 1
     return st
@@ -276,7 +277,7 @@ class SoftmaxUnit(wiring.Component):
     @property
     def latency(self):
         """Clock edges from reading a buffered chunk in pass 2 to the transfer of its output
-        chunk, without stalls (the pipeline depth: 15 for 8 lanes)."""
+        chunk, without stalls (the pipeline depth: 16 for 8 lanes)."""
         return self.stages["n"]
 
     @property
@@ -377,7 +378,7 @@ class SoftmaxUnit(wiring.Component):
         # hw/layernorm.py) into one multiply driven net.
         x_in = [Signal(WORD, name=f"x_in_{l}", reset_less=True) for l in range(lanes)]
         v_in = Signal(lanes, reset_less=True)
-        mult = chain(15, "mult", Signal(15, name="mult_0", reset_less=True), 0, st["m"])
+        mult = chain(15, "mult", Signal(15, name="mult_0", reset_less=True), 0, st["sub"])
         shift = chain(6, "shift", Signal(6, name="shift_0", reset_less=True), 0, st["mul"])
         with m.If(advance):
             m.d.sync += [
@@ -446,16 +447,20 @@ class SoftmaxUnit(wiring.Component):
                 have_o[st["m"]].eq(have_old & ~pass2[before_m]),
             ]
 
-        # -- mul: score differences times mult ---------------------------------------------------
+        # -- sub: score differences ---------------------------------------------------------------
         # hi >= x on every valid lane, so hi - x is in 0..65535; masked lanes use z = 0 (as
-        # golden, which then discards them).
-        prod = [Signal(31, name=f"prod_{l}", reset_less=True) for l in range(n_e)]
+        # golden, which then discards them). Registered before the multipliers: the DSPs sit
+        # away from the unit's logic, and the subtractor in front of them was its slowest path.
+        diff = [Signal(16, name=f"diff_{l}", reset_less=True) for l in range(n_e)]
         with m.If(advance):
             for l in range(lanes):
-                d = Mux(vmask[st["m"]][l], (hi - x[l][st["m"]])[:16], 0)
-                m.d.sync += prod[l].eq(d * mult[st["m"]])
-            d = Mux(have_o[st["m"]], (hi - m_old)[:16], 0)
-            m.d.sync += prod[sc].eq(d * mult[st["m"]])
+                m.d.sync += diff[l].eq(Mux(vmask[st["m"]][l], (hi - x[l][st["m"]])[:16], 0))
+            m.d.sync += diff[sc].eq(Mux(have_o[st["m"]], (hi - m_old)[:16], 0))
+
+        # -- mul: score differences times mult ---------------------------------------------------
+        prod = [Signal(31, name=f"prod_{l}", reset_less=True) for l in range(n_e)]
+        with m.If(advance):
+            m.d.sync += [prod[l].eq(diff[l] * mult[st["sub"]]) for l in range(n_e)]
 
         # -- z: z = rnd(prod >> shift) -----------------------------------------------------------
         z = [Signal(31, name=f"z_{l}", reset_less=True) for l in range(n_e)]
