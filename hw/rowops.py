@@ -799,7 +799,7 @@ class SoftmaxRowUnit(wiring.Component):
         kb_wr = kbuf.write_port()
         kb_rd = kbuf.read_port()
         w_t = Signal(32)                  # span index
-        w_left = Signal(17)               # key positions still to find (n - known)
+        left = Signal(17, name="w_left")  # key positions still to find (n - known)
         w_tleft = Signal(33)              # spans not read yet (cnt - w_t; cnt >= 0 when walking)
         w_pos_done = Signal()             # all n key positions known
         w_tzero = Signal()                # w_tleft == 0 (registered: it drives the idx read)
@@ -810,14 +810,11 @@ class SoftmaxRowUnit(wiring.Component):
         line = Signal(data.ArrayLayout(kpos_shape, R))
         line_next = Signal(data.ArrayLayout(kpos_shape, R))
         take = Signal(range(R + 1))
-        room = Signal(range(R + 1))
-        left = Signal(17)
-        # room and left are registers (R - w_lane and n - positions known): computed from
-        # w_lane and the position count here, they put two adders in front of `take`, and
-        # `take` in front of line_full and the state (16.7 ns, the slowest path of the
-        # pre-route estimate of the whole ecp5 design)
-        w_room = Signal(range(R + 1))
-        m.d.comb += [room.eq(w_room), left.eq(w_left)]
+        # room (R - w_lane) and left are registers: computed from w_lane and the position count
+        # here, they put two adders in front of `take`, and `take` in front of line_full and
+        # the state (16.7 ns, the slowest path of the pre-route estimate of the whole ecp5
+        # design; the f892a67 build's routed critical path, 18.94 ns)
+        room = Signal(range(R + 1), name="w_room")
         m.d.comb += take.eq(Mux((w_rem < room) & (w_rem < left), w_rem,
                                 Mux(room < left, room, left)))
         for lane in range(R):
@@ -936,7 +933,7 @@ class SoftmaxRowUnit(wiring.Component):
             with m.State("CHECK"):
                 m.d.sync += step.eq(step + 1)
                 with m.If(step == n_steps):
-                    m.d.sync += [w_t.eq(0), w_left.eq(f.n), w_lane.eq(0), w_room.eq(R),
+                    m.d.sync += [w_t.eq(0), left.eq(f.n), w_lane.eq(0), room.eq(R),
                                  w_line.eq(0),
                                  w_tleft.eq(cnt), w_tzero.eq(cnt == 0),
                                  w_pos_done.eq(f.n == 0)]
@@ -970,12 +967,12 @@ class SoftmaxRowUnit(wiring.Component):
                     m.next = "WALK_RD"
                 with m.Else():
                     m.d.sync += [line.eq(line_next), w_rem.eq(w_rem - take),
-                                 w_start.eq(w_start + take), w_left.eq(left - take),
+                                 w_start.eq(w_start + take), left.eq(left - take),
                                  w_pos_done.eq(take == left),
-                                 w_lane.eq(w_lane + take), w_room.eq(room - take)]
+                                 w_lane.eq(w_lane + take), room.eq(room - take)]
                     with m.If(line_full):
                         m.d.comb += kb_wr.en.eq(1)
-                        m.d.sync += [w_line.eq(w_line + 1), w_lane.eq(0), w_room.eq(R)]
+                        m.d.sync += [w_line.eq(w_line + 1), w_lane.eq(0), room.eq(R)]
                     with m.If((w_rem == take) | (take == left)):
                         m.next = "WALK_RD"
             with m.State("POST"):

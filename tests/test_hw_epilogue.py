@@ -5,12 +5,14 @@
 
 import numpy as np
 import pytest
+from amaranth.hdl import Module, Signal, signed
+from amaranth.sim import Simulator
 from hwutil import make_rng, run_sim, stream_get, stream_put
 
 from vitamin.config import PRESETS, ConfigError
 from vitamin.golden.numerics import Sat
 from vitamin.golden.units import GELU_FRAC, epilogue
-from vitamin.hw.epilogue import Epilogue, EpilogueGearbox, make_epilogue
+from vitamin.hw.epilogue import Epilogue, EpilogueGearbox, _round_saturate, make_epilogue
 from vitamin.isa import Act
 
 TINY = PRESETS["tiny"]
@@ -281,11 +283,6 @@ def test_epi_lanes_must_divide_cols():
 def test_round_saturate_every_value(width, bits):
     """The epilogue's rounding and saturation (``_round_saturate``) on every ``width``-bit input:
     ``rnd(t / 2)`` (half up), clamped to ``bits`` signed bits, and the out-of-range flag."""
-    from amaranth.hdl import Module, Signal, signed
-    from amaranth.sim import Simulator
-
-    from vitamin.hw.epilogue import _round_saturate
-
     m = Module()
     t = Signal(signed(width))
     y = Signal(signed(bits))
