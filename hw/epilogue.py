@@ -20,14 +20,21 @@ freezes the pipeline and nothing is lost)::
     14 o = sat_act(y + rr)               event: residual saturation (never without res_en)
     15 output register: o, event count of the line
 
+Each product (stages 2 and 11, and the optional ones below) takes
+:data:`~vitamin.hw.dspmul.PRODUCT_LATENCY` = 3 register levels instead of one: operand copies
+beside the DSP blocks, the partial products at their outputs, their sum
+(:func:`~vitamin.hw.dspmul.staged_product`). So the base lane has 19 stages; the numbers above
+count a product as one.
+
 Optional stages (constructor flags, both off by default):
 
-* ``row_norm=True`` puts three stages in front (MATMUL ``row_norm``, the online-softmax divide):
-  ``p = acc * r``, ``t = (2p) >> (15 + k - exp_shift)``, ``acc' = sat_acc((t + 1) >> 1)`` (an event
-  when it clamps), with the row's ``r``, ``k`` travelling with the line. Without ``op.row_norm``
-  the accumulator passes unchanged. Cost per lane: an ``acc_bits x 17`` multiplier and an
-  ``acc_bits + 18``-bit barrel shifter.
-* ``spad_add=True`` puts two stages behind (``OutMode.SPAD_ADD``, the MoE combine):
+* ``row_norm=True`` puts :data:`ROW_NORM_STAGES` = 6 stages in front (MATMUL ``row_norm``, the
+  online-softmax divide): an input register, ``p = acc * r``, ``t = (2p) >> (15 + k -
+  exp_shift)``, ``acc' = sat_acc((t + 1) >> 1)`` (an event when it clamps), with the row's ``r``,
+  ``k`` travelling with the line. Without ``op.row_norm`` the accumulator passes unchanged.
+  Cost per lane: an ``acc_bits x 17`` multiplier and an ``acc_bits + 18``-bit barrel shifter.
+* ``spad_add=True`` puts :data:`SPAD_ADD_STAGES` = 4 stages behind (``OutMode.SPAD_ADD``, the
+  MoE combine):
   ``p = o * prob``, then ``sat_act(old + rnd(p >> (act_bits - 1)))`` (an event when it clamps),
   with ``old`` the destination word of the lane and ``prob`` the row's queue probability. Cost per
   lane: an ``act_bits x 32`` multiplier, and ``old`` is delayed alongside the line.
@@ -62,6 +69,7 @@ from vitamin.golden.tables import make_table, table_spec
 from vitamin.golden.units import GELU_FRAC, exp_shift
 from vitamin.isa import MULT, SHIFT, Act
 
+from .dspmul import PRODUCT_LATENCY, staged_product
 from .ports import RowStateLayout
 from .rom import INTERP_LATENCY, build_interp, interp_input_bits
 
@@ -80,9 +88,9 @@ _GELU_BITS = 32
 # the optional row-norm and SPAD_ADD stages.
 _EVENTS_PER_LANE = 4
 #: Register stages added by ``row_norm=True`` (input, product, shift, round + saturate).
-ROW_NORM_STAGES = 4
+ROW_NORM_STAGES = 3 + PRODUCT_LATENCY
 #: Register stages added by ``spad_add=True`` (product, round + add + saturate).
-SPAD_ADD_STAGES = 2
+SPAD_ADD_STAGES = 1 + PRODUCT_LATENCY
 #: Width of the destination word read back for ``SPAD_ADD`` (a scratchpad word).
 OLD_BITS = 16
 #: Width of the queue probability (index-memory word ``w1``).
@@ -319,14 +327,15 @@ class Epilogue(wiring.Component):
     def latency(self):
         """Cycles from accepting a line to its output being valid, without stalls.
 
-        15 for the base lane: four stages to the 32-bit requantised value, one for ``|x|``, the
-        GELU table's :data:`~vitamin.hw.rom.INTERP_LATENCY`, five for the GELU subtraction, the
-        requantisation of the activation and the residual, one output register. Every activation
+        19 for the base lane: six stages to the 32-bit requantised value, one for ``|x|``, the
+        GELU table's :data:`~vitamin.hw.rom.INTERP_LATENCY`, seven for the GELU subtraction,
+        the requantisation of the activation and the residual, one output register (each
+        product takes :data:`~vitamin.hw.dspmul.PRODUCT_LATENCY` = 3). Every activation
         takes the GELU path's latency, so lines of different instructions never reorder. Plus
         :data:`ROW_NORM_STAGES` with ``row_norm`` and :data:`SPAD_ADD_STAGES` with ``spad_add``.
         """
-        return (5 + INTERP_LATENCY + 6 + ROW_NORM_STAGES * self._row_norm
-                + SPAD_ADD_STAGES * self._spad_add)
+        return (5 + INTERP_LATENCY + 6 + 2 * (PRODUCT_LATENCY - 1)
+                + ROW_NORM_STAGES * self._row_norm + SPAD_ADD_STAGES * self._spad_add)
 
     def elaborate(self, platform):
         m = Module()
@@ -376,19 +385,21 @@ class Epilogue(wiring.Component):
             # stage 1 registers the line: the multipliers start from a register beside them,
             # not from the gearbox's sub-line multiplexer (on the LFE5U-85F that path crossed
             # the chip into the DSP rows)
-            rn_en = chain(line.op.row_norm, 3, "rn_en")
+            P = 1 + PRODUCT_LATENCY                  # the product's stage
+            rn_en = chain(line.op.row_norm, P + 2, "rn_en")
             # 15 + k - exp_shift >= 15 - 15 = 0 for any k (exp_shift <= 15 as act_bits >= 2).
-            sh = chain(15 + line.k - exp_shift(cfg), 2, "rn_sh", unsigned(8))
+            sh = chain(15 + line.k - exp_shift(cfg), P, "rn_sh", unsigned(8))
             r_1 = reg(line.r, "rn_r_1")
             acc_core, ev_rn_core = [], []
             for c in range(cols):
-                acc = chain(line.lanes[c].acc, 3, f"rn_acc_{c}")
-                p_2 = reg(acc[1] * r_1, f"rn_p_2_{c}", signed(cfg.acc_bits + 18))
-                t_3 = reg((p_2 << 1) >> sh[2], f"rn_t_3_{c}", signed(cfg.acc_bits + 19))
-                v, ev = _round_saturate(t_3, cfg.acc_bits)
-                acc_core.append(reg(Mux(rn_en[3], v, acc[3]), f"rn_v_4_{c}",
+                acc = chain(line.lanes[c].acc, P + 2, f"rn_acc_{c}")
+                p = staged_product(m, acc[1], r_1, en=advance, name=f"rn_p_{c}",
+                                   shape=signed(cfg.acc_bits + 18))
+                t = reg((p << 1) >> sh[P], f"rn_t_{c}", signed(cfg.acc_bits + 19))
+                v, ev = _round_saturate(t, cfg.acc_bits)
+                acc_core.append(reg(Mux(rn_en[P + 1], v, acc[P + 1]), f"rn_v_{c}",
                                     signed(cfg.acc_bits)))
-                ev_rn_core.append(reg(ev & rn_en[3], f"rn_ev_4_{c}"))
+                ev_rn_core.append(reg(ev & rn_en[P + 1], f"rn_ev_{c}"))
             core = chain(line, ROW_NORM_STAGES, "rn_line")[-1]
         else:
             core = line
@@ -399,14 +410,18 @@ class Epilogue(wiring.Component):
         # it k enabled cycles ago); the logic that computes stage k reads stage k - 1.
 
         # -- per-instruction parameters, carried along with the line ----------------------------
+        # Stage numbers below are those of the pipeline in the module docstring; each product
+        # takes PRODUCT_LATENCY stages (hw/dspmul.py), so the stages after the first one are
+        # D = PRODUCT_LATENCY - 1 later, those after the second one 2 D later.
+        D = PRODUCT_LATENCY - 1
         op = core.op
-        act = chain(op.act, 11, "act", Act)
-        act_mult = chain(op.act_mult, 10, "act_mult")
-        act_shift = chain(op.act_shift, 11, "act_shift")
+        act = chain(op.act, 11 + 2 * D, "act", Act)
+        act_mult = chain(op.act_mult, 10 + D, "act_mult")
+        act_shift = chain(op.act_shift, 11 + 2 * D, "act_shift")
         # Without res_en the residual multiplier is 0: the residual term is 0, and y + 0 is
         # already in range, so it cannot count an event either.
-        res_mult = chain(Mux(op.res_en, op.res_mult, 0), 10, "res_mult", signed(MULT))
-        res_shift = chain(op.res_shift, 11, "res_shift")
+        res_mult = chain(Mux(op.res_en, op.res_mult, 0), 10 + D, "res_mult", signed(MULT))
+        res_shift = chain(op.res_shift, 11 + 2 * D, "res_shift")
 
         # -- stages 1..5 per lane ----------------------------------------------------------------
         ev_early, u_5, x_9, inr_9, res_10 = [], [], [], [], []
@@ -416,20 +431,21 @@ class Epilogue(wiring.Component):
             v, ev_v = _saturate(acc_core[c] + lane.bias, cfg.acc_bits)
             v_1 = reg(Mux((act[0] == Act.RELU) & v[-1], 0, v), f"v_1_{c}",
                       signed(cfg.acc_bits))
-            ev_v_4 = chain(ev_v, 4, f"ev_v_{c}")[4]
+            ev_v_4 = chain(ev_v, 4 + D, f"ev_v_{c}")[-1]
             if ev_rn_core:
-                ev_early.append(chain(ev_rn_core[c], 4, f"ev_rn_{c}")[4])
+                ev_early.append(chain(ev_rn_core[c], 4 + D, f"ev_rn_{c}")[-1])
             mult_1 = reg(lane.mult, f"mult_1_{c}")
-            shift_2 = chain(lane.shift, 2, f"shift_{c}")[2]
-            res_10.append(chain(lane.res, 10, f"res_{c}")[10])
+            shift_2 = chain(lane.shift, 2 + D, f"shift_{c}")[-1]
+            res_10.append(chain(lane.res, 10 + D, f"res_{c}")[-1])
             # 2: the wide product.
-            p_2 = reg(v_1 * mult_1, f"p_2_{c}", signed(cfg.acc_bits + MULT))
+            p_2 = staged_product(m, v_1, mult_1, en=advance, name=f"p_{c}",
+                                 shape=signed(cfg.acc_bits + MULT))
             # 3: barrel shift (arithmetic: `>>` of a signed value).
             t_3 = reg((p_2 << 1) >> shift_2, f"t_3_{c}", signed(cfg.acc_bits + MULT + 1))
             # 4: round, saturate to 32 bits (an event only for GELU, see the module docstring).
             x, ev_x = _round_saturate(t_3, _GELU_BITS)
             x_4 = reg(x, f"x_4_{c}", signed(_GELU_BITS))
-            ev_x_4 = reg(ev_x & (act[3] == Act.GELU), f"ev_x_4_{c}")
+            ev_x_4 = reg(ev_x & (act[3 + D] == Act.GELU), f"ev_x_4_{c}")
             ev_early += [ev_v_4, ev_x_4]
             # 5: |x| (unsigned: -2^31 gives 2^31) addresses the table. |x| >= gelu_range << 16
             # has d = 0, and then the address does not matter.
@@ -437,7 +453,7 @@ class Epilogue(wiring.Component):
             u_5.append(u)
             inr_9.append(chain(~u[in_bits:].any(), 4, f"inr_{c}")[4])
             x_9.append(chain(x_4, 5, f"x_{c}")[5])
-        n_early = chain(reg(_popcount(ev_early), "n_early_5"), 8, "n_early")
+        n_early = chain(reg(_popcount(ev_early), "n_early_5"), 8 + D, "n_early")
 
         # -- stages 6..9: the GELU correction d(|x|), one table per pair of lanes ---------------
         contents = make_table("gelu", cfg)
@@ -452,16 +468,19 @@ class Epilogue(wiring.Component):
             # 10: gelu(x) = relu(x) - d; the other activations pass x on.
             relu_x = Mux(x_9[c][-1], 0, x_9[c])
             gelu_x = relu_x - Mux(inr_9[c], d_9[c], 0)
-            g_10 = reg(Mux(act[9] == Act.GELU, gelu_x, x_9[c]), f"g_10_{c}",
+            g_10 = reg(Mux(act[9 + D] == Act.GELU, gelu_x, x_9[c]), f"g_10_{c}",
                        signed(_GELU_BITS + 1))
             # 11: products of the GELU requantisation (x 1 for the others) and of the residual.
-            am = Mux(act[10] == Act.GELU, act_mult[10], 1)
-            q_11 = reg(g_10 * am, f"q_11_{c}", signed(_GELU_BITS + 1 + MULT))
-            rp_11 = reg(res_10[c] * res_mult[10], f"rp_11_{c}", signed(RES_BITS + MULT))
+            am = Mux(act[10 + D] == Act.GELU, act_mult[10 + D], 1)
+            q_11 = staged_product(m, g_10, am, en=advance, name=f"q_{c}",
+                                  shape=signed(_GELU_BITS + 1 + MULT))
+            rp_11 = staged_product(m, res_10[c], res_mult[10 + D], en=advance, name=f"rp_{c}",
+                                   shape=signed(RES_BITS + MULT))
             # 12: barrel shifts.
-            sh = Mux(act[11] == Act.GELU, act_shift[11], 0)
+            sh = Mux(act[11 + 2 * D] == Act.GELU, act_shift[11 + 2 * D], 0)
             t_12 = reg((q_11 << 1) >> sh, f"t_12_{c}", signed(_GELU_BITS + MULT + 2))
-            tr_12 = reg((rp_11 << 1) >> res_shift[11], f"tr_12_{c}", signed(RES_BITS + MULT + 1))
+            tr_12 = reg((rp_11 << 1) >> res_shift[11 + 2 * D], f"tr_12_{c}",
+                        signed(RES_BITS + MULT + 1))
             # 13: round; saturate the activation.
             y, ev_y = _round_saturate(t_12, cfg.act_bits)
             y_13 = reg(y, f"y_13_{c}", signed(cfg.act_bits))
@@ -472,7 +491,7 @@ class Epilogue(wiring.Component):
             o_14.append(reg(o, f"o_14_{c}", signed(cfg.act_bits)))
             ev_o_14.append(reg(ev_o, f"ev_o_14_{c}"))
         count_shape = o_out.payload.sat.shape()
-        n_mid_14 = reg(n_early[8] + _popcount(ev_y_13), "n_mid_14", count_shape)
+        n_mid_14 = reg(n_early[8 + D] + _popcount(ev_y_13), "n_mid_14", count_shape)
 
         # -- 15: output register of the base lane ------------------------------------------------
         o_15 = [reg(o_14[c], f"o_15_{c}") for c in range(cols)]
@@ -480,19 +499,22 @@ class Epilogue(wiring.Component):
 
         # -- optional SPAD_ADD stages: sat_act(old + rnd(o * prob >> (act_bits - 1))) -----------
         if self._spad_add:
-            add = chain(core.op.add, 16, "add")
-            prob_15 = chain(core.prob, 15, "prob")[15]
-            n_16 = reg(n_15, "n_16", count_shape)
+            E = 15 + 2 * D                           # the base lane's output stage
+            P = E + PRODUCT_LATENCY                  # the product's stage
+            add = chain(core.op.add, P, "add")
+            prob_15 = chain(core.prob, E, "prob")[E]
+            n_16 = chain(n_15, PRODUCT_LATENCY, "n_pa")[-1]
             out, ev_add = [], []
             for c in range(cols):
-                old_16 = chain(core.lanes[c].old, 16, f"old_{c}")[16]
-                o_16 = reg(o_15[c], f"o_16_{c}")
-                p_16 = reg(o_15[c] * prob_15, f"pa_16_{c}", signed(cfg.act_bits + PROB_BITS))
+                old_16 = chain(core.lanes[c].old, P, f"old_{c}")[P]
+                o_16 = chain(o_15[c], PRODUCT_LATENCY, f"o_pa_{c}")[-1]
+                p_16 = staged_product(m, o_15[c], prob_15, en=advance, name=f"pa_{c}",
+                                      shape=signed(cfg.act_bits + PROB_BITS))
                 y2 = (p_16 + (1 << (cfg.act_bits - 2))) >> (cfg.act_bits - 1)
                 s, ev_s = _saturate(old_16 + y2, cfg.act_bits)
-                out.append(reg(Mux(add[16], s, o_16), f"o_17_{c}", signed(cfg.act_bits)))
-                ev_add.append(ev_s & add[16])
-            n_out = reg(n_16 + _popcount(ev_add), "n_17", count_shape)
+                out.append(reg(Mux(add[P], s, o_16), f"o_sa_{c}", signed(cfg.act_bits)))
+                ev_add.append(ev_s & add[P])
+            n_out = reg(n_16 + _popcount(ev_add), "n_sa", count_shape)
         else:
             out, n_out = o_15, n_15
 

@@ -93,7 +93,7 @@ computes it exactly)::
     P     = max(1 + side, epi_ratio) on the last K slice of an epilogue, else 1 (slots per row;
             ``epi_ratio = cols / epi_lanes``: a narrow epilogue takes that many cycles per line,
             so the sequencer leaves idle slots between those rows)
-    drain = 13 + log2(rows) (out = ACC); epilogue: that + Epilogue.latency (21 for tiny)
+    drain = 13 + log2(rows) (out = ACC); epilogue: that + Epilogue.latency (29 for tiny)
 
 For a plain MATMUL (``L = m``, ``m + rows >= 4``) this is ``T * KT * (m + rows) + 28 +
 log2(rows) + Epilogue.latency`` (``28 + log2(rows)`` for ``out = ACC``), against a first-order

@@ -229,7 +229,7 @@ def test_epilogue_throughput_and_latency():
     lines = _lines(cfg, seed=3, n=40, acts=list(ACTS))
     n = len(lines)
     t_in, t_out, got, sats = _timed_run(dut, cfg, lines, n + 100)
-    assert dut.latency == 15
+    assert dut.latency == 19
     assert t_in == list(range(1, n + 1))
     assert [o - i for i, o in zip(t_in, t_out, strict=True)] == [dut.latency] * n
     _check(cfg, lines, got, sats)
