@@ -52,6 +52,9 @@ after a fault with the golden model.
 
 from __future__ import annotations
 
+import functools
+import operator
+
 from amaranth import Cat, Const, Module, Mux, ResetInserter, Signal, signed
 from amaranth.lib import data, fifo
 
@@ -133,8 +136,6 @@ def elaborate_v2(accel, platform):
     marks = Signal(32)
     m.d.comb += accel.irq.eq(done)
 
-    NOBODY = n_units + 1
-
     # ---- memories and their port multiplexers -----------------------------------------
     mem_kinds = [("spad", SpadPort, Scratchpad), ("acc", AccPort, AccMemory),
                  ("idx", IdxPort, IdxMemory), ("rs", RowStatePort, RowStateMemory)]
@@ -215,7 +216,14 @@ def elaborate_v2(accel, platform):
             load_i is not None and load_i == store_i:
         raise ValueError("v2 issue needs separate LOAD, STORE and compute units")
 
-    cowner = Signal(range(n_units + 2), init=NOBODY)    # compute unit holding the compute ports
+    # The compute unit holding the compute ports, one-hot: one register per unit, so that each
+    # unit's port selection starts from a register of its own that the placer can put beside
+    # it (one encoded owner register, decoded beside the controller, fanned out across the chip
+    # into every port multiplexer: 16-18 ns on the LFE5U-85F). At most one bit is set.
+    own = {i: Signal(name=f"own_{i}") for i in compute_units}
+
+    def set_owner(i):
+        return [b.eq(j == i) for j, b in own.items()]
     clear_on = Signal()
     m.d.comb += clear_on.eq(clearing)
 
@@ -227,11 +235,12 @@ def elaborate_v2(accel, platform):
         c_users = [i for i in compute_units if has(instances[i], kind)]
         for name, member in sig.members.items():
             if member.flow.name == "Out":
-                with m.Switch(cowner):
-                    for i in c_users:
-                        with m.Case(i):
-                            m.d.comb += getattr(cb, name).eq(
-                                getattr(getattr(instances[i], kind), name))
+                # an AND-OR multiplexer: nothing when no unit holds the ports
+                terms = [Mux(own[i], getattr(getattr(instances[i], kind), name), 0)
+                         for i in c_users]
+                if terms:
+                    m.d.comb += getattr(cb, name).eq(
+                        functools.reduce(operator.or_, terms))
             else:
                 for i in c_users:
                     m.d.comb += getattr(getattr(instances[i], kind), name).eq(getattr(mp, name))
@@ -299,22 +308,20 @@ def elaborate_v2(accel, platform):
     q_wr_off = Signal(qsig.members["wr_off"].shape)
     q_wr_len = Signal(qsig.members["wr_len"].shape)
     m.d.sync += q_wr.eq(0)
-    with m.Switch(cowner):
-        for i in reg_users:
-            if i in compute_units:
-                with m.Case(i):
-                    rp = instances[i].regs
-                    with m.If(rp.wr_en & (rp.wr_addr != 0)):
-                        m.d.sync += regfile[rp.wr_addr].eq(rp.wr_data)
-        # queue-state writes land one cycle later (a register between the writing unit and
-        # the max_experts entries); ROUTE writes them before its TABLE state, and nothing
-        # reads them while it runs
-        for i in q_users:
-            if i in compute_units:
-                with m.Case(i):
-                    qp = instances[i].queues
-                    m.d.sync += [q_wr.eq(qp.wr_en), q_wr_addr.eq(qp.wr_addr),
-                                 q_wr_off.eq(qp.wr_off), q_wr_len.eq(qp.wr_len)]
+    for i in reg_users:
+        if i in compute_units:
+            rp = instances[i].regs
+            with m.If(own[i] & rp.wr_en & (rp.wr_addr != 0)):
+                m.d.sync += regfile[rp.wr_addr].eq(rp.wr_data)
+    # queue-state writes land one cycle later (a register between the writing unit and the
+    # max_experts entries); ROUTE writes them before its TABLE state, and nothing reads them
+    # while it runs
+    for i in q_users:
+        if i in compute_units:
+            qp = instances[i].queues
+            with m.If(own[i]):
+                m.d.sync += [q_wr.eq(qp.wr_en), q_wr_addr.eq(qp.wr_addr),
+                             q_wr_off.eq(qp.wr_off), q_wr_len.eq(qp.wr_len)]
     with m.If(q_wr):
         m.d.sync += [qstate[q_wr_addr].off.eq(q_wr_off), qstate[q_wr_addr].len.eq(q_wr_len)]
 
@@ -460,7 +467,7 @@ def elaborate_v2(accel, platform):
         # the predicate, evaluated in every cycle and used in CHECK: the head does not change
         # between IDLE and CHECK, and no queue state is written then (ROUTE writes it before
         # its last state, and an instruction that depends on it waits for its token). The
-        # queue-state lookup ends here in a register, not in ``cowner`` and ``active``.
+        # queue-state lookup ends here in a register, not in ``own`` and ``active``.
         pred_bad = Signal(name=f"mod{u}_pred_bad")
         pred_skip = Signal(name=f"mod{u}_pred_skip")
         m.d.sync += [pred_bad.eq(hdr.pred_en & (hdr.pred_q >= cfg.max_experts)),
@@ -511,7 +518,7 @@ def elaborate_v2(accel, platform):
                             with m.Case(uop):
                                 m.d.sync += active.eq(i)
                                 if u == _COMPUTE:
-                                    m.d.sync += cowner.eq(i)
+                                    m.d.sync += set_owner(i)
                     m.next = "START"
             with m.State("START"):
                 restart()
@@ -527,7 +534,7 @@ def elaborate_v2(accel, platform):
                 with m.If(u_done):
                     m.d.sync += active.eq(n_units)
                     if u == _COMPUTE:
-                        m.d.sync += cowner.eq(NOBODY)
+                        m.d.sync += set_owner(None)
                         if count_mm:
                             with m.If((op == Opcode.MATMUL.value) & (u_err == ErrorCode.OK)):
                                 m.d.sync += cnt["macs"].eq(cnt["macs"] + incs[3] +
@@ -800,7 +807,7 @@ def elaborate_v2(accel, platform):
 
     def finish(code, epc):
         m.d.sync += [error.eq(code), error_pc.eq(epc), busy.eq(0), done.eq(1),
-                     started.eq(0), cowner.eq(NOBODY)]
+                     started.eq(0), *set_owner(None)]
 
     with m.If(running_prog):
         with m.If(wd_fire):
