@@ -652,7 +652,7 @@ def _spans_cycles(f, blocks, idx_entries) -> int:
             rescans += 1
             lo = smallest(x)
     n_l = len(lst)
-    walk = (1 + rescans) * (n_l + 1) + 4 * steps + 2
+    walk = (1 + rescans) * (n_l + 2 if n_l else 1) + 4 * steps + 2
     walks = 1 if f["out_addr"] + n_l + 2 <= idx_entries else 2
     k = f["k"]
     return 1 + (k + 2 if k else 1) + walks * walk + 3
