@@ -710,9 +710,17 @@ class LoadUnit(_DmaUnit):
         need_next = Signal.like(need)
         enough = Signal(init=1)
         m.d.comb += need_next.eq(need)
+        # nb: the bytes the next R beat brings, min(rx_left, bb - skip), a register updated
+        # with rx_left (the compare sat between R valid and the count, 16.4 ns into ``room``)
+        nb = Signal(range(bb + 1))
+
+        def min_(a, b):
+            return Mux(a < b, a, b)
+
         with m.If(~have & dq.r_rdy):
             m.d.comb += [dq.r_en.eq(1), need_next.eq(chunk_of(dq.r_data.n) << es_log)]
-            m.d.sync += [have.eq(1), first.eq(1), off.eq(dq.r_data.off),
+            m.d.sync += [nb.eq(min_(dq.r_data.nbytes, bb - dq.r_data.off)),
+                         have.eq(1), first.eq(1), off.eq(dq.r_data.off),
                          rx_left.eq(dq.r_data.nbytes), el_left.eq(dq.r_data.n),
                          k.eq(chunk_of(dq.r_data.n)), chip.eq(dq.r_data.chip)]
         m.d.sync += need.eq(need_next)
@@ -735,10 +743,6 @@ class LoadUnit(_DmaUnit):
         # incoming beat
         skip = Signal(range(bb))
         m.d.comb += skip.eq(Mux(first, off, 0))
-        nb = Signal(range(bb + 1))
-        avail = Signal(range(bb + 1))
-        m.d.comb += avail.eq(bb - skip)
-        m.d.comb += nb.eq(Mux(rx_left < avail, rx_left, avail))
         # room: "cnt + bb <= cap" for this cycle's cnt, registered from the next value. R
         # ready goes to the SDRAM side and comes back as ``take`` into cnt; computed from cnt
         # in the same cycle, this round trip was LOAD's slowest path (18.6 ns, routed model of
@@ -758,7 +762,7 @@ class LoadUnit(_DmaUnit):
         m.d.sync += [cnt.eq(cnt_next), room.eq(cnt_next <= cap - bb),
                      enough.eq(cnt_next >= need_next)]
         with m.If(take):
-            m.d.sync += [rx_left.eq(rx_left - nb), first.eq(0)]
+            m.d.sync += [rx_left.eq(rx_left - nb), first.eq(0), nb.eq(min_(rx_left - nb, bb))]
 
         # writes: packed into the queue entry ...
         bytes_ = _bytes_of(buf, cap)
