@@ -547,12 +547,13 @@ DRAM_READ_LATENCY = 2
 #: Per-instruction cycles of the row units beyond their ``row_cycles`` (check phase, FIFO and
 #: pipeline fill, drain, the done cycle), measured on the RTL (tests/test_cost_v2.py,
 #: tests/test_hw_rowops.py). SOFTMAX FULL adds the ``row_latency`` of
-#: :class:`~vitamin.hw.softmax.SoftmaxUnit` for its last row, LAYERNORM the ``row_latency`` of
-#: :class:`~vitamin.hw.layernorm.LayerNormUnit`. The figures include the scratchpad's read
+#: :class:`~vitamin.hw.softmax.SoftmaxUnit` for its last row, LAYERNORM the pipeline depth
+#: (``latency``) of :class:`~vitamin.hw.layernorm.LayerNormUnit` (its ``row_cycles`` already
+#: count every row's statistics, the last one's too). The figures include the scratchpad's read
 #: latency (``hw.ports.SPAD_READ_LATENCY`` = 4; each step of it adds one to VEC, TOPK and
 #: SOFTMAX FULL and two to LAYERNORM; SOFTMAX ONLINE's is in its per-row figure) and the check
 #: phase of the row units' shared range-check multiplier (``_shared_mul`` in hw/rowops.py).
-ROW_OVERHEAD = {"VEC": 18, "SOFTMAX_FULL": 7, "SOFTMAX_ONLINE": 7, "LAYERNORM": 4, "TOPK": 12}
+ROW_OVERHEAD = {"VEC": 18, "SOFTMAX_FULL": 7, "SOFTMAX_ONLINE": 7, "LAYERNORM": 18, "TOPK": 12}
 
 
 def fetch_cycles(cfg) -> int:
@@ -983,7 +984,7 @@ def v1_unit_cycles(op, f, cfg, pc=None, prof=None) -> int:
         return cyc
     if op == Opcode.LAYERNORM:
         return (u["layernorm"].row_cycles(f["n"]) * f["m"] + C * u["layernorm"].param_reads
-                + u["ln_core"].row_latency + ROW_OVERHEAD["LAYERNORM"])
+                + u["ln_core"].latency + ROW_OVERHEAD["LAYERNORM"])
     if op == Opcode.ROUTE:
         return u["route"].cycles(f["m"], f["k"], f["n_experts"])
     if op == Opcode.SELECT:

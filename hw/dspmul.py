@@ -11,8 +11,9 @@ back, plus a 64-bit carry chain, 19.7 ns in all.
 
 1. copies of ``a`` and ``b`` that feed nothing but the multipliers (the placer can put them next
    to the DSP blocks; the long route is then register to register);
-2. one partial product per ``LIMB``-bit piece of the wider operand (each one ``18 x 18`` signed
-   multiplier: ``MULT18X18D``, or a ``DSP48E2`` / ``SB_MAC16``), registered at the DSP's output;
+2. one partial product per ``LIMB``-bit piece of the wider operand (and of the narrower one,
+   if it does not fit 18 bits), each one ``18 x 18`` signed multiplier (``MULT18X18D``, or a
+   ``DSP48E2`` / ``SB_MAC16``), registered at the DSP's output;
 3. the sum of the shifted partial products (one carry chain, register to register).
 
 The result is ``a * b`` exactly, in the ``shape`` the caller gives (it must hold the product).
@@ -29,19 +30,31 @@ PRODUCT_LATENCY = 3
 LIMB = 17
 
 
+def _fits(shape):
+    """An operand of this shape is one 18-bit signed multiplier input."""
+    return shape.width <= (18 if shape.signed else 17)
+
+
+def _limbs(v, signed_):
+    """``v`` cut into :data:`LIMB`-bit pieces, low first; the top one keeps ``v``'s sign."""
+    n = max(1, -(-len(v) // LIMB))
+    out = []
+    for k in range(n):
+        piece = v[k * LIMB:min((k + 1) * LIMB, len(v))]
+        out.append(piece.as_signed() if k == n - 1 and signed_ else piece)
+    return out
+
+
 def staged_product(m, a, b, *, en, name, shape):
     """Return a signal that holds ``a * b`` :data:`PRODUCT_LATENCY` cycles in which ``en`` is
     high after ``a`` and ``b`` were presented (the same enable as the caller's pipeline).
 
-    The narrower operand must fit an 18-bit signed multiplier input (``signed(<= 18)`` or
-    ``unsigned(<= 17)``); the wider one is cut into :data:`LIMB`-bit pieces."""
+    An operand that fits an 18-bit signed multiplier input (``signed(<= 18)`` or
+    ``unsigned(<= 17)``) is used whole; a wider one is cut into :data:`LIMB`-bit pieces, and
+    every pair of pieces is one partial product."""
     a, b = Value.cast(a), Value.cast(b)
     if len(b) > len(a):
         a, b = b, a
-    bs = b.shape()
-    if (bs.signed and bs.width > 18) or (not bs.signed and bs.width > 17):
-        raise ValueError(f"staged_product {name}: the narrower operand ({bs}) does not fit an "
-                         f"18-bit signed multiplier input")
 
     def reg(value, suffix, sh):
         sig = Signal(sh, name=f"{name}_{suffix}", reset_less=True)
@@ -50,18 +63,16 @@ def staged_product(m, a, b, *, en, name, shape):
         return sig
 
     a_r = reg(a, "a", a.shape())
-    b_r = reg(b, "b", bs)
-    a_signed = a.shape().signed
-    n_limbs = max(1, -(-len(a) // LIMB))
+    b_r = reg(b, "b", b.shape())
+    a_l = _limbs(a_r, a.shape().signed)
+    b_l = [b_r] if _fits(b.shape()) else _limbs(b_r, b.shape().signed)
+    b_step = 0 if len(b_l) == 1 else LIMB
     parts = []
-    for k in range(n_limbs):
-        lo, hi = k * LIMB, min((k + 1) * LIMB, len(a))
-        piece = a_r[lo:hi]
-        if k == n_limbs - 1 and a_signed:
-            piece = piece.as_signed()
-        sh = signed(hi - lo + max(bs.width, 1) + 1)
-        parts.append(reg(piece * b_r, f"pp{k}", sh))
-    total = parts[0]
-    for k in range(1, n_limbs):
-        total = total + (parts[k] << (k * LIMB))
+    for i, x in enumerate(a_l):
+        for j, y in enumerate(b_l):
+            sh = signed(len(x) + len(y) + 1)
+            parts.append((i * LIMB + j * b_step, reg(x * y, f"pp{i}_{j}", sh)))
+    total = parts[0][1] << parts[0][0]
+    for off, p in parts[1:]:
+        total = total + (p << off)
     return reg(total, "p", shape)

