@@ -553,7 +553,7 @@ DRAM_READ_LATENCY = 2
 #: latency (``hw.ports.SPAD_READ_LATENCY`` = 4; each step of it adds one to VEC, TOPK and
 #: SOFTMAX FULL and two to LAYERNORM; SOFTMAX ONLINE's is in its per-row figure) and the check
 #: phase of the row units' shared range-check multiplier (``_shared_mul`` in hw/rowops.py).
-ROW_OVERHEAD = {"VEC": 18, "SOFTMAX_FULL": 7, "SOFTMAX_ONLINE": 7, "LAYERNORM": 18, "TOPK": 12}
+ROW_OVERHEAD = {"VEC": 20, "SOFTMAX_FULL": 7, "SOFTMAX_ONLINE": 7, "LAYERNORM": 18, "TOPK": 12}
 
 
 def fetch_cycles(cfg) -> int:

@@ -55,6 +55,7 @@ from vitamin.golden.tables import make_table, table_spec
 from vitamin.golden.units import exp_shift
 from vitamin.isa import ErrorCode, SmMode, VecOp
 
+from .dspmul import PRODUCT_LATENCY, staged_product
 from .layernorm import LayerNormUnit, layernorm_in_layout, layernorm_param_layout
 from .lutmul import lut_mul
 from .onehot import msb_index
@@ -86,6 +87,8 @@ PTR_BITS = isa.SPAD_ADDR + 2
 # cycles of a row with `last` (1/s from the recip table after the sum)
 # (SoftmaxRowUnit.row_cycles; checked by tests/test_hw_rowops.py::test_row_timing).
 _ONLINE_ROW_OVERHEAD = 18 + SPAD_READ_LATENCY
+# Stages that VEC's staged E2 product (hw/dspmul.py) adds to its datapath E0..E4.
+_VEC_D = PRODUCT_LATENCY - 1
 _ONLINE_RECIP_CYCLES = 7
 # FIFO depth (chunks) between the scratchpad reader and the stream units. A read is issued only
 # when its chunk has a place in the FIFO; the credit comes back 7 cycles after the issue (read
@@ -245,7 +248,7 @@ class VecUnit(wiring.Component):
 
         E0 operands (POOL: running sum of the group)
         E1 a * b (MUL) and b * mb
-        E2 (...) * ma
+        E2 (...) * ma                (a staged product: three cycles, E2 .. E2 + 2)
         E3 rnd(. >> sa), rnd(b * mb >> sb)
         E4 sum, saturation to act_bits (counted), write
 
@@ -358,7 +361,8 @@ class VecUnit(wiring.Component):
             tag0.mask.eq(Cat(rem > lane for lane in range(L))),
         ]
 
-        v = [Signal(name=f"e{i}_valid") for i in range(5)]   # datapath stages E0..E4
+        # datapath stages E0..E4, plus the two the staged product of E2 adds (_VEC_D)
+        v = [Signal(name=f"e{i}_valid") for i in range(5 + _VEC_D)]
 
         with m.FSM() as fsm:
             with m.State("IDLE"):
@@ -418,11 +422,12 @@ class VecUnit(wiring.Component):
             m.d.sync += [s.eq(value_of(lane)) for lane, s in enumerate(sigs)]
             return sigs
 
-        addr = [Signal(aw, name=f"e{i}_addr") for i in range(5)]
-        mask = [Signal(L, name=f"e{i}_mask") for i in range(5)]
+        D = _VEC_D
+        addr = [Signal(aw, name=f"e{i}_addr") for i in range(5 + D)]
+        mask = [Signal(L, name=f"e{i}_mask") for i in range(5 + D)]
         m.d.sync += [v[0].eq(tag_a.valid & tag_a.compute), addr[0].eq(tag_a.addr),
                      mask[0].eq(tag_a.mask)]
-        for i in range(1, 5):
+        for i in range(1, 5 + D):
             m.d.sync += [v[i].eq(v[i - 1]), addr[i].eq(addr[i - 1]), mask[i].eq(mask[i - 1])]
         m.d.sync += [x0[lane].eq(Mux(tag_a.pool, acc_next[lane],
                                      Mux(tag_a.store_a | ~two_in, sp.rd_data[lane],
@@ -434,9 +439,14 @@ class VecUnit(wiring.Component):
         t1 = stage("t1_", lambda lane: Mux(is_mul, x0[lane][:16].as_signed() * y0[lane],
                                            x0[lane]), signed(33))
         u1 = stage("u1_", lambda lane: y0[lane] * mb, signed(32))
-        # E2: |. * ma| <= 2^46
-        v2 = stage("v2_", lambda lane: t1[lane] * ma, signed(49))
-        u2 = stage("u2_", lambda lane: u1[lane], signed(32))
+        # E2: |. * ma| <= 2^46, a staged product (D more stages: a register on each side of its
+        # DSPs; in one stage its register was 7.4 ns from E3's rounding, 19.2 ns in all, in
+        # the routed model of the c399bc6 build)
+        v2 = [staged_product(m, t1[lane], ma, en=1, name=f"v2_{lane}", shape=signed(49))
+              for lane in range(L)]
+        u2 = [u1[lane] for lane in range(L)]
+        for k in range(D + 1):
+            u2 = stage(f"u2_{k}_", lambda lane, u=u2: u[lane], signed(32))
         # E3
         rnd_a = _rnd_reg(m, f.sa, "sa")    # f is latched at the start; E3 runs after CHECK
         rnd_b = _rnd_reg(m, f.sb, "sb")
@@ -452,15 +462,15 @@ class VecUnit(wiring.Component):
             m.d.comb += [z.eq(r3[lane] + q3[lane]), over.eq(z > cfg.act_max),
                          under.eq(z < cfg.act_min)]
             m.d.sync += z4[lane].eq(Mux(over, cfg.act_max, Mux(under, cfg.act_min, z)))
-            flags.append((over | under) & mask[3][lane])
+            flags.append((over | under) & mask[3 + D][lane])
         sat4 = Signal(range(L + 1))
         m.d.sync += sat4.eq(_popcount(flags))
         m.d.comb += [
-            sp.wr_en.eq(v[4] & ~dry),
-            sp.wr_addr.eq(addr[4]),
+            sp.wr_en.eq(v[4 + D] & ~dry),
+            sp.wr_addr.eq(addr[4 + D]),
             sp.wr_data.eq(z4),
-            sp.wr_mask.eq(mask[4]),
-            ctl.sat.eq(Mux(v[4], sat4, 0)),
+            sp.wr_mask.eq(mask[4 + D]),
+            ctl.sat.eq(Mux(v[4 + D], sat4, 0)),
         ]
         return m
 
