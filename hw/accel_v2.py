@@ -224,6 +224,7 @@ def elaborate_v2(accel, platform):
 
     def set_owner(i):
         return [b.eq(j == i) for j, b in own.items()]
+
     clear_on = Signal()
     m.d.comb += clear_on.eq(clearing)
 

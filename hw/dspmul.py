@@ -66,12 +66,11 @@ def staged_product(m, a, b, *, en, name, shape):
     b_r = reg(b, "b", b.shape())
     a_l = _limbs(a_r, a.shape().signed)
     b_l = [b_r] if _fits(b.shape()) else _limbs(b_r, b.shape().signed)
-    b_step = 0 if len(b_l) == 1 else LIMB
     parts = []
     for i, x in enumerate(a_l):
         for j, y in enumerate(b_l):
             sh = signed(len(x) + len(y) + 1)
-            parts.append((i * LIMB + j * b_step, reg(x * y, f"pp{i}_{j}", sh)))
+            parts.append(((i + j) * LIMB, reg(x * y, f"pp{i}_{j}", sh)))
     total = parts[0][1] << parts[0][0]
     for off, p in parts[1:]:
         total = total + (p << off)

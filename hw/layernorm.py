@@ -404,48 +404,49 @@ class LayerNormUnit(wiring.Component):
         st = [Signal(name=f"st_{i}") for i in range(_STATS_CYCLES)]
         m.d.sync += st[0].eq(p1_acc & last[_SUM])
         m.d.sync += [st[i].eq(st[i - 1]) for i in range(1, _STATS_CYCLES)]
-        # Steps 0 .. D: n S2, S1^2 (both <= 2^(30 + 2 lg)), eps. The products take the
+        # Steps 0 .. lag: n S2, S1^2 (both <= 2^(30 + 2 lg)), eps. The products take the
         # accumulators of step 0 (their operand registers load every cycle) and hold them in
-        # step D + 1 only (D = PRODUCT_LATENCY - 1); S1^2 in one cycle, from the accumulator
-        # across the chip to its DSP blocks and back, was 16.1 ns (routed model, f892a67).
-        D = PRODUCT_LATENCY - 1
+        # step lag + 1 only (lag = PRODUCT_LATENCY - 1); S1^2 in one cycle, from the
+        # accumulator across the chip to its DSP blocks and back, was 16.1 ns (routed model,
+        # f892a67).
+        lag = PRODUCT_LATENCY - 1
         a_st = staged_product(m, acc_n, acc_s2, en=1, name="a_st", shape=unsigned(w["d"]))
         b_st = staged_product(m, acc_s1, acc_s1, en=1, name="b_st", shape=unsigned(w["d"]))
         eps_st = Signal(16 + _EPS_E_MAX, reset_less=True)
         with m.If(st[0]):
             m.d.sync += eps_st.eq(row_eps_m << row_eps_e)
-        # Step D + 1: n S2 - S1^2, >= 0 (Cauchy-Schwarz).
+        # Step lag + 1: n S2 - S1^2, >= 0 (Cauchy-Schwarz).
         var_st = Signal(w["d"], reset_less=True)
-        with m.If(st[D + 1]):
+        with m.If(st[lag + 1]):
             m.d.sync += var_st.eq(a_st - b_st)
-        # Step D + 2: D = max(var + eps, 1); var + eps is 0 only when both are.
+        # Step lag + 2: D = max(var + eps, 1); var + eps is 0 only when both are.
         d_st = Signal(w["d"], reset_less=True)
-        with m.If(st[D + 2]):
+        with m.If(st[lag + 2]):
             m.d.sync += d_st.eq((var_st + eps_st) | ((var_st == 0) & (eps_st == 0)))
-        # Step D + 3: k = (bit_length(D) - 1) // 2.
+        # Step lag + 3: k = (bit_length(D) - 1) // 2.
         k_st = Signal(range(w["d"]), reset_less=True)
-        with m.If(st[D + 3]):
+        with m.If(st[lag + 3]):
             m.d.sync += k_st.eq((_bit_length(d_st) - 1)[:len(k_st) + 1] >> 1)
-        # Step D + 4: D = x * 4^k with x in [1, 4): shift D left by (w_norm - 2k) to put x's two
+        # Step lag + 4: D = x * 4^k with x in [1, 4): shift D left by (w_norm - 2k) to put x's two
         # integer bits at w_norm + 1 .. w_norm; the 16 bits below them are x16's fraction
         # (lower bits truncated, as golden.units.rsqrt_norm).
         w_norm = max(16, 2 * ((w["d"] - 1) // 2))
         x16_st = Signal(18, reset_less=True)
-        with m.If(st[D + 4]):
+        with m.If(st[lag + 4]):
             d_norm = d_st << (w_norm - 2 * k_st)[:w_norm.bit_length()]
             m.d.sync += x16_st.eq(d_norm[w_norm - 16:w_norm + 2])
-        # Step D + 5: table read (the port reads every cycle; its output holds for D + 6).
+        # Step lag + 5: table read (the port reads every cycle; its output holds for lag + 6).
         rs_rom, rs_spec = _table_rom("rsqrt", cfg)
         m.submodules.rsqrt_rom = rs_rom
         rs_frac = rs_spec.in_frac
         rs_port = rs_rom.read_port()
         m.d.comb += rs_port.addr.eq(x16_st[rs_frac:18])
-        # Step D + 6: register the table word; step D + 7: interpolate.
+        # Step lag + 6: register the table word; step lag + 7: interpolate.
         rs_word = Signal.like(rs_port.data, reset_less=True)
-        with m.If(st[D + 6]):
+        with m.If(st[lag + 6]):
             m.d.sync += rs_word.eq(rs_port.data)
         r_st = Signal(16, reset_less=True)
-        with m.If(st[D + 7]):
+        with m.If(st[lag + 7]):
             m.d.sync += [r_st.eq(_interp(rs_word, x16_st[:rs_frac], rs_frac)), st_ready.eq(1)]
         with m.If(start_p2):
             m.d.sync += [st_ready.eq(0), p2_n.eq(acc_n), p2_s1.eq(acc_s1), p2_r.eq(r_st),
