@@ -69,12 +69,12 @@ from ``start`` to ``done`` (:meth:`SpansUnit.max_cycles` bounds them)::
     1 + (k + 2)                 check, copy the list (1 cycle for k = 0)
     walk:  (r + 1) * S          scans of the list, S = n_l + 2 (1 when n_l = 0); r = rescans
                                 <= distinct listed blocks used
-         + 4 * steps + 2        steps <= r + 3 (one per piece taken, plus the final one)
+         + 6 * steps + 2        steps <= r + 3 (one per piece taken, plus the final one)
     + 3                         registers, done
 
 with two walks when the output lies within ``n_l + 2`` entries of the end of the index memory.
-E.g. 8 distinct listed blocks, a sink block and 2 diagonal blocks: 150 cycles (k = 16: 406,
-k = 32: 1,298; the scans make it quadratic in k).
+E.g. 8 distinct listed blocks, a sink block and 2 diagonal blocks: 172 cycles (k = 16: 444,
+k = 32: 1,372; the scans make it quadratic in k).
 
 Widths: span starts and lengths are written as 32-bit words and ``REG[rows_reg]`` is a signed
 32-bit register; ``limit`` must be below 2^31 (``BAD_FIELD`` otherwise, as in the golden model),
@@ -89,6 +89,7 @@ from amaranth.lib.wiring import In, Out
 from vitamin.config import get_config
 from vitamin.isa import INSTR_BITS, ErrorCode, Route, Spans
 
+from .dspmul import PRODUCT_LATENCY, staged_product
 from .lutmul import lut_mul
 from .onehot import onehot_best, onehot_pick
 from .ports import IdxPort, QueuePort, RegPort, UnitControl
@@ -386,7 +387,7 @@ class SpansUnit(wiring.Component):
     def max_cycles(k: int, walks: int = 2) -> int:
         """Upper bound of the cycles from ``start`` to ``done`` of a SPANS of ``k`` entries
         (``walks = 1`` when ``out_addr + k + 2 <= idx_entries``)."""
-        walk = (k + 1) * (k + 2) + 4 * (k + 3) + 2
+        walk = (k + 1) * (k + 2) + 6 * (k + 3) + 2
         return 1 + (k + 2) + walks * walk + 3
 
     def elaborate(self, platform):
@@ -460,16 +461,21 @@ class SpansUnit(wiring.Component):
                                better=lambda a, b: a > b)
             c_e = c_e | Mux(first_r[i], onehot_pick(ends, [e for _, _, e in pr], 33), 0)
 
-        # DECIDE's three conditions, registered in MUL_E (ps, has, open_, re, lo, lo_ok and e
-        # do not change between MUL_E and DECIDE): the 48-bit compares of ps, in front of the
+        # DECIDE's three conditions, registered in MUL_P (has, open_, re, lo, lo_ok and e do
+        # not change between MUL_S and DECIDE): the 48-bit compares of ps, in front of the
         # index memory's write enable and LOAD's write grant, were 16.7 ns in the c399bc6
         # build's routed model
         d_stop = Signal()                  # ~has | ps >= limit: the walk is over
         d_ext = Signal()                   # the piece extends the open span
         d_rescan = Signal()                # the list must be scanned again from e
+        # s * block and e * block: one staged product (a register on each side of its DSP
+        # blocks, PRODUCT_LATENCY cycles). In one combinational stage (the state selecting the
+        # operand, the DSP 3.2 ns away, 3.3 ns back, a 48-bit carry chain into pe) it was the
+        # dc9338d build's routed critical path (16.87 ns).
+        assert PRODUCT_LATENCY == 3     # MUL_S, MUL_E, MUL_W, MUL_P below
         mul_a = Signal(32)
-        prod = Signal(48)
-        m.d.comb += prod.eq(mul_a * block)     # combinational: on a DSP (as logic: 33 MHz)
+        prod = staged_product(m, mul_a, block, en=1, name="span_prod", shape=unsigned(48))
+        m.d.comb += pe.eq(prod)         # e * block, in DECIDE
 
         def emit_span():
             end = Mux(re < limit, re, limit)
@@ -528,13 +534,20 @@ class SpansUnit(wiring.Component):
 
             with m.State("MUL_S"):
                 m.d.comb += mul_a.eq(s)
-                m.d.sync += [ps.eq(prod), e.eq(c_e)]
+                m.d.sync += e.eq(c_e)
                 m.next = "MUL_E"
 
             with m.State("MUL_E"):
                 m.d.comb += mul_a.eq(e)
-                m.d.sync += [pe.eq(prod), d_stop.eq(~has | (ps >= limit)),
-                             d_ext.eq(open_ & (ps == re)), d_rescan.eq(lo_ok & (lo < e))]
+                m.next = "MUL_W"
+
+            with m.State("MUL_W"):
+                m.next = "MUL_P"
+
+            with m.State("MUL_P"):
+                # prod = s * block now (e * block in DECIDE)
+                m.d.sync += [ps.eq(prod), d_stop.eq(~has | (prod >= limit)),
+                             d_ext.eq(open_ & (prod == re)), d_rescan.eq(lo_ok & (lo < e))]
                 m.next = "DECIDE"
 
             with m.State("DECIDE"):
