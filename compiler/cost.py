@@ -620,8 +620,10 @@ def _kpos_walk(spans, n, lanes) -> int:
 
 def _spans_cycles(f, blocks, idx_entries) -> int:
     """Cycles of ``SpansUnit`` (hw/idxops.py) for block list ``blocks``: CHECK, LOAD of the
-    list, one or two walks (scans of the list, 6 cycles per step, FLUSH and WALKED), the
-    register writes and done. Replicates the walk; ``SpansUnit.max_cycles`` bounds it."""
+    list, one or two walks (scans of the list, ``SPANS_STEP_CYCLES`` per step, FLUSH and
+    WALKED), the register writes and done. Replicates the walk; ``SpansUnit.max_cycles``
+    bounds it."""
+    from vitamin.hw.idxops import SPANS_STEP_CYCLES
     lst = [int(b) for b in blocks if b >= 0]
     sink, dlo_f, dn = f["sink"], f["diag_lo"], f["diag_n"]
     block, limit = f["block"], f["limit"]
@@ -653,7 +655,7 @@ def _spans_cycles(f, blocks, idx_entries) -> int:
             rescans += 1
             lo = smallest(x)
     n_l = len(lst)
-    walk = (1 + rescans) * (n_l + 2 if n_l else 1) + 6 * steps + 2
+    walk = (1 + rescans) * (n_l + 2 if n_l else 1) + SPANS_STEP_CYCLES * steps + 2
     walks = 1 if f["out_addr"] + n_l + 2 <= idx_entries else 2
     k = f["k"]
     return 1 + (k + 2 if k else 1) + walks * walk + 3

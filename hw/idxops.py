@@ -69,7 +69,8 @@ from ``start`` to ``done`` (:meth:`SpansUnit.max_cycles` bounds them)::
     1 + (k + 2)                 check, copy the list (1 cycle for k = 0)
     walk:  (r + 1) * S          scans of the list, S = n_l + 2 (1 when n_l = 0); r = rescans
                                 <= distinct listed blocks used
-         + 6 * steps + 2        steps <= r + 3 (one per piece taken, plus the final one)
+         + 6 * steps + 2        steps <= r + 3 (one per piece taken, plus the final one);
+                                6 = SPANS_STEP_CYCLES
     + 3                         registers, done
 
 with two walks when the output lies within ``n_l + 2`` entries of the end of the index memory.
@@ -94,10 +95,13 @@ from .lutmul import lut_mul
 from .onehot import onehot_best, onehot_pick
 from .ports import IdxPort, QueuePort, RegPort, UnitControl
 
-__all__ = ["RouteUnit", "SpansUnit", "SPANS_LIST_DEPTH"]
+__all__ = ["RouteUnit", "SpansUnit", "SPANS_LIST_DEPTH", "SPANS_STEP_CYCLES"]
 
 #: Entries of the SPANS unit's local block list: the ``k`` field has 7 bits.
 SPANS_LIST_DEPTH = 1 << data.Layout.cast(Spans)["k"].width
+#: Cycles of one step of a SPANS walk: CAND, MUL_S, MUL_E, MUL_W, MUL_P (the staged product's
+#: PRODUCT_LATENCY), DECIDE.
+SPANS_STEP_CYCLES = 3 + PRODUCT_LATENCY
 
 
 def _bits(n: int) -> int:
@@ -387,7 +391,7 @@ class SpansUnit(wiring.Component):
     def max_cycles(k: int, walks: int = 2) -> int:
         """Upper bound of the cycles from ``start`` to ``done`` of a SPANS of ``k`` entries
         (``walks = 1`` when ``out_addr + k + 2 <= idx_entries``)."""
-        walk = (k + 1) * (k + 2) + 6 * (k + 3) + 2
+        walk = (k + 1) * (k + 2) + SPANS_STEP_CYCLES * (k + 3) + 2
         return 1 + (k + 2) + walks * walk + 3
 
     def elaborate(self, platform):
