@@ -689,6 +689,7 @@ class LoadUnit(_DmaUnit):
         first = Signal()
         off = Signal(range(bb))
         rx_left = Signal(20)            # bytes of the run still to receive
+        rx_more = Signal()              # rx_left != 0, a register (R ready -> take -> cnt)
         el_left = Signal(isa.COUNT + 1)  # elements still to write
         chip = Signal(isa.SPAD_ADDR)
         buf = Signal(cap * 8)
@@ -721,7 +722,8 @@ class LoadUnit(_DmaUnit):
             m.d.comb += [dq.r_en.eq(1), need_next.eq(chunk_of(dq.r_data.n) << es_log)]
             m.d.sync += [nb.eq(min_(dq.r_data.nbytes, bb - dq.r_data.off)),
                          have.eq(1), first.eq(1), off.eq(dq.r_data.off),
-                         rx_left.eq(dq.r_data.nbytes), el_left.eq(dq.r_data.n),
+                         rx_left.eq(dq.r_data.nbytes), rx_more.eq(dq.r_data.nbytes != 0),
+                         el_left.eq(dq.r_data.n),
                          k.eq(chunk_of(dq.r_data.n)), chip.eq(dq.r_data.chip)]
         m.d.sync += need.eq(need_next)
         # The packed elements go into a two-entry write queue, which writes them when the port
@@ -748,7 +750,7 @@ class LoadUnit(_DmaUnit):
         # in the same cycle, this round trip was LOAD's slowest path (18.6 ns, routed model of
         # the 5c44745 build).
         room = Signal(init=1)
-        m.d.comb += ax.rready.eq(have & (rx_left != 0) & room)
+        m.d.comb += ax.rready.eq(have & rx_more & room)
         take = Signal()
         m.d.comb += take.eq(ax.rvalid & ax.rready)
 
@@ -762,7 +764,8 @@ class LoadUnit(_DmaUnit):
         m.d.sync += [cnt.eq(cnt_next), room.eq(cnt_next <= cap - bb),
                      enough.eq(cnt_next >= need_next)]
         with m.If(take):
-            m.d.sync += [rx_left.eq(rx_left - nb), first.eq(0), nb.eq(min_(rx_left - nb, bb))]
+            m.d.sync += [rx_left.eq(rx_left - nb), rx_more.eq(rx_left != nb), first.eq(0),
+                         nb.eq(min_(rx_left - nb, bb))]
 
         # writes: packed into the queue entry ...
         bytes_ = _bytes_of(buf, cap)

@@ -246,7 +246,7 @@ class MatmulUnit(wiring.Component):
         return self.acc_drain + self._epi.latency
 
     #: Cycles from the last check slot to its flags (S0, S1, S1b, S2 + scratchpad latency + flag
-    #: register).
+    #: register: the channel-table flag is set at D; the range flags, at S2 + 1, are not later).
     CHECK_DRAIN = 4 + SPAD_READ_LATENCY + 1
 
     def tile_slots(self, *, k, n, rows_l, b_trans=False, epilogue=True, chan_en=False,
@@ -737,17 +737,31 @@ class MatmulUnit(wiring.Component):
         def outside(addr, length):
             return (addr < 0) | (addr + length - 1 >= spw)
 
-        len_a = Mux(k2 == _Op.CHK_B, Mux(f.b_trans, f.k, f.n), f.k)
-        a_bad = outside(addr_a, len_a) | far_a2
-        o_bad = outside(addr_o, f.n) | far_o2 | (f.res_en & outside(addr_r, f.n))
-        with m.If((k2 == _Op.CHK_AO) & (L != 0)):
+        # The range checks of a check slot run one stage later (S2 + 1), on registered
+        # addresses: the three-term address sums and the end compare in one cycle were 15.8 ns
+        # into ``bad_a`` (routed model of the dc9338d build). The flags are still set before
+        # the channel-table check's (at D), which CHECK_DRAIN already waits for.
+        assert SPAD_READ_LATENCY >= 1
+        chk_a = Signal(signed(_ADDR_BITS))
+        chk_o = Signal(signed(_ADDR_BITS))
+        chk_r = Signal(signed(_ADDR_BITS))
+        chk_len = Signal(17)
+        far_a3 = Signal()
+        far_o3 = Signal()
+        m.d.sync += [chk_a.eq(addr_a), chk_o.eq(addr_o), chk_r.eq(addr_r),
+                     chk_len.eq(Mux(k2 == _Op.CHK_B, Mux(f.b_trans, f.k, f.n), f.k)),
+                     far_a3.eq(far_a2), far_o3.eq(far_o2)]
+        k3 = t3.kind
+        a_bad = outside(chk_a, chk_len) | far_a3
+        o_bad = outside(chk_o, f.n) | far_o3 | (f.res_en & outside(chk_r, f.n))
+        with m.If((k3 == _Op.CHK_AO) & (L != 0)):
             with m.If(~f.gather & a_bad):
                 m.d.sync += bad_a.eq(1)
             with m.If(~f.scatter & o_bad):
                 m.d.sync += bad_o.eq(1)
-        with m.If((k2 == _Op.CHK_B) & a_bad):
+        with m.If((k3 == _Op.CHK_B) & a_bad):
             m.d.sync += bad_b.eq(1)
-        with m.If(k2 == _Op.CHK_Q):
+        with m.If(k3 == _Op.CHK_Q):
             with m.If(f.gather & a_bad):
                 m.d.sync += bad_a.eq(1)
             with m.If(f.scatter & o_bad):

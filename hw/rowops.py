@@ -1434,9 +1434,15 @@ class LayerNormRowUnit(wiring.Component):
             xq.r_en.eq(ln.i_stream.ready),
         ]
         x_out = Signal(range(FIFO_DEPTH + 1))    # chunks read, not yet taken by the unit
-        m.d.sync += x_out.eq(x_out + issue_x - (xq.r_rdy & ln.i_stream.ready))
-        x_can = Signal()
-        m.d.comb += x_can.eq(x_out < FIFO_DEPTH)
+        x_out_next = Signal.like(x_out)
+        m.d.comb += x_out_next.eq(x_out + issue_x - (xq.r_rdy & ln.i_stream.ready))
+        # x_can (x_out < FIFO_DEPTH) and x_more (x_row != m) are registers, computed from the
+        # next values: the scratchpad's read enable goes from here through the port multiplexer
+        # into STORE's grant, and with the row compare and the FIFO count in front of it that was
+        # 16.1 ns from the instruction register (routed model of the dc9338d build)
+        x_can = Signal(init=1)
+        x_more = Signal()
+        m.d.sync += [x_out.eq(x_out_next), x_can.eq(x_out_next < FIFO_DEPTH)]
 
         # parameter buffer -> p FIFO -> unit (buffer read latency 1, plus one register)
         m.submodules.p_fifo = pq = fifo.SyncFIFOBuffered(width=p_layout.size, depth=FIFO_DEPTH)
@@ -1489,7 +1495,9 @@ class LayerNormRowUnit(wiring.Component):
             with m.State("CHECK"):
                 m.d.sync += step.eq(step + 1)
                 with m.If(step == n_steps):
+                    # (m >= 1 for an instruction that passes its checks)
                     m.d.sync += [cbase.eq(0), j.eq(0), x_row.eq(0), x_in_row.eq(f.in_addr),
+                                 x_more.eq(1),
                                  p_chunk.eq(0), p_row.eq(0), o_row.eq(f.out_addr), o_cbase.eq(0),
                                  rows_out.eq(0)]
                     with m.If(err != ErrorCode.OK):
@@ -1509,11 +1517,11 @@ class LayerNormRowUnit(wiring.Component):
                     m.next = "RUN"
             with m.State("RUN"):
                 m.d.comb += p_running.eq(p_row != f.m)
-                with m.If(x_can & (x_row != f.m)):
+                with m.If(x_can & x_more):
                     m.d.comb += issue_x.eq(1)
                     m.d.sync += cbase.eq(cbase + R)
                     with m.If(last_chunk):
-                        m.d.sync += [cbase.eq(0), x_row.eq(x_row + 1),
+                        m.d.sync += [cbase.eq(0), x_row.eq(x_row + 1), x_more.eq(x_row + 1 != f.m),
                                      x_in_row.eq(x_in_row + f.in_stride)]
                 with m.If(rows_out == f.m):
                     ctl.finish(ErrorCode.OK)

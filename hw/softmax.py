@@ -19,8 +19,8 @@ The chunks are written to a row buffer at the same time. Pass 2 replays the buff
 Pipeline
 --------
 Both passes share one pipeline; each beat carries a ``pass2`` tag. Stages, by their names in
-:attr:`SoftmaxUnit.stages` (``t = max(1, log2(row_lanes))`` max-tree levels; 14 stages for 2
-lanes, 16 for 8)::
+:attr:`SoftmaxUnit.stages` (``t = max(1, log2(row_lanes))`` max-tree levels; 15 stages for 2
+lanes, 17 for 8)::
 
     src        chunk: input register, or the row buffer's read port in pass 2
     x          chunk, registered (a block RAM's output is too slow to feed more logic)
@@ -31,6 +31,7 @@ lanes, 16 for 8)::
     z          z = rnd(product >> shift)
     rom        exp2 table read (synchronous ROM, one port per lane)
     word       table word, registered
+    tp         interpolation product (T[i+1] - T[i]) * frac
     t          interpolation T
     e          E = rnd(T >> int(z)), masked
     sum        pass 1: lane sum of E (plus rounding constant), rescale factor;  pass 2: E * r
@@ -50,7 +51,7 @@ from the buffer, so the next row's chunks follow the replayed ones with no gap.
 
 Timing without backpressure, for a row of ``c = ceil(n / row_lanes)`` chunks: the unit accepts
 rows every ``2 * c + 6`` cycles (:meth:`SoftmaxUnit.row_cycles`); the first output chunk of a
-row is transferred ``latency + 7`` cycles (21 for 2 lanes, 23 for 8) after its last input chunk
+row is transferred ``latency + 7`` cycles (22 for 2 lanes, 24 for 8) after its last input chunk
 (:attr:`SoftmaxUnit.row_latency`), the others follow one per cycle.
 
 Clock: the ``s * scale`` multiply-add in stage ``acc`` is a loop-carried path (a
@@ -96,7 +97,7 @@ def _stages(lanes):
     """Stage indices of the softmax pipeline for ``lanes`` lanes (see the module docstring)."""
     st = {"src": 0, "x": 1}
     st["cm"] = st["x"] + max(1, (lanes - 1).bit_length())   # one register per max-tree level
-    for name in ("m", "sub", "mul", "z", "rom", "word", "t", "e", "sum", "acc", "out"):
+    for name in ("m", "sub", "mul", "z", "rom", "word", "tp", "t", "e", "sum", "acc", "out"):
         st[name] = max(st.values()) + 1
     st["n"] = st["out"] + 1
     return st
@@ -277,7 +278,7 @@ class SoftmaxUnit(wiring.Component):
     @property
     def latency(self):
         """Clock edges from reading a buffered chunk in pass 2 to the transfer of its output
-        chunk, without stalls (the pipeline depth: 16 for 8 lanes)."""
+        chunk, without stalls (the pipeline depth: 17 for 8 lanes)."""
         return self.stages["n"]
 
     @property
@@ -492,10 +493,18 @@ class SoftmaxUnit(wiring.Component):
         with m.If(advance):
             m.d.sync += [word[l].eq(words[l]) for l in range(n_e)]
 
-        # -- t: interpolation --------------------------------------------------------------------
+        # -- tp: the interpolation product, registered; t: the interpolation --------------------
+        # (product and sum in one stage were 15.7 ns into ``t``: the DSP blocks sit far from the
+        # table's block RAM; routed model of the dc9338d build)
+        tp = [Signal(signed(len(words[l].delta) + in_frac + 1), name=f"tp_{l}", reset_less=True)
+              for l in range(n_e)]
+        tb = [Signal.like(words[l].base, name=f"tb_{l}", reset_less=True) for l in range(n_e)]
+        with m.If(advance):
+            m.d.sync += [tp[l].eq(word[l].delta * frac[l][st["word"]]) for l in range(n_e)]
+            m.d.sync += [tb[l].eq(word[l].base) for l in range(n_e)]
         t = [Signal(16, name=f"t_{l}", reset_less=True) for l in range(n_e)]
         with m.If(advance):
-            m.d.sync += [t[l].eq(_interp(word[l], frac[l][st["word"]], in_frac))
+            m.d.sync += [t[l].eq(tb[l] + _rshift_round_const(tp[l], in_frac))
                          for l in range(n_e)]
 
         # -- e: E = rnd(T >> ip), masked ---------------------------------------------------------
