@@ -719,9 +719,9 @@ def _load_run(off, bursts, nbytes, n, es, lanes, bb, chunk, is_idx, lead=0):
 
 
 def _seq_strided(n_runs):
-    """DmaSequencer, STRIDED: the first run is offered 12 cycles after start (field and range
+    """DmaSequencer, STRIDED: the first run is offered 13 cycles after start (field and range
     checks), one run per cycle after that."""
-    return 12, ["e"] * n_runs, None
+    return 13, ["e"] * n_runs, None
 
 
 def _seq_spans(f, spans):
@@ -732,9 +732,9 @@ def _seq_spans(f, spans):
     total = int(sum(max(0, int(b)) for _, b in spans)) if c else 0
     scan = c + 3 if c else 1
     if c == 0:
-        return None, None, 7
+        return None, None, 8
     if total == 0:
-        return None, None, 7 + scan
+        return None, None, 9 + scan
     steps = []
     for _ in range(f["n1"]):
         q = total
@@ -743,10 +743,10 @@ def _seq_spans(f, spans):
             steps += ["r", "c", "c"]            # G_RD, G_SPAN, G_MUL
             if ln > 0 and q > 0:
                 rows = min(ln, q)
-                steps += ["c"] + ["e"] * rows   # G_ROW, G_EMIT per row
+                steps += ["c", "c"] + ["e"] * rows  # G_WAIT, G_ROW, G_EMIT per row
                 q -= rows
             steps.append("c")
-    return 13 + scan, steps, None
+    return 15 + scan, steps, None
 
 
 def _load_cycles(f, starts, cfg, lanes, seq):

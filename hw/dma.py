@@ -46,6 +46,7 @@ from vitamin import isa
 from vitamin.config import get_config
 from vitamin.isa import DmaMode, DType, ErrorCode, Mem
 
+from .dspmul import SPLIT_LATENCY, split_product
 from .ports import (
     IDX_READ_LATENCY,
     N_REGS,
@@ -193,17 +194,24 @@ class DmaSequencer(wiring.Component):
         # from index memory (G_SPAN) are loaded into the operand register too, a state before
         # their product: both come from across the chip (the index memory's read data was the
         # whole ecp5 design's third-slowest path into ``prod``).
+        # The product takes two cycles (SPLIT_LATENCY): the partial products are registered at
+        # the DSP blocks, then summed. Operands loaded in state X give ``prod`` in state X + 3,
+        # so each state loads the operands of the product that the state three later uses.
+        # (In one cycle, register -> DSP blocks -> 70-bit sum was 16.1 ns into ``prod``: routed
+        # model of the dc9338d build.)
         blk_v = Mux(f.blk_reg == 0, 0, self.regs[f.blk_reg])
         mul_a_r = Signal(signed(36))
         mul_b = Signal(signed(34))
-        prod = Signal(signed(70))
-        m.d.sync += prod.eq(mul_a_r * mul_b)   # 36 x 34: 4 DSPs, ~3.4k LUT4 as logic
+        assert SPLIT_LATENCY == 2
+        # 36 x 34: 4 DSPs, ~3.4k LUT4 as logic
+        prod = split_product(m, mul_a_r, mul_b, en=1, name="prod", shape=signed(70))
         # The product's sign, from the operands (exact: 70 bits hold every product). As
         # "prod > 0" the comparison was a 70-bit carry chain in front of the 72-bit lo/hi adders
         # (18.1 ns, LOAD's ``hi`` in the routed model of the 5c44745 build).
         # (A zero product may get either sign: it adds 0 to lo or hi.)
+        neg_pp = Signal()
         prod_neg = Signal()
-        m.d.sync += prod_neg.eq(mul_a_r[-1] ^ mul_b[-1])
+        m.d.sync += [neg_pp.eq(mul_a_r[-1] ^ mul_b[-1]), prod_neg.eq(neg_pp)]
 
         def ops_next(a, b):
             m.d.sync += [mul_a_r.eq(a), mul_b.eq(b)]
@@ -289,7 +297,7 @@ class DmaSequencer(wiring.Component):
 
             with m.State("BLK"):                    # REG * blk_stride
                 m.d.comb += self.busy.eq(1)
-                ops_next(f.n2 - 1, ds2)             # S_BASE
+                ops_next(f.n2 - 1, ds2)             # S_D2
                 # SPANS' span count, for P_BASE's checks: the register file's value is selected
                 # here and registered (selected and compared in one cycle it was the ecp5
                 # design's LOAD ``error`` path, 21 ns routed)
@@ -302,7 +310,12 @@ class DmaSequencer(wiring.Component):
                              wpad.eq(self.window + (Mux(ds0 < 0, -ds0, ds0) << 1))]
                 with m.If(bad | dt_bad):
                     fail(ErrorCode.BAD_FIELD)
-                with m.Elif(f.mode == DmaMode.STRIDED):
+                with m.Else():
+                    m.next = "BLK2"
+            with m.State("BLK2"):                   # the product's second cycle
+                m.d.comb += self.busy.eq(1)
+                ops_next(f.n1 - 1, ds1)             # S_D1
+                with m.If(f.mode == DmaMode.STRIDED):
                     m.next = "S_BASE"
                 with m.Else():
                     m.next = "P_BASE"
@@ -312,27 +325,26 @@ class DmaSequencer(wiring.Component):
                 m.d.comb += self.busy.eq(1)
                 m.d.sync += [base.eq(f.dram_addr + prod), lo.eq(f.dram_addr + prod),
                              hi.eq(f.dram_addr + prod)]
-                ops_next(f.n1 - 1, ds1)
+                ops_next(f.n0 - 1, ds0)             # S_D0
                 m.next = "S_D2"
             with m.State("S_D2"):
                 m.d.comb += self.busy.eq(1)
                 ext_lohi()
-                ops_next(f.n0 - 1, ds0)
+                ops_next(f.n2 - 1, f.ss2)           # S_S2
                 m.next = "S_D1"
             with m.State("S_D1"):
                 m.d.comb += self.busy.eq(1)
                 ext_lohi()
-                ops_next(f.n2 - 1, f.ss2)
+                ops_next(f.n1 - 1, f.ss1)           # S_S1
                 m.next = "S_D0"
             with m.State("S_D0"):
                 m.d.comb += self.busy.eq(1)
                 ext_lohi()
-                ops_next(f.n1 - 1, f.ss1)
+                ops_next(f.n0 - 1, f.ss0)           # S_S0
                 m.next = "S_S2"
             with m.State("S_S2"):
                 m.d.comb += self.busy.eq(1)
                 m.d.sync += shi.eq(shi + prod)
-                ops_next(f.n0 - 1, f.ss0)
                 m.next = "S_S1"
             with m.State("S_S1"):
                 m.d.comb += self.busy.eq(1)
@@ -437,7 +449,7 @@ class DmaSequencer(wiring.Component):
                     m.next = "P_TOTAL"
             with m.State("P_TOTAL"):
                 m.d.comb += self.busy.eq(1)
-                ops_next(f.n1 - 1, ds1)             # P_COARSE
+                ops_next(f.n1 - 1, ds1)             # P_D1
                 m.d.sync += wcoarse.eq(wpad - base)
                 with m.If(neg_len):
                     fail(ErrorCode.BAD_FIELD)
@@ -448,10 +460,14 @@ class DmaSequencer(wiring.Component):
                 with m.Elif(min_start < 0):
                     fail(ErrorCode.DRAM_RANGE)
                 with m.Else():
-                    m.next = "P_COARSE"
+                    m.next = "P_WAIT"
+            with m.State("P_WAIT"):                 # P_COARSE's product, second cycle
+                m.d.comb += self.busy.eq(1)
+                ops_next(rlo, ds0)                  # P_RLO
+                m.next = "P_COARSE"
             with m.State("P_COARSE"):
                 m.d.comb += self.busy.eq(1)
-                ops_next(rlo, ds0)                  # P_D1
+                ops_next(rhi, ds0)                  # P_RHI
                 m.d.sync += [lo.eq(base), hi.eq(base)]
                 with m.If(prod > wcoarse):          # base + prod > window + 2 |ds0|
                     fail(ErrorCode.DRAM_RANGE)
@@ -462,12 +478,12 @@ class DmaSequencer(wiring.Component):
             with m.State("P_D1"):
                 m.d.comb += self.busy.eq(1)
                 ext_lohi()
-                ops_next(rhi, ds0)
+                ops_next(f.n1 - 1, f.ss1)           # P_S1
                 m.next = "P_RLO"
             with m.State("P_RLO"):
                 m.d.comb += self.busy.eq(1)
                 m.d.sync += p_save.eq(prod)
-                ops_next(f.n1 - 1, f.ss1)
+                ops_next(total - 1, f.ss0)          # P_S0
                 m.next = "P_RHI"
             with m.State("P_RHI"):
                 m.d.comb += self.busy.eq(1)
@@ -475,7 +491,6 @@ class DmaSequencer(wiring.Component):
                 # 72-bit compare, select and add in one cycle was STORE's ``hi`` path)
                 m.d.sync += [p_min.eq(Mux(prod < p_save, prod, p_save)),
                              p_max.eq(Mux(prod > p_save, prod, p_save))]
-                ops_next(total - 1, f.ss0)
                 m.next = "P_S1"
             with m.State("P_S1"):
                 m.d.comb += self.busy.eq(1)
@@ -502,7 +517,7 @@ class DmaSequencer(wiring.Component):
                 # block RAM's clock-to-out and the way across the chip left no time for a
                 # 33-bit compare: LOAD's state register, 21 ns routed).
                 m.d.sync += g_ln.eq(self.idx_rd_data.b)
-                ops_next(self.idx_rd_data.a, ds0)   # G_MUL: a * ds0
+                ops_next(self.idx_rd_data.a, ds0)   # G_ROW: a * ds0
                 with m.If(~g_acc):
                     m.next = "G_RD"
                 with m.Else():
@@ -513,9 +528,12 @@ class DmaSequencer(wiring.Component):
                 # index memory has overwritten its own span list (see LoadUnit): bounded work.
                 m.d.sync += rows_left.eq(Mux(g_ln > q_left, q_left, g_ln))
                 with m.If((g_ln > 0) & (q_left != 0)):
-                    m.next = "G_ROW"
+                    m.next = "G_WAIT"
                 with m.Else():
                     m.next = "G_NEXT"
+            with m.State("G_WAIT"):                 # the product's second cycle
+                m.d.comb += self.busy.eq(1)
+                m.next = "G_ROW"
             with m.State("G_ROW"):
                 m.d.comb += self.busy.eq(1)
                 m.d.sync += d0.eq(d1 + prod)

@@ -17,14 +17,18 @@ back, plus a 64-bit carry chain, 19.7 ns in all.
 3. the sum of the shifted partial products (one carry chain, register to register).
 
 The result is ``a * b`` exactly, in the ``shape`` the caller gives (it must hold the product).
+:func:`split_product` is stages 2 and 3 alone (:data:`SPLIT_LATENCY`), for operands that are
+registers already and have no other load.
 """
 
 from amaranth.hdl import Signal, Value, signed
 
-__all__ = ["staged_product", "PRODUCT_LATENCY", "LIMB"]
+__all__ = ["staged_product", "split_product", "PRODUCT_LATENCY", "SPLIT_LATENCY", "LIMB"]
 
 #: Enabled cycles from the operands to the product of :func:`staged_product`.
 PRODUCT_LATENCY = 3
+#: Enabled cycles from the operands to the product of :func:`split_product`.
+SPLIT_LATENCY = 2
 #: Bits of the wider operand per partial product: an unsigned 17-bit piece is an 18-bit signed
 #: multiplier input.
 LIMB = 17
@@ -56,22 +60,34 @@ def staged_product(m, a, b, *, en, name, shape):
     if len(b) > len(a):
         a, b = b, a
 
-    def reg(value, suffix, sh):
-        sig = Signal(sh, name=f"{name}_{suffix}", reset_less=True)
-        with m.If(en):
-            m.d.sync += sig.eq(value)
-        return sig
+    a_r = _reg(m, a, f"{name}_a", a.shape(), en)
+    b_r = _reg(m, b, f"{name}_b", b.shape(), en)
+    return split_product(m, a_r, b_r, en=en, name=name, shape=shape)
 
-    a_r = reg(a, "a", a.shape())
-    b_r = reg(b, "b", b.shape())
-    a_l = _limbs(a_r, a.shape().signed)
-    b_l = [b_r] if _fits(b.shape()) else _limbs(b_r, b.shape().signed)
+
+def _reg(m, value, name, shape, en):
+    sig = Signal(shape, name=name, reset_less=True)
+    with m.If(en):
+        m.d.sync += sig.eq(value)
+    return sig
+
+
+def split_product(m, a, b, *, en, name, shape):
+    """Return a signal that holds ``a * b`` :data:`SPLIT_LATENCY` enabled cycles after ``a``
+    and ``b`` were presented: stages 2 and 3 of :func:`staged_product` (the partial products,
+    registered at the DSP blocks' outputs, then their sum), for operands that are already
+    registers of their own."""
+    a, b = Value.cast(a), Value.cast(b)
+    if len(b) > len(a):
+        a, b = b, a
+    a_l = _limbs(a, a.shape().signed)
+    b_l = [b] if _fits(b.shape()) else _limbs(b, b.shape().signed)
     parts = []
     for i, x in enumerate(a_l):
         for j, y in enumerate(b_l):
             sh = signed(len(x) + len(y) + 1)
-            parts.append(((i + j) * LIMB, reg(x * y, f"pp{i}_{j}", sh)))
+            parts.append(((i + j) * LIMB, _reg(m, x * y, f"{name}_pp{i}_{j}", sh, en)))
     total = parts[0][1] << parts[0][0]
     for off, p in parts[1:]:
         total = total + (p << off)
-    return reg(total, "p", shape)
+    return _reg(m, total, f"{name}_p", shape, en)

@@ -15,8 +15,9 @@ tile and free when the next tile's weights arrive, so no stream ever stalls (a s
     sequencer ------> slot and its IDX / row-state addresses registered
               --S0--> IDX / row-state read (queue entry, c, r, k)
               --S1--> row * stride operands (the token row from IDX) into registers
-              --S1b-> row * stride products (two 24 x 22-bit multipliers)
-              --S2--> scratchpad read address (and the range checks of the check phase)
+              --S1b-> row * stride partial products (two 24 x 22-bit multipliers)
+              --S1c-> their sums
+              --S2--> scratchpad read address (the range checks of the check phase at S2 + 1)
               --D---> weight line -> MacArray.w_stream      (B^T: transpose buffer first)
                       A line      -> MacArray.a_stream
                       channel table / residual / SPAD_ADD destination words -> FIFOs
@@ -84,7 +85,7 @@ computes it exactly)::
     cycles = 4 + check + sum over the T * KT tiles of (W + CH + PAD + L * P) + drain
 
     check = 2 + (L with gather or scatter) + (ceil(4 n / lanes) with an epilogue and chan_en)
-            + CHECK_DRAIN (9)       -- or the validity scan if longer (acc_in != ZERO:
+            + CHECK_DRAIN (10)      -- or the validity scan if longer (acc_in != ZERO:
                                        about T * (L / 16 + 1) cycles)
     W     = rows  (b_trans: cols + rows)
     CH    = max(1, 4 cols / lanes) on the last K slice of an epilogue with chan_en, else 0
@@ -93,10 +94,10 @@ computes it exactly)::
     P     = max(1 + side, epi_ratio) on the last K slice of an epilogue, else 1 (slots per row;
             ``epi_ratio = cols / epi_lanes``: a narrow epilogue takes that many cycles per line,
             so the sequencer leaves idle slots between those rows)
-    drain = 13 + log2(rows) (out = ACC); epilogue: that + Epilogue.latency (29 for tiny)
+    drain = 14 + log2(rows) (out = ACC); epilogue: that + Epilogue.latency (29 for tiny)
 
-For a plain MATMUL (``L = m``, ``m + rows >= 4``) this is ``T * KT * (m + rows) + 28 +
-log2(rows) + Epilogue.latency`` (``28 + log2(rows)`` for ``out = ACC``), against a first-order
+For a plain MATMUL (``L = m``, ``m + rows >= 4``) this is ``T * KT * (m + rows) + 30 +
+log2(rows) + Epilogue.latency`` (``30 + log2(rows)`` for ``out = ACC``), against a first-order
 cost of ``T * KT * m`` plus a fixed fill: the weight tile costs ``rows`` slots per
 tile because it shares the single scratchpad read port with the A lines, and the fixed part is
 the check phase plus the pipeline depth (the controller's contract has no early ``done``).
@@ -114,6 +115,7 @@ from vitamin import isa
 from vitamin.config import Config, get_config
 from vitamin.isa import AccIn, ErrorCode, OutMode
 
+from .dspmul import SPLIT_LATENCY, split_product
 from .epilogue import _popcount, _saturate, make_epilogue
 from .mac_array import MacArray
 from .ports import (
@@ -238,16 +240,17 @@ class MatmulUnit(wiring.Component):
     @property
     def acc_drain(self) -> int:
         """Cycles from the last issued slot to the last accumulator write (``out = ACC``)."""
-        return 4 + SPAD_READ_LATENCY + self._mac.latency + 3
+        return 5 + SPAD_READ_LATENCY + self._mac.latency + 3
 
     @property
     def run_drain(self) -> int:
         """Cycles from the last issued slot to the last scratchpad write (epilogue)."""
         return self.acc_drain + self._epi.latency
 
-    #: Cycles from the last check slot to its flags (S0, S1, S1b, S2 + scratchpad latency + flag
-    #: register: the channel-table flag is set at D; the range flags, at S2 + 1, are not later).
-    CHECK_DRAIN = 4 + SPAD_READ_LATENCY + 1
+    #: Cycles from the last check slot to its flags (S0, S1, S1b, S1c, S2 + scratchpad latency +
+    #: flag register: the channel-table flag is set at D; the range flags, at S2 + 1, are not
+    #: later).
+    CHECK_DRAIN = 5 + SPAD_READ_LATENCY + 1
 
     def tile_slots(self, *, k, n, rows_l, b_trans=False, epilogue=True, chan_en=False,
                    res_en=False, spad_add=False):
@@ -390,7 +393,8 @@ class MatmulUnit(wiring.Component):
         t0 = Signal(tag_layout)         # the slot issued this cycle (comb, from the sequencer)
         t0q = Signal(tag_layout)        # S0: the issued slot, registered; reads its memories
         t1 = Signal(tag_layout)
-        t1b = Signal(tag_layout)        # S1b: the row products, from registered operands
+        t1b = Signal(tag_layout)        # S1b: the row products' partial products ...
+        t1c = Signal(tag_layout)        # S1c: ... and their sums
         t2 = Signal(tag_layout)
         # S2 + 1 .. D: the slot waits for its scratchpad data (SPAD_READ_LATENCY stages)
         t_rd = [Signal(tag_layout, name=f"t{3 + i}") for i in range(SPAD_READ_LATENCY)]
@@ -693,14 +697,19 @@ class MatmulUnit(wiring.Component):
             t1b.prob.eq(self.idx.rd_data.b),
             t1b.c.eq(self.rs.rd_data.c), t1b.r.eq(self.rs.rd_data.r), t1b.k.eq(self.rs.rd_data.k),
         ]
-        pa2 = Signal(signed(_ADDR_BITS))
-        po2 = Signal(signed(_ADDR_BITS))
+        # S1b, S1c: the products, partial products registered at the DSP blocks (as one stage,
+        # from ``ro1`` to the DSP blocks and back through a 50-bit sum, 16.0 ns into ``po2``;
+        # routed model of the dc9338d build)
+        assert SPLIT_LATENCY == 2
+        pa2 = split_product(m, ra1, sa1, en=1, name="pa", shape=signed(_ADDR_BITS))
+        po2 = split_product(m, ro1, f.out_stride, en=1, name="po", shape=signed(_ADDR_BITS))
+        far_a1c = Signal()
+        far_o1c = Signal()
         far_a2 = Signal()
         far_o2 = Signal()
         m.d.sync += [
-            pa2.eq(ra1 * sa1), po2.eq(ro1 * f.out_stride),
-            far_a2.eq(far_a1), far_o2.eq(far_o1),
-            t2.eq(t1b),
+            far_a1c.eq(far_a1), far_o1c.eq(far_o1), t1c.eq(t1b),
+            far_a2.eq(far_a1c), far_o2.eq(far_o1c), t2.eq(t1c),
         ]
 
         # -- S2: addresses, scratchpad read, range checks -----------------------------------------
@@ -1026,7 +1035,8 @@ class MatmulUnit(wiring.Component):
                        vw_busy, stale)
 
         # nothing is left in the pipeline when an instruction ends
-        in_flight = Cat(*(t.kind.as_value() != _Op.NOP.value for t in (t0q, t1, t1b, t2, *t_rd)),
+        in_flight = Cat(*(t.kind.as_value() != _Op.NOP.value for t in (t0q, t1, t1b, t1c, t2,
+                                                                       *t_rd)),
                         *(p.valid for p in pt[1:]), r1.valid, r2.valid, r3.valid, pushing)
         protocol(finishing & ((chan_fifo.level != 0) | (res_fifo.level != 0)
                               | (old_fifo.level != 0) | (wr_fifo.level != 0) | in_flight.any()))
