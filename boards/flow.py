@@ -411,13 +411,14 @@ def _open_flow(board, cfg, out_dir, progress, seed, timeout, units=None, clock_m
                 report["synthesis_retry"] = {
                     "reason": next((ln for ln in str(exc).splitlines()
                                     if ln.startswith("ERROR")), str(exc).splitlines()[0]),
-                    "option": "-noabc9"}
+                    "option": "-noabc9", "succeeded": False}
                 progress("synthesis: Yosys failed in ABC9 ("
                          + report["synthesis_retry"]["reason"]
                          + "); synthesising again with -noabc9 (the classic ABC flow)")
                 _add_synth_option(Path(out_dir) / f"{name}.ys", "-noabc9")
                 times[f"{label}_s"] = _run_step(progress, label, argv, out_dir, log or "",
                                                 timeout)
+                report["synthesis_retry"]["succeeded"] = True
         except BuildError as exc:
             if label == "place_route":
                 # report what nextpnr got to (placement Fmax, the router's last overuse) instead
@@ -609,8 +610,10 @@ def format_report(rep: dict) -> str:
         lines.append(f"WARNING: {rep['advice']}")
     if rep.get("synthesis_retry"):
         r = rep["synthesis_retry"]
-        lines.append(f"note: Yosys failed in ABC9 ({r['reason']}); synthesised again with "
-                     f"{r['option']} (the classic ABC flow)")
+        again = ("synthesised again with" if r.get("succeeded") else
+                 "the synthesis again with")
+        lines.append(f"note: Yosys failed in ABC9 ({r['reason']}); {again} {r['option']} (the "
+                     f"classic ABC flow)" + ("" if r.get("succeeded") else " failed too"))
     used = rep.get("used") or rep.get("used_before_failure") or {}
     if used:
         lines.append("resources (synthesis):" if rep.get("used") else
