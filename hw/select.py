@@ -39,10 +39,10 @@ exact; :func:`select_cycles` derives its arguments from the instruction and the 
 
     4 + (cnt + 1 + (cnt > 0))                       CHECK, CHECK2, LIST, LAST, first entry
     + (N > 0) * (1 + sum_c ceil(l_c / spad_lanes) + SCORE_DRAIN)    SCORE
-    + 1 + iters * (N + 2)                           SELECT: start, scans
+    + 1 + iters * (N + 3)                           SELECT: start, scans
     + 2 * (N + 5 + (N > 0))                         two walks
     + 3                                             registers, done
-    = cnt + 9 + (cnt > 0) + (N > 0) * (sum_c ceil(l_c / spad_lanes) + 16) + iters * (N + 2)
+    = cnt + 9 + (cnt > 0) + (N > 0) * (sum_c ceil(l_c / spad_lanes) + 17) + iters * (N + 3)
       + 2 * (N + 5)
 
 with ``l_c`` the clipped chunk lengths, ``SCORE_DRAIN`` the depth of the score pipeline (14) and
@@ -50,13 +50,13 @@ with ``l_c`` the clipped chunk lengths, ``SCORE_DRAIN`` the depth of the score p
 give tokens plus 1 when the budget is not used up by them. A fault is reported after CHECK2
 (3 cycles), after LAST (``cnt + 5 + (cnt > 0)``) or after the counting walk. E.g. 32 chunks of
 128 tokens (4096 keys, all below the limit), budget 1024 with 128 sink and 128 recent tokens, 16
-lanes: 42 + SCORE 32 * 8 + 16 + 6 scans of 34 + walks 76 = 592 cycles.
+lanes: 42 + SCORE 32 * 8 + 17 + 6 scans of 35 + walks 74 = 599 cycles.
 
 Watchdog: the SELECT scans and the walks' reads use only the unit's own memory, which the
 accelerator's watchdog does not see as progress. A SELECT whose selection phase exceeds the
 WATCHDOG register (reset value ``cfg.watchdog_cycles``, 2^20) halts with ``WATCHDOG``: e.g. more
 than about 1000 candidate chunks that are all taken. DHSA sizes are far below (4096 keys in
-16-token chunks, budget 1024: at most 64 scans of 258 cycles). Such a program must raise or
+16-token chunks, budget 1024: at most 64 scans of 259 cycles). Such a program must raise or
 disable (0) the watchdog. The scans are quadratic in the chunk count; a sorting network would
 make them linear if large chunk counts become common.
 
@@ -162,7 +162,7 @@ class SelectUnit(wiring.Component):
         lanes = spad_lanes(get_config(config))
         n = len(lens)
         score = 1 + sum(-(-int(v) // lanes) for v in lens) + SCORE_DRAIN if n else 0
-        return (4 + (cnt + 1 + (cnt > 0)) + score + 1 + iters * (n + 2) + 2 * (n + 5 + (n > 0))
+        return (4 + (cnt + 1 + (cnt > 0)) + score + 1 + iters * (n + 3) + 2 * (n + 5 + (n > 0))
                 + 3)
 
     def elaborate(self, platform):
@@ -195,7 +195,10 @@ class SelectUnit(wiring.Component):
         ri = Signal(nb)                   # read counter (LIST, SELECT scans, walks)
         s1_v = Signal()                   # data of the read issued last cycle
         s1_i = Signal(nb)
-        m.d.sync += s1_v.eq(0)
+        s2_v = Signal()                   # SELECT scans: the entry read two cycles ago
+        s2_i = Signal(nb)
+        s2 = Signal(ent)
+        m.d.sync += [s1_v.eq(0), s2_v.eq(0)]
         prev = Signal(signed(32))         # last chunk start read
         lptr = Signal.like(idx.rd_addr)   # LIST: index-memory address of the next start
         l2_v = Signal()                   # LIST: a start registered from index memory
@@ -465,11 +468,15 @@ class SelectUnit(wiring.Component):
                 m.d.comb += [mr.en.eq(issue), mr.addr.eq(ri)]
                 with m.If(issue):
                     m.d.sync += [ri.eq(ri + 1), s1_v.eq(1), s1_i.eq(ri)]
-                with m.If(s1_v & rd.avail & (~have | (rd.score > best))):
-                    m.d.sync += [have.eq(1), best.eq(rd.score), bi.eq(s1_i), b_lo.eq(rd.lo),
-                                 b_n.eq(rd.n), take.eq(Mux(left < rd.n, left[:lw], rd.n)),
-                                 take_all.eq(left <= rd.n)]
-                with m.If(~issue):
+                # the entry is registered before the compare (the block RAM's data into the
+                # 32-bit compare and the best-entry registers was 15.6 ns into ``have``: routed
+                # model of the dc9338d build)
+                m.d.sync += [s2_v.eq(s1_v), s2_i.eq(s1_i), s2.eq(rd)]
+                with m.If(s2_v & s2.avail & (~have | (s2.score > best))):
+                    m.d.sync += [have.eq(1), best.eq(s2.score), bi.eq(s2_i), b_lo.eq(s2.lo),
+                                 b_n.eq(s2.n), take.eq(Mux(left < s2.n, left[:lw], s2.n)),
+                                 take_all.eq(left <= s2.n)]
+                with m.If(~issue & ~s1_v):
                     m.next = "SEL_DECIDE"
 
             with m.State("SEL_DECIDE"):
