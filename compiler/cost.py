@@ -719,9 +719,10 @@ def _load_run(off, bursts, nbytes, n, es, lanes, bb, chunk, is_idx, lead=0):
 
 
 def _seq_strided(n_runs):
-    """DmaSequencer, STRIDED: the first run is offered 13 cycles after start (field and range
-    checks), one run per cycle after that."""
-    return 13, ["e"] * n_runs, None
+    """DmaSequencer, STRIDED: the first run is offered ``STRIDED_FIRST`` cycles after start
+    (field and range checks), one run per cycle after that."""
+    from vitamin.hw.dma import DmaSequencer
+    return DmaSequencer.STRIDED_FIRST, ["e"] * n_runs, None
 
 
 def _seq_spans(f, spans):
@@ -731,10 +732,11 @@ def _seq_spans(f, spans):
     c = len(spans)
     total = int(sum(max(0, int(b)) for _, b in spans)) if c else 0
     scan = c + 3 if c else 1
+    from vitamin.hw.dma import DmaSequencer as Seq
     if c == 0:
-        return None, None, 8
+        return None, None, Seq.SPANS_EMPTY
     if total == 0:
-        return None, None, 9 + scan
+        return None, None, Seq.SPANS_NO_ROWS + scan
     steps = []
     for _ in range(f["n1"]):
         q = total
@@ -743,10 +745,10 @@ def _seq_spans(f, spans):
             steps += ["r", "c", "c"]            # G_RD, G_SPAN, G_MUL
             if ln > 0 and q > 0:
                 rows = min(ln, q)
-                steps += ["c", "c"] + ["e"] * rows  # G_WAIT, G_ROW, G_EMIT per row
+                steps += ["c"] * Seq.SPANS_ROW_WAIT + ["e"] * rows  # G_WAIT, G_ROW, G_EMITs
                 q -= rows
             steps.append("c")
-    return 15 + scan, steps, None
+    return Seq.SPANS_FIRST + scan, steps, None
 
 
 def _load_cycles(f, starts, cfg, lanes, seq):

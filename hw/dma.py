@@ -155,7 +155,28 @@ class DmaSequencer(wiring.Component):
     error : Out(ErrorCode)
         Valid with ``finished``.
     busy : Out(1)
+
+    Cycles (the cost model reads these figures): STRIDED offers its first run
+    :attr:`STRIDED_FIRST` cycles after ``start`` and one run per cycle after that. SPANS with
+    ``c`` spans in its list scans them in ``c + 3`` cycles (1 when ``c = 0``); it finishes
+    :attr:`SPANS_EMPTY` cycles after ``start`` when the list is empty, :attr:`SPANS_NO_ROWS`
+    plus the scan when no span has rows, and otherwise starts generating
+    :attr:`SPANS_FIRST` plus the scan cycles after ``start``. Generation, per span of each
+    ``i1`` pass: G_RD, G_SPAN and G_MUL; for a span with rows :attr:`SPANS_ROW_WAIT` more
+    cycles (G_WAIT, G_ROW), then one G_EMIT per row (each waits for ``ready``); then G_NEXT.
     """
+
+    #: Cycles from ``start`` to the first run offered (STRIDED): IDLE, FIELDS, BLK, BLK2, the
+    #: six product states, CMP, CMP2, S_GEN.
+    STRIDED_FIRST = 13
+    #: SPANS, empty span list: start to ``finished``.
+    SPANS_EMPTY = 8
+    #: SPANS, no span with rows: start to ``finished`` without the scan.
+    SPANS_NO_ROWS = 9
+    #: SPANS: start to the first G_RD without the scan.
+    SPANS_FIRST = 15
+    #: SPANS generation: cycles between G_MUL and the first G_EMIT of a span with rows.
+    SPANS_ROW_WAIT = 2
 
     def __init__(self, config):
         self._cfg = cfg = get_config(config)
