@@ -546,14 +546,16 @@ DRAM_READ_LATENCY = 2
 
 #: Per-instruction cycles of the row units beyond their ``row_cycles`` (check phase, FIFO and
 #: pipeline fill, drain, the done cycle), measured on the RTL (tests/test_cost_v2.py,
-#: tests/test_hw_rowops.py). SOFTMAX FULL adds the ``row_latency`` of
-#: :class:`~vitamin.hw.softmax.SoftmaxUnit` for its last row, LAYERNORM the pipeline depth
-#: (``latency``) of :class:`~vitamin.hw.layernorm.LayerNormUnit` (its ``row_cycles`` already
-#: count every row's statistics, the last one's too). The figures include the scratchpad's read
-#: latency (``hw.ports.SPAD_READ_LATENCY`` = 4; each step of it adds one to VEC, TOPK and
-#: SOFTMAX FULL and two to LAYERNORM; SOFTMAX ONLINE's is in its per-row figure) and the check
-#: phase of the row units' shared range-check multiplier (``_shared_mul`` in hw/rowops.py).
-ROW_OVERHEAD = {"VEC": 20, "SOFTMAX_FULL": 7, "SOFTMAX_ONLINE": 7, "LAYERNORM": 18, "TOPK": 12}
+#: tests/test_hw_rowops.py). SOFTMAX FULL adds the pipeline depth (``latency``) of
+#: :class:`~vitamin.hw.softmax.SoftmaxUnit` and the buffer read of its last row's pass 2 (its
+#: ``row_cycles`` already count every row's wait for ``1/s``, the last one's too), LAYERNORM
+#: the pipeline depth (``latency``) of :class:`~vitamin.hw.layernorm.LayerNormUnit` (its
+#: ``row_cycles`` already count every row's statistics, the last one's too). The figures
+#: include the scratchpad's read latency (``hw.ports.SPAD_READ_LATENCY`` = 4; each step of it
+#: adds one to VEC, TOPK and SOFTMAX FULL and two to LAYERNORM; SOFTMAX ONLINE's is in its
+#: per-row figure) and the check phase of the row units' shared range-check multiplier
+#: (``_shared_mul`` in hw/rowops.py).
+ROW_OVERHEAD = {"VEC": 20, "SOFTMAX_FULL": 13, "SOFTMAX_ONLINE": 7, "LAYERNORM": 18, "TOPK": 12}
 
 
 def fetch_cycles(cfg) -> int:
@@ -977,7 +979,7 @@ def v1_unit_cycles(op, f, cfg, pc=None, prof=None) -> int:
     if op == Opcode.SOFTMAX:
         cyc = u["softmax"].row_cycles(f["mode"], f["n"], f["last"]) * f["m"]
         if f["mode"] == SmMode.FULL:
-            cyc += u["sm_core"].row_latency + ROW_OVERHEAD["SOFTMAX_FULL"]
+            cyc += u["sm_core"].latency + 1 + ROW_OVERHEAD["SOFTMAX_FULL"]
         else:
             cyc += ROW_OVERHEAD["SOFTMAX_ONLINE"]
         if f["kpos_spans"]:

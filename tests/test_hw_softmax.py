@@ -132,7 +132,7 @@ def test_layouts_and_timing_figures():
     assert dut.config is TINY
     assert softmax_in_layout(TINY).size == 2 * 16 + 2 + 2 + 15 + 6
     assert dut.s_bits == 26  # max_dim 1024 * 2^15 fits 26 bits unsigned
-    assert dut.row_cycles(33) == 2 * 17 + 6
+    assert dut.row_cycles(33) == 2 * 17 + 7
     eight = PRESETS["ecp5"].replace(row_lanes=8)
     assert dut.latency == 15 and SoftmaxUnit(eight).latency == 17
     with pytest.raises(TypeError):
