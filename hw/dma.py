@@ -167,7 +167,7 @@ class DmaSequencer(wiring.Component):
     """
 
     #: Cycles from ``start`` to the first run offered (STRIDED): IDLE, FIELDS, BLK, BLK2, the
-    #: six product states, CMP, CMP2, S_GEN.
+    #: seven product states S_BASE .. S_S0, CMP and CMP2 come before S_GEN.
     STRIDED_FIRST = 13
     #: SPANS, empty span list: start to ``finished``.
     SPANS_EMPTY = 8

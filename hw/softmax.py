@@ -166,6 +166,21 @@ def _interp(word, frac, in_frac):
     return word.base + _rshift_round_const(word.delta * frac, in_frac)
 
 
+def _interp_product(m, word, frac, en, name):
+    """The first of two steps of :func:`_interp`: registers ``(T[i+1] - T[i]) * frac`` and
+    ``T[i]`` when ``en`` is high; :func:`_interp_sum` of them is the interpolation."""
+    prod = Signal(signed(len(word.delta) + len(frac) + 1), name=f"{name}_prod", reset_less=True)
+    base = Signal.like(word.base, name=f"{name}_base", reset_less=True)
+    with m.If(en):
+        m.d.sync += [prod.eq(word.delta * frac), base.eq(word.base)]
+    return prod, base
+
+
+def _interp_sum(prod, base, in_frac):
+    """The second step of :func:`_interp`, from the registers of :func:`_interp_product`."""
+    return base + _rshift_round_const(prod, in_frac)
+
+
 def _check_config(config, who):
     if isinstance(config, str):
         config = get_config(config)  # raises ConfigError for an unknown preset
@@ -498,16 +513,11 @@ class SoftmaxUnit(wiring.Component):
         # -- tp: the interpolation product, registered; t: the interpolation --------------------
         # (product and sum in one stage were 15.7 ns into ``t``: the DSP blocks sit far from the
         # table's block RAM; routed model of the dc9338d build)
-        tp = [Signal(signed(len(words[l].delta) + in_frac + 1), name=f"tp_{l}", reset_less=True)
+        tp = [_interp_product(m, word[l], frac[l][st["word"]], advance, f"tp_{l}")
               for l in range(n_e)]
-        tb = [Signal.like(words[l].base, name=f"tb_{l}", reset_less=True) for l in range(n_e)]
-        with m.If(advance):
-            m.d.sync += [tp[l].eq(word[l].delta * frac[l][st["word"]]) for l in range(n_e)]
-            m.d.sync += [tb[l].eq(word[l].base) for l in range(n_e)]
         t = [Signal(16, name=f"t_{l}", reset_less=True) for l in range(n_e)]
         with m.If(advance):
-            m.d.sync += [t[l].eq(tb[l] + _rshift_round_const(tp[l], in_frac))
-                         for l in range(n_e)]
+            m.d.sync += [t[l].eq(_interp_sum(*tp[l], in_frac)) for l in range(n_e)]
 
         # -- e: E = rnd(T >> ip), masked ---------------------------------------------------------
         e = [Signal(16, name=f"e_{l}", reset_less=True) for l in range(n_e)]
@@ -551,14 +561,10 @@ class SoftmaxUnit(wiring.Component):
         rc_word = Signal.like(rc_port.data, reset_less=True)
         with m.If(rc_go[3]):
             m.d.sync += rc_word.eq(rc_port.data)
-        rc_prod = Signal(signed(len(rc_word.delta) + rcp_frac + 1), reset_less=True)
-        rc_base = Signal.like(rc_word.base, reset_less=True)
-        with m.If(rc_go[4]):
-            m.d.sync += [rc_prod.eq(rc_word.delta * rc_mant[:rcp_frac]),
-                         rc_base.eq(rc_word.base)]
+        rc_ip = _interp_product(m, rc_word, rc_mant[:rcp_frac], rc_go[4], "rc")
         with m.If(rc_go[5]):
             m.d.sync += [
-                r_reg.eq(Mux(rc_zero, 0, rc_base + _rshift_round_const(rc_prod, rcp_frac))),
+                r_reg.eq(Mux(rc_zero, 0, _interp_sum(*rc_ip, rcp_frac))),
                 k_m1.eq(Mux(rc_k == 0, 0, rc_k - 1)),
             ]
 
