@@ -82,7 +82,7 @@ From the ``start`` cycle to the ``done`` cycle, for an instruction that passes i
 (``T = ceil(n / cols)``, ``KT = ceil(k / rows)``, ``L`` rows; :meth:`MatmulUnit.cycles`
 computes it exactly)::
 
-    cycles = 4 + check + sum over the T * KT tiles of (W + CH + PAD + L * P) + drain
+    cycles = 6 + check + sum over the T * KT tiles of (W + CH + PAD + L * P) + drain
 
     check = 2 + (L with gather or scatter) + (ceil(4 n / lanes) with an epilogue and chan_en)
             + CHECK_DRAIN (10)      -- or the validity scan if longer (acc_in != ZERO:
@@ -96,8 +96,8 @@ computes it exactly)::
             so the sequencer leaves idle slots between those rows)
     drain = 14 + log2(rows) (out = ACC); epilogue: that + Epilogue.latency (29 for tiny)
 
-For a plain MATMUL (``L = m``, ``m + rows >= 4``) this is ``T * KT * (m + rows) + 30 +
-log2(rows) + Epilogue.latency`` (``30 + log2(rows)`` for ``out = ACC``), against a first-order
+For a plain MATMUL (``L = m``, ``m + rows >= 4``) this is ``T * KT * (m + rows) + 32 +
+log2(rows) + Epilogue.latency`` (``32 + log2(rows)`` for ``out = ACC``), against a first-order
 cost of ``T * KT * m`` plus a fixed fill: the weight tile costs ``rows`` slots per
 tile because it shares the single scratchpad read port with the A lines, and the fixed part is
 the check phase plus the pipeline depth (the controller's contract has no early ``done``).
@@ -105,7 +105,7 @@ the check phase plus the pipeline depth (the controller's contract has no early 
 
 from __future__ import annotations
 
-from amaranth import Array, Cat, Const, Module, Mux, Signal, signed
+from amaranth import Array, Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, enum, wiring
 from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.memory import Memory
@@ -310,8 +310,9 @@ class MatmulUnit(wiring.Component):
             arch = f["acc_in"] != AccIn.ZERO
             used = (t_n if arch else min(t_n, 2)) * m
             run = max(run, self._walk_words([(f["acc_addr"], f["acc_addr"] + used)]) + 2)
-        # start -> STATIC -> DECIDE -> check -> RUN -> FINISH -> done
-        return 4 + check + run
+        # start -> STATIC -> USED (SPLIT_LATENCY cycles) -> DECIDE -> check -> RUN -> FINISH
+        # -> done
+        return 4 + SPLIT_LATENCY + check + run
 
     # -- gateware -----------------------------------------------------------------------------
 
@@ -359,7 +360,7 @@ class MatmulUnit(wiring.Component):
         L = Signal(17)          # rows processed
         T = Signal(17)          # column tiles
         KT = Signal(17)         # K slices
-        used = Signal(33)       # accumulator lines the instruction may touch
+        used_t = Signal(17)     # tiles whose accumulator lines the instruction may touch
         qoff = Signal.like(q_ent.off)
         st = Signal(data.StructLayout({
             "field": 1, "queue": 1, "idx": 1, "rows": 1, "add": 1, "rs": 1,
@@ -376,6 +377,11 @@ class MatmulUnit(wiring.Component):
         kt_static = (f.k + rows - 1) >> _log2(rows)
         l_static = Mux(qmode, q_ent.len, f.m)
         used_tiles = Mux(arch, t_static, Mux(t_static > 2, 2, t_static))
+        # accumulator lines the instruction may touch: used_t * m, a split product (DSP blocks
+        # with registers on both sides, SPLIT_LATENCY cycles: the USED state waits for it). As
+        # one stage from the instruction register through the tile count's adder and a DSP
+        # it was the 94e8aa3 build's routed critical path (15.69 ns).
+        used = split_product(m, used_t, f.m, en=1, name="used", shape=unsigned(33))
         chk_last = Signal(19)
 
         # -- pipeline tag layouts -----------------------------------------------------------------
@@ -501,7 +507,7 @@ class MatmulUnit(wiring.Component):
                 max_dim, max_k = cfg.max_dim, cfg.max_k
                 m.d.sync += [
                     L.eq(l_static), T.eq(t_static), KT.eq(kt_static), qoff.eq(q_ent.off),
-                    used.eq(used_tiles * f.m),
+                    used_t.eq(used_tiles), cnt.eq(0),
                     st.field.eq((acc_in == 3) | (out == 3) | (act == 3)
                                 | (f.m == 0) | (f.m > max_dim) | (f.n == 0) | (f.n > max_dim)
                                 | (f.k == 0) | (f.k > max_k)),
@@ -518,7 +524,12 @@ class MatmulUnit(wiring.Component):
                     chk_last.eq(((4 * f.n + lanes - 1) >> _log2(lanes)) - 1),
                     bad_a.eq(0), bad_b.eq(0), bad_o.eq(0), bad_cs.eq(0),
                 ]
-                m.next = "DECIDE"
+                m.next = "USED"
+            with m.State("USED"):
+                m.d.comb += fsm_busy.eq(1)
+                m.d.sync += cnt.eq(cnt + 1)
+                with m.If(cnt == SPLIT_LATENCY - 1):
+                    m.next = "DECIDE"
             with m.State("DECIDE"):
                 m.d.comb += fsm_busy.eq(1)
                 with m.If(st.field | st.queue | st.rows | st.add):

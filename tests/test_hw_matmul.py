@@ -24,6 +24,7 @@ from vitamin.config import PRESETS
 from vitamin.golden.isasim import Fault, Machine
 from vitamin.golden.numerics import Sat
 from vitamin.golden.units import epilogue, recip_norm
+from vitamin.hw.dspmul import SPLIT_LATENCY
 from vitamin.hw.epilogue import Epilogue
 from vitamin.hw.matmul import HAZARD_SLOTS, MatmulUnit
 from vitamin.hw.mem import AccMemory, IdxMemory, RowStateMemory, Scratchpad
@@ -639,7 +640,7 @@ def test_matmul_cycle_count(cfg):
     fills = {n - -(-c["n"] // cfg.cols) * (tk * (c["m"] + cfg.rows) + (R - 1) * c["m"])
              for n, c, p, tk in zip(res.cycles, cases, plain, t_k, strict=True)
              if p and c["m"] + cfg.rows >= HAZARD_SLOTS}
-    assert fills == {4 + 2 + res.unit.CHECK_DRAIN + res.unit.run_drain}
+    assert fills == {4 + SPLIT_LATENCY + 2 + res.unit.CHECK_DRAIN + res.unit.run_drain}
 
 
 def test_epilogue_row_norm_and_spad_add():
