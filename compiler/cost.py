@@ -834,7 +834,8 @@ def _store_cycles(f, starts, cfg, lanes, seq):
     """StoreUnit: start -> done, cycle by cycle (hw/dma.py): run FIFOs -> AW issuer (bursts;
     the RAM takes one AW, its W beats and the B response at a time) and chunk reader
     (``lanes`` words per read, 5 credits) -> chunk FIFO -> byte packer -> W beats."""
-    from vitamin.hw.ports import IDX_READ_LATENCY, SPAD_READ_LATENCY
+    from vitamin.hw.dma import StoreUnit
+    from vitamin.hw.ports import SPAD_READ_LATENCY
     first, steps, empty = seq
     if first is None or len(starts) == 0:
         return empty if empty is not None else 13
@@ -845,7 +846,7 @@ def _store_cycles(f, starts, cfg, lanes, seq):
     is_idx = f["mem"] == Mem.IDX
     run = f["run"]
     nbytes = run * es
-    lat = IDX_READ_LATENCY if is_idx else SPAD_READ_LATENCY
+    lat = StoreUnit.IDX_DATA_LATENCY if is_idx else SPAD_READ_LATENCY
     depth = SPAD_READ_LATENCY + 3
     awq, rdq, wq, bq, cq = _Fifo(4), _Fifo(4), _Fifo(4), _Fifo(8), _Fifo(depth)
     n_runs = len(starts)
