@@ -826,11 +826,18 @@ class SoftmaxRowUnit(wiring.Component):
                                               depth=n_lines, init=[])
         kb_wr = kbuf.write_port()
         kb_rd = kbuf.read_port()
-        w_t = Signal(32)                  # span index
         left = Signal(17, name="w_left")  # key positions still to find (n - known)
-        w_tleft = Signal(33)              # spans not read yet (cnt - w_t; cnt >= 0 when walking)
+        w_tleft = Signal(33)              # spans not read yet (cnt >= 0 when walking)
         w_pos_done = Signal()             # all n key positions known
         w_tzero = Signal()                # w_tleft == 0 (registered: it drives the idx read)
+        # the next span's index-memory address, and "the FSM is in WALK_RD" as a register set
+        # with the transition: the read enable and address leave registers for the shared
+        # port's multiplexers (from the FSM's state decode and a 32-bit adder they were the
+        # deepest path into the index memory's address, 13 LUTs before placement)
+        w_addr = Signal.like(ix.rd_addr)
+        w_rd = Signal()
+        m.d.sync += w_rd.eq(0)
+        m.d.comb += [ix.rd_en.eq(w_rd & ~w_pos_done & ~w_tzero), ix.rd_addr.eq(w_addr)]
         w_lane = Signal(range(R))
         w_line = Signal(range(n_lines))
         w_start = Signal(kpos_shape)
@@ -964,7 +971,7 @@ class SoftmaxRowUnit(wiring.Component):
             with m.State("CHECK"):
                 m.d.sync += step.eq(step + 1)
                 with m.If(step == n_steps):
-                    m.d.sync += [w_t.eq(0), left.eq(f.n), w_lane.eq(0), room.eq(R),
+                    m.d.sync += [w_addr.eq(f.idx_addr), left.eq(f.n), w_lane.eq(0), room.eq(R),
                                  w_line.eq(0),
                                  w_tleft.eq(cnt), w_tzero.eq(cnt == 0),
                                  w_pos_done.eq(f.n == 0)]
@@ -973,28 +980,29 @@ class SoftmaxRowUnit(wiring.Component):
                     with m.Elif(f.kpos_spans & (err_spans != ErrorCode.OK)):
                         ctl.finish(err_spans)
                     with m.Elif(f.kpos_spans):
+                        m.d.sync += w_rd.eq(1)
                         m.next = "WALK_RD"
                     with m.Else():
                         m.next = "POST"
             with m.State("WALK_RD"):
-                # two registered flags (all positions known, no span left): this state drives the
-                # index-memory read enable, which the DMA grants depend on
+                # w_rd and two registered flags (all positions known, no span left) drive the
+                # index-memory read enable (above), which the DMA grants depend on
                 with m.If(w_pos_done):
                     m.next = "POST"
                 with m.Elif(w_tzero):
                     ctl.finish(ErrorCode.BAD_FIELD)    # too few key positions
                 with m.Else():
-                    m.d.comb += [ix.rd_en.eq(1), ix.rd_addr.eq(f.idx_addr + w_t)]
                     m.next = "WALK_LD"
             with m.State("WALK_LD"):
                 assert IDX_READ_LATENCY == 1
                 # negative span lengths give no positions
-                m.d.sync += [w_start.eq(ix.rd_data.a), w_t.eq(w_t + 1),
+                m.d.sync += [w_start.eq(ix.rd_data.a), w_addr.eq(w_addr + 1),
                              w_tleft.eq(w_tleft - 1), w_tzero.eq(w_tleft == 1),
                              w_rem.eq(Mux(ix.rd_data.b < 0, 0, ix.rd_data.b))]
                 m.next = "WALK_EX"
             with m.State("WALK_EX"):
                 with m.If(w_rem == 0):
+                    m.d.sync += w_rd.eq(1)
                     m.next = "WALK_RD"
                 with m.Else():
                     m.d.sync += [line.eq(line_next), w_rem.eq(w_rem - take),
@@ -1005,6 +1013,7 @@ class SoftmaxRowUnit(wiring.Component):
                         m.d.comb += kb_wr.en.eq(1)
                         m.d.sync += [w_line.eq(w_line + 1), w_lane.eq(0), room.eq(R)]
                     with m.If((w_rem == take) | (take == left)):
+                        m.d.sync += w_rd.eq(1)
                         m.next = "WALK_RD"
             with m.State("POST"):
                 m.d.sync += [row.eq(0), cbase.eq(0), in_row.eq(f.in_addr), qpos.eq(f.q_pos),
