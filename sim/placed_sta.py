@@ -227,7 +227,12 @@ def main(argv=None):
     print(format_estimate(est, args.period, args.top).replace(
         "pre-route estimate", "post-placement estimate", 1))
     if args.path:
-        pat = re.compile(args.path)
+        try:
+            pat = re.compile(args.path)
+        except re.error as exc:
+            print(f"error: --path {args.path!r} is not a regular expression: {exc}",
+                  file=sys.stderr)
+            return 2
         shown = [k for k in est.groups("name") if pat.search(k)][:3]
         if not shown:
             print(f"no register group matches {args.path!r}")

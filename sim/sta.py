@@ -20,7 +20,8 @@ grant feeding a barrel shifter), not for sign-off: nextpnr's report is the measu
 
 Endpoints are grouped by the register's name (Amaranth's signal name, indices dropped), or for
 an unnamed register by the first named signal on its slowest input path, and by unit (the first
-three levels of the hierarchy). ``python -m vitamin.sim.sta NETLIST.json`` prints the summary.
+three levels of the hierarchy). ``python -m vitamin.sim.sta NETLIST.json`` prints the summary,
+``--path REGEX`` the slowest path into the register groups that match, step by step.
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ class TimingEstimate:
 
     endpoints: list
     worst_path: list = field(default_factory=list)   # [(arrival ns, cell type, net name)]
+    paths: dict = field(default_factory=dict)        # register group -> its slowest path
 
     @property
     def worst_ns(self):
@@ -184,20 +186,27 @@ def estimate(netlist) -> TimingEstimate:
         name = re.sub(r"\[\d+\]", "", name.split("$")[0].rstrip(".")) or f"(unnamed {t})"
         endpoints.append(Endpoint(round(worst, 2), name, _unit_of(name), cn))
     endpoints.sort(key=lambda e: -e.arrival_ns)
-    worst_path = []
-    if endpoints:
-        c = cells[endpoints[0].cell]
+
+    def trace(cn):
+        c = cells[cn]
         b = max((b for p in (_ENDPOINT_PORTS.get(c["type"]) or c["connections"])
                   for b in c["connections"].get(p, []) if isinstance(b, int) and b in driver),
                  key=lambda b: net_arrival(b) if not _is_start(
                      cells[driver[b][0]], driver[b][1]) else arrival_of_start(b), default=None)
+        path = []
         while b is not None and b in driver:
             key = driver[b]
-            worst_path.append((round(arrival.get(key, _start_delay(cells[key[0]])), 2),
-                               cells[key[0]]["type"], bitname.get(b, "?")))
+            path.append((round(arrival.get(key, _start_delay(cells[key[0]])), 2),
+                         cells[key[0]]["type"], bitname.get(b, "?")))
             b = pred.get(key)
-        worst_path.reverse()
-    return TimingEstimate(endpoints, worst_path)
+        return path[::-1]
+
+    paths = {}
+    for e in endpoints:
+        if e.name not in paths:
+            paths[e.name] = trace(e.cell)
+    worst_path = paths[endpoints[0].name] if endpoints else []
+    return TimingEstimate(endpoints, worst_path, paths)
 
 
 def _is_start(c, port):
@@ -308,6 +317,8 @@ def main(argv=None):
     ap.add_argument("netlist", help="Yosys write_json output of synth_ecp5")
     ap.add_argument("--period", type=float, default=10.0, help="target clock period, ns")
     ap.add_argument("--top", type=int, default=25, help="groups to list")
+    ap.add_argument("--path", metavar="REGEX", help="print the slowest path into the register "
+                    "groups matching REGEX (up to three), every step")
     args = ap.parse_args(argv)
     try:
         est = estimate(args.netlist)
@@ -316,6 +327,20 @@ def main(argv=None):
               file=sys.stderr)
         return 2
     print(format_estimate(est, args.period, args.top))
+    if args.path:
+        try:
+            pat = re.compile(args.path)
+        except re.error as exc:
+            print(f"error: --path {args.path!r} is not a regular expression: {exc}",
+                  file=sys.stderr)
+            return 2
+        shown = [k for k in est.groups("name") if pat.search(k)][:3]
+        if not shown:
+            print(f"no register group matches {args.path!r}")
+        for k in shown:
+            print(f"path into {k}:")
+            for t, typ, net in est.paths[k]:
+                print(f"  {t:6.2f}  {typ:11s} {net}")
     return 0
 
 

@@ -80,6 +80,8 @@ def test_unplaced_design_and_cli_errors(tmp_path, capsys):
     assert placed_sta.main([str(good), "--path", "q1"]) == 0
     out = capsys.readouterr().out
     assert "post-placement estimate" in out and "path into core.q1" in out and "X10/Y0" in out
+    assert placed_sta.main([str(good), "--path", "q(1"]) == 2
+    assert "not a regular expression" in capsys.readouterr().err
 
 
 def test_routed_net_model():

@@ -51,6 +51,9 @@ def test_estimate_orders_known_paths(netlist):
     assert est.fmax_mhz == pytest.approx(1000 / est.worst_ns)
     assert est.count_over(0.0) == len(est.endpoints)
     assert est.worst_path[0][1] == "TRELLIS_FF" and est.worst_path[-1][0] <= est.worst_ns
+    # every register group has its slowest path; the slowest group's is the worst path
+    assert set(est.paths) == set(g) and est.paths["q_chain"] == est.worst_path
+    assert est.paths["q_and"][0][1] == "TRELLIS_FF" and len(est.paths["q_and"]) >= 2
     text = format_estimate(est, period_ns=10.0)
     assert "q_chain" in text and "pre-route estimate" in text
 
@@ -58,6 +61,18 @@ def test_estimate_orders_known_paths(netlist):
 def test_cli_reads_a_netlist_and_rejects_garbage(netlist, tmp_path, capsys):
     assert main([str(netlist), "--top", "3"]) == 0
     assert "slowest registers" in capsys.readouterr().out
+    # --path: the slowest path into a named group, from its start register to the endpoint
+    assert main([str(netlist), "--top", "3", "--path", "q_ch"]) == 0
+    out = capsys.readouterr().out
+    assert "path into q_chain:" in out
+    steps = out.split("path into q_chain:")[1].strip().splitlines()
+    assert steps[0].split()[1] == "TRELLIS_FF" and len(steps) >= 3
+    times = [float(x.split()[0]) for x in steps]
+    assert times == sorted(times)
+    assert main([str(netlist), "--path", "no_such_register"]) == 0
+    assert "no register group matches" in capsys.readouterr().out
+    assert main([str(netlist), "--path", "q_(ch"]) == 2
+    assert "not a regular expression" in capsys.readouterr().err
     bad = tmp_path / "bad.json"
     bad.write_text("not json")
     assert main([str(bad)]) == 2
