@@ -44,6 +44,7 @@ from .sta import (
     _readable,
     _unit_of,
     format_estimate,
+    print_paths,
 )
 
 __all__ = ["net_delay", "estimate_placed", "main"]
@@ -226,22 +227,10 @@ def main(argv=None):
         return 2
     print(format_estimate(est, args.period, args.top).replace(
         "pre-route estimate", "post-placement estimate", 1))
-    if args.path:
-        try:
-            pat = re.compile(args.path)
-        except re.error as exc:
-            print(f"error: --path {args.path!r} is not a regular expression: {exc}",
-                  file=sys.stderr)
-            return 2
-        shown = [k for k in est.groups("name") if pat.search(k)][:3]
-        if not shown:
-            print(f"no register group matches {args.path!r}")
-        for k in shown:
-            print(f"path into {k}:")
-            for a, typ, net, xy in est.paths[k]:
-                where = f"X{xy[0]}/Y{xy[1]}" if xy else "?"
-                print(f"  {a:6.2f}  {typ:13s} {where:10s} {net}")
-    return 0
+    def step(a, typ, net, xy):
+        where = f"X{xy[0]}/Y{xy[1]}" if xy else "?"
+        return f"  {a:6.2f}  {typ:13s} {where:10s} {net}"
+    return print_paths(est, args.path, step)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,8 @@ import re
 import sys
 from dataclasses import dataclass, field
 
-__all__ = ["DELAYS", "Endpoint", "TimingEstimate", "estimate", "format_estimate", "main"]
+__all__ = ["DELAYS", "Endpoint", "TimingEstimate", "estimate", "format_estimate", "main",
+           "print_paths"]
 
 #: The delay model (ns), see the module docstring.
 DELAYS = {
@@ -327,20 +328,27 @@ def main(argv=None):
               file=sys.stderr)
         return 2
     print(format_estimate(est, args.period, args.top))
-    if args.path:
-        try:
-            pat = re.compile(args.path)
-        except re.error as exc:
-            print(f"error: --path {args.path!r} is not a regular expression: {exc}",
-                  file=sys.stderr)
-            return 2
-        shown = [k for k in est.groups("name") if pat.search(k)][:3]
-        if not shown:
-            print(f"no register group matches {args.path!r}")
-        for k in shown:
-            print(f"path into {k}:")
-            for t, typ, net in est.paths[k]:
-                print(f"  {t:6.2f}  {typ:11s} {net}")
+    return print_paths(est, args.path, lambda t, typ, net: f"  {t:6.2f}  {typ:11s} {net}")
+
+
+def print_paths(est, regex, step):
+    """The CLIs' ``--path REGEX``: print the slowest path of up to three register groups whose
+    name matches ``regex``, one ``step(*entry)`` line per path entry. Returns the exit status
+    (2 when ``regex`` is not a regular expression; nothing to do when it is None)."""
+    if regex is None:
+        return 0
+    try:
+        pat = re.compile(regex)
+    except re.error as exc:
+        print(f"error: --path {regex!r} is not a regular expression: {exc}", file=sys.stderr)
+        return 2
+    shown = [k for k in est.groups("name") if pat.search(k)][:3]
+    if not shown:
+        print(f"no register group matches {regex!r}")
+    for k in shown:
+        print(f"path into {k}:")
+        for entry in est.paths[k]:
+            print(step(*entry))
     return 0
 
 
