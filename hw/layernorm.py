@@ -40,8 +40,9 @@ Both passes share one pipeline of 11 register stages (beats carry a ``pass2`` ta
     S5  pass 1: lane sums of x, x^2 and the lane count;  pass 2: n x - S1
     S6  pass 1: accumulate n, S1, S2;  pass 2: (n x - S1) * r
     S7  x_hat = rnd(... >> (3 + k))
-    S8  x_hat * gamma + beta
-    S9  rnd(... >> shift)
+    S8  x_hat * gamma + (beta + half), half = 2^(shift-1) the rounding term (beta + half is
+        registered one stage earlier)
+    S9  (...) >> shift: rnd(... >> shift) by the term added in S8
     S10 saturation, mask: output register
 
 Between the passes, the row statistics take 10 cycles, not stalled by the output: ``n S2``, ``S1^2``
@@ -66,7 +67,7 @@ Internal per-lane registers are plain signals, not ``data.ArrayLayout`` views: y
 nextpnr then rejected.
 """
 
-from amaranth.hdl import Cat, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -83,7 +84,6 @@ from .softmax import (
     _bit_length,
     _check_config,
     _interp,
-    _rshift_round,
     _rshift_round_pos,
     _table_rom,
 )
@@ -329,7 +329,7 @@ class LayerNormUnit(wiring.Component):
         gamma = [chain(WORD, f"gamma{l}", Signal(WORD, name=f"gamma{l}_0", reset_less=True),
                        _SRC, _AFF - 1) for l in range(lanes)]
         beta = [chain(signed(32), f"beta{l}",
-                      Signal(signed(32), name=f"beta{l}_0", reset_less=True), _SRC, _AFF - 1)
+                      Signal(signed(32), name=f"beta{l}_0", reset_less=True), _SRC, _AFF - 2)
                 for l in range(lanes)]
         with m.If(advance):
             m.d.sync += [
@@ -363,7 +363,11 @@ class LayerNormUnit(wiring.Component):
         p2_s1 = Signal(signed(w["s1"]))
         p2_r = Signal(16)
         p2_xh_m1 = Signal(range(w["d"] + 15))   # x_hat's shift 15 + k - LN_FRAC, minus 1
-        p2_shift = Signal(6)
+        # the row's output shift, clamped to w_aff + 1 (below), and its rounding term
+        w_aff = max(w["x_hat"] + 16, 32) + 1
+        p2_shift = Signal(range(w_aff + 2))
+        p2_half = Signal(w_aff + 1)
+        sh_c = Mux(row_shift > w_aff + 1, w_aff + 1, row_shift)
 
         # -- S2: one multiplier per lane: x * x (pass 1) or x * n (pass 2) -----------------------
         # A staged product (PRODUCT_LATENCY stages): in one stage, the register x -> DSP ->
@@ -455,7 +459,8 @@ class LayerNormUnit(wiring.Component):
             m.d.sync += [r_st.eq(_interp(rs_word, x16_st[:rs_frac], rs_frac)), st_ready.eq(1)]
         with m.If(start_p2):
             m.d.sync += [st_ready.eq(0), p2_n.eq(acc_n), p2_s1.eq(acc_s1), p2_r.eq(r_st),
-                         p2_xh_m1.eq(k_st + (15 - LN_FRAC - 1)), p2_shift.eq(row_shift)]
+                         p2_xh_m1.eq(k_st + (15 - LN_FRAC - 1)), p2_shift.eq(sh_c),
+                         p2_half.eq(Mux(sh_c == 0, 0, Const(1, len(p2_half)) << (sh_c - 1)[:6]))]
 
         # -- S5: x_hat ---------------------------------------------------------------------------
         xh = [Signal(signed(w["x_hat"]), name=f"x_hat_{l}", reset_less=True)
@@ -464,18 +469,24 @@ class LayerNormUnit(wiring.Component):
         with m.If(advance):
             m.d.sync += [xh[l].eq(_rshift_round_pos(q[l], p2_xh_m1)) for l in range(lanes)]
 
-        # -- S6: x_hat * gamma + beta ------------------------------------------------------------
-        aff = [Signal(signed(max(w["x_hat"] + 16, 32) + 1), name=f"aff_{l}", reset_less=True)
-               for l in range(lanes)]
+        # -- S6: x_hat * gamma + beta + half ------------------------------------------------------
+        # rnd(v >> s) == (v + half) >> s with half = 2^(s-1) (0 for s = 0): the rounding term
+        # rides on beta, added one stage earlier (beta_h), so that the next stage is a shifter alone (the
+        # shift, its +1 and the carry chain in one stage were 14.3 ns, pre-route estimate of
+        # 0fb80e8). v has w_aff bits; any s >= w_aff + 1 gives 0 as s = w_aff + 1 does, so the
+        # shift is clamped there; half fits in w_aff + 1 bits, beta + half and v + half in w_aff + 2.
+        beta_h = [Signal(signed(w_aff + 2), name=f"beta_h{l}", reset_less=True)
+                  for l in range(lanes)]
         with m.If(advance):
-            m.d.sync += [aff[l].eq(xh[l] * gamma[l][_AFF - 1] + beta[l][_AFF - 1])
-                         for l in range(lanes)]
+            m.d.sync += [beta_h[l].eq(beta[l][_AFF - 2] + p2_half) for l in range(lanes)]
+        aff = [Signal(signed(w_aff + 2), name=f"aff_{l}", reset_less=True) for l in range(lanes)]
+        with m.If(advance):
+            m.d.sync += [aff[l].eq(xh[l] * gamma[l][_AFF - 1] + beta_h[l]) for l in range(lanes)]
 
-        # -- S7: rnd(... >> shift) ---------------------------------------------------------------
-        y = [Signal(signed(len(aff[l]) + 1), name=f"y_{l}", reset_less=True)
-             for l in range(lanes)]
+        # -- S7: (... + half) >> shift -----------------------------------------------------------
+        y = [Signal(signed(w_aff + 1), name=f"y_{l}", reset_less=True) for l in range(lanes)]
         with m.If(advance):
-            m.d.sync += [y[l].eq(_rshift_round(aff[l], p2_shift)) for l in range(lanes)]
+            m.d.sync += [y[l].eq(aff[l] >> p2_shift) for l in range(lanes)]
 
         # -- S8: saturate, mask: output register -------------------------------------------------
         y_out = [Signal(WORD, name=f"y_out_{l}", reset_less=True) for l in range(lanes)]
