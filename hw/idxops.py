@@ -500,10 +500,13 @@ class SpansUnit(wiring.Component):
             m.next = "SCAN"
 
         # The index memory's read address is a register (idx_addr + ri), on the port in every
-        # state (the memory reads every cycle; only LOAD takes the data): the state decode and
-        # the adder in front of the shared port's multiplexer and the block RAMs' address and
-        # enable decode were 14.1 ns (pre-route estimate of 0fb80e8).
+        # state (the memory reads every cycle; only LOAD takes the data): the state decode, the
+        # adder and the compare in front of the shared port's multiplexer were 14.1 ns into
+        # the block RAMs' address (pre-route estimate of 0fb80e8).
+        # Its read enable, which selects the shared port's address for this unit, is a register
+        # too: rd_go == (in LOAD and ri < k).
         rd_a = Signal.like(idx.rd_addr)
+        rd_go = Signal()
         m.d.comb += idx.rd_addr.eq(rd_a)
 
         with m.FSM() as fsm:
@@ -517,12 +520,14 @@ class SpansUnit(wiring.Component):
                 with m.Elif(f.idx_addr + f.k > n_ent):
                     ctl.finish(ErrorCode.IDX_RANGE)
                 with m.Else():
+                    m.d.sync += rd_go.eq(f.k != 0)
                     m.next = "LOAD"
 
             with m.State("LOAD"):
-                m.d.comb += idx.rd_en.eq(ri < f.k)
-                with m.If(ri < f.k):
-                    m.d.sync += [ri.eq(ri + 1), rd_a.eq(rd_a + 1), s1_v.eq(1)]
+                m.d.comb += idx.rd_en.eq(rd_go)
+                with m.If(rd_go):
+                    m.d.sync += [ri.eq(ri + 1), rd_a.eq(rd_a + 1), rd_go.eq(ri + 1 < f.k),
+                                 s1_v.eq(1)]
                 with m.If(s1_v & (idx.rd_data.a >= 0)):
                     m.d.comb += [lst_w.en.eq(1), lst_w.addr.eq(n_l),
                                  lst_w.data.eq(idx.rd_data.a)]
