@@ -280,16 +280,20 @@ class SelectUnit(wiring.Component):
         k0 = Signal(5)
         m.d.comb += k0.eq((blen - 1) >> 1)
         p0b = Signal(pipe)
-        m.d.sync += [p0b.eq(p0), p0b.k.eq(k0)]
+        # the shift's direction and amount are registered with k (as a subtraction and a
+        # compare of p0b.k in front of the shifter and the table address they were SELECT's
+        # rd_even path, 13.2 ns pre-route estimate)
+        p0b_right = Signal()
+        p0b_amt = Signal(6)
+        m.d.sync += [p0b.eq(p0), p0b.k.eq(k0), p0b_right.eq(2 * k0 >= 16),
+                     p0b_amt.eq(Mux(2 * k0 >= 16, (2 * k0 - 16)[:6], (16 - 2 * k0)[:6]))]
         spec = table_spec("rsqrt", cfg)
         ub = interp_input_bits(spec)
         u = Signal(ub)
-        shl = Signal(6)
-        m.d.comb += shl.eq(16 - 2 * p0b.k)
-        with m.If(2 * p0b.k >= 16):
-            m.d.comb += u.eq(p0b.l >> (2 * p0b.k - 16)[:6])
+        with m.If(p0b_right):
+            m.d.comb += u.eq(p0b.l >> p0b_amt)
         with m.Else():
-            m.d.comb += u.eq(p0b.l << shl)
+            m.d.comb += u.eq(p0b.l << p0b_amt)
         [r_out] = build_interp(m, spec, make_table("rsqrt", cfg), [u], Const(1, 1), name="rsqrt")
         dl = [p0b]
         for i in range(INTERP_LATENCY):
