@@ -341,14 +341,16 @@ class DmaSequencer(wiring.Component):
             with m.State("IDLE"):
                 with m.If(self.start):
                     m.d.sync += err.eq(ErrorCode.OK)
-                    # FIELDS: REG * blk_stride; the register is read in FIELDS (a unit may
-                    # write it in this cycle), blk_stride comes with the instruction
-                    ops_next(0, instr_view(isa.Dma, self.instr).blk_stride)
+                    ops_next(0)
                     m.next = "FIELDS"
 
             with m.State("FIELDS"):
                 m.d.comb += self.busy.eq(1)
-                ops_next(blk_v)
+                # REG * blk_stride; the register is read here (a unit may write it in the
+                # start cycle), blk_stride from the latched instruction (from the command
+                # queue's output in the start cycle, it was LOAD's mul_b path: 13.3 ns,
+                # pre-route estimate)
+                ops_next(blk_v, f.blk_stride)
                 m.next = "BLK"
 
             with m.State("BLK"):                    # REG * blk_stride

@@ -49,20 +49,22 @@ def _limbs(v, signed_):
     return out
 
 
-def staged_product(m, a, b, *, en, name, shape):
+def staged_product(m, a, b, *, en, name, shape, addend=None):
     """Return a signal that holds ``a * b`` :data:`PRODUCT_LATENCY` cycles in which ``en`` is
     high after ``a`` and ``b`` were presented (the same enable as the caller's pipeline).
 
     An operand that fits an 18-bit signed multiplier input (``signed(<= 18)`` or
     ``unsigned(<= 17)``) is used whole; a wider one is cut into :data:`LIMB`-bit pieces, and
-    every pair of pieces is one partial product."""
+    every pair of pieces is one partial product. ``addend``, if given, is added to the product
+    in its last stage: a value that holds while the pipeline runs (a register), so that the
+    stage's sum has one more term and no later stage needs an adder for it."""
     a, b = Value.cast(a), Value.cast(b)
     if len(b) > len(a):
         a, b = b, a
 
     a_r = _reg(m, a, f"{name}_a", a.shape(), en)
     b_r = _reg(m, b, f"{name}_b", b.shape(), en)
-    return split_product(m, a_r, b_r, en=en, name=name, shape=shape)
+    return split_product(m, a_r, b_r, en=en, name=name, shape=shape, addend=addend)
 
 
 def _reg(m, value, name, shape, en):
@@ -72,7 +74,7 @@ def _reg(m, value, name, shape, en):
     return sig
 
 
-def split_product(m, a, b, *, en, name, shape):
+def split_product(m, a, b, *, en, name, shape, addend=None):
     """Return a signal that holds ``a * b`` :data:`SPLIT_LATENCY` enabled cycles after ``a``
     and ``b`` were presented: stages 2 and 3 of :func:`staged_product` (the partial products,
     registered at the DSP blocks' outputs, then their sum), for operands that are already
@@ -90,4 +92,8 @@ def split_product(m, a, b, *, en, name, shape):
     total = parts[0][1] << parts[0][0]
     for off, p in parts[1:]:
         total = total + (p << off)
+    if addend is not None:
+        # added in the sum stage (a register that is constant while the caller's pipeline runs,
+        # such as a rounding term)
+        total = total + addend
     return _reg(m, total, f"{name}_p", shape, en)
