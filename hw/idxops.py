@@ -195,6 +195,7 @@ class RouteUnit(wiring.Component):
 
         mk = Signal(range(cfg.max_dim * cfg.max_topk + 1))
         ri = Signal.like(mk)                        # entries read so far
+        r_go = Signal()                             # == in COUNT or PLACE and ri < mk
         tok = Signal(range(cfg.max_dim))            # token and slot of entry ri
         slot = Signal(range(cfg.max_topk))
         nq = Signal(aw)                             # entries with an expert >= 0
@@ -222,13 +223,18 @@ class RouteUnit(wiring.Component):
         m.d.sync += [s1b_v.eq(s1_v), s1b_tok.eq(s1_tok), e_in.eq(idx.rd_data.a),
                      p_in.eq(idx.rd_data.b)]
         ne = f.n_experts
+        # The read address (idx_addr + ri) and the read enable (in COUNT or PLACE and ri < mk)
+        # are registers set with ri: the enable selects the shared index port, and the
+        # compare and adder in front of it reached on through the DMA units' grant.
         issue = Signal()
-        m.d.comb += [idx.rd_addr.eq(f.idx_addr + ri), issue.eq(ri < mk)]
+        r_a = Signal.like(idx.rd_addr)
+        m.d.comb += [idx.rd_addr.eq(r_a), issue.eq(r_go)]
 
         def read_entries():
             m.d.comb += idx.rd_en.eq(issue)
             with m.If(issue):
-                m.d.sync += [ri.eq(ri + 1), s1_v.eq(1), s1_tok.eq(tok)]
+                m.d.sync += [ri.eq(ri + 1), r_a.eq(r_a + 1), r_go.eq(ri + 1 < mk), s1_v.eq(1),
+                             s1_tok.eq(tok)]
                 with m.If(slot == f.k - 1):
                     m.d.sync += [slot.eq(0), tok.eq(tok + 1)]
                 with m.Else():
@@ -278,6 +284,7 @@ class RouteUnit(wiring.Component):
                 with m.If(f.idx_addr + mk > n_ent):
                     ctl.finish(ErrorCode.IDX_RANGE)
                 with m.Else():
+                    m.d.sync += [r_a.eq(f.idx_addr), r_go.eq(mk != 0)]
                     m.next = "COUNT"
 
             with m.State("COUNT"):
@@ -318,7 +325,8 @@ class RouteUnit(wiring.Component):
                                  ptr_w.data.eq(f.q_addr + run)]
                     m.d.sync += run.eq(run + cnt_r.data)
                 with m.If(over):
-                    m.d.sync += [ri.eq(0), tok.eq(0), slot.eq(0), zq.eq(ne)]
+                    m.d.sync += [ri.eq(0), r_a.eq(f.idx_addr), r_go.eq(mk != 0), tok.eq(0),
+                                 slot.eq(0), zq.eq(ne)]
                     m.next = "PLACE"
 
             with m.State("PLACE"):

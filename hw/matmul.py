@@ -105,7 +105,7 @@ the check phase plus the pipeline depth (the controller's contract has no early 
 
 from __future__ import annotations
 
-from amaranth import Array, Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth import Array, Cat, Const, Module, Mux, Signal, Value, signed, unsigned
 from amaranth.lib import data, enum, wiring
 from amaranth.lib.fifo import SyncFIFO
 from amaranth.lib.memory import Memory
@@ -484,8 +484,19 @@ class MatmulUnit(wiring.Component):
         after_bub = tile.after_bub
         after_chan = tile.after_chan
 
+        # The last cnt of the RUN phase (W, BUB, CHAN, PAD) is a register set with the phase:
+        # the phase's own compare target (a field multiplexer or tile's epi_t multiplexer in
+        # front of a 17-bit compare) ran into cnt and ph (13.1 ns, pre-route estimate).
+        lim = Signal(17)
+
+        def lim_of(phase):
+            phase = Value.cast(phase)
+            return Mux(phase == PH_W, wslots - 1,
+                       Mux(phase == PH_BUB, rows - 1,
+                           Mux(phase == PH_CHAN, tile.cs_m1, tile.pad_m1)))
+
         def goto(phase):
-            m.d.sync += [ph.eq(phase), cnt.eq(0)]
+            m.d.sync += [ph.eq(phase), cnt.eq(0), lim.eq(lim_of(phase))]
 
         # validity walker (scan / clear) control
         vw_start_scan = Signal()
@@ -576,7 +587,8 @@ class MatmulUnit(wiring.Component):
                 m.d.sync += cnt.eq(cnt + 1)
                 with m.If((cnt >= self.CHECK_DRAIN - 1) & ~vw_busy):
                     m.d.sync += [kt_first.eq(1), kt_last.eq(KT == 1)]
-                    m.d.sync += [cnt.eq(0), ph.eq(PH_W), row.eq(0), sub.eq(0), kt.eq(0),
+                    m.d.sync += [cnt.eq(0), ph.eq(PH_W), lim.eq(wslots - 1), row.eq(0),
+                                 sub.eq(0), kt.eq(0),
                                  nt.eq(0), koff.eq(0), noff.eq(0), accb.eq(f.acc_addr),
                                  issuing_done.eq(L == 0), drain.eq(0)]
                     # the golden order of the remaining checks
@@ -617,17 +629,17 @@ class MatmulUnit(wiring.Component):
                     with m.Switch(ph):
                         with m.Case(PH_W):
                             slot(Mux(f.b_trans, _Op.BT, _Op.W), cnt)
-                            with m.If(cnt == wslots - 1):
+                            with m.If(cnt == lim):
                                 goto(Mux(f.b_trans, PH_BUB, after_bub))
                         with m.Case(PH_BUB):
-                            with m.If(cnt == rows - 1):
+                            with m.If(cnt == lim):
                                 goto(after_bub)
                         with m.Case(PH_CHAN):
                             slot(_Op.CHAN, cnt)
-                            with m.If(cnt == tile.cs_m1):
+                            with m.If(cnt == lim):
                                 goto(after_chan)
                         with m.Case(PH_PAD):
-                            with m.If(cnt == tile.pad_m1):
+                            with m.If(cnt == lim):
                                 goto(PH_ROWS)
                         with m.Case(PH_ROWS):
                             with m.If(sub == a_sub):

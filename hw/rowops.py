@@ -808,8 +808,11 @@ class SoftmaxRowUnit(wiring.Component):
             (f.shift > SHIFT_MAX, ErrorCode.BAD_FIELD),
             (f.in_addr + span_in + f.n > cfg.spad_words, ErrorCode.SPAD_RANGE),
         ])
+        # the span count (the register file's value) is registered before its checks: read,
+        # added and compared in one cycle it was SOFTMAX's err_spans_r path (12.5 ns, pre-route
+        # estimate); err_spans_r then holds the checks of step n_steps - 2's count
         cnt = Signal(signed(33))
-        m.d.comb += cnt.eq(Mux(f.count_reg != 0, self.regs.regs[f.count_reg], f.n_spans))
+        m.d.sync += cnt.eq(Mux(f.count_reg != 0, self.regs.regs[f.count_reg], f.n_spans))
         err_spans = _first_error([
             (cnt < 0, ErrorCode.BAD_FIELD),
             (f.idx_addr + cnt > cfg.idx_entries, ErrorCode.IDX_RANGE),
