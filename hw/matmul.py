@@ -488,6 +488,10 @@ class MatmulUnit(wiring.Component):
         # the phase's own compare target (a field multiplexer or tile's epi_t multiplexer in
         # front of a 17-bit compare) ran into cnt and ph (13.1 ns, pre-route estimate).
         lim = Signal(17)
+        # row == L1 and nt == T1 as registers set with row and nt (their 17-bit compares sat
+        # in front of kt_last, nt, noff, koff and accb: 12.5-12.7 ns, pre-route estimate)
+        row_last = Signal()
+        nt_last = Signal()
 
         def lim_of(phase):
             phase = Value.cast(phase)
@@ -588,7 +592,7 @@ class MatmulUnit(wiring.Component):
                 with m.If((cnt >= self.CHECK_DRAIN - 1) & ~vw_busy):
                     m.d.sync += [kt_first.eq(1), kt_last.eq(KT == 1)]
                     m.d.sync += [cnt.eq(0), ph.eq(PH_W), lim.eq(wslots - 1), row.eq(0),
-                                 sub.eq(0), kt.eq(0),
+                                 row_last.eq(L1 == 0), nt_last.eq(T1 == 0), sub.eq(0), kt.eq(0),
                                  nt.eq(0), koff.eq(0), noff.eq(0), accb.eq(f.acc_addr),
                                  issuing_done.eq(L == 0), drain.eq(0)]
                     # the golden order of the remaining checks
@@ -644,18 +648,20 @@ class MatmulUnit(wiring.Component):
                         with m.Case(PH_ROWS):
                             with m.If(sub == a_sub):
                                 slot(_Op.A, row)
-                                m.d.sync += [sub.eq(0), row.eq(row + 1)]
-                                with m.If(row == L1):
-                                    m.d.sync += row.eq(0)
+                                m.d.sync += [sub.eq(0), row.eq(row + 1),
+                                             row_last.eq(row + 1 == L1)]
+                                with m.If(row_last):
+                                    m.d.sync += [row.eq(0), row_last.eq(L1 == 0)]
                                     goto(PH_W)
                                     with m.If(~kt_last):
                                         m.d.sync += [kt.eq(kt + 1), koff.eq(koff + rows),
                                                      kt_first.eq(0), kt_last.eq(kt + 2 == KT)]
-                                    with m.Elif(nt == T1):
+                                    with m.Elif(nt_last):
                                         m.d.sync += issuing_done.eq(1)
                                     with m.Else():
                                         m.d.sync += [kt_first.eq(1), kt_last.eq(KT == 1)]
                                         m.d.sync += [kt.eq(0), koff.eq(0), nt.eq(nt + 1),
+                                                     nt_last.eq(nt + 1 == T1),
                                                      noff.eq(noff + cols)]
                                         with m.If(arch):
                                             m.d.sync += accb.eq(accb + f.m)
