@@ -319,7 +319,8 @@ class DmaSequencer(wiring.Component):
         # were 14.9 ns, pre-route estimate).
         ird_a = Signal.like(self.idx_rd_addr)
         ird_req = Signal()
-        m.d.comb += [self.idx_rd_addr.eq(ird_a), self.idx_rd_req.eq(ird_req)]
+        m.d.comb += [self.idx_rd_addr.eq(ird_a), self.idx_rd_req.eq(ird_req),
+                     self.idx_rd_en.eq(ird_req & self.idx_rd_gnt)]   # outside the FSM
         g_acc = Signal()                   # G_RD's read was granted
         g_ln = Signal(signed(32))          # the span's length, registered in G_SPAN
 
@@ -476,7 +477,6 @@ class DmaSequencer(wiring.Component):
                 # previous cycle is on idx_rd_data now
                 assert IDX_READ_LATENCY == 1
                 issue = ird_req & self.idx_rd_gnt      # ird_req == scan_t < count here
-                m.d.comb += self.idx_rd_en.eq(issue)
                 m.d.sync += scan_pend.eq(issue)
                 with m.If(issue):
                     m.d.sync += [scan_t.eq(scan_t + 1), ird_a.eq(ird_a + 1),
@@ -562,7 +562,7 @@ class DmaSequencer(wiring.Component):
             # ---- SPANS generation -------------------------------------------------------------
             with m.State("G_RD"):
                 m.d.comb += self.busy.eq(1)
-                m.d.comb += self.idx_rd_en.eq(self.idx_rd_gnt)     # ird_req == 1 here
+                # ird_req == 1 here: idx_rd_en is the grant
                 m.d.sync += ird_req.eq(0)
                 # the late grant goes into a register, not into the state: G_SPAN goes back
                 # here if the read was not granted

@@ -228,10 +228,9 @@ class RouteUnit(wiring.Component):
         # compare and adder in front of it reached on through the DMA units' grant.
         issue = Signal()
         r_a = Signal.like(idx.rd_addr)
-        m.d.comb += [idx.rd_addr.eq(r_a), issue.eq(r_go)]
+        m.d.comb += [idx.rd_addr.eq(r_a), issue.eq(r_go), idx.rd_en.eq(r_go)]
 
         def read_entries():
-            m.d.comb += idx.rd_en.eq(issue)
             with m.If(issue):
                 m.d.sync += [ri.eq(ri + 1), r_a.eq(r_a + 1), r_go.eq(ri + 1 < mk), s1_v.eq(1),
                              s1_tok.eq(tok)]
@@ -515,7 +514,7 @@ class SpansUnit(wiring.Component):
         # too: rd_go == (in LOAD and ri < k).
         rd_a = Signal.like(idx.rd_addr)
         rd_go = Signal()
-        m.d.comb += idx.rd_addr.eq(rd_a)
+        m.d.comb += [idx.rd_addr.eq(rd_a), idx.rd_en.eq(rd_go)]   # outside the state machine
 
         with m.FSM() as fsm:
             with m.State("IDLE"):
@@ -532,7 +531,6 @@ class SpansUnit(wiring.Component):
                     m.next = "LOAD"
 
             with m.State("LOAD"):
-                m.d.comb += idx.rd_en.eq(rd_go)
                 with m.If(rd_go):
                     m.d.sync += [ri.eq(ri + 1), rd_a.eq(rd_a + 1), rd_go.eq(ri + 1 < f.k),
                                  s1_v.eq(1)]

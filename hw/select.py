@@ -205,7 +205,7 @@ class SelectUnit(wiring.Component):
         # grant it reached into STORE's sequencer: 13.0 ns, pre-route estimate), and the
         # address on the port in every state (the memory reads every cycle)
         l_go = Signal()
-        m.d.comb += idx.rd_addr.eq(lptr)
+        m.d.comb += [idx.rd_addr.eq(lptr), idx.rd_en.eq(l_go)]   # outside the state machine
         l2_v = Signal()                   # LIST: a start registered from index memory
         l2_i = Signal(nb)
         l2_a = Signal(signed(32))
@@ -404,7 +404,6 @@ class SelectUnit(wiring.Component):
                 # memory is registered (with its comparisons against 0 and the limit) before
                 # the checks and the entry write
                 issue = l_go                    # == ri < cnt in LIST
-                m.d.comb += idx.rd_en.eq(issue)
                 with m.If(issue):
                     m.d.sync += [ri.eq(ri + 1), lptr.eq(lptr + 1), s1_v.eq(1), s1_i.eq(ri),
                                  l_go.eq(ri + 1 < cnt)]
