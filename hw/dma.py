@@ -1122,14 +1122,9 @@ class StoreUnit(_DmaUnit):
         m.d.comb += cq.r_en.eq(take)
         got = Signal(range(chunk + 1))
         m.d.comb += got.eq(Mux(take, cq.r_data.nbytes, 0))
-        # both outcomes prepared, ``w_go`` (with the slave's wready) picks one at the end; the
-        # two are kept as wires (synthesis had moved w_go into the shifters' cones: STORE's
-        # ``buf`` path, 13.1-13.6 ns pre-route estimate)
-        buf_go = Signal(cap * 8, attrs={"keep": 1})
-        buf_stay = Signal(cap * 8, attrs={"keep": 1})
-        m.d.comb += [buf_go.eq(_shift_in(m, buf, cnt, nb, cq.r_data.data, cap)),
-                     buf_stay.eq(_shift_in(m, buf, cnt, 0, cq.r_data.data, cap))]
-        m.d.sync += buf.eq(Mux(w_go, buf_go, buf_stay))
+        # both outcomes prepared, ``w_go`` (with the slave's wready) picks one at the end
+        m.d.sync += buf.eq(Mux(w_go, _shift_in(m, buf, cnt, nb, cq.r_data.data, cap),
+                               _shift_in(m, buf, cnt, 0, cq.r_data.data, cap)))
         m.d.sync += cnt.eq(Mux(w_go, cnt - nb + got, cnt + got))
         with m.If(take):
             m.d.sync += acc_left.eq(acc_left - cq.r_data.nbytes)

@@ -488,6 +488,12 @@ class MatmulUnit(wiring.Component):
         # the phase's own compare target (a field multiplexer or tile's epi_t multiplexer in
         # front of a 17-bit compare) ran into cnt and ph (13.1 ns, pre-route estimate).
         lim = Signal(17)
+        # CHK_WAIT's cnt >= CHECK_DRAIN - 1 as a register (cnt is 0 on entry, so it is 0 there;
+        # the 19-bit compare ran into every tile register CHK_WAIT sets: 14.3 ns, pre-route
+        # estimate)
+        chk_ok = Signal()
+        assert self.CHECK_DRAIN >= 2
+        m.d.sync += chk_ok.eq(0)
         # row == L1 and nt == T1 as registers set with row and nt (their 17-bit compares sat
         # in front of kt_last, nt, noff, koff and accb: 12.5-12.7 ns, pre-route estimate)
         row_last = Signal()
@@ -588,8 +594,8 @@ class MatmulUnit(wiring.Component):
                     m.next = "CHK_WAIT"
             with m.State("CHK_WAIT"):
                 m.d.comb += fsm_busy.eq(1)
-                m.d.sync += cnt.eq(cnt + 1)
-                with m.If((cnt >= self.CHECK_DRAIN - 1) & ~vw_busy):
+                m.d.sync += [cnt.eq(cnt + 1), chk_ok.eq(cnt + 1 >= self.CHECK_DRAIN - 1)]
+                with m.If(chk_ok & ~vw_busy):
                     m.d.sync += [kt_first.eq(1), kt_last.eq(KT == 1)]
                     m.d.sync += [cnt.eq(0), ph.eq(PH_W), lim.eq(wslots - 1), row.eq(0),
                                  row_last.eq(L1 == 0), nt_last.eq(T1 == 0), sub.eq(0), kt.eq(0),
