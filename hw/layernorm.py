@@ -76,12 +76,12 @@ from vitamin.config import get_config
 from vitamin.golden.units import LN_FRAC
 
 from .dspmul import PRODUCT_LATENCY, staged_product
+from .onehot import msb_index
 
 # The arithmetic and table helpers (mirrors of golden/numerics.py and golden/tables.py) are
 # shared with the softmax unit.
 from .softmax import (
     WORD,
-    _bit_length,
     _check_config,
     _interp,
     _rshift_round_pos,
@@ -435,7 +435,8 @@ class LayerNormUnit(wiring.Component):
         # Step lag + 3: k = (bit_length(D) - 1) // 2.
         k_st = Signal(range(w["d"]), reset_less=True)
         with m.If(st[lag + 3]):
-            m.d.sync += k_st.eq((_bit_length(d_st) - 1)[:len(k_st) + 1] >> 1)
+            # D >= 1: bit_length(D) - 1 is the index of its top bit (no subtraction)
+            m.d.sync += k_st.eq(msb_index(d_st)[1] >> 1)
         # Step lag + 4: D = x * 4^k with x in [1, 4): shift D left by (w_norm - 2k) to put x's two
         # integer bits at w_norm + 1 .. w_norm; the 16 bits below them are x16's fraction
         # (lower bits truncated, as golden.units.rsqrt_norm).
