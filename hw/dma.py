@@ -967,7 +967,10 @@ class StoreUnit(_DmaUnit):
 
         wrun_layout = data.StructLayout({"off": range(bb), "nbytes": 20})
         wq = _Fifo(m, "wrunq", wrun_layout, 4)     # per run: first-beat offset and bytes
-        bq = _Fifo(m, "burstq", data.StructLayout({"beats": 9}), 8)   # per burst: beats
+        # per burst: its last beat's number (beats - 1), so that wlast is one compare of
+        # registers (beat_no + 1 == beats, an adder before it, ran into the queue's level:
+        # 12.4 ns pre-route estimate)
+        bq = _Fifo(m, "burstq", data.StructLayout({"last": 8}), 8)
 
         # ---- AW issuer ----------------------------------------------------------------------
         aw_busy = Signal()
@@ -987,7 +990,7 @@ class StoreUnit(_DmaUnit):
             m.d.sync += [aw_busy.eq(1), aw_addr.eq(awq.r_data.dram),
                          aw_left.eq(_run_beats(awq.r_data.dram, nbytes, bb))]
         aw_go = ax.awvalid & ax.awready
-        m.d.comb += [bq.w_en.eq(aw_go), bq.w_data.beats.eq(beats)]
+        m.d.comb += [bq.w_en.eq(aw_go), bq.w_data.last.eq(beats - 1)]
         with m.If(aw_go):
             m.d.sync += [aw_addr.eq(nxt), aw_left.eq(aw_left - beats)]
             with m.If(aw_left == beats):
@@ -1114,7 +1117,7 @@ class StoreUnit(_DmaUnit):
                      ax.wdata.eq(Cat(*[Mux(nb_mask[j], b, 0) for j, b in
                                        enumerate(_bytes_of(buf, bb))]) << (skip << 3)),
                      ax.wstrb.eq(nb_mask << skip),
-                     ax.wlast.eq(beat_no + 1 == bq.r_data.beats)]
+                     ax.wlast.eq(beat_no == bq.r_data.last)]
         w_go = ax.wvalid & ax.wready
         take = Signal()
         m.d.comb += take.eq(w_have & cq.r_rdy & (acc_left != 0) &
