@@ -449,7 +449,9 @@ class MatmulUnit(wiring.Component):
         tile_v = [Signal(tile_l, name=f"tile_epi{e}") for e in (0, 1)]
         L1 = Signal(17)                   # L - 1
         T1 = Signal(17)                   # T - 1
-        m.d.sync += [L1.eq(L - 1), T1.eq(T - 1)]
+        L2 = Signal(18)                   # L - 2 and T - 2: row + 1 == L - 1 as one compare
+        T2 = Signal(18)
+        m.d.sync += [L1.eq(L - 1), T1.eq(T - 1), L2.eq(L - 2), T2.eq(T - 2)]
         for e, tv in enumerate(tile_v):
             cs_e = Mux(f.chan_en, nch, 0) if e else Const(0, 1)
             fixed_e = wslots + Mux(f.b_trans, rows, 0) + cs_e
@@ -655,7 +657,7 @@ class MatmulUnit(wiring.Component):
                             with m.If(sub == a_sub):
                                 slot(_Op.A, row)
                                 m.d.sync += [sub.eq(0), row.eq(row + 1),
-                                             row_last.eq(row + 1 == L1)]
+                                             row_last.eq(row == L2)]
                                 with m.If(row_last):
                                     m.d.sync += [row.eq(0), row_last.eq(L1 == 0)]
                                     goto(PH_W)
@@ -667,7 +669,7 @@ class MatmulUnit(wiring.Component):
                                     with m.Else():
                                         m.d.sync += [kt_first.eq(1), kt_last.eq(KT == 1)]
                                         m.d.sync += [kt.eq(0), koff.eq(0), nt.eq(nt + 1),
-                                                     nt_last.eq(nt + 1 == T1),
+                                                     nt_last.eq(nt == T2),
                                                      noff.eq(noff + cols)]
                                         with m.If(arch):
                                             m.d.sync += accb.eq(accb + f.m)
