@@ -279,11 +279,11 @@ class SelectUnit(wiring.Component):
         # rsqrt_norm(l): k = (bitlen(l) - 1) // 2 (P0 -> P0b, registered), then
         # u = l * 2^(16 - 2k) (truncating) into the table: the leading-one search and the
         # shifter took one cycle together with the table's address (20 ns on the LFE5U-85F)
-        blen = Signal(range(lw + 1))
+        # k0 = (bitlen(l) - 1) // 2 = top-bit index // 2; 31 for l = 0 (as (0 - 1) >> 1 in
+        # five bits), without the +1 / -1 adders
         l_any, l_msb = msb_index(p0.l)
-        m.d.comb += blen.eq(Mux(l_any, l_msb + 1, 0))
         k0 = Signal(5)
-        m.d.comb += k0.eq((blen - 1) >> 1)
+        m.d.comb += k0.eq(Mux(l_any, l_msb >> 1, 31))
         p0b = Signal(pipe)
         # the shift's direction and amount are registered with k (as a subtraction and a
         # compare of p0b.k in front of the shifter and the table address they were SELECT's
