@@ -451,7 +451,8 @@ class MatmulUnit(wiring.Component):
         T1 = Signal(17)                   # T - 1
         L2 = Signal(18)                   # L - 2 and T - 2: row + 1 == L - 1 as one compare
         T2 = Signal(18)
-        m.d.sync += [L1.eq(L - 1), T1.eq(T - 1), L2.eq(L - 2), T2.eq(T - 2)]
+        KT2 = Signal(18)                  # KT - 2: kt + 2 == KT as one compare
+        m.d.sync += [L1.eq(L - 1), T1.eq(T - 1), L2.eq(L - 2), T2.eq(T - 2), KT2.eq(KT - 2)]
         for e, tv in enumerate(tile_v):
             cs_e = Mux(f.chan_en, nch, 0) if e else Const(0, 1)
             fixed_e = wslots + Mux(f.b_trans, rows, 0) + cs_e
@@ -663,7 +664,7 @@ class MatmulUnit(wiring.Component):
                                     goto(PH_W)
                                     with m.If(~kt_last):
                                         m.d.sync += [kt.eq(kt + 1), koff.eq(koff + rows),
-                                                     kt_first.eq(0), kt_last.eq(kt + 2 == KT)]
+                                                     kt_first.eq(0), kt_last.eq(kt == KT2)]
                                     with m.Elif(nt_last):
                                         m.d.sync += issuing_done.eq(1)
                                     with m.Else():
