@@ -201,7 +201,9 @@ class Bridge(wiring.Component):
         bcnt = Signal(2)
         idle = Signal(range(self._timeout + 1))
         aw_done, w_done = Signal(), Signal()
-        is_write = (cmd == Cmd.WRITE_REG) | (cmd == Cmd.WRITE_MEM)
+        # "cmd is a write", registered with cmd (decoded from it, in front of the header's
+        # last byte it was the bridge's 12.5 ns path into hdr, pre-route estimate)
+        is_write = Signal()
         has_data = Signal()                      # the response carries count words
 
         i, o = self.i, self.o
@@ -240,7 +242,9 @@ class Bridge(wiring.Component):
                     m.d.sync += [crc.eq(crc16_step(crc, i.payload)), hdr.eq(hdr + 1)]
                     with m.Switch(hdr):
                         with m.Case(0):
-                            m.d.sync += cmd.eq(i.payload)
+                            m.d.sync += [cmd.eq(i.payload),
+                                         is_write.eq((i.payload == Cmd.WRITE_REG) |
+                                                     (i.payload == Cmd.WRITE_MEM))]
                         for k in range(4):
                             with m.Case(1 + k):
                                 m.d.sync += addr.word_select(k, 8).eq(i.payload)
