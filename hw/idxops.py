@@ -498,13 +498,18 @@ class SpansUnit(wiring.Component):
         prod = staged_product(m, mul_a, block, en=1, name="span_prod", shape=unsigned(48))
         m.d.comb += pe.eq(prod)         # e * block, in DECIDE
 
+        # The span write: its enable is a register (wr_go), set in the state before the one
+        # that writes (MUL_P for DECIDE, DECIDE for FLUSH), and the address and data are on the
+        # port in every state: from the state decode, the enable reached the shared port's
+        # multiplexer and LOAD's write grant (12.5 ns, pre-route estimate).
+        wr_go = Signal()
+        m.d.sync += wr_go.eq(0)
+        length = Signal(32)
+        m.d.comb += [length.eq(Mux(re < limit, re, limit) - rs),
+                     idx.wr_en.eq(wr_go), idx.wr_addr.eq(f.out_addr + count),
+                     idx.wr_data.a.eq(rs[:32]), idx.wr_data.b.eq(length)]
+
         def emit_span():
-            end = Mux(re < limit, re, limit)
-            length = Signal(32)
-            m.d.comb += length.eq(end - rs)
-            with m.If(emit):
-                m.d.comb += [idx.wr_en.eq(1), idx.wr_addr.eq(f.out_addr + count),
-                             idx.wr_data.a.eq(rs[:32]), idx.wr_data.b.eq(length)]
             m.d.sync += [count.eq(count + 1), rows.eq(rows + length)]
 
         def start_walk():
@@ -579,12 +584,16 @@ class SpansUnit(wiring.Component):
 
             with m.State("MUL_P"):
                 # prod = s * block now (e * block in DECIDE)
-                m.d.sync += [ps.eq(prod), d_stop.eq(~has | (prod >= limit)),
-                             d_ext.eq(open_ & (prod == re)), d_rescan.eq(lo_ok & (lo < e))]
+                stop = ~has | (prod >= limit)
+                ext = open_ & (prod == re)
+                m.d.sync += [ps.eq(prod), d_stop.eq(stop), d_ext.eq(ext),
+                             d_rescan.eq(lo_ok & (lo < e)),
+                             wr_go.eq(~stop & ~ext & open_ & emit)]   # DECIDE's emit_span()
                 m.next = "DECIDE"
 
             with m.State("DECIDE"):
                 with m.If(d_stop):
+                    m.d.sync += wr_go.eq(open_ & emit)                # FLUSH's emit_span()
                     m.next = "FLUSH"
                 with m.Else():
                     with m.If(d_ext):
