@@ -1101,25 +1101,19 @@ class StoreUnit(_DmaUnit):
         # bytes of the next beat, min(tx_left, bb - skip), kept in a register: it sets the
         # shifters of the byte buffer and the strobes
         nb = Signal(range(bb + 1))
-        # cnt >= nb (the buffer holds the next beat's bytes) as a register, computed from the
-        # next values of both: as a compare in front of wvalid it was the first part of
-        # STORE's byte-buffer path (12.5 ns pre-route estimate)
-        nb_next = Signal.like(nb)
-        w_enough = Signal(init=1)
-        m.d.comb += nb_next.eq(nb)
         with m.If(~w_have & wq.r_rdy):
             m.d.comb += wq.r_en.eq(1)
             m.d.sync += [w_have.eq(1), w_first.eq(1), w_off.eq(wq.r_data.off),
                          tx_left.eq(wq.r_data.nbytes), acc_left.eq(wq.r_data.nbytes),
                          tx_nz.eq(wq.r_data.nbytes != 0)]
             room0 = bb - wq.r_data.off
-            m.d.comb += nb_next.eq(Mux(wq.r_data.nbytes < room0, wq.r_data.nbytes, room0))
+            m.d.sync += nb.eq(Mux(wq.r_data.nbytes < room0, wq.r_data.nbytes, room0))
         skip = Signal(range(bb))
         m.d.comb += skip.eq(Mux(w_first, w_off, 0))
         nb_mask = Signal(bb)
         m.d.comb += nb_mask.eq((Const(1, bb + 1) << nb) - 1)
         # bytes outside the strobes are zero, so W data stays stable while wvalid waits
-        m.d.comb += [ax.wvalid.eq(w_have & tx_nz & w_enough & bq.r_rdy),
+        m.d.comb += [ax.wvalid.eq(w_have & tx_nz & (cnt >= nb) & bq.r_rdy),
                      ax.wdata.eq(Cat(*[Mux(nb_mask[j], b, 0) for j, b in
                                        enumerate(_bytes_of(buf, bb))]) << (skip << 3)),
                      ax.wstrb.eq(nb_mask << skip),
@@ -1134,16 +1128,13 @@ class StoreUnit(_DmaUnit):
         # both outcomes prepared, ``w_go`` (with the slave's wready) picks one at the end
         m.d.sync += buf.eq(Mux(w_go, _shift_in(m, buf, cnt, nb, cq.r_data.data, cap),
                                _shift_in(m, buf, cnt, 0, cq.r_data.data, cap)))
-        cnt_next = Signal.like(cnt)
-        m.d.comb += cnt_next.eq(Mux(w_go, cnt - nb + got, cnt + got))
-        m.d.sync += [cnt.eq(cnt_next), nb.eq(nb_next), w_enough.eq(cnt_next >= nb_next)]
+        m.d.sync += cnt.eq(Mux(w_go, cnt - nb + got, cnt + got))
         with m.If(take):
             m.d.sync += acc_left.eq(acc_left - cq.r_data.nbytes)
         with m.If(w_go):
             rem = tx_left - nb
             m.d.sync += [tx_left.eq(rem), tx_nz.eq(tx_left != nb), w_first.eq(0),
-                         beat_no.eq(beat_no + 1)]
-            m.d.comb += nb_next.eq(Mux(rem < bb, rem, bb))
+                         beat_no.eq(beat_no + 1), nb.eq(Mux(rem < bb, rem, bb))]
             with m.If(ax.wlast):
                 m.d.comb += bq.r_en.eq(1)
                 m.d.sync += beat_no.eq(0)
