@@ -472,10 +472,11 @@ class LayerNormUnit(wiring.Component):
 
         # -- S6: x_hat * gamma + beta + half ------------------------------------------------------
         # rnd(v >> s) == (v + half) >> s with half = 2^(s-1) (0 for s = 0): the rounding term
-        # rides on beta, added one stage earlier (beta_h), so that the next stage is a shifter alone (the
-        # shift, its +1 and the carry chain in one stage were 14.3 ns, pre-route estimate of
-        # 0fb80e8). v has w_aff bits; any s >= w_aff + 1 gives 0 as s = w_aff + 1 does, so the
-        # shift is clamped there; half fits in w_aff + 1 bits, beta + half and v + half in w_aff + 2.
+        # rides on beta, added one stage earlier (beta_h), so that the next stage is a shifter
+        # alone (the shift, its +1 and the carry chain in one stage were 14.3 ns, pre-route
+        # estimate of 0fb80e8). v has w_aff bits; any s >= w_aff + 1 gives 0 as s = w_aff + 1
+        # does, so the shift is clamped there; half fits in w_aff + 1 bits, beta + half and
+        # v + half in w_aff + 2.
         beta_h = [Signal(signed(w_aff + 2), name=f"beta_h{l}", reset_less=True)
                   for l in range(lanes)]
         with m.If(advance):
