@@ -30,7 +30,7 @@ The scratchpad reader that fetches ``x`` for pass 1 can thus fetch the parameter
 
 Pipeline
 --------
-Both passes share one pipeline of 11 register stages (beats carry a ``pass2`` tag)::
+Both passes share one pipeline of 13 register stages (beats carry a ``pass2`` tag)::
 
     S0  chunk: input register, or the row buffer's read port (and gamma/beta) in pass 2
     S1  chunk, registered (a block RAM's output is too slow to feed a multiplier)
@@ -40,10 +40,11 @@ Both passes share one pipeline of 11 register stages (beats carry a ``pass2`` ta
     S5  pass 1: lane sums of x, x^2 and the lane count;  pass 2: n x - S1
     S6  pass 1: accumulate n, S1, S2;  pass 2: (n x - S1) * r
     S7  x_hat = rnd(... >> (3 + k))
-    S8  x_hat * gamma + (beta + half), half = 2^(shift-1) the rounding term (beta + half is
-        registered one stage earlier)
-    S9  (...) >> shift: rnd(... >> shift) by the term added in S8
-    S10 saturation, mask: output register
+    S8  x_hat * gamma + (beta + half), half = 2^(shift-1) the rounding term: a staged product,
+        operand copies (S8), DSP output and beta + half (S9),
+    S10 the sum
+    S11 (...) >> shift: rnd(... >> shift) by the term added in S10
+    S12 saturation, mask: output register
 
 Between the passes, the row statistics take 10 cycles, not stalled by the output: ``n S2``, ``S1^2``
 and ``eps`` (the products with a register on each side of their DSP blocks, three cycles:
@@ -95,7 +96,11 @@ __all__ = ["LayerNormUnit", "layernorm_in_layout", "layernorm_param_layout",
 # _X .. _MUL: the lane product (PRODUCT_LATENCY stages: operand copies, DSP output, sum).
 _SRC, _X = 0, 1
 _MUL = _X + PRODUCT_LATENCY
-_SUM, _ACC, _XH, _AFF, _RND, _OUT = range(_MUL + 1, _MUL + 7)
+_SUM, _ACC, _XH = range(_MUL + 1, _MUL + 4)
+# x_hat * gamma + beta: a staged product (registers on both sides of its DSP blocks; in one stage,
+# gamma's register -> DSP -> carry chain was the b118874 build's routed critical path, 19.6 ns)
+_AFF = _XH + PRODUCT_LATENCY
+_RND, _OUT = _AFF + 1, _AFF + 2
 _N_STAGES = _OUT + 1
 # Cycles of the row statistics, from the last accumulation to the edge at which r is written
 # (the two products, PRODUCT_LATENCY cycles, then seven steps).
@@ -327,7 +332,7 @@ class LayerNormUnit(wiring.Component):
         x_in = [Signal(WORD, name=f"x_in_{l}", reset_less=True) for l in range(lanes)]
         v_in = Signal(lanes, reset_less=True)
         gamma = [chain(WORD, f"gamma{l}", Signal(WORD, name=f"gamma{l}_0", reset_less=True),
-                       _SRC, _AFF - 1) for l in range(lanes)]
+                       _SRC, _XH) for l in range(lanes)]
         beta = [chain(signed(32), f"beta{l}",
                       Signal(signed(32), name=f"beta{l}_0", reset_less=True), _SRC, _AFF - 2)
                 for l in range(lanes)]
@@ -470,20 +475,21 @@ class LayerNormUnit(wiring.Component):
         with m.If(advance):
             m.d.sync += [xh[l].eq(_rshift_round_pos(q[l], p2_xh_m1)) for l in range(lanes)]
 
-        # -- S6: x_hat * gamma + beta + half ------------------------------------------------------
+        # -- S6: x_hat * gamma + beta + half (PRODUCT_LATENCY stages) --------------------------
         # rnd(v >> s) == (v + half) >> s with half = 2^(s-1) (0 for s = 0): the rounding term
-        # rides on beta, added one stage earlier (beta_h), so that the next stage is a shifter
-        # alone (the shift, its +1 and the carry chain in one stage were 14.3 ns, pre-route
-        # estimate of 0fb80e8). v has w_aff bits; any s >= w_aff + 1 gives 0 as s = w_aff + 1
-        # does, so the shift is clamped there; half fits in w_aff + 1 bits, beta + half and
-        # v + half in w_aff + 2.
+        # rides on beta and is added in the product's sum stage, so that the stage after it is
+        # a shifter alone (the shift, its +1 and the carry chain in one stage were 14.3 ns,
+        # pre-route estimate of 0fb80e8). v has w_aff bits; any s >= w_aff + 1 gives 0 as
+        # s = w_aff + 1 does, so the shift is clamped there; half fits in w_aff + 1 bits,
+        # beta + half and v + half in w_aff + 2. beta + half is a register of the stage before
+        # the sum (_AFF - 1).
         beta_h = [Signal(signed(w_aff + 2), name=f"beta_h{l}", reset_less=True)
                   for l in range(lanes)]
         with m.If(advance):
             m.d.sync += [beta_h[l].eq(beta[l][_AFF - 2] + p2_half) for l in range(lanes)]
-        aff = [Signal(signed(w_aff + 2), name=f"aff_{l}", reset_less=True) for l in range(lanes)]
-        with m.If(advance):
-            m.d.sync += [aff[l].eq(xh[l] * gamma[l][_AFF - 1] + beta_h[l]) for l in range(lanes)]
+        aff = [staged_product(m, xh[l], gamma[l][_XH], en=advance, name=f"aff_{l}",
+                              shape=signed(w_aff + 2), addend=beta_h[l])
+               for l in range(lanes)]
 
         # -- S7: (... + half) >> shift -----------------------------------------------------------
         y = [Signal(signed(w_aff + 1), name=f"y_{l}", reset_less=True) for l in range(lanes)]
