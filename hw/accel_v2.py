@@ -116,6 +116,9 @@ def elaborate_v2(accel, platform):
     regfile = Signal(data.ArrayLayout(signed(32), N_REGS))
     qsig = QueuePort(cfg)
     qstate = Signal(qsig.members["q"].shape)
+    # one "queue is empty" flag per entry, written with it: the predicate selects one bit
+    # from the instruction's queue field instead of comparing a selected length
+    q_empty = Signal(cfg.max_experts, init=(1 << cfg.max_experts) - 1)
 
     prog_base = Signal(32)
     prog_len = Signal(32)
@@ -324,7 +327,8 @@ def elaborate_v2(accel, platform):
                 m.d.sync += [q_wr.eq(qp.wr_en), q_wr_addr.eq(qp.wr_addr),
                              q_wr_off.eq(qp.wr_off), q_wr_len.eq(qp.wr_len)]
     with m.If(q_wr):
-        m.d.sync += [qstate[q_wr_addr].off.eq(q_wr_off), qstate[q_wr_addr].len.eq(q_wr_len)]
+        m.d.sync += [qstate[q_wr_addr].off.eq(q_wr_off), qstate[q_wr_addr].len.eq(q_wr_len),
+                     q_empty.bit_select(q_wr_addr, 1).eq(q_wr_len == 0)]
 
     # ---- module queues ----------------------------------------------------------------------
     ent_layout = data.StructLayout({"instr": isa.INSTR_BITS, "pc": 32})
@@ -409,9 +413,13 @@ def elaborate_v2(accel, platform):
     end_ok = Signal()             # END may complete: fetch stopped, LOAD and STORE queues empty
     m.d.comb += end_ok.eq(fetch_stopped & ~queues[_LOAD].r_rdy & ~queues[_STORE].r_rdy)
 
+    # each unit's start is a register, set by its module's CHECK (the module is in START in
+    # the next cycle): the unit latches its instruction on it, and a start decoded from the
+    # module's state and ``active`` reached every instruction register's enable
     start_sig = [Signal(name=f"start_{i}") for i in range(n_units)]
     for i, u in enumerate(instances):
         m.d.comb += u.ctl.start.eq(start_sig[i])
+        m.d.sync += start_sig[i].eq(0)
 
     mark_set = Signal()
     mark_id = Signal(16)
@@ -472,7 +480,7 @@ def elaborate_v2(accel, platform):
         pred_bad = Signal(name=f"mod{u}_pred_bad")
         pred_skip = Signal(name=f"mod{u}_pred_skip")
         m.d.sync += [pred_bad.eq(hdr.pred_en & (hdr.pred_q >= cfg.max_experts)),
-                     pred_skip.eq(hdr.pred_en & (qstate[hdr.pred_q[:qbits]].len == 0))]
+                     pred_skip.eq(hdr.pred_en & q_empty.bit_select(hdr.pred_q[:qbits], 1))]
 
         def restart():
             # a START leaves any state (after a fault a module may be anywhere); no state
@@ -517,17 +525,14 @@ def elaborate_v2(accel, platform):
                     with m.Switch(hdr.opcode):
                         for uop, i in mine.items():
                             with m.Case(uop):
-                                m.d.sync += active.eq(i)
+                                # (a START in this cycle clears ``active``: no unit start)
+                                m.d.sync += [active.eq(i), start_sig[i].eq(~start_pulse)]
                                 if u == _COMPUTE:
                                     m.d.sync += set_owner(i)
                     m.next = "START"
             with m.State("START"):
                 restart()
                 m.d.comb += mod_running[u].eq(1)
-                with m.Switch(active):
-                    for i in set(mine.values()):
-                        with m.Case(i):
-                            m.d.comb += start_sig[i].eq(1)
                 m.next = "RUN"
             with m.State("RUN"):
                 restart()
@@ -917,7 +922,8 @@ def elaborate_v2(accel, platform):
                     m.next = "IDLE"
         with m.State("START"):
             m.d.comb += start_pulse.eq(1)
-            m.d.sync += [pc.eq(0), last_mark.eq(0), marks.eq(0), qstate.eq(0), started.eq(1),
+            m.d.sync += [pc.eq(0), last_mark.eq(0), marks.eq(0), qstate.eq(0),
+                         q_empty.eq(q_empty.init), started.eq(1),
                          seq_mode.eq(start_seq)]
             m.d.sync += [c.eq(0) for c in cnt.values()]
             m.next = "RUN"
