@@ -345,9 +345,15 @@ class VecUnit(wiring.Component):
         # (sub == f.group - 1 with the subtraction was VEC's row path: 13.3 ns, pre-route
         # estimate of 0fb80e8)
         g_last = _field_reg(m, f.group - 1, "g_last")
+        g_last2 = _field_reg(m, f.group - 2, "g_last2")
+        # ``sub == g_last`` and ``cbase >= n_last`` as registers, computed with the counters'
+        # next values: through the compares, ``last_sub`` and ``last_chunk`` were the enables of
+        # the row pointers (b_row, 12.2 ns pre-route estimate of e30bab3)
+        sub_at_g = Signal()
+        at_last_chunk = Signal()
         m.d.comb += [
-            last_sub.eq(Mux(two_in, sub[0], Mux(is_pool, sub == g_last, 1))),
-            last_chunk.eq(cbase >= n_last),
+            last_sub.eq(Mux(two_in, sub[0], Mux(is_pool, sub_at_g, 1))),
+            last_chunk.eq(at_last_chunk),
             rem.eq(f.n - cbase),
             sp.rd_addr.eq(Mux(two_in & sub[0], b_row + cbase,
                               Mux(is_pool, a_ptr, a_row + cbase))[:aw]),
@@ -374,7 +380,9 @@ class VecUnit(wiring.Component):
                 m.d.sync += step.eq(step + 1)
                 with m.If(step == n_steps):
                     m.d.sync += [row.eq(0), cbase.eq(0), sub.eq(0), a_row.eq(f.a_addr),
-                                 a_ptr.eq(f.a_addr), b_row.eq(f.b_addr), o_row.eq(f.out_addr)]
+                                 a_ptr.eq(f.a_addr), b_row.eq(f.b_addr), o_row.eq(f.out_addr),
+                                 sub_at_g.eq(g_last == 0),
+                                 at_last_chunk.eq(Const(0, len(cbase)) >= n_last)]
                     m.d.sync += dry.eq(bad_out)
                     with m.If(err != ErrorCode.OK):
                         ctl.finish(err)
@@ -383,17 +391,20 @@ class VecUnit(wiring.Component):
             with m.State("RUN"):
                 m.d.comb += issue.eq(1)
                 with m.If(~last_sub):
-                    m.d.sync += [sub.eq(sub + 1), a_ptr.eq(a_ptr + f.a_stride)]
+                    m.d.sync += [sub.eq(sub + 1), a_ptr.eq(a_ptr + f.a_stride),
+                                 sub_at_g.eq(sub == g_last2)]
                 with m.Else():
-                    m.d.sync += sub.eq(0)
+                    m.d.sync += [sub.eq(0), sub_at_g.eq(g_last == 0)]
                     with m.If(cbase == 0):
                         m.d.sync += pool_next.eq(a_ptr + f.a_stride)
                     with m.If(~last_chunk):
-                        m.d.sync += [cbase.eq(cbase + L), a_ptr.eq(a_row + cbase + L)]
+                        m.d.sync += [cbase.eq(cbase + L), a_ptr.eq(a_row + cbase + L),
+                                     at_last_chunk.eq((cbase + L)[:len(cbase)] >= n_last)]
                     with m.Else():
                         next_a = Mux(is_pool, Mux(cbase == 0, a_ptr + f.a_stride, pool_next),
                                      a_row + f.a_stride)
                         m.d.sync += [cbase.eq(0), row.eq(row + 1), a_row.eq(next_a),
+                                     at_last_chunk.eq(Const(0, len(cbase)) >= n_last),
                                      a_ptr.eq(next_a), b_row.eq(b_row + f.b_stride),
                                      o_row.eq(o_row + f.out_stride)]
                         with m.If(row == m_last):
