@@ -42,15 +42,15 @@ exact; :func:`select_cycles` derives its arguments from the instruction and the 
     + 1 + iters * (N + 3)                           SELECT: start, scans
     + 2 * (N + 5 + (N > 0))                         two walks
     + 3                                             registers, done
-    = cnt + 9 + (cnt > 0) + (N > 0) * (sum_c ceil(l_c / spad_lanes) + 17) + iters * (N + 3)
+    = cnt + 9 + (cnt > 0) + (N > 0) * (sum_c ceil(l_c / spad_lanes) + 18) + iters * (N + 3)
       + 2 * (N + 5)
 
-with ``l_c`` the clipped chunk lengths, ``SCORE_DRAIN`` the depth of the score pipeline (14) and
+with ``l_c`` the clipped chunk lengths, ``SCORE_DRAIN`` the depth of the score pipeline (15) and
 ``iters`` the number of scans: 0 when ``R <= 0`` or ``N = 0``, else the number of chunks that
 give tokens plus 1 when the budget is not used up by them. A fault is reported after CHECK2
 (3 cycles), after LAST (``cnt + 5 + (cnt > 0)``) or after the counting walk. E.g. 32 chunks of
 128 tokens (4096 keys, all below the limit), budget 1024 with 128 sink and 128 recent tokens, 16
-lanes: 42 + SCORE 32 * 8 + 17 + 6 scans of 35 + walks 74 = 599 cycles.
+lanes: 42 + SCORE 32 * 8 + 18 + 6 scans of 35 + walks 74 = 600 cycles.
 
 Watchdog: the SELECT scans and the walks' reads use only the unit's own memory, which the
 accelerator's watchdog does not see as progress. A SELECT whose selection phase exceeds the
@@ -87,7 +87,7 @@ __all__ = ["SelectUnit", "select_cycles", "SCORE_DRAIN"]
 #: Cycles from the last scratchpad read of the SCORE phase to the end of the phase: the request
 #: register, read latency, the sum, the table pipeline, the product, the rounding, the entry
 #: write.
-SCORE_DRAIN = 1 + SPAD_READ_LATENCY + 2 + INTERP_LATENCY + 2 + 1
+SCORE_DRAIN = 1 + SPAD_READ_LATENCY + 3 + INTERP_LATENCY + 2 + 1
 
 
 def _bits(n: int) -> int:
@@ -294,13 +294,18 @@ class SelectUnit(wiring.Component):
                      p0b_amt.eq(Mux(2 * k0 >= 16, (2 * k0 - 16)[:6], (16 - 2 * k0)[:6]))]
         spec = table_spec("rsqrt", cfg)
         ub = interp_input_bits(spec)
+        # u is registered (P0c) before the table: the shifter in front of the table's index
+        # adder and LUT-ROM was SELECT's rd_even / rd_odd path (12.2 ns, pre-route estimate of
+        # e30bab3)
         u = Signal(ub)
         with m.If(p0b_right):
-            m.d.comb += u.eq(p0b.l >> p0b_amt)
+            m.d.sync += u.eq(p0b.l >> p0b_amt)
         with m.Else():
-            m.d.comb += u.eq(p0b.l << p0b_amt)
+            m.d.sync += u.eq(p0b.l << p0b_amt)
+        p0c = Signal(pipe)
+        m.d.sync += p0c.eq(p0b)
         [r_out] = build_interp(m, spec, make_table("rsqrt", cfg), [u], Const(1, 1), name="rsqrt")
-        dl = [p0b]
+        dl = [p0c]
         for i in range(INTERP_LATENCY):
             d = Signal(pipe, name=f"d{i + 1}")
             m.d.sync += d.eq(dl[-1])
@@ -319,7 +324,7 @@ class SelectUnit(wiring.Component):
                                        "n": lw}))
         m.d.sync += [p6.valid.eq(p5.valid), p6.score.eq(score), p6.c.eq(p5.c), p6.lo.eq(lo_c),
                      p6.n.eq(Mux(hi_c > lo_c, hi_c - lo_c, 0))]
-        pipe_busy = Cat(*[t.valid for t in tags[1:]], p0.valid, p0b.valid,
+        pipe_busy = Cat(*[t.valid for t in tags[1:]], p0.valid, p0b.valid, p0c.valid,
                         *[d.valid for d in dl[1:]], p5.valid, p6.valid).any()
 
         # -- SELECT state ---------------------------------------------------------------------
