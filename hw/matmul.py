@@ -598,12 +598,17 @@ class MatmulUnit(wiring.Component):
             with m.State("CHK_WAIT"):
                 m.d.comb += fsm_busy.eq(1)
                 m.d.sync += [cnt.eq(cnt + 1), chk_ok.eq(cnt + 1 >= self.CHECK_DRAIN - 1)]
+                # the tile registers are set in every CHK_WAIT cycle (nothing reads them before
+                # RUN, and their values are fixed here): with the exit condition in their
+                # enables, the validity walker's busy ran into nt/kt/koff/noff (12.0 ns,
+                # pre-route estimate of e30bab3)
+                m.d.sync += [kt_first.eq(1), kt_last.eq(KT == 1)]
+                m.d.sync += [ph.eq(PH_W), lim.eq(wslots - 1), row.eq(0),
+                             row_last.eq(L1 == 0), nt_last.eq(T1 == 0), sub.eq(0), kt.eq(0),
+                             nt.eq(0), koff.eq(0), noff.eq(0), accb.eq(f.acc_addr),
+                             issuing_done.eq(L == 0), drain.eq(0)]
                 with m.If(chk_ok & ~vw_busy):
-                    m.d.sync += [kt_first.eq(1), kt_last.eq(KT == 1)]
-                    m.d.sync += [cnt.eq(0), ph.eq(PH_W), lim.eq(wslots - 1), row.eq(0),
-                                 row_last.eq(L1 == 0), nt_last.eq(T1 == 0), sub.eq(0), kt.eq(0),
-                                 nt.eq(0), koff.eq(0), noff.eq(0), accb.eq(f.acc_addr),
-                                 issuing_done.eq(L == 0), drain.eq(0)]
+                    m.d.sync += cnt.eq(0)
                     # the golden order of the remaining checks
                     with m.If(bad_a | bad_b):
                         m.d.sync += code.eq(ErrorCode.SPAD_RANGE)
