@@ -377,8 +377,12 @@ class SelectUnit(wiring.Component):
                     emit_span()
                 m.d.sync += [sp_s.eq(s), sp_e.eq(e), open_.eq(1)]
 
+        # ri < ncand as a register, set with ri in the scans and walks (ncand is final before
+        # them): the compare was in the chunk memory's read enable and the next state
+        ri_more = Signal()
+
         def start_walk():
-            m.d.sync += [open_.eq(0), count.eq(0), rows.eq(0), ri.eq(0)]
+            m.d.sync += [open_.eq(0), count.eq(0), rows.eq(0), ri.eq(0), ri_more.eq(ncand != 0)]
             m.next = "W_SINK"
 
         with m.FSM() as fsm:
@@ -472,17 +476,18 @@ class SelectUnit(wiring.Component):
 
             with m.State("SEL_INIT"):
                 # every score entry is written (SC_DRAIN waits for the last write)
-                m.d.sync += [ri.eq(0), have.eq(0)]
+                m.d.sync += [ri.eq(0), ri_more.eq(ncand != 0), have.eq(0)]
                 with m.If((left <= 0) | (ncand == 0)):
                     start_walk()
                 with m.Else():
                     m.next = "SEL_SCAN"
 
             with m.State("SEL_SCAN"):
-                issue = ri < ncand
+                issue = ri_more
                 m.d.comb += [mr.en.eq(issue), mr.addr.eq(ri)]
                 with m.If(issue):
-                    m.d.sync += [ri.eq(ri + 1), s1_v.eq(1), s1_i.eq(ri)]
+                    m.d.sync += [ri.eq(ri + 1), ri_more.eq(ri + 1 < ncand), s1_v.eq(1),
+                                 s1_i.eq(ri)]
                 # the entry is registered before the compare (the block RAM's data into the
                 # 32-bit compare and the best-entry registers was 15.6 ns into ``have``: routed
                 # model of the dc9338d build)
@@ -495,7 +500,7 @@ class SelectUnit(wiring.Component):
                     m.next = "SEL_DECIDE"
 
             with m.State("SEL_DECIDE"):
-                m.d.sync += [ri.eq(0), have.eq(0)]
+                m.d.sync += [ri.eq(0), ri_more.eq(ncand != 0), have.eq(0)]
                 with m.If(have):
                     m.d.comb += [mw.en.eq(1), mw.addr.eq(bi), mw.data.avail.eq(0),
                                  mw.data.score.eq(best), mw.data.lo.eq(b_lo),
@@ -514,10 +519,10 @@ class SelectUnit(wiring.Component):
                 m.next = "W_CHUNKS"
 
             with m.State("W_CHUNKS"):
-                issue = ri < ncand
+                issue = ri_more
                 m.d.comb += [mr.en.eq(issue), mr.addr.eq(ri)]
                 with m.If(issue):
-                    m.d.sync += [ri.eq(ri + 1), s1_v.eq(1)]
+                    m.d.sync += [ri.eq(ri + 1), ri_more.eq(ri + 1 < ncand), s1_v.eq(1)]
                 # the entry read last cycle is registered before the merge
                 m.d.sync += [w_v.eq(s1_v & (rd.t != 0)), w_lo.eq(rd.lo), w_e.eq(rd.lo + rd.t)]
                 with m.If(w_v):
