@@ -205,6 +205,9 @@ class Bridge(wiring.Component):
         # last byte it was the bridge's 12.5 ns path into hdr, pre-route estimate)
         is_write = Signal()
         has_data = Signal()                      # the response carries count words
+        # idx + 1 == nbytes (the payload's last byte), a register set with idx (the compare
+        # in front of the state register was 13.3 ns into the state, pre-route estimate)
+        pay_last = Signal()
 
         i, o = self.i, self.o
         byte_in = i.valid & i.ready
@@ -249,7 +252,8 @@ class Bridge(wiring.Component):
                             with m.Case(1 + k):
                                 m.d.sync += addr.word_select(k, 8).eq(i.payload)
                         with m.Case(5):
-                            m.d.sync += [count.eq(i.payload), idx.eq(0),
+                            # (nbytes is a multiple of 4: byte 0 is never the last)
+                            m.d.sync += [count.eq(i.payload), idx.eq(0), pay_last.eq(0),
                                          nbytes.eq(Mux(is_write, i.payload << 2, 0))]
                             with m.If(is_write & (i.payload != 0)):
                                 m.next = "PAYLOAD"
@@ -261,11 +265,12 @@ class Bridge(wiring.Component):
                 m.d.comb += [receiving.eq(1), self.busy.eq(1)]
                 with m.If(byte_in):
                     m.d.sync += [crc.eq(crc16_step(crc, i.payload)), idx.eq(idx + 1),
+                                 pay_last.eq(idx + 2 == nbytes),
                                  word.eq(Cat(word[8:], i.payload))]
                     # the buffer keeps the first MAX_WORDS words; a longer frame is BAD_LEN
                     m.d.comb += [wr.addr.eq(idx >> 2), wr.data.eq(Cat(word[8:], i.payload)),
                                  wr.en.eq((idx[:2] == 3) & (idx < 4 * MAX_WORDS))]
-                    with m.If(idx + 1 == nbytes):
+                    with m.If(pay_last):
                         m.next = "CRC0"
                 with m.If(timed_out):
                     respond(Status.TIMEOUT, 0)
