@@ -433,7 +433,10 @@ class MatmulUnit(wiring.Component):
         # cycle, whose index-memory address is registered with it
         kt_first = Signal()
         kt_last = Signal()
-        epi_t = kt_last & epi_i
+        # kt_last & epi_i as a register set with kt_last: it selects the tile's slot counts, and
+        # from the latched instruction's decode it ran through that multiplexer and the row
+        # slot compare into nt/koff/noff/ph/lim (12.9 ns, pre-route estimate of 0601e72)
+        epi_t = Signal()
         k_rem = f.k - koff
         n_rem = f.n - noff
         kval = Mux(k_rem > rows, rows, k_rem)
@@ -602,7 +605,7 @@ class MatmulUnit(wiring.Component):
                 # RUN, and their values are fixed here): with the exit condition in their
                 # enables, the validity walker's busy ran into nt/kt/koff/noff (12.0 ns,
                 # pre-route estimate of e30bab3)
-                m.d.sync += [kt_first.eq(1), kt_last.eq(KT == 1)]
+                m.d.sync += [kt_first.eq(1), kt_last.eq(KT == 1), epi_t.eq((KT == 1) & epi_i)]
                 m.d.sync += [ph.eq(PH_W), lim.eq(wslots - 1), row.eq(0),
                              row_last.eq(L1 == 0), nt_last.eq(T1 == 0), sub.eq(0), kt.eq(0),
                              nt.eq(0), koff.eq(0), noff.eq(0), accb.eq(f.acc_addr),
@@ -669,11 +672,13 @@ class MatmulUnit(wiring.Component):
                                     goto(PH_W)
                                     with m.If(~kt_last):
                                         m.d.sync += [kt.eq(kt + 1), koff.eq(koff + rows),
-                                                     kt_first.eq(0), kt_last.eq(kt == KT2)]
+                                                     kt_first.eq(0), kt_last.eq(kt == KT2),
+                                                     epi_t.eq((kt == KT2) & epi_i)]
                                     with m.Elif(nt_last):
                                         m.d.sync += issuing_done.eq(1)
                                     with m.Else():
-                                        m.d.sync += [kt_first.eq(1), kt_last.eq(KT == 1)]
+                                        m.d.sync += [kt_first.eq(1), kt_last.eq(KT == 1),
+                                                     epi_t.eq((KT == 1) & epi_i)]
                                         m.d.sync += [kt.eq(0), koff.eq(0), nt.eq(nt + 1),
                                                      nt_last.eq(nt == T2),
                                                      noff.eq(noff + cols)]
