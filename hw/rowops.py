@@ -877,7 +877,16 @@ class SoftmaxRowUnit(wiring.Component):
         # the state (16.7 ns, the slowest path of the pre-route estimate of the whole ecp5
         # design; the f892a67 build's routed critical path, 18.94 ns)
         room = Signal(range(R + 1), name="w_room")
-        m.d.comb += take.eq(Mux((w_rem < room) & (w_rem < left), w_rem,
+        # w_rem saturated at R + 1, a register beside it: every compare of the walk reads it
+        # instead of the 32-bit count (take <= room <= R, so the results are the same; the
+        # 32-bit compares ran through take and line_full into the state register, 12.6 ns,
+        # pre-route estimate of 9404a75)
+        w_rem_s = Signal(range(R + 2))
+
+        def sat_r(v):
+            return Mux(v > R, R + 1, v)
+
+        m.d.comb += take.eq(Mux((w_rem_s < room) & (w_rem_s < left), w_rem_s,
                                 Mux(room < left, room, left)))
         for lane in range(R):
             m.d.comb += line_next[lane].eq(
@@ -1025,21 +1034,23 @@ class SoftmaxRowUnit(wiring.Component):
                 # negative span lengths give no positions
                 m.d.sync += [w_start.eq(ix.rd_data.a), w_addr.eq(w_addr + 1),
                              w_tleft.eq(w_tleft - 1), w_tzero.eq(w_tleft == 1),
-                             w_rem.eq(Mux(ix.rd_data.b < 0, 0, ix.rd_data.b))]
+                             w_rem.eq(Mux(ix.rd_data.b < 0, 0, ix.rd_data.b)),
+                             w_rem_s.eq(Mux(ix.rd_data.b < 0, 0, sat_r(ix.rd_data.b)))]
                 m.next = "WALK_EX"
             with m.State("WALK_EX"):
-                with m.If(w_rem == 0):
+                with m.If(w_rem_s == 0):
                     m.d.sync += w_rd.eq(1)
                     m.next = "WALK_RD"
                 with m.Else():
                     m.d.sync += [line.eq(line_next), w_rem.eq(w_rem - take),
+                                 w_rem_s.eq(sat_r(w_rem - take)),
                                  w_start.eq(w_start + take), left.eq(left - take),
                                  w_pos_done.eq(take == left),
                                  w_lane.eq(w_lane + take), room.eq(room - take)]
                     with m.If(line_full):
                         m.d.comb += kb_wr.en.eq(1)
                         m.d.sync += [w_line.eq(w_line + 1), w_lane.eq(0), room.eq(R)]
-                    with m.If((w_rem == take) | (take == left)):
+                    with m.If((w_rem_s == take) | (take == left)):
                         m.d.sync += w_rd.eq(1)
                         m.next = "WALK_RD"
             with m.State("POST"):

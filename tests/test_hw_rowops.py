@@ -450,6 +450,8 @@ def _spans_for(rng, n):
             ln = 0
         elif kind == 1:
             ln = -int(rng.integers(1, 5))
+        elif kind == 2 and total > 0:
+            ln = int(rng.integers(100, 1 << 20))     # longer than the positions still needed
         else:
             ln = int(rng.integers(1, 9))
         spans.append((start, ln))
