@@ -379,7 +379,7 @@ class LayerNormUnit(wiring.Component):
         p2_half = Signal(w_aff + 1)
         sh_c = Mux(row_shift > w_aff + 1, w_aff + 1, row_shift)
 
-        # -- S2: one multiplier per lane: x * x (pass 1) or x * n (pass 2) -----------------------
+        # -- S2-S4: one staged product per lane: x * x (pass 1) or x * n (pass 2) ----------------
         # A staged product (PRODUCT_LATENCY stages): in one stage, the register x -> DSP ->
         # prod took 18.2 ns (routed model of the c399bc6 build).
         xm = [Mux(vmask[_X][l], x1[l], 0) for l in range(lanes)]
@@ -388,7 +388,7 @@ class LayerNormUnit(wiring.Component):
                 for l in range(lanes)]
         xs = [chain(WORD, f"xm{l}", xm[l], _X, _MUL)[_MUL] for l in range(lanes)]
 
-        # -- S3: pass 1 lane sums; pass 2 n x - S1 -----------------------------------------------
+        # -- S5: pass 1 lane sums; pass 2 n x - S1 -----------------------------------------------
         sq_sum = Signal(31 + lanes.bit_length(), reset_less=True)
         x_sum = Signal(signed(16 + lanes.bit_length()), reset_less=True)
         count = Signal(range(lanes + 1), reset_less=True)
@@ -402,7 +402,7 @@ class LayerNormUnit(wiring.Component):
             ]
             m.d.sync += [d[l].eq(prod[l] - p2_s1) for l in range(lanes)]
 
-        # -- S4: pass 1 accumulators; pass 2 (n x - S1) * r --------------------------------------
+        # -- S6-S7: pass 1 accumulators; pass 2 (n x - S1) * r (split product) -------------------
         acc_n = Signal(w["n"])
         acc_s1 = Signal(signed(w["s1"]))
         acc_s2 = Signal(w["s2"])
@@ -471,14 +471,14 @@ class LayerNormUnit(wiring.Component):
                          p2_xh_m1.eq(k_st + (15 - LN_FRAC - 1)), p2_shift.eq(sh_c),
                          p2_half.eq(Mux(sh_c == 0, 0, Const(1, len(p2_half)) << (sh_c - 1)[:6]))]
 
-        # -- S5: x_hat ---------------------------------------------------------------------------
+        # -- S8: x_hat ---------------------------------------------------------------------------
         xh = [Signal(signed(w["x_hat"]), name=f"x_hat_{l}", reset_less=True)
               for l in range(lanes)]
         assert 15 - LN_FRAC >= 1  # the shift is never 0
         with m.If(advance):
             m.d.sync += [xh[l].eq(_rshift_round_pos(q[l], p2_xh_m1)) for l in range(lanes)]
 
-        # -- S6: x_hat * gamma + beta + half (PRODUCT_LATENCY stages) --------------------------
+        # -- S9-S11: x_hat * gamma + beta + half (PRODUCT_LATENCY stages) ----------------------
         # rnd(v >> s) == (v + half) >> s with half = 2^(s-1) (0 for s = 0): the rounding term
         # rides on beta and is added in the product's sum stage, so that the stage after it is
         # a shifter alone (the shift, its +1 and the carry chain in one stage were 14.3 ns,
@@ -494,12 +494,12 @@ class LayerNormUnit(wiring.Component):
                               shape=signed(w_aff + 2), addend=beta_h[l])
                for l in range(lanes)]
 
-        # -- S7: (... + half) >> shift -----------------------------------------------------------
+        # -- S12: (... + half) >> shift ----------------------------------------------------------
         y = [Signal(signed(w_aff + 1), name=f"y_{l}", reset_less=True) for l in range(lanes)]
         with m.If(advance):
             m.d.sync += [y[l].eq(aff[l] >> p2_shift) for l in range(lanes)]
 
-        # -- S8: saturate, mask: output register -------------------------------------------------
+        # -- S13: saturate, mask: output register ------------------------------------------------
         y_out = [Signal(WORD, name=f"y_out_{l}", reset_less=True) for l in range(lanes)]
         sat_out = Signal(range(lanes + 1), reset_less=True)
         lo, hi = cfg.act_min, cfg.act_max
