@@ -23,7 +23,8 @@ registers already and have no other load.
 
 from amaranth.hdl import Signal, Value, signed
 
-__all__ = ["staged_product", "split_product", "PRODUCT_LATENCY", "SPLIT_LATENCY", "LIMB"]
+__all__ = ["staged_product", "split_product", "partial_sum", "PRODUCT_LATENCY", "SPLIT_LATENCY",
+           "LIMB"]
 
 #: Enabled cycles from the operands to the product of :func:`staged_product`.
 PRODUCT_LATENCY = 3
@@ -72,6 +73,29 @@ def _reg(m, value, name, shape, en):
     with m.If(en):
         m.d.sync += sig.eq(value)
     return sig
+
+
+def partial_sum(m, a, b, *, en, name, mul=None):
+    """``a * b`` as an expression: the sum of its partial products, each one registered at its
+    multiplier's output (one ``18 x 18`` block per pair of :data:`LIMB`-bit pieces, nothing
+    between the block and its register). The expression is valid one enabled cycle after ``a``
+    and ``b`` were presented; the caller registers it where it needs it (stage 3 of
+    :func:`staged_product` without its register). ``mul(x, y)`` forms each piece's product
+    (default ``x * y``; :func:`vitamin.hw.lutmul.lut_mul` marks them for logic mapping on
+    flows that keep such products off DSP blocks)."""
+    a, b = Value.cast(a), Value.cast(b)
+    if len(b) > len(a):
+        a, b = b, a
+    mul = mul or (lambda x, y: x * y)
+    a_l = _limbs(a, a.shape().signed)
+    b_l = [b] if _fits(b.shape()) else _limbs(b, b.shape().signed)
+    total = None
+    for i, x in enumerate(a_l):
+        for j, y in enumerate(b_l):
+            sh = signed(len(x) + len(y) + 1)
+            p = _reg(m, mul(x, y), f"{name}_pp{i}_{j}", sh, en) << ((i + j) * LIMB)
+            total = p if total is None else total + p
+    return total
 
 
 def split_product(m, a, b, *, en, name, shape, addend=None):

@@ -950,12 +950,14 @@ class MatmulUnit(wiring.Component):
         ext1 = Signal(cols)
         ext2 = Signal(cols)
         old1 = [Signal(signed(ab), name=f"old1_{c}") for c in range(cols)]
-        # old * c as two registered partial products (one DSP each); their sum joins the
-        # addition of R2 (the product and its adder in one cycle were the 2da45db build's
-        # slowest MATMUL path in the routed model, 20 ns, most of it the way to the DSPs)
-        assert ab > 17
-        sc_lo = [Signal(34, name=f"sc_lo2_{c}") for c in range(cols)]
-        sc_hi = [Signal(signed(ab - 17 + 18), name=f"sc_hi2_{c}") for c in range(cols)]
+        # old * c as registered partial products, one per 17-bit piece of old (one DSP block
+        # each, nothing between the block and its register); their sum joins the addition of
+        # R2. (The product and its adder in one cycle were the 2da45db build's slowest MATMUL
+        # path in the routed model, 20 ns, most of it the way to the DSPs; a 31-bit piece
+        # needed two blocks and their adder before its register, 15.7 ns into ``sc_hi2``,
+        # e30bab3 build, routed.)
+        assert ab > 17 and len(r1.c) <= 17
+        sc_parts = [[] for _ in range(cols)]     # (register, shift) per column
         sum3 = [Signal(signed(ab + 4), name=f"sum3_{c}") for c in range(cols)]
         m.d.sync += [ext1.eq(ext_rd.data), ext2.eq(ext1)]
         for c in range(cols):
@@ -965,12 +967,18 @@ class MatmulUnit(wiring.Component):
                 psum1[c].eq(o_mac.payload.data[c]),
                 psum2[c].eq(psum1[c]),
                 old2[c].eq(old),
-                sc_lo[c].eq(old[:17] * r1.c),
-                sc_hi[c].eq(old[17:].as_signed() * r1.c),
                 old3[c].eq(old2[c]),
             ]
+            for lo in range(0, ab, 17):
+                piece = old[lo:lo + 17]
+                top = lo + 17 >= ab
+                if top:
+                    piece = piece.as_signed()
+                sc = Signal(signed(len(piece) + 18) if top else 34, name=f"sc{lo}_2_{c}")
+                m.d.sync += sc.eq(piece * r1.c)
+                sc_parts[c].append((sc, lo))
             # R2: what the products are added to; scaled: rnd(old * c >> 15) + psum
-            # = (lo + hi * 2^17 + psum * 2^15 + 2^14) >> 15, exact, one sum
+            # = (sum of the pieces' products + psum * 2^15 + 2^14) >> 15, exact, one sum
             base = Signal(signed(ab + 4), name=f"base_{c}")
             with m.If(r2.kt_first):
                 with m.If(is_zero):
@@ -980,8 +988,8 @@ class MatmulUnit(wiring.Component):
             with m.Else():
                 m.d.comb += base.eq(Cat(old2[c], ext2[c]).as_signed())
             with m.If(r2.kt_first & is_scale):
-                m.d.sync += sum3[c].eq((sc_lo[c] + (sc_hi[c] << 17) + (psum2[c] << 15)
-                                        + (1 << 14)) >> 15)
+                scaled = sum(sc << lo for sc, lo in sc_parts[c])
+                m.d.sync += sum3[c].eq((scaled + (psum2[c] << 15) + (1 << 14)) >> 15)
             with m.Else():
                 m.d.sync += sum3[c].eq(base + psum2[c])
 

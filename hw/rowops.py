@@ -55,7 +55,7 @@ from vitamin.golden.tables import make_table, table_spec
 from vitamin.golden.units import exp_shift
 from vitamin.isa import ErrorCode, SmMode, VecOp
 
-from .dspmul import PRODUCT_LATENCY, staged_product
+from .dspmul import PRODUCT_LATENCY, partial_sum, staged_product
 from .layernorm import LayerNormUnit, layernorm_in_layout, layernorm_param_layout
 from .lutmul import lut_mul
 from .onehot import msb_index
@@ -148,13 +148,16 @@ def _shared_mul(m, step, widths, pairs_of, name):
     ``widths`` gives the width of each product register; ``pairs_of(prods)`` returns the
     operand pairs ``(x, y)`` (unsigned), and may use the product registers of pairs at least
     three places earlier. In the cycle where ``step == i`` the operand registers take pair
-    ``i``; in the next cycle the two halves of the product (``x``'s low and high bits times
-    ``y``) are computed and registered, and in the cycle after that register ``i`` takes their
-    sum. (The operands are registered so that no step decode or operand multiplexer sits in
-    front of the DSP blocks; the halves are registered so that the DSP blocks' outputs and the
-    adders that join a wide product do not share a cycle: in one cycle they were the routed
-    critical path of the ``ecp5`` ULX3S build, 18.9 ns across three DSP rows.) Returns the
-    product registers and the step at which all of them hold their products.
+    ``i``; in the next cycle the partial products (one multiplier block per pair of 17-bit
+    pieces, :func:`vitamin.hw.dspmul.partial_sum`) are computed and registered at the blocks,
+    and in the cycle after that register ``i`` takes their sum. (The operands are registered so
+    that no step decode or operand multiplexer sits in front of the DSP blocks; the partial
+    products are registered so that the DSP blocks' outputs and the adders that join a wide
+    product do not share a cycle: in one cycle they were the routed critical path of the
+    ``ecp5`` ULX3S build, 18.9 ns across three DSP rows. Halves of ``x`` times a ``y`` wider
+    than 17 bits still put two blocks and their adder before the register: 14.7 ns into
+    SOFTMAX's ``chk_lo``, e30bab3 build, routed.) Returns the product registers and the step at
+    which all of them hold their products.
     """
     prods = [Signal(w, name=f"{name}_{i}") for i, w in enumerate(widths)]
     pairs = pairs_of(prods)
@@ -166,13 +169,10 @@ def _shared_mul(m, step, widths, pairs_of, name):
         for i, (x, y) in enumerate(pairs):
             with m.Case(i):
                 m.d.sync += [x_op.eq(x), y_op.eq(y)]
-    half = (xw + 1) // 2
-    p_lo = Signal(half + yw, name=f"{name}_lo")
-    p_hi = Signal(xw - half + yw, name=f"{name}_hi")
-    m.d.sync += [p_lo.eq(lut_mul(x_op[:half], y_op)), p_hi.eq(lut_mul(x_op[half:], y_op))]
+    psum = partial_sum(m, x_op, y_op, en=1, name=name, mul=lut_mul)
     for i, p in enumerate(prods):
         with m.If(step == i + 2):
-            m.d.sync += p.eq(p_lo + (p_hi << half))
+            m.d.sync += p.eq(psum)
     return prods, len(widths) + 2
 
 

@@ -8,7 +8,7 @@ import pytest
 from amaranth.hdl import Module, Signal, signed, unsigned
 from hwutil import run_sim
 
-from vitamin.hw.dspmul import LIMB, PRODUCT_LATENCY, staged_product
+from vitamin.hw.dspmul import LIMB, PRODUCT_LATENCY, partial_sum, staged_product
 
 SHAPES = [
     (signed(48), signed(16)),      # the epilogue's v * mult
@@ -69,6 +69,47 @@ def test_staged_product_exact(sa, sb):
             in_flight.append(x * y)
             if len(in_flight) == PRODUCT_LATENCY:
                 got.append((ctx.get(p), in_flight.pop(0)))
+
+    run_sim(m, bench)
+    assert len(got) == len(ops)
+    bad = [(g, e) for g, e in got if g != e]
+    assert not bad, f"{len(bad)} wrong products, first {bad[:3]}"
+
+
+@pytest.mark.parametrize("sa,sb", SHAPES + [(unsigned(22), unsigned(16)),
+                                           (unsigned(32), unsigned(22))],
+                         ids=[f"{a}x{b}" for a, b in SHAPES] + ["u22xu16", "u32xu22"])
+def test_partial_sum_exact(sa, sb):
+    """partial_sum: the sum of registered pieces is ``a * b`` one cycle after the operands
+    (the row units' range checks: unsigned 16 x 22 and 32 x 22), and every piece's register
+    takes a product of operands no wider than one multiplier input."""
+    rng = random.Random(f"ps{sa}{sb}")
+    ops = [(x, y) for x in _extremes(sa) for y in _extremes(sb)]
+    ops += [(_random(rng, sa), _random(rng, sb)) for _ in range(200)]
+    a, b = Signal(sa), Signal(sb)
+    m = Module()
+    out = Signal(signed(sa.width + sb.width + 1))
+    m.d.comb += out.eq(partial_sum(m, a, b, en=1, name="q"))
+    pieces = []
+
+    def mul(x, y):
+        pieces.append((x.shape(), y.shape()))
+        return x * y
+
+    partial_sum(m, a, b, en=1, name="r", mul=mul)
+    assert pieces and all(w.width <= (18 if w.signed else 17) for x in pieces for w in x)
+    got = []
+
+    async def bench(ctx):
+        # the operands of a cycle are registered (as pieces) at its end: the sum shows their
+        # product in the next cycle, whatever the operands of that cycle are
+        for x, y in ops:
+            ctx.set(a, x)
+            ctx.set(b, y)
+            await ctx.tick()
+            ctx.set(a, _random(rng, sa))
+            ctx.set(b, _random(rng, sb))
+            got.append((ctx.get(out), x * y))
 
     run_sim(m, bench)
     assert len(got) == len(ops)
