@@ -467,6 +467,7 @@ def _open_flow(board, cfg, out_dir, progress, seed, timeout, units=None, clock_m
             report["fits"] = True
             netlist = Path(out_dir) / f"{name}.json"
             if board.family == "ecp5" and netlist.exists():
+                report["dsp_registers"] = _dsp_register_pass(netlist, progress)
                 report["pre_route_estimate"] = _pre_route_estimate(
                     netlist, clock_mhz or board.clk_hz / 1e6, progress)
             if synth_only:
@@ -496,6 +497,22 @@ def _open_flow(board, cfg, out_dir, progress, seed, timeout, units=None, clock_m
         report["bitstream"] = str(bitfile)
         report["bitstream_sha256"] = hashlib.sha256(bitfile.read_bytes()).hexdigest()
     return report
+
+
+def _dsp_register_pass(netlist, progress):
+    """vitamin.boards.dspregs on the synthesised netlist, in place, before nextpnr reads it:
+    the operand and product registers of each multiplier block move into the block."""
+    from vitamin.sim.sta import estimate
+
+    from .dspregs import absorb_dsp_registers
+    design = json.loads(Path(netlist).read_text())
+    arrival = {e.cell: e.arrival_ns for e in estimate(design).endpoints}
+    stats = absorb_dsp_registers(design, arrival)
+    Path(netlist).write_text(json.dumps(design))
+    progress(f"DSP registers: {stats['inputs_registered']} of {stats['blocks']} multiplier "
+             f"blocks take their operand registers, {stats['outputs_registered']} their product "
+             f"register ({stats['ffs_removed']} flip-flops fewer)")
+    return stats
 
 
 def _pre_route_estimate(netlist, clock_mhz, progress):
@@ -665,6 +682,11 @@ def format_report(rep: dict) -> str:
         lines += [f"  {w:6.1f} ns  {n:5d}  {k}" for k, w, n in est["slowest"]]
         if est.get("warning"):
             lines.append(f"  warning: {est['warning']}")
+    dr = rep.get("dsp_registers") or {}
+    if dr:
+        lines.append(f"multiplier blocks with their registers: {dr['inputs_registered']} of "
+                     f"{dr['blocks']} with input registers, {dr['outputs_registered']} with the "
+                     f"output register ({dr['ffs_removed']} fabric flip-flops removed)")
     rt = rep.get("routed_timing") or {}
     if "worst_ns" in rt:
         lines.append(f"routed register inputs (nextpnr): {rt['endpoints_over_10ns']} of "

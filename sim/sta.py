@@ -8,7 +8,10 @@ found, fixed and re-checked without placing and routing:
 * a LUT4 is 0.24 ns, a PFUMX 0.17 ns, an L6MUX21 0.20 ns; a CCU2C 0.44-0.45 ns from its LUT
   inputs, 0.07 ns per carry step and 0.40 ns from the carry-in to a sum; a MULT18X18D 3.93 ns
   (unregistered); clock to output 0.52 ns for a TRELLIS_FF and 5.83 ns for a DP16KD without
-  its output register;
+  its output register; a MULT18X18D with its registers (``vitamin.boards.dspregs``) ends paths
+  at its inputs (plus the multiplier when only its output is registered) and starts them at
+  ``P``, 3.86 ns after the clock through the multiplier from its input registers, about
+  0.64 ns from its output register (test designs routed by nextpnr-ecp5);
 * every net costs 0.7 ns plus 0.01 ns per sink (up to 100 sinks), 1.5 ns into or out of a
   DSP; the carry chain's dedicated wires cost nothing.
 
@@ -41,12 +44,12 @@ DELAYS = {
     "LUT4": 0.24, "PFUMX": 0.17, "L6MUX21": 0.20,
     "CCU2C_LUT_SUM": 0.44, "CCU2C_LUT_CARRY": 0.45, "CCU2C_CARRY": 0.07, "CCU2C_CARRY_SUM": 0.40,
     "MULT18X18D": 3.93, "DPR16X4_READ": 0.5,
-    "FF_CLK_Q": 0.52, "DP16KD_CLK_Q": 5.83,
+    "FF_CLK_Q": 0.52, "DP16KD_CLK_Q": 5.83, "DSP_REG_IN_CLK_P": 3.86, "DSP_REG_CLK_P": 0.64,
     "NET": 0.7, "NET_PER_SINK": 0.01, "NET_SINK_CAP": 100, "NET_DSP": 1.5,
 }
 
 _ENDPOINT_PORTS = {"TRELLIS_FF": ("DI", "CE", "LSR"), "TRELLIS_DPR16X4": ("DI", "WAD", "WRE"),
-                   "DP16KD": None}
+                   "DP16KD": None, "MULT18X18D": None}
 
 
 @dataclass(frozen=True)
@@ -157,6 +160,8 @@ def estimate(netlist) -> TimingEstimate:
     def arrival_of_start(b):
         cn, p = driver[b]
         t = _start_delay(cells[cn])
+        if cells[cn]["type"] == "MULT18X18D":
+            return t + d["NET_DSP"]
         return t + d["NET"] + d["NET_PER_SINK"] * min(sinks[b], d["NET_SINK_CAP"])
 
     endpoints = []
@@ -164,20 +169,30 @@ def estimate(netlist) -> TimingEstimate:
         t = c["type"]
         if t not in _ENDPOINT_PORTS:
             continue
-        ports = _ENDPOINT_PORTS[t] or [p for p, dirn in c["port_directions"].items()
-                                       if dirn == "input" and not p.startswith("CLK")]
+        extra = 0.0
+        if t == "MULT18X18D":
+            # a block with its registers (vitamin.boards.dspregs) ends paths at A and B: at its
+            # input registers, or through the multiplier at its output register
+            reg_in, reg_out = _dsp_regs(c)
+            if not (reg_in or reg_out):
+                continue
+            extra = d["NET_DSP"] - d["NET"] + (0.0 if reg_in else d["MULT18X18D"])
+            ports = [p for p in c["connections"] if p[0] in "AB" and p[1:].isdigit()]
+        else:
+            ports = _ENDPOINT_PORTS[t] or [p for p, dirn in c["port_directions"].items()
+                                           if dirn == "input" and not p.startswith("CLK")]
         worst, wb = -1.0, None
         for p in ports:
             for b in c["connections"].get(p, []):
                 if isinstance(b, int) and b in driver:
                     a = (arrival_of_start(b) if _is_start(cells[driver[b][0]], driver[b][1])
-                         else net_arrival(b))
+                         else net_arrival(b)) + extra
                     if a > worst:
                         worst, wb = a, b
         if wb is None:
             continue
         q = (c["connections"].get("Q") or c["connections"].get("DO0")
-             or c["connections"].get("DOA0") or [None])[0]
+             or c["connections"].get("DOA0") or c["connections"].get("P0") or [None])[0]
         name = _readable(bitname.get(q, "$")) if isinstance(q, int) else None
         if not name:
             src = [x for x in c.get("attributes", {}).get("src", "").split("|") if ".py:" in x]
@@ -210,12 +225,25 @@ def estimate(netlist) -> TimingEstimate:
     return TimingEstimate(endpoints, worst_path, paths)
 
 
+def _dsp_regs(c):
+    """(inputs registered, output registered) of a MULT18X18D (vitamin.boards.dspregs)."""
+    prm = c.get("parameters", {})
+    on = lambda r: str(prm.get(f"REG_{r}_CLK", "NONE")).strip() != "NONE"  # noqa: E731
+    return on("INPUTA") and on("INPUTB"), on("OUTPUT")
+
+
 def _is_start(c, port):
+    if c["type"] == "MULT18X18D":
+        return any(_dsp_regs(c))
     return c["type"] in ("TRELLIS_FF", "DP16KD") or (
-        c["type"] not in ("LUT4", "PFUMX", "L6MUX21", "CCU2C", "MULT18X18D", "TRELLIS_DPR16X4"))
+        c["type"] not in ("LUT4", "PFUMX", "L6MUX21", "CCU2C", "TRELLIS_DPR16X4"))
 
 
 def _start_delay(c):
+    if c["type"] == "MULT18X18D":
+        reg_in, reg_out = _dsp_regs(c)
+        return (DELAYS["DSP_REG_CLK_P"] if reg_out else
+                DELAYS["DSP_REG_IN_CLK_P"] if reg_in else 0.0)
     return {"TRELLIS_FF": DELAYS["FF_CLK_Q"], "DP16KD": DELAYS["DP16KD_CLK_Q"]}.get(c["type"], 0.0)
 
 
@@ -240,6 +268,8 @@ def _arcs(c, port):
         return (bits(hi, d["CCU2C_LUT_SUM"]) + bits(lo, d["CCU2C_LUT_CARRY"])
                 + bits(("CIN",), d["CCU2C_CARRY_SUM"]))
     if t == "MULT18X18D":
+        if any(_dsp_regs(c)):
+            return []                     # registered: P starts a path
         return bits([p for p in con if p[0] in "AB" and p[1:].isdigit()], d["MULT18X18D"])
     if t == "TRELLIS_DPR16X4":
         return bits(("RAD",), d["DPR16X4_READ"])
