@@ -731,10 +731,10 @@ def _seq_spans(f, spans):
     """DmaSequencer, SPANS: (cycle of the first step after CMP, steps, None) where a step is
     'r' (G_RD: a span-list read), 'c' (one cycle) or 'e' (G_EMIT: one run, waits for
     ``ready``); or (None, None, cycles) when no run is generated."""
+    from vitamin.hw.dma import DmaSequencer as Seq
     c = len(spans)
     total = int(sum(max(0, int(b)) for _, b in spans)) if c else 0
-    scan = c + 3 if c else 1
-    from vitamin.hw.dma import DmaSequencer as Seq
+    scan = c + Seq.SCAN_TAIL if c else 1
     if c == 0:
         return None, None, Seq.SPANS_EMPTY
     if total == 0:

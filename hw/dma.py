@@ -158,7 +158,8 @@ class DmaSequencer(wiring.Component):
 
     Cycles (the cost model reads these figures): STRIDED offers its first run
     :attr:`STRIDED_FIRST` cycles after ``start`` and one run per cycle after that. SPANS with
-    ``c`` spans in its list scans them in ``c + 3`` cycles (1 when ``c = 0``); it finishes
+    ``c`` spans in its list scans them in ``c +`` :attr:`SCAN_TAIL` cycles (1 when ``c = 0``);
+    it finishes
     :attr:`SPANS_EMPTY` cycles after ``start`` when the list is empty, :attr:`SPANS_NO_ROWS`
     plus the scan when no span has rows, and otherwise starts generating
     :attr:`SPANS_FIRST` plus the scan cycles after ``start``. Generation, per span of each
@@ -177,6 +178,9 @@ class DmaSequencer(wiring.Component):
     SPANS_FIRST = 15
     #: SPANS generation: cycles between G_MUL and the first G_EMIT of a span with rows.
     SPANS_ROW_WAIT = 2
+    #: SPANS scan of ``c > 0`` spans: ``c + SCAN_TAIL`` cycles (the read, the registered entry,
+    #: its registered end, the last update).
+    SCAN_TAIL = 4
 
     def __init__(self, config):
         self._cfg = cfg = get_config(config)
@@ -294,10 +298,16 @@ class DmaSequencer(wiring.Component):
         scan_a = Signal(signed(32))
         scan_ln = Signal(signed(32))
         neg_len = Signal()
-        # the span's end, outside the state machine (assigned in P_SCAN only, the state decode
-        # stood in front of the adder: LOAD's rhi, 13.0 ns pre-route estimate of 0fb80e8)
+        # the span's end, a register of its own (outside the state machine: the state decode
+        # stood in front of the adder, LOAD's rhi, 13.0 ns pre-route estimate of 0fb80e8); the
+        # sums and compares take the span one cycle later (scan_v2, scan_a2, scan_ln2): the
+        # adder in front of the compares into rhi was 15.2 ns (STORE, e30bab3 build, routed)
+        scan_v2 = Signal()
+        scan_a2 = Signal(signed(32))
+        scan_ln2 = Signal(signed(32))
         scan_end = Signal(signed(34))
-        m.d.comb += scan_end.eq(scan_a + scan_ln)
+        m.d.sync += [scan_v2.eq(scan_v), scan_a2.eq(scan_a), scan_ln2.eq(scan_ln),
+                     scan_end.eq(scan_a + scan_ln)]
         total = Signal(range((1 << 23) + 1))   # saturating sum of span lengths
         min_start = Signal(signed(32))
         max_end = Signal(signed(34))
@@ -496,9 +506,9 @@ class DmaSequencer(wiring.Component):
                 # data crosses the chip from the shared port)
                 m.d.sync += [scan_v.eq(scan_pend), scan_a.eq(self.idx_rd_data.a),
                              scan_ln.eq(self.idx_rd_data.b)]
-                with m.If(scan_v):
-                    a = scan_a
-                    ln = scan_ln
+                with m.If(scan_v2):
+                    a = scan_a2
+                    ln = scan_ln2
                     end = scan_end
                     with m.If(ln < 0):
                         m.d.sync += neg_len.eq(1)
@@ -514,7 +524,7 @@ class DmaSequencer(wiring.Component):
                             m.d.sync += rlo.eq(a)
                         with m.If(end - 1 > rhi):
                             m.d.sync += rhi.eq(end - 1)
-                with m.If((scan_t >= count.as_unsigned()) & ~scan_pend & ~scan_v):
+                with m.If((scan_t >= count.as_unsigned()) & ~scan_pend & ~scan_v & ~scan_v2):
                     m.next = "P_TOTAL"
             with m.State("P_TOTAL"):
                 m.d.comb += self.busy.eq(1)
