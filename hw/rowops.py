@@ -886,14 +886,18 @@ class SoftmaxRowUnit(wiring.Component):
         def sat_r(v):
             return Mux(v > R, R + 1, v)
 
-        m.d.comb += take.eq(Mux((w_rem_s < room) & (w_rem_s < left), w_rem_s,
-                                Mux(room < left, room, left)))
+        # left saturated at R + 1 as well (a register beside it): the 17-bit compares of
+        # ``left`` ran through take into the 32-bit w_start adder (14.7 ns into w_start, e30bab3
+        # build, routed); take <= R, so min and == give the same results on left_s
+        left_s = Signal(range(R + 2), name="w_left_s")
+        m.d.comb += take.eq(Mux((w_rem_s < room) & (w_rem_s < left_s), w_rem_s,
+                                Mux(room < left_s, room, left_s)))
         for lane in range(R):
             m.d.comb += line_next[lane].eq(
                 Mux((lane >= w_lane) & (lane < w_lane + take), w_start + (lane - w_lane),
                     line[lane]))
         line_full = Signal()
-        m.d.comb += [line_full.eq((take == room) | (take == left)),
+        m.d.comb += [line_full.eq((take == room) | (take == left_s)),
                      kb_wr.addr.eq(w_line), kb_wr.data.eq(line_next)]
 
         # -- read sequencer (both modes) ---------------------------------------------------------
@@ -1007,7 +1011,8 @@ class SoftmaxRowUnit(wiring.Component):
             with m.State("CHECK"):
                 m.d.sync += step.eq(step + 1)
                 with m.If(step == n_steps):
-                    m.d.sync += [w_addr.eq(f.idx_addr), left.eq(f.n), w_lane.eq(0), room.eq(R),
+                    m.d.sync += [w_addr.eq(f.idx_addr), left.eq(f.n), left_s.eq(sat_r(f.n)),
+                                 w_lane.eq(0), room.eq(R),
                                  w_line.eq(0),
                                  w_tleft.eq(cnt), w_tzero.eq(cnt == 0),
                                  w_pos_done.eq(f.n == 0)]
@@ -1045,12 +1050,13 @@ class SoftmaxRowUnit(wiring.Component):
                     m.d.sync += [line.eq(line_next), w_rem.eq(w_rem - take),
                                  w_rem_s.eq(sat_r(w_rem - take)),
                                  w_start.eq(w_start + take), left.eq(left - take),
-                                 w_pos_done.eq(take == left),
+                                 left_s.eq(sat_r(left - take)),
+                                 w_pos_done.eq(take == left_s),
                                  w_lane.eq(w_lane + take), room.eq(room - take)]
                     with m.If(line_full):
                         m.d.comb += kb_wr.en.eq(1)
                         m.d.sync += [w_line.eq(w_line + 1), w_lane.eq(0), room.eq(R)]
-                    with m.If((w_rem_s == take) | (take == left)):
+                    with m.If((w_rem_s == take) | (take == left_s)):
                         m.d.sync += w_rd.eq(1)
                         m.next = "WALK_RD"
             with m.State("POST"):
