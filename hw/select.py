@@ -42,15 +42,15 @@ exact; :func:`select_cycles` derives its arguments from the instruction and the 
     + 1 + iters * (N + 3)                           SELECT: start, scans
     + 2 * (N + 5 + (N > 0))                         two walks
     + 3                                             registers, done
-    = cnt + 9 + (cnt > 0) + (N > 0) * (sum_c ceil(l_c / spad_lanes) + 18) + iters * (N + 3)
+    = cnt + 9 + (cnt > 0) + (N > 0) * (sum_c ceil(l_c / spad_lanes) + 19) + iters * (N + 3)
       + 2 * (N + 5)
 
-with ``l_c`` the clipped chunk lengths, ``SCORE_DRAIN`` the depth of the score pipeline (15) and
+with ``l_c`` the clipped chunk lengths, ``SCORE_DRAIN`` the depth of the score pipeline (16) and
 ``iters`` the number of scans: 0 when ``R <= 0`` or ``N = 0``, else the number of chunks that
 give tokens plus 1 when the budget is not used up by them. A fault is reported after CHECK2
 (3 cycles), after LAST (``cnt + 5 + (cnt > 0)``) or after the counting walk. E.g. 32 chunks of
 128 tokens (4096 keys, all below the limit), budget 1024 with 128 sink and 128 recent tokens, 16
-lanes: 42 + SCORE 32 * 8 + 18 + 6 scans of 35 + walks 74 = 600 cycles.
+lanes: 42 + SCORE 32 * 8 + 19 + 6 scans of 35 + walks 74 = 601 cycles.
 
 Watchdog: the SELECT scans and the walks' reads use only the unit's own memory, which the
 accelerator's watchdog does not see as progress. A SELECT whose selection phase exceeds the
@@ -85,9 +85,9 @@ from .rom import INTERP_LATENCY, build_interp, interp_input_bits
 __all__ = ["SelectUnit", "select_cycles", "SCORE_DRAIN"]
 
 #: Cycles from the last scratchpad read of the SCORE phase to the end of the phase: the request
-#: register, read latency, the sum, the table pipeline, the product, the rounding, the entry
-#: write.
-SCORE_DRAIN = 1 + SPAD_READ_LATENCY + 3 + INTERP_LATENCY + 2 + 1
+#: register, read latency, the masked words' register, the sum, the table pipeline, the
+#: product, the rounding, the entry write.
+SCORE_DRAIN = 1 + SPAD_READ_LATENCY + 4 + INTERP_LATENCY + 2 + 1
 
 
 def _bits(n: int) -> int:
@@ -266,18 +266,25 @@ class SelectUnit(wiring.Component):
             t0.c.eq(c_cur), t0.a.eq(a_cur), t0.l.eq(l_cur),
             t0.mask.eq(Cat(rem > i for i in range(lanes))),
         ]
+        # the chunk's words, masked, are registered before they are summed (tb): the
+        # scratchpad's read data crosses the chip, and with the masks and the three-term sum
+        # behind it the path into the chunk sum was 14.6 ns (e30bab3 build, routed)
+        tb = Signal(tag)
+        words = [Signal(sp.rd_data[i].shape(), name=f"sc_word{i}") for i in range(lanes)]
+        m.d.sync += [tb.eq(ta)] + [words[i].eq(Mux(ta.mask[i], sp.rd_data[i], 0))
+                                   for i in range(lanes)]
         acc = Signal(signed(sw))
-        lane_sum = sum(Mux(ta.mask[i], sp.rd_data[i], 0) for i in range(lanes))
+        lane_sum = sum(words)
         acc_n = Signal(signed(sw))
-        m.d.comb += acc_n.eq(Mux(ta.first, 0, acc) + lane_sum)
-        with m.If(ta.valid):
+        m.d.comb += acc_n.eq(Mux(tb.first, 0, acc) + lane_sum)
+        with m.If(tb.valid):
             m.d.sync += acc.eq(acc_n)
         # P0: a finished chunk sum
         pipe = data.StructLayout({"valid": 1, "s": signed(sw), "c": nb, "a": 31, "l": lw,
                                   "k": 5})
         p0 = Signal(pipe)
-        m.d.sync += [p0.valid.eq(ta.valid & ta.last), p0.s.eq(acc_n), p0.c.eq(ta.c),
-                     p0.a.eq(ta.a), p0.l.eq(ta.l)]
+        m.d.sync += [p0.valid.eq(tb.valid & tb.last), p0.s.eq(acc_n), p0.c.eq(tb.c),
+                     p0.a.eq(tb.a), p0.l.eq(tb.l)]
         # rsqrt_norm(l): k = (bitlen(l) - 1) // 2 (P0 -> P0b, registered), then
         # u = l * 2^(16 - 2k) (truncating) into the table: the leading-one search and the
         # shifter took one cycle together with the table's address (20 ns on the LFE5U-85F)
@@ -313,20 +320,33 @@ class SelectUnit(wiring.Component):
             m.d.sync += d.eq(dl[-1])
             dl.append(d)
         d4 = dl[-1]
+        # The chunk's tokens outside F, [max(a, sk), min(a + l, rs)), along the delay line (sk
+        # and rs are fixed since CHECK): in P6, after the sum and two compares, the length was
+        # SELECT's slowest routed path (14.7 ns into p6, e30bab3 build)
+        assert INTERP_LATENCY >= 3
+        e1 = Signal(32, name="out_e1")
+        lo1 = Signal(31, name="out_lo1")
+        m.d.sync += [e1.eq(p0c.a + p0c.l), lo1.eq(Mux(p0c.a > sk, p0c.a, sk))]
+        hi2 = Signal(32, name="out_hi2")
+        lo2 = Signal(31, name="out_lo2")
+        m.d.sync += [hi2.eq(Mux(e1 < rs, e1, rs)), lo2.eq(lo1)]
+        lo_n = [(Signal(31, name=f"out_lo{i}"), Signal(lw, name=f"out_n{i}"))
+                for i in range(3, INTERP_LATENCY + 2)]
+        m.d.sync += [lo_n[0][0].eq(lo2), lo_n[0][1].eq(Mux(hi2 > lo2, hi2 - lo2, 0))]
+        for (lo_a, n_a), (lo_b, n_b) in zip(lo_n, lo_n[1:]):
+            m.d.sync += [lo_b.eq(lo_a), n_b.eq(n_a)]
+        lo5, n5 = lo_n[-1]                # aligned with p5
         # P5: the product; P6: the rounded score and the chunk's tokens outside F
         p5 = Signal(data.StructLayout({"valid": 1, "prod": signed(sw + 17), "c": nb, "a": 31,
                                        "l": lw, "k": 5}))
         m.d.sync += [p5.valid.eq(d4.valid), p5.prod.eq(lut_mul(d4.s, r_out)), p5.c.eq(d4.c),
                      p5.a.eq(d4.a), p5.l.eq(d4.l), p5.k.eq(d4.k)]
         score = ((p5.prod >> (14 + p5.k)) + 1) >> 1
-        e_ = p5.a + p5.l
-        lo_c = Mux(p5.a > sk, p5.a, sk)
-        hi_c = Mux(e_ < rs, e_, rs)
         p6 = Signal(data.StructLayout({"valid": 1, "score": signed(32), "c": nb, "lo": 31,
                                        "n": lw}))
-        m.d.sync += [p6.valid.eq(p5.valid), p6.score.eq(score), p6.c.eq(p5.c), p6.lo.eq(lo_c),
-                     p6.n.eq(Mux(hi_c > lo_c, hi_c - lo_c, 0))]
-        pipe_busy = Cat(*[t.valid for t in tags[1:]], p0.valid, p0b.valid, p0c.valid,
+        m.d.sync += [p6.valid.eq(p5.valid), p6.score.eq(score), p6.c.eq(p5.c), p6.lo.eq(lo5),
+                     p6.n.eq(n5)]
+        pipe_busy = Cat(*[t.valid for t in tags[1:]], tb.valid, p0.valid, p0b.valid, p0c.valid,
                         *[d.valid for d in dl[1:]], p5.valid, p6.valid).any()
 
         # -- SELECT state ---------------------------------------------------------------------
