@@ -340,6 +340,12 @@ class DmaSequencer(wiring.Component):
         ird_req = Signal()
         m.d.comb += [self.idx_rd_addr.eq(ird_a), self.idx_rd_req.eq(ird_req),
                      self.idx_rd_en.eq(ird_req & self.idx_rd_gnt)]   # outside the FSM
+        # span_t + 1 < count as a register, from span_t in every cycle: span_t changes only in
+        # CMP2 and G_NEXT, and G_NEXT comes three or more cycles after either (the 33-bit
+        # compare ran through G_NEXT's branches into r1, d1, c1: 14.4 ns into STORE's r1,
+        # e30bab3 build, routed)
+        span_more = Signal()
+        m.d.sync += span_more.eq(span_t + 1 < count.as_unsigned())
         g_acc = Signal()                   # G_RD's read was granted
         g_ln = Signal(signed(32))          # the span's length, registered in G_SPAN
 
@@ -628,7 +634,7 @@ class DmaSequencer(wiring.Component):
                         m.next = "G_NEXT"
             with m.State("G_NEXT"):
                 m.d.comb += self.busy.eq(1)
-                with m.If(span_t + 1 < count.as_unsigned()):
+                with m.If(span_more):
                     m.d.sync += [span_t.eq(span_t + 1), ird_a.eq(ird_a + 1), ird_req.eq(1)]
                     m.next = "G_RD"
                 with m.Elif(r1 != 0):
