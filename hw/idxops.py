@@ -194,6 +194,8 @@ class RouteUnit(wiring.Component):
         ptr_r = ptr.read_port(transparent_for=(ptr_w,))
 
         mk = Signal(range(cfg.max_dim * cfg.max_topk + 1))
+        in_room = Signal(signed(len(f.idx_addr) + 2), name="in_room")
+        m.d.sync += in_room.eq(n_ent - f.idx_addr)
         ri = Signal.like(mk)                        # entries read so far
         r_go = Signal()                             # == in COUNT or PLACE and ri < mk
         tok = Signal(range(cfg.max_dim))            # token and slot of entry ri
@@ -280,7 +282,11 @@ class RouteUnit(wiring.Component):
                 # The input's range, from the registered m * k: computing the product here
                 # (on a DSP block) put it between the instruction register and the state
                 # (16.9 ns in the c399bc6 build's routed model).
-                with m.If(f.idx_addr + mk > n_ent):
+                # ... compared with n_ent - idx_addr, a register loaded every cycle from the
+                # latched fields: ``mk`` sits in its DSP block's output register (the ECP5 flow
+                # moves it there), and the adder and compare behind it ran into the state and
+                # the instruction register (13.7 ns, 88efb0c build, routed)
+                with m.If(mk > in_room):
                     ctl.finish(ErrorCode.IDX_RANGE)
                 with m.Else():
                     m.d.sync += [r_a.eq(f.idx_addr), r_go.eq(mk != 0)]
