@@ -30,7 +30,7 @@ registered input as if it had none. The enables go to the block's ``CE0`` .. ``C
 
 from __future__ import annotations
 
-import collections
+from vitamin.sim.sta import connectivity
 
 __all__ = ["absorb_dsp_registers"]
 
@@ -59,22 +59,8 @@ def absorb_dsp_registers(netlist: dict, ff_arrival=None, input_limit_ns=INPUT_LI
     top = _top(netlist)
     cells = top["cells"]
     port_bits = {b for p in top.get("ports", {}).values() for b in p["bits"] if isinstance(b, int)}
-    driver, loads = {}, collections.defaultdict(list)
-
-    def index():
-        driver.clear()
-        loads.clear()
-        for cn, c in cells.items():
-            for p, bits in c["connections"].items():
-                out = c["port_directions"].get(p) == "output"
-                for b in bits:
-                    if isinstance(b, int):
-                        if out:
-                            driver[b] = (cn, p)
-                        else:
-                            loads[b].append((cn, p))
-
-    index()
+    # kept up to date as the blocks are rewritten
+    driver, loads = connectivity(cells)
 
     def plain_ff(cn):
         """((clock bit, GSR mode), enable bit or "1") of a plain flip-flop, else None."""

@@ -36,8 +36,8 @@ import re
 import sys
 from dataclasses import dataclass, field
 
-__all__ = ["DELAYS", "Endpoint", "TimingEstimate", "estimate", "format_estimate", "main",
-           "print_paths"]
+__all__ = ["DELAYS", "Endpoint", "TimingEstimate", "connectivity", "estimate", "format_estimate",
+           "main", "print_paths"]
 
 #: The delay model (ns), see the module docstring.
 DELAYS = {
@@ -95,14 +95,10 @@ def _unit_of(name):
     return ".".join(parts[:3]) if len(parts) > 3 else ".".join(parts[:-1]) or name
 
 
-def estimate(netlist) -> TimingEstimate:
-    """Estimate the arrival time at every register input of ``netlist`` (a path to, or the
-    parsed dict of, Yosys' ``write_json`` output after ``synth_ecp5``; the biggest module is
-    taken as the flattened top)."""
-    top = _load_top(netlist, "a Yosys JSON netlist")
-    cells = top["cells"]
-    bitname = _bit_names(top)
-    driver, sinks = {}, collections.Counter()
+def connectivity(cells):
+    """(driver, loads) of a Yosys JSON netlist's cells: {bit: (cell, output port)} and
+    {bit: [(cell, input port), ...]} (a ``defaultdict(list)``)."""
+    driver, loads = {}, collections.defaultdict(list)
     for cn, c in cells.items():
         for p, bits in c["connections"].items():
             out = c["port_directions"].get(p) == "output"
@@ -111,7 +107,19 @@ def estimate(netlist) -> TimingEstimate:
                     if out:
                         driver[b] = (cn, p)
                     else:
-                        sinks[b] += 1
+                        loads[b].append((cn, p))
+    return driver, loads
+
+
+def estimate(netlist) -> TimingEstimate:
+    """Estimate the arrival time at every register input of ``netlist`` (a path to, or the
+    parsed dict of, Yosys' ``write_json`` output after ``synth_ecp5``; the biggest module is
+    taken as the flattened top)."""
+    top = _load_top(netlist, "a Yosys JSON netlist")
+    cells = top["cells"]
+    bitname = _bit_names(top)
+    driver, loads = connectivity(cells)
+    sinks = collections.Counter({b: len(v) for b, v in loads.items()})
     d = DELAYS
     arrival, pred = {}, {}
 
