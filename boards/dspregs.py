@@ -86,12 +86,10 @@ def absorb_dsp_registers(netlist: dict, ff_arrival=None, input_limit_ns=INPUT_LI
         return (c["connections"]["CLK"][0], gsr), ce
 
     stats = {"blocks": 0, "inputs_registered": 0, "outputs_registered": 0, "ffs_removed": 0}
-    removed = set()
     operand_ffs = set()
-    for cn in sorted(cells):
+    # the blocks' names first: product flip-flops are deleted from ``cells`` on the way
+    for cn in sorted(n for n, c in cells.items() if c["type"] == "MULT18X18D"):
         c = cells[cn]
-        if c["type"] != "MULT18X18D" or cn in removed:
-            continue
         stats["blocks"] += 1
         prm = c["parameters"]
         if any(prm.get(f"REG_{r}_CLK", "NONE") != "NONE"
@@ -180,7 +178,6 @@ def absorb_dsp_registers(netlist: dict, ff_arrival=None, input_limit_ns=INPUT_LI
                 conn[f"P{i}"] = [q]
                 driver[q] = (cn, f"P{i}")
                 del cells[ff]
-                removed.add(ff)
                 stats["ffs_removed"] += 1
             prm["REG_OUTPUT_CLK"] = "CLK0"
             prm["REG_OUTPUT_CE"] = ce_port(ce)
