@@ -19,8 +19,8 @@ The chunks are written to a row buffer at the same time. Pass 2 replays the buff
 Pipeline
 --------
 Both passes share one pipeline; each beat carries a ``pass2`` tag. Stages, by their names in
-:attr:`SoftmaxUnit.stages` (``t = max(1, log2(row_lanes))`` max-tree levels; 16 stages for 2
-lanes, 18 for 8)::
+:attr:`SoftmaxUnit.stages` (``t = max(1, log2(row_lanes))`` max-tree levels; 17 stages for 2
+lanes, 19 for 8)::
 
     src        chunk: input register, or the row buffer's read port in pass 2
     x          chunk, registered (a block RAM's output is too slow to feed more logic)
@@ -36,7 +36,9 @@ lanes, 18 for 8)::
     t          interpolation T
     e          E = rnd(T >> int(z)), masked
     sum        pass 1: lane sum of E (plus rounding constant), rescale factor;  pass 2: E * r
-    acc        pass 1: s = rnd(s * scale >> 15) + sum (loop register);  pass 2: rnd(E r >> k)
+    acc        pass 1: s = rnd(s * scale >> 15) + sum (loop register);  pass 2: E * r again,
+               in the logic (the product register sits in its DSP block)
+    p15        pass 2: rnd(E r >> k)
     out        pass 2: rnd(p15 >> (16 - act_bits)), saturation: output register
 
 ``E`` is evaluated by ``row_lanes + 1`` replicated lanes (the extra one computes the rescale
@@ -52,7 +54,7 @@ from the buffer, so the next row's chunks follow the replayed ones with no gap.
 
 Timing without backpressure, for a row of ``c = ceil(n / row_lanes)`` chunks: the unit accepts
 rows every ``2 * c + 7`` cycles (:meth:`SoftmaxUnit.row_cycles`); the first output chunk of a
-row is transferred ``latency + 8`` cycles (24 for 2 lanes, 26 for 8) after its last input chunk
+row is transferred ``latency + 8`` cycles (25 for 2 lanes, 27 for 8) after its last input chunk
 (:attr:`SoftmaxUnit.row_latency`), the others follow one per cycle.
 
 Clock: the ``s * scale`` multiply-add in stage ``acc`` is a loop-carried path (a
@@ -82,7 +84,7 @@ WORD = signed(16)
 _RECIP_CYCLES = 6
 # Pass 2 starts on the edge at which the row's last chunk enters this stage. The last pass-1
 # chunk makes s final on its edge into stage "acc"; a replayed chunk needs r on its edge into
-# stage "sum" = "acc" - 1, and k one edge later. The first replayed chunk enters S0 one advance
+# stage "sum" = "acc" - 1, and k two edges later (stage "p15"). The first replayed chunk enters S0 one advance
 # after pass 2 starts, when the last pass-1 chunk enters _P2_START_STAGE + 1: when s becomes
 # final, the replayed chunk enters "acc" - _P2_START_STAGE - 1, so it needs r _P2_START_STAGE
 # advances later, and advances are at least a cycle apart (stalls only add cycles): r must be
@@ -100,7 +102,8 @@ def _stages(lanes):
     """Stage indices of the softmax pipeline for ``lanes`` lanes (see the module docstring)."""
     st = {"src": 0, "x": 1}
     st["cm"] = st["x"] + max(1, (lanes - 1).bit_length())   # one register per max-tree level
-    for name in ("m", "sub", "mul", "mr", "z", "rom", "word", "tp", "t", "e", "sum", "acc", "out"):
+    for name in ("m", "sub", "mul", "mr", "z", "rom", "word", "tp", "t", "e", "sum", "acc", "p15",
+                 "out"):
         st[name] = max(st.values()) + 1
     st["n"] = st["out"] + 1
     return st
@@ -296,7 +299,7 @@ class SoftmaxUnit(wiring.Component):
     @property
     def latency(self):
         """Clock edges from reading a buffered chunk in pass 2 to the transfer of its output
-        chunk, without stalls (the pipeline depth: 18 for 8 lanes)."""
+        chunk, without stalls (the pipeline depth: 19 for 8 lanes)."""
         return self.stages["n"]
 
     @property
@@ -596,7 +599,7 @@ class SoftmaxUnit(wiring.Component):
             m.d.sync += [addend.eq((sum(e[:lanes]) << 15) | (1 << 14)), scale.eq(e[sc])]
             m.d.sync += [pr[l].eq(e[l] * r_reg) for l in range(lanes)]
 
-        # -- acc: pass 1 running sum; pass 2 p15 = rnd(E * r >> k) -------------------------------
+        # -- acc: pass 1 running sum; pass 2 E * r, registered again -------------------------------
         before_acc = st["acc"] - 1
         # On a row's first chunk scale = 0 (the row has no valid lanes before it), which
         # discards the previous row's s.
@@ -606,11 +609,19 @@ class SoftmaxUnit(wiring.Component):
             m.d.sync += s_reg.eq(s_new)
         m.d.comb += s_done.eq(p1_acc & last[before_acc])
 
+        # E * r again, in the logic: the build flow moves `pr` into its DSP block's output
+        # register, and the route from a far block into the rounding shift was 12.5 ns into
+        # `p15` in the bd79d12 build (9.8 ns pre-route)
+        pr_r = [Signal(31, name=f"pr_r_{l}", reset_less=True) for l in range(lanes)]
+        with m.If(advance):
+            m.d.sync += [pr_r[l].eq(pr[l]) for l in range(lanes)]
+
+        # -- p15: pass 2 p15 = rnd(E * r >> k) ---------------------------------------------------
         p15 = [Signal(16, name=f"p15_{l}", reset_less=True) for l in range(lanes)]
         with m.If(advance):
             # E * r <= 2^30 and k >= 15 for a row with a valid element: p15 <= 2^15. (A row
             # without one has E = 0 everywhere, and k_m1 = 0 also gives 0.)
-            m.d.sync += [p15[l].eq(_rshift_round_pos(pr[l], k_m1)) for l in range(lanes)]
+            m.d.sync += [p15[l].eq(_rshift_round_pos(pr_r[l], k_m1)) for l in range(lanes)]
 
         # -- out: output register ----------------------------------------------------------------
         y_out = [Signal(WORD, name=f"y_out_{l}", reset_less=True) for l in range(lanes)]

@@ -134,7 +134,7 @@ def test_layouts_and_timing_figures():
     assert dut.s_bits == 26  # max_dim 1024 * 2^15 fits 26 bits unsigned
     assert dut.row_cycles(33) == 2 * 17 + 7
     eight = PRESETS["ecp5"].replace(row_lanes=8)
-    assert dut.latency == 16 and SoftmaxUnit(eight).latency == 18
+    assert dut.latency == 17 and SoftmaxUnit(eight).latency == 19
     with pytest.raises(TypeError):
         SoftmaxUnit(42)
     with pytest.raises(ValueError, match="max_dim a multiple of row_lanes"):
