@@ -658,7 +658,8 @@ def _layernorm_errors(cfg):
     ok = dict(m=2, n=5, in_addr=0, in_stride=5, out_addr=100, out_stride=5, param_addr=200,
               eps_m=5, eps_e=3, shift=16)
     cases = [dict(m=0), dict(n=0), dict(n=cfg.max_dim + 1), dict(shift=63), dict(eps_e=41),
-             dict(eps_e=63, shift=63), dict(in_addr=W - 9), dict(param_addr=W - 19),
+             dict(eps_e=63, shift=63), dict(in_addr=W - 9), dict(in_addr=W - 10),
+             dict(out_addr=W - 10), dict(param_addr=W - 19),
              dict(param_addr=W - 20), dict(out_addr=W - 9), dict(out_addr=W - 9, in_addr=W - 9),
              dict(m=cfg.max_dim, out_stride=(1 << 22) - 1)]
     return [{**ok, **c} for c in cases]
