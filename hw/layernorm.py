@@ -47,12 +47,13 @@ Both passes share one pipeline of 14 register stages (beats carry a ``pass2`` ta
     S12 (...) >> shift: rnd(... >> shift) by the term added in S11
     S13 saturation, mask: output register
 
-Between the passes, the row statistics take 11 cycles, not stalled by the output: ``n S2``, ``S1^2``
-and ``eps`` (the products with a register on each side of their DSP blocks, three cycles:
-:func:`~vitamin.hw.dspmul.staged_product`); ``n S2 - S1^2``; ``D``; ``k``; ``x16``; table read;
-table word register; the interpolation's product; its sum. Their results are copied into the registers that pass 2 uses
-when pass 2 starts, which waits until the previous row's replayed chunks have left the pipeline
-(they still use the previous row's ``n``, ``S1``, ``r``, ``k``, ``shift``).
+Between the passes, the row statistics take 11 cycles, not stalled by the output: ``n S2``,
+``S1^2`` and ``eps`` (the products with a register on each side of their DSP blocks, three
+cycles: :func:`~vitamin.hw.dspmul.staged_product`); ``n S2 - S1^2``; ``D``; ``k``; ``x16``; table
+read; table word register; the interpolation's product; its sum. Their results are copied into
+the registers that pass 2 uses when pass 2 starts, which waits until the previous row's
+replayed chunks have left the pipeline (they still use the previous row's ``n``, ``S1``, ``r``,
+``k``, ``shift``).
 
 Timing without backpressure, for a row of ``c = ceil(n / row_lanes)`` chunks: a new row every
 ``2 * c + 18`` cycles (:meth:`LayerNormUnit.row_cycles`); the first output chunk is transferred

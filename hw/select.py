@@ -37,20 +37,20 @@ memory, so no extra limit) holds per candidate chunk ``(avail, score, lo, n, t)`
 Cycles from ``start`` to ``done`` of a SELECT that does not fault (:meth:`SelectUnit.cycles`,
 exact; :func:`select_cycles` derives its arguments from the instruction and the data)::
 
-    4 + (cnt + 1 + (cnt > 0))                       CHECK, CHECK2, LIST, LAST, first entry
+    4 + (cnt + 1 + 2 * (cnt > 0))                   CHECK, CHECK2, LIST, LAST, first entry
     + (N > 0) * (1 + sum_c ceil(l_c / spad_lanes) + SCORE_DRAIN)    SCORE
     + 1 + iters * (N + 3)                           SELECT: start, scans
     + 2 * (N + 5 + (N > 0))                         two walks
     + 3                                             registers, done
-    = cnt + 9 + (cnt > 0) + (N > 0) * (sum_c ceil(l_c / spad_lanes) + 19) + iters * (N + 3)
+    = cnt + 9 + 2 * (cnt > 0) + (N > 0) * (sum_c ceil(l_c / spad_lanes) + 19) + iters * (N + 3)
       + 2 * (N + 5)
 
 with ``l_c`` the clipped chunk lengths, ``SCORE_DRAIN`` the depth of the score pipeline (16) and
 ``iters`` the number of scans: 0 when ``R <= 0`` or ``N = 0``, else the number of chunks that
 give tokens plus 1 when the budget is not used up by them. A fault is reported after CHECK2
-(3 cycles), after LAST (``cnt + 5 + (cnt > 0)``) or after the counting walk. E.g. 32 chunks of
-128 tokens (4096 keys, all below the limit), budget 1024 with 128 sink and 128 recent tokens, 16
-lanes: 42 + SCORE 32 * 8 + 19 + 6 scans of 35 + walks 74 = 601 cycles.
+(3 cycles), after LAST (``cnt + 5 + 2 * (cnt > 0)``) or after the counting walk. E.g. 32
+chunks of 128 tokens (4096 keys, all below the limit), budget 1024 with 128 sink and 128 recent
+tokens, 16 lanes: 43 + SCORE 32 * 8 + 19 + 6 scans of 35 + walks 74 = 602 cycles.
 
 Watchdog: the SELECT scans and the walks' reads use only the unit's own memory, which the
 accelerator's watchdog does not see as progress. A SELECT whose selection phase exceeds the
@@ -162,7 +162,7 @@ class SelectUnit(wiring.Component):
         lanes = spad_lanes(get_config(config))
         n = len(lens)
         score = 1 + sum(-(-int(v) // lanes) for v in lens) + SCORE_DRAIN if n else 0
-        return (4 + (cnt + 1 + (cnt > 0)) + score + 1 + iters * (n + 3) + 2 * (n + 5 + (n > 0))
+        return (4 + (cnt + 1 + 2 * (cnt > 0)) + score + 1 + iters * (n + 3) + 2 * (n + 5 + (n > 0))
                 + 3)
 
     def elaborate(self, platform):
@@ -209,8 +209,13 @@ class SelectUnit(wiring.Component):
         l2_v = Signal()                   # LIST: a start registered from index memory
         l2_i = Signal(nb)
         l2_a = Signal(signed(32))
-        l2_neg = Signal()
-        l2_lt = Signal()
+        # the start's comparisons one stage later, from l2_a (a_rd < limit straight from
+        # index memory's block RAM was 14.1 ns into `l2_lt` in the bd79d12 build, routed)
+        l3_v = Signal()
+        l3_i = Signal(nb)
+        l3_a = Signal(signed(32))
+        l3_neg = Signal()
+        l3_lt = Signal()
         bad = Signal()
         sk = Signal(31)                   # F = [0, sk) U [rs, limit)
         rs = Signal(31)
@@ -458,22 +463,23 @@ class SelectUnit(wiring.Component):
                     m.d.sync += [ri.eq(ri + 1), lptr.eq(lptr + 1), s1_v.eq(1), s1_i.eq(ri),
                                  l_go.eq(ri + 1 < cnt)]
                 a_rd = idx.rd_data.a
-                m.d.sync += [l2_v.eq(s1_v), l2_i.eq(s1_i), l2_a.eq(a_rd), l2_neg.eq(a_rd < 0),
-                             l2_lt.eq(a_rd < limit)]
-                with m.If(l2_v):
-                    m.d.sync += prev.eq(l2_a)
-                    with m.If(l2_i == 0):
-                        with m.If(l2_neg):
+                m.d.sync += [l2_v.eq(s1_v), l2_i.eq(s1_i), l2_a.eq(a_rd),
+                             l3_v.eq(l2_v), l3_i.eq(l2_i), l3_a.eq(l2_a), l3_neg.eq(l2_a < 0),
+                             l3_lt.eq(l2_a < limit)]
+                with m.If(l3_v):
+                    m.d.sync += prev.eq(l3_a)
+                    with m.If(l3_i == 0):
+                        with m.If(l3_neg):
                             m.d.sync += bad.eq(1)
                     with m.Else():
-                        with m.If(l2_a <= prev):
+                        with m.If(l3_a <= prev):
                             m.d.sync += bad.eq(1)
                         with m.If(prev < limit):
-                            e_in = Mux(l2_lt, l2_a, limit)
-                            m.d.comb += [mw.en.eq(1), mw.addr.eq(l2_i - 1),
+                            e_in = Mux(l3_lt, l3_a, limit)
+                            m.d.comb += [mw.en.eq(1), mw.addr.eq(l3_i - 1),
                                          mw.data.lo.eq(prev), mw.data.n.eq(e_in - prev)]
-                            m.d.sync += ncand.eq(l2_i)
-                with m.If(~issue & ~s1_v):
+                            m.d.sync += ncand.eq(l3_i)
+                with m.If(~issue & ~s1_v & ~l2_v):
                     m.next = "LAST"
 
             with m.State("LAST"):

@@ -84,12 +84,12 @@ WORD = signed(16)
 _RECIP_CYCLES = 6
 # Pass 2 starts on the edge at which the row's last chunk enters this stage. The last pass-1
 # chunk makes s final on its edge into stage "acc"; a replayed chunk needs r on its edge into
-# stage "sum" = "acc" - 1, and k two edges later (stage "p15"). The first replayed chunk enters S0 one advance
-# after pass 2 starts, when the last pass-1 chunk enters _P2_START_STAGE + 1: when s becomes
-# final, the replayed chunk enters "acc" - _P2_START_STAGE - 1, so it needs r _P2_START_STAGE
-# advances later, and advances are at least a cycle apart (stalls only add cycles): r must be
-# ready within _P2_START_STAGE - 1 cycles. (The max m is final in time: the last pass-1 chunk
-# is ahead of the replayed ones.)
+# stage "sum" = "acc" - 1, and k two edges later (stage "p15"). The first replayed chunk enters
+# S0 one advance after pass 2 starts, when the last pass-1 chunk enters _P2_START_STAGE + 1:
+# when s becomes final, the replayed chunk enters "acc" - _P2_START_STAGE - 1, so it needs r
+# _P2_START_STAGE advances later, and advances are at least a cycle apart (stalls only add
+# cycles): r must be ready within _P2_START_STAGE - 1 cycles. (The max m is final in time: the
+# last pass-1 chunk is ahead of the replayed ones.)
 # (Starting one stage earlier makes tests/test_hw_softmax.py fail.)
 _P2_START_STAGE = _RECIP_CYCLES + 1
 # Cycles per row without backpressure beyond the 2 * chunks of the two passes: (chunks - 1)
@@ -599,7 +599,7 @@ class SoftmaxUnit(wiring.Component):
             m.d.sync += [addend.eq((sum(e[:lanes]) << 15) | (1 << 14)), scale.eq(e[sc])]
             m.d.sync += [pr[l].eq(e[l] * r_reg) for l in range(lanes)]
 
-        # -- acc: pass 1 running sum; pass 2 E * r, registered again -------------------------------
+        # -- acc: pass 1 running sum; pass 2 E * r, registered again ------------------------------
         before_acc = st["acc"] - 1
         # On a row's first chunk scale = 0 (the row has no valid lanes before it), which
         # discards the previous row's s.
