@@ -747,7 +747,7 @@ def _seq_spans(f, spans):
             steps += ["r", "c", "c"]            # G_RD, G_SPAN, G_MUL
             if ln > 0 and q > 0:
                 rows = min(ln, q)
-                steps += ["c"] * Seq.SPANS_ROW_WAIT + ["e"] * rows  # G_WAIT, G_ROW, G_EMITs
+                steps += ["c"] * Seq.SPANS_ROW_WAIT + ["e"] * rows  # G_WAIT0..G_ROW, G_EMITs
                 q -= rows
             steps.append("c")
     return Seq.SPANS_FIRST + scan, steps, None

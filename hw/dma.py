@@ -164,7 +164,8 @@ class DmaSequencer(wiring.Component):
     plus the scan when no span has rows, and otherwise starts generating
     :attr:`SPANS_FIRST` plus the scan cycles after ``start``. Generation, per span of each
     ``n1`` pass: G_RD, G_SPAN and G_MUL; for a span with rows :attr:`SPANS_ROW_WAIT` more
-    cycles (G_WAIT, G_ROW), then one G_EMIT per row (each waits for ``ready``); then G_NEXT.
+    cycles (G_WAIT0, G_WAIT, G_ROW), then one G_EMIT per row (each waits for ``ready``); then
+    G_NEXT.
     """
 
     #: Cycles from ``start`` to the first run offered (STRIDED): IDLE, FIELDS, BLK, BLK2, the
@@ -177,7 +178,7 @@ class DmaSequencer(wiring.Component):
     #: SPANS: start to the first G_RD without the scan.
     SPANS_FIRST = 15
     #: SPANS generation: cycles between G_MUL and the first G_EMIT of a span with rows.
-    SPANS_ROW_WAIT = 2
+    SPANS_ROW_WAIT = 3
     #: SPANS scan of ``c > 0`` spans: ``c + SCAN_TAIL`` cycles (the read, the registered entry,
     #: its registered end, the last update).
     SCAN_TAIL = 4
@@ -248,18 +249,20 @@ class DmaSequencer(wiring.Component):
         m.d.sync += [neg_pp.eq(mul_a_r[-1] ^ mul_b[-1]), prod_neg.eq(neg_pp)]
 
         # The operand registers' inputs: the states' operands through one multiplexer, and the
-        # span start read from index memory (G_SPAN, flagged by a register) through a last
-        # two-input one, so that the block RAM's data, which crosses the chip, meets one LUT
-        # (with the state multiplexer in front: 16.4-17.3 ns into ``mul_a_r``, routed model of
-        # the bfbcf4d build).
+        # span start through a last two-input one (G_MUL, flagged by a register). The start is
+        # registered as read from index memory (``g_a``, G_SPAN) and taken from there: the
+        # block RAM's data crosses the chip (with the state multiplexer in front: 16.4-17.3 ns
+        # into ``mul_a_r``, bfbcf4d build; through the last multiplexer alone, 15.6 ns, the
+        # f357767 build's critical path; both routed).
         nxt_a = Signal.like(mul_a_r)
         nxt_b = Signal.like(mul_b)
         nxt_a_en = Signal()
         nxt_b_en = Signal()
-        from_idx = Signal()                # this cycle is G_SPAN: mul_a_r <- the span start
-        m.d.sync += from_idx.eq(0)         # (G_RD sets it: G_RD always goes to G_SPAN)
+        from_idx = Signal()                # this cycle is G_MUL: mul_a_r <- the span start
+        m.d.sync += from_idx.eq(0)         # (G_SPAN sets it when it goes to G_MUL)
+        g_a = Signal(signed(32))           # the span start, registered in G_SPAN
         with m.If(from_idx):
-            m.d.sync += mul_a_r.eq(self.idx_rd_data.a)
+            m.d.sync += mul_a_r.eq(g_a)
         with m.Elif(nxt_a_en):
             m.d.sync += mul_a_r.eq(nxt_a)
         with m.If(nxt_b_en):
@@ -593,21 +596,22 @@ class DmaSequencer(wiring.Component):
                 m.d.sync += ird_req.eq(0)
                 # the late grant goes into a register, not into the state: G_SPAN goes back
                 # here if the read was not granted
-                m.d.sync += [g_acc.eq(self.idx_rd_gnt), from_idx.eq(1)]
+                m.d.sync += g_acc.eq(self.idx_rd_gnt)
                 m.next = "G_SPAN"
             with m.State("G_SPAN"):
                 m.d.comb += self.busy.eq(1)
-                # The span as read: its start goes to the multiplier, its length into a
-                # register; nothing branches on index memory's read data in this cycle (the
-                # block RAM's clock-to-out and the way across the chip left no time for a
-                # 33-bit compare: LOAD's state register, 21 ns routed).
-                m.d.sync += g_ln.eq(self.idx_rd_data.b)
-                # G_ROW: a * ds0 (a, the span start, through ``from_idx``)
+                # The span as read: its start and its length into registers; nothing branches
+                # on index memory's read data in this cycle (the block RAM's clock-to-out and
+                # the way across the chip left no time for a 33-bit compare: LOAD's state
+                # register, 21 ns routed).
+                m.d.sync += [g_a.eq(self.idx_rd_data.a), g_ln.eq(self.idx_rd_data.b)]
+                # G_ROW: a * ds0 (a, the span start, through ``from_idx`` in G_MUL)
                 m.d.comb += [nxt_b.eq(ds0), nxt_b_en.eq(1)]
                 with m.If(~g_acc):
                     m.d.sync += ird_req.eq(1)
                     m.next = "G_RD"
                 with m.Else():
+                    m.d.sync += from_idx.eq(1)
                     m.next = "G_MUL"
             with m.State("G_MUL"):
                 m.d.comb += self.busy.eq(1)
@@ -615,9 +619,12 @@ class DmaSequencer(wiring.Component):
                 # index memory has overwritten its own span list (see LoadUnit): bounded work.
                 m.d.sync += rows_left.eq(Mux(g_ln > q_left, q_left, g_ln))
                 with m.If((g_ln > 0) & (q_left != 0)):
-                    m.next = "G_WAIT"
+                    m.next = "G_WAIT0"
                 with m.Else():
                     m.next = "G_NEXT"
+            with m.State("G_WAIT0"):                # the product's first cycle
+                m.d.comb += self.busy.eq(1)
+                m.next = "G_WAIT"
             with m.State("G_WAIT"):                 # the product's second cycle
                 m.d.comb += self.busy.eq(1)
                 m.next = "G_ROW"
