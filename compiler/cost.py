@@ -598,13 +598,14 @@ def _never_elaborated(obj, seen=None):
 
 def _kpos_walk(spans, n, lanes) -> int:
     """Cycles of the key-span walk of ``SoftmaxRowUnit`` (hw/rowops.py, states WALK_RD,
-    WALK_LD, WALK_EX): one span read and load per span, one cycle per line piece it fills."""
+    WALK_W, WALK_LD, WALK_EX): one span read, the read's second cycle and the load per span,
+    one cycle per line piece it fills."""
     cyc = pos = lane = t = 0
     while True:
         cyc += 1                                    # WALK_RD
         if pos >= n or t == len(spans):
             return cyc
-        cyc += 1                                    # WALK_LD
+        cyc += 2                                    # WALK_W, WALK_LD
         rem = max(0, int(spans[t][1]))
         t += 1
         while True:
@@ -660,7 +661,7 @@ def _spans_cycles(f, blocks, idx_entries) -> int:
     walk = (1 + rescans) * (n_l + 2 if n_l else 1) + SPANS_STEP_CYCLES * steps + 2
     walks = 1 if f["out_addr"] + n_l + 2 <= idx_entries else 2
     k = f["k"]
-    return 1 + (k + 2 if k else 1) + walks * walk + 3
+    return 1 + (k + 3 if k else 1) + walks * walk + 3
 
 
 # -- DMA (hw/dma.py against the simulation RAM of sim/simtop.py) --------------------------------
@@ -744,7 +745,8 @@ def _seq_spans(f, spans):
         q = total
         for _, ln in spans:
             ln = int(ln)
-            steps += ["r", "c", "c"]            # G_RD, G_SPAN, G_MUL
+            # G_RD, G_RD2, G_SPAN, G_MUL
+            steps += ["r"] + ["c"] * (Seq.SPANS_READ_STEPS - 1) + ["c"]
             if ln > 0 and q > 0:
                 rows = min(ln, q)
                 steps += ["c"] * Seq.SPANS_ROW_WAIT + ["e"] * rows  # G_WAIT0..G_ROW, G_EMITs

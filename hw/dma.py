@@ -163,7 +163,7 @@ class DmaSequencer(wiring.Component):
     :attr:`SPANS_EMPTY` cycles after ``start`` when the list is empty, :attr:`SPANS_NO_ROWS`
     plus the scan when no span has rows, and otherwise starts generating
     :attr:`SPANS_FIRST` plus the scan cycles after ``start``. Generation, per span of each
-    ``n1`` pass: G_RD, G_SPAN and G_MUL; for a span with rows :attr:`SPANS_ROW_WAIT` more
+    ``n1`` pass: G_RD, G_RD2, G_SPAN and G_MUL; for a span with rows :attr:`SPANS_ROW_WAIT` more
     cycles (G_WAIT0, G_WAIT, G_ROW), then one G_EMIT per row (each waits for ``ready``); then
     G_NEXT.
     """
@@ -179,9 +179,11 @@ class DmaSequencer(wiring.Component):
     SPANS_FIRST = 15
     #: SPANS generation: cycles between G_MUL and the first G_EMIT of a span with rows.
     SPANS_ROW_WAIT = 3
-    #: SPANS scan of ``c > 0`` spans: ``c + SCAN_TAIL`` cycles (the read, the registered entry,
-    #: its registered end, the last update).
-    SCAN_TAIL = 4
+    #: SPANS scan of ``c > 0`` spans: ``c + SCAN_TAIL`` cycles (the read, index memory's
+    #: output register, the registered entry, its registered end, the last update).
+    SCAN_TAIL = 5
+    #: SPANS generation: cycles per span before G_MUL (G_RD, G_RD2, G_SPAN).
+    SPANS_READ_STEPS = 3
 
     def __init__(self, config):
         self._cfg = cfg = get_config(config)
@@ -296,8 +298,9 @@ class DmaSequencer(wiring.Component):
         count = Signal(signed(33))
         cnt_r = Signal(32)                 # the span count as read in BLK
         scan_t = Signal(unsigned(33))
-        scan_pend = Signal()               # a span-list read is in flight
-        scan_v = Signal()                  # the span read two cycles ago is in scan_a/scan_ln
+        scan_pend = Signal()               # a span-list read is in flight (first cycle)
+        scan_pend2 = Signal()              # ... its second cycle (IDX_READ_LATENCY = 2)
+        scan_v = Signal()                  # the span read three cycles ago is in scan_a/scan_ln
         scan_a = Signal(signed(32))
         scan_ln = Signal(signed(32))
         neg_len = Signal()
@@ -489,7 +492,8 @@ class DmaSequencer(wiring.Component):
                 m.d.comb += self.busy.eq(1)
                 m.d.sync += base.eq(f.dram_addr + prod)
                 cnt = cnt_r
-                m.d.sync += [count.eq(cnt), scan_t.eq(0), scan_pend.eq(0), neg_len.eq(0),
+                m.d.sync += [count.eq(cnt), scan_t.eq(0), scan_pend.eq(0), scan_pend2.eq(0),
+                             neg_len.eq(0),
                              total.eq(0), min_start.eq((1 << 31) - 1), max_end.eq(-(1 << 33)),
                              rlo.eq((1 << 31) - 1), rhi.eq(-(1 << 33)), any_rows.eq(0)]
                 with m.If(cnt.as_signed() < 0):
@@ -503,17 +507,17 @@ class DmaSequencer(wiring.Component):
                 m.d.comb += self.busy.eq(1)
                 # P_TOTAL's operands: max_end is final in the last P_SCAN cycle (no read pending)
                 ops_next(max_end + 1, ds0)
-                # one read per cycle; IDX_READ_LATENCY = 1, so the data of the read issued in the
-                # previous cycle is on idx_rd_data now
-                assert IDX_READ_LATENCY == 1
+                # one read per cycle; IDX_READ_LATENCY = 2, so the data of the read issued two
+                # cycles ago is on idx_rd_data now
+                assert IDX_READ_LATENCY == 2
                 issue = ird_req & self.idx_rd_gnt      # ird_req == scan_t < count here
-                m.d.sync += scan_pend.eq(issue)
+                m.d.sync += [scan_pend.eq(issue), scan_pend2.eq(scan_pend)]
                 with m.If(issue):
                     m.d.sync += [scan_t.eq(scan_t + 1), ird_a.eq(ird_a + 1),
                                  ird_req.eq(scan_t + 1 < count.as_unsigned())]
                 # the span is registered before the sums and comparisons (the index memory's
                 # data crosses the chip from the shared port)
-                m.d.sync += [scan_v.eq(scan_pend), scan_a.eq(self.idx_rd_data.a),
+                m.d.sync += [scan_v.eq(scan_pend2), scan_a.eq(self.idx_rd_data.a),
                              scan_ln.eq(self.idx_rd_data.b)]
                 with m.If(scan_v2):
                     a = scan_a2
@@ -533,7 +537,8 @@ class DmaSequencer(wiring.Component):
                             m.d.sync += rlo.eq(a)
                         with m.If(end - 1 > rhi):
                             m.d.sync += rhi.eq(end - 1)
-                with m.If((scan_t >= count.as_unsigned()) & ~scan_pend & ~scan_v & ~scan_v2):
+                with m.If((scan_t >= count.as_unsigned()) & ~scan_pend & ~scan_pend2 & ~scan_v
+                          & ~scan_v2):
                     m.next = "P_TOTAL"
             with m.State("P_TOTAL"):
                 m.d.comb += self.busy.eq(1)
@@ -597,6 +602,9 @@ class DmaSequencer(wiring.Component):
                 # the late grant goes into a register, not into the state: G_SPAN goes back
                 # here if the read was not granted
                 m.d.sync += g_acc.eq(self.idx_rd_gnt)
+                m.next = "G_RD2"
+            with m.State("G_RD2"):                  # index memory's output register
+                m.d.comb += self.busy.eq(1)
                 m.next = "G_SPAN"
             with m.State("G_SPAN"):
                 m.d.comb += self.busy.eq(1)

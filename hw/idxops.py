@@ -32,12 +32,12 @@ reset (which may cut an instruction short) an INIT scan clears all ``max_experts
 table is written last, after the queue entries, as the golden model does, so the two may
 overlap. Cycles from ``start`` to ``done`` of a successful ROUTE (:meth:`RouteUnit.cycles`)::
 
-    2 + (m*k + 3) + 1 + (n_experts + 1) + max(m*k + 3, max_experts - n_experts + 1)
+    2 + (m*k + 4) + 1 + (n_experts + 1) + max(m*k + 4, max_experts - n_experts + 1)
       + (n_experts + 1) + 1
-    = 2 * m * k + 2 * n_experts + 12     unless clearing the unused queue registers is longer
+    = 2 * m * k + 2 * n_experts + 14     unless clearing the unused queue registers is longer
 
-e.g. 197 tokens, top-2, 16 experts: 832 cycles. A fault is reported after CHECK (2 cycles),
-CHECK1 (3 cycles) or after COUNT and CLEAR (``m*k + n_experts + 8``).
+e.g. 197 tokens, top-2, 16 experts: 834 cycles. A fault is reported after CHECK (2 cycles),
+CHECK1 (3 cycles) or after COUNT and CLEAR (``m*k + n_experts + 9``).
 
 Restriction (the golden model must mirror it): PLACE re-reads the routing input while it writes
 queue entries, so the queue entries ``q_addr .. q_addr + nq - 1`` (``nq`` = entries with an
@@ -66,7 +66,7 @@ idx_entries`` no span can fault, and the walk writes as it goes (one pass); othe
 walk only counts, the count is range-checked (``IDX_RANGE``) and a second walk writes. Cycles
 from ``start`` to ``done`` (:meth:`SpansUnit.max_cycles` bounds them)::
 
-    1 + (k + 2)                 check, copy the list (1 cycle for k = 0)
+    1 + (k + 3)                 check, copy the list (1 cycle for k = 0)
     walk:  (r + 1) * S          scans of the list, S = n_l + 2 (1 when n_l = 0); r = rescans
                                 <= distinct listed blocks used
          + 6 * steps + 2        steps <= r + 3 (one per piece taken, plus the final one);
@@ -74,8 +74,8 @@ from ``start`` to ``done`` (:meth:`SpansUnit.max_cycles` bounds them)::
     + 3                         registers, done
 
 with two walks when the output lies within ``n_l + 2`` entries of the end of the index memory.
-E.g. 8 distinct listed blocks, a sink block and 2 diagonal blocks: 172 cycles (k = 16: 444,
-k = 32: 1,372; the scans make it quadratic in k).
+E.g. 8 distinct listed blocks, a sink block and 2 diagonal blocks: 173 cycles (k = 16: 445,
+k = 32: 1,373; the scans make it quadratic in k).
 
 Widths: span starts and lengths are written as 32-bit words and ``REG[rows_reg]`` is a signed
 32-bit register; ``limit`` must be below 2^31 (``BAD_FIELD`` otherwise, as in the golden model),
@@ -93,7 +93,7 @@ from vitamin.isa import INSTR_BITS, ErrorCode, Route, Spans
 from .dspmul import PRODUCT_LATENCY, staged_product
 from .lutmul import lut_mul
 from .onehot import onehot_best, onehot_pick
-from .ports import IdxPort, QueuePort, RegPort, UnitControl
+from .ports import IDX_READ_LATENCY, IdxPort, QueuePort, RegPort, UnitControl
 
 __all__ = ["RouteUnit", "SpansUnit", "SPANS_LIST_DEPTH", "SPANS_STEP_CYCLES"]
 
@@ -173,9 +173,9 @@ class RouteUnit(wiring.Component):
     def cycles(self, m: int, k: int, n_experts: int) -> int:
         """Cycles from ``start`` to ``done`` of a ROUTE that does not fault."""
         mk = m * k
-        place = max(mk + 3, self._cfg.max_experts - n_experts + 1)
+        place = max(mk + 4, self._cfg.max_experts - n_experts + 1)
         # CHECK, CHECK1, COUNT, CHECK2, PREFIX, PLACE, TABLE, then the done cycle.
-        return 2 + (mk + 3) + 1 + (n_experts + 1) + place + (n_experts + 1) + 1
+        return 2 + (mk + 4) + 1 + (n_experts + 1) + place + (n_experts + 1) + 1
 
     def elaborate(self, platform):
         cfg = self._cfg
@@ -205,10 +205,14 @@ class RouteUnit(wiring.Component):
         sc = Signal(range(cfg.max_experts + 1))     # expert scan (PREFIX, TABLE, CLEAR)
         zq = Signal(range(cfg.max_experts + 1))     # queue registers cleared in PLACE
         run = Signal(aw)                            # prefix sum of the queue lengths
-        # Pipeline: s1 = IDX data of the read issued in the previous cycle, s1b = that data
-        # registered; s2 = cnt/ptr data.
+        # Pipeline: s1 = the read issued in the previous cycle, s1a = its data in index
+        # memory's output register (IDX_READ_LATENCY = 2), s1b = that data registered; s2 =
+        # cnt/ptr data.
+        assert IDX_READ_LATENCY == 2
         s1_v = Signal()
         s1_tok = Signal.like(tok)
+        s1a_v = Signal()
+        s1a_tok = Signal.like(tok)
         s2_v = Signal()
         s2_e = Signal(range(cfg.max_experts))
         s2_tok = Signal.like(tok)
@@ -222,7 +226,8 @@ class RouteUnit(wiring.Component):
         s1b_tok = Signal.like(tok)
         e_in = Signal(signed(32))
         p_in = Signal(signed(32))
-        m.d.sync += [s1b_v.eq(s1_v), s1b_tok.eq(s1_tok), e_in.eq(idx.rd_data.a),
+        m.d.sync += [s1a_v.eq(s1_v), s1a_tok.eq(s1_tok),
+                     s1b_v.eq(s1a_v), s1b_tok.eq(s1a_tok), e_in.eq(idx.rd_data.a),
                      p_in.eq(idx.rd_data.b)]
         ne = f.n_experts
         # The read address (idx_addr + ri) and the read enable (in COUNT or PLACE and ri < mk)
@@ -302,7 +307,8 @@ class RouteUnit(wiring.Component):
                         m.d.sync += [s2_v.eq(1), s2_e.eq(e_in), nq.eq(nq + 1)]
                 m.d.comb += [cnt_w.en.eq(s2_v), cnt_w.addr.eq(s2_e),
                              cnt_w.data.eq(cnt_r.data + 1)]
-                with m.If(~issue & ~s1_v & ~s1b_v):   # the last increment (s2) is written now
+                with m.If(~issue & ~s1_v & ~s1a_v & ~s1b_v):   # the last increment (s2) is
+                    # written now
                     m.next = "CHECK2"
 
             with m.State("CHECK2"):
@@ -348,7 +354,7 @@ class RouteUnit(wiring.Component):
                     m.d.comb += [qp.wr_en.eq(1), qp.wr_addr.eq(zq), qp.wr_off.eq(0),
                                  qp.wr_len.eq(0)]
                     m.d.sync += zq.eq(zq + 1)
-                with m.If(~issue & ~s1_v & ~s1b_v & (zq == cfg.max_experts)):
+                with m.If(~issue & ~s1_v & ~s1a_v & ~s1b_v & (zq == cfg.max_experts)):
                     m.d.sync += [sc.eq(0), run.eq(0)]
                     m.next = "TABLE"
 
@@ -405,7 +411,7 @@ class SpansUnit(wiring.Component):
         """Upper bound of the cycles from ``start`` to ``done`` of a SPANS of ``k`` entries
         (``walks = 1`` when ``out_addr + k + 2 <= idx_entries``)."""
         walk = (k + 1) * (k + 2) + SPANS_STEP_CYCLES * (k + 3) + 2
-        return 1 + (k + 2) + walks * walk + 3
+        return 1 + (k + 3) + walks * walk + 3
 
     def elaborate(self, platform):
         cfg = self._cfg
@@ -441,6 +447,8 @@ class SpansUnit(wiring.Component):
         count = Signal(range(depth + 3))
         rows = Signal(32)
         m.d.sync += s1_v.eq(0)
+        l_v = Signal()                     # LOAD: a read issued in the previous cycle
+        m.d.sync += l_v.eq(0)
         s2_v = Signal()                    # lst_d holds the entry read two cycles ago
         lst_d = Signal(31)
         m.d.sync += [s2_v.eq(s1_v), lst_d.eq(lst_r.data)]
@@ -565,14 +573,18 @@ class SpansUnit(wiring.Component):
                     m.next = "LOAD"
 
             with m.State("LOAD"):
+                # l_v: a read issued in the previous cycle; s1_v: its data on the port
+                # (IDX_READ_LATENCY = 2, the second cycle in index memory's output register)
+                assert IDX_READ_LATENCY == 2
+                m.d.sync += s1_v.eq(l_v)
                 with m.If(rd_go):
                     m.d.sync += [ri.eq(ri + 1), rd_a.eq(rd_a + 1), rd_go.eq(ri + 1 < f.k),
-                                 s1_v.eq(1)]
+                                 l_v.eq(1)]
                 with m.If(s1_v & (idx.rd_data.a >= 0)):
                     m.d.comb += [lst_w.en.eq(1), lst_w.addr.eq(n_l),
                                  lst_w.data.eq(idx.rd_data.a)]
                     m.d.sync += n_l.eq(n_l + 1)
-                with m.If((ri == f.k) & ~s1_v):
+                with m.If((ri == f.k) & ~l_v & ~s1_v):
                     m.d.sync += emit.eq(f.out_addr + n_l + 2 <= n_ent)
                     start_walk()
 

@@ -13,7 +13,8 @@ tile and free when the next tile's weights arrive, so no stream ever stalls (a s
 ``protocol_error`` flag checks this and the FIFO levels)::
 
     sequencer ------> slot and its IDX / row-state addresses registered
-              --S0--> IDX / row-state read (queue entry, c, r, k)
+              --S0--> IDX read (queue entry; its data registered beside the block RAMs)
+              --S0b-> row-state read (c, r, k)
               --S1--> row * stride operands (the token row from IDX) into registers
               --S1b-> row * stride partial products (two 24 x 22-bit multipliers)
               --S1c-> their sums
@@ -85,7 +86,7 @@ computes it exactly)::
     cycles = 6 + check + sum over the T * KT tiles of (W + CH + PAD + L * P) + drain
 
     check = 2 + (L with gather or scatter) + (ceil(4 n / lanes) with an epilogue and chan_en)
-            + CHECK_DRAIN (10)      -- or the validity scan if longer (acc_in != ZERO:
+            + CHECK_DRAIN (11)      -- or the validity scan if longer (acc_in != ZERO:
                                        about T * (L / 16 + 1) cycles)
     W     = rows  (b_trans: cols + rows)
     CH    = max(1, 4 cols / lanes) on the last K slice of an epilogue with chan_en, else 0
@@ -94,10 +95,10 @@ computes it exactly)::
     P     = max(1 + side, epi_ratio) on the last K slice of an epilogue, else 1 (slots per row;
             ``epi_ratio = cols / epi_lanes``: a narrow epilogue takes that many cycles per line,
             so the sequencer leaves idle slots between those rows)
-    drain = 14 + log2(rows) (out = ACC); epilogue: that + Epilogue.latency (29 for tiny)
+    drain = 15 + log2(rows) (out = ACC); epilogue: that + Epilogue.latency (29 for tiny)
 
-For a plain MATMUL (``L = m``, ``m + rows >= 4``) this is ``T * KT * (m + rows) + 32 +
-log2(rows) + Epilogue.latency`` (``32 + log2(rows)`` for ``out = ACC``), against a first-order
+For a plain MATMUL (``L = m``, ``m + rows >= 4``) this is ``T * KT * (m + rows) + 34 +
+log2(rows) + Epilogue.latency`` (``34 + log2(rows)`` for ``out = ACC``), against a first-order
 cost of ``T * KT * m`` plus a fixed fill: the weight tile costs ``rows`` slots per
 tile because it shares the single scratchpad read port with the A lines, and the fixed part is
 the check phase plus the pipeline depth (the controller's contract has no early ``done``).
@@ -136,7 +137,7 @@ __all__ = ["MatmulUnit", "HAZARD_SLOTS", "VALID_WORD"]
 
 # The pipeline below is written for these port latencies (the stage names S0..D and R0..R3).
 assert SPAD_READ_LATENCY >= 1 and ACC_READ_LATENCY == 1
-assert IDX_READ_LATENCY == 1 and RS_READ_LATENCY == 1
+assert IDX_READ_LATENCY == 2 and RS_READ_LATENCY == 1
 
 #: Accumulator lines are read one cycle before R0 (the data is registered at R0, so the SCALE
 #: multipliers start from a register, not from the block RAM) and written back at R3; a line
@@ -240,17 +241,17 @@ class MatmulUnit(wiring.Component):
     @property
     def acc_drain(self) -> int:
         """Cycles from the last issued slot to the last accumulator write (``out = ACC``)."""
-        return 5 + SPAD_READ_LATENCY + self._mac.latency + 3
+        return 6 + SPAD_READ_LATENCY + self._mac.latency + 3
 
     @property
     def run_drain(self) -> int:
         """Cycles from the last issued slot to the last scratchpad write (epilogue)."""
         return self.acc_drain + self._epi.latency
 
-    #: Cycles from the last check slot to its flags (S0, S1, S1b, S1c, S2 + scratchpad latency +
-    #: flag register: the channel-table flag is set at D; the range flags, at S2 + 1, are not
-    #: later).
-    CHECK_DRAIN = 5 + SPAD_READ_LATENCY + 1
+    #: Cycles from the last check slot to its flags (S0, S0b, S1, S1b, S1c, S2 + scratchpad
+    #: latency + flag register: the channel-table flag is set at D; the range flags, at S2 + 1,
+    #: are not later).
+    CHECK_DRAIN = 6 + SPAD_READ_LATENCY + 1
 
     def tile_slots(self, *, k, n, rows_l, b_trans=False, epilogue=True, chan_en=False,
                    res_en=False, spad_add=False):
@@ -403,7 +404,8 @@ class MatmulUnit(wiring.Component):
         })
 
         t0 = Signal(tag_layout)         # the slot issued this cycle (comb, from the sequencer)
-        t0q = Signal(tag_layout)        # S0: the issued slot, registered; reads its memories
+        t0q = Signal(tag_layout)        # S0: the issued slot, registered; reads index memory
+        t0r = Signal(tag_layout)        # S0b: reads the row state (index memory's data registered)
         t1 = Signal(tag_layout)
         t1b = Signal(tag_layout)        # S1b: the row products' partial products ...
         t1c = Signal(tag_layout)        # S1c: ... and their sums
@@ -411,7 +413,7 @@ class MatmulUnit(wiring.Component):
         # S2 + 1 .. D: the slot waits for its scratchpad data (SPAD_READ_LATENCY stages)
         t_rd = [Signal(tag_layout, name=f"t{3 + i}") for i in range(SPAD_READ_LATENCY)]
         t3, t4 = t_rd[0], t_rd[-1]      # t4 = D: scratchpad data of the slot is valid
-        m.d.sync += [t0q.eq(t0), t1.eq(t0q), t3.eq(t2)]
+        m.d.sync += [t0q.eq(t0), t0r.eq(t0q), t1.eq(t0r), t3.eq(t2)]
         m.d.sync += [b.eq(a) for a, b in zip(t_rd, t_rd[1:])]
 
         # -- sequencer ----------------------------------------------------------------------------
@@ -699,15 +701,18 @@ class MatmulUnit(wiring.Component):
                 m.d.sync += done.eq(1)
                 m.next = "IDLE"
 
-        # -- S0: queue entry and row state reads ------------------------------------------------
+        # -- S0, S0b: queue entry and row state reads -----------------------------------------
         # The addresses are registered with the slot (the sequencer's multiplexers and these
-        # sums do not reach the shared index memory's port in the same cycle).
+        # sums do not reach the shared index memory's port in the same cycle). Index memory's
+        # data comes IDX_READ_LATENCY = 2 cycles later, the row state's one: its address
+        # waits a cycle (S0b), so both arrive at S1.
         idx_a0 = Signal.like(self.idx.rd_addr)
         rs_a0 = Signal.like(self.rs.rd_addr)
-        m.d.sync += [idx_a0.eq(qoff + t0.i), rs_a0.eq(f.rs_base + t0.i)]
+        rs_a0b = Signal.like(self.rs.rd_addr)
+        m.d.sync += [idx_a0.eq(qoff + t0.i), rs_a0.eq(f.rs_base + t0.i), rs_a0b.eq(rs_a0)]
         m.d.comb += [
             self.idx.rd_en.eq(1), self.idx.rd_addr.eq(idx_a0),
-            self.rs.rd_en.eq(1), self.rs.rd_addr.eq(rs_a0),
+            self.rs.rd_en.eq(1), self.rs.rd_addr.eq(rs_a0b),
         ]
 
         # -- S1: row * stride products ------------------------------------------------------------
@@ -1100,8 +1105,8 @@ class MatmulUnit(wiring.Component):
                        vw_busy, stale)
 
         # nothing is left in the pipeline when an instruction ends
-        in_flight = Cat(*(t.kind.as_value() != _Op.NOP.value for t in (t0q, t1, t1b, t1c, t2,
-                                                                       *t_rd)),
+        in_flight = Cat(*(t.kind.as_value() != _Op.NOP.value for t in (t0q, t0r, t1, t1b, t1c,
+                                                                       t2, *t_rd)),
                         *(p.valid for p in pt[1:]), r1.valid, r2.valid, r3.valid, pushing)
         protocol(finishing & ((chan_fifo.level != 0) | (res_fifo.level != 0)
                               | (old_fifo.level != 0) | (wr_fifo.level != 0) | in_flight.any()))

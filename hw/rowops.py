@@ -738,7 +738,7 @@ class SoftmaxRowUnit(wiring.Component):
 
     Common to both modes: after the field and region checks, a key-span list
     (``kpos_spans = 1``) is expanded once per instruction into a buffer of key positions, one
-    line of ``row_lanes`` positions per chunk (``2`` cycles per span plus one per line it
+    line of ``row_lanes`` positions per chunk (``3`` cycles per span plus one per line it
     fills; the walk stops as soon as ``n`` positions are known and faults with ``BAD_FIELD``
     when the spans cover fewer). Rows are then read in chunks of ``row_lanes`` scores with the
     lane mask ``col < n and (not causal or kpos(col) <= q_pos + row)``.
@@ -1046,9 +1046,11 @@ class SoftmaxRowUnit(wiring.Component):
                 with m.Elif(w_tzero):
                     ctl.finish(ErrorCode.BAD_FIELD)    # too few key positions
                 with m.Else():
-                    m.next = "WALK_LD"
+                    m.next = "WALK_W"
+            with m.State("WALK_W"):                   # index memory's output register
+                m.next = "WALK_LD"
             with m.State("WALK_LD"):
-                assert IDX_READ_LATENCY == 1
+                assert IDX_READ_LATENCY == 2
                 # negative span lengths give no positions
                 m.d.sync += [w_start.eq(ix.rd_data.a), w_addr.eq(w_addr + 1),
                              w_tleft.eq(w_tleft - 1), w_tzero.eq(w_tleft == 1),

@@ -37,20 +37,20 @@ memory, so no extra limit) holds per candidate chunk ``(avail, score, lo, n, t)`
 Cycles from ``start`` to ``done`` of a SELECT that does not fault (:meth:`SelectUnit.cycles`,
 exact; :func:`select_cycles` derives its arguments from the instruction and the data)::
 
-    4 + (cnt + 1 + 2 * (cnt > 0))                   CHECK, CHECK2, LIST, LAST, first entry
+    4 + (cnt + 1 + 3 * (cnt > 0))                   CHECK, CHECK2, LIST, LAST, first entry
     + (N > 0) * (1 + sum_c ceil(l_c / spad_lanes) + SCORE_DRAIN)    SCORE
     + 1 + iters * (N + 3)                           SELECT: start, scans
     + 2 * (N + 5 + (N > 0))                         two walks
     + 3                                             registers, done
-    = cnt + 9 + 2 * (cnt > 0) + (N > 0) * (sum_c ceil(l_c / spad_lanes) + 19) + iters * (N + 3)
+    = cnt + 9 + 3 * (cnt > 0) + (N > 0) * (sum_c ceil(l_c / spad_lanes) + 19) + iters * (N + 3)
       + 2 * (N + 5)
 
 with ``l_c`` the clipped chunk lengths, ``SCORE_DRAIN`` the depth of the score pipeline (16) and
 ``iters`` the number of scans: 0 when ``R <= 0`` or ``N = 0``, else the number of chunks that
 give tokens plus 1 when the budget is not used up by them. A fault is reported after CHECK2
-(3 cycles), after LAST (``cnt + 5 + 2 * (cnt > 0)``) or after the counting walk. E.g. 32
+(3 cycles), after LAST (``cnt + 5 + 3 * (cnt > 0)``) or after the counting walk. E.g. 32
 chunks of 128 tokens (4096 keys, all below the limit), budget 1024 with 128 sink and 128 recent
-tokens, 16 lanes: 43 + SCORE 32 * 8 + 19 + 6 scans of 35 + walks 74 = 602 cycles.
+tokens, 16 lanes: 44 + SCORE 32 * 8 + 19 + 6 scans of 35 + walks 74 = 603 cycles.
 
 Watchdog: the SELECT scans and the walks' reads use only the unit's own memory, which the
 accelerator's watchdog does not see as progress. A SELECT whose selection phase exceeds the
@@ -79,7 +79,15 @@ from .idxops import _Control
 from .lutmul import lut_mul
 from .mem import NOINIT_ATTR
 from .onehot import msb_index
-from .ports import SPAD_READ_LATENCY, IdxPort, RegPort, SpadPort, UnitControl, spad_lanes
+from .ports import (
+    IDX_READ_LATENCY,
+    SPAD_READ_LATENCY,
+    IdxPort,
+    RegPort,
+    SpadPort,
+    UnitControl,
+    spad_lanes,
+)
 from .rom import INTERP_LATENCY, build_interp, interp_input_bits
 
 __all__ = ["SelectUnit", "select_cycles", "SCORE_DRAIN"]
@@ -162,7 +170,7 @@ class SelectUnit(wiring.Component):
         lanes = spad_lanes(get_config(config))
         n = len(lens)
         score = 1 + sum(-(-int(v) // lanes) for v in lens) + SCORE_DRAIN if n else 0
-        return (4 + (cnt + 1 + 2 * (cnt > 0)) + score + 1 + iters * (n + 3) + 2 * (n + 5 + (n > 0))
+        return (4 + (cnt + 1 + 3 * (cnt > 0)) + score + 1 + iters * (n + 3) + 2 * (n + 5 + (n > 0))
                 + 3)
 
     def elaborate(self, platform):
@@ -206,6 +214,8 @@ class SelectUnit(wiring.Component):
         # address on the port in every state (the memory reads every cycle)
         l_go = Signal()
         m.d.comb += [idx.rd_addr.eq(lptr), idx.rd_en.eq(l_go)]   # outside the state machine
+        lb_v = Signal()                   # LIST: a start in index memory's output register
+        lb_i = Signal(nb)
         l2_v = Signal()                   # LIST: a start registered from index memory
         l2_i = Signal(nb)
         l2_a = Signal(signed(32))
@@ -463,7 +473,9 @@ class SelectUnit(wiring.Component):
                     m.d.sync += [ri.eq(ri + 1), lptr.eq(lptr + 1), s1_v.eq(1), s1_i.eq(ri),
                                  l_go.eq(ri + 1 < cnt)]
                 a_rd = idx.rd_data.a
-                m.d.sync += [l2_v.eq(s1_v), l2_i.eq(s1_i), l2_a.eq(a_rd),
+                assert IDX_READ_LATENCY == 2
+                m.d.sync += [lb_v.eq(s1_v), lb_i.eq(s1_i), l2_v.eq(lb_v), l2_i.eq(lb_i),
+                             l2_a.eq(a_rd),
                              l3_v.eq(l2_v), l3_i.eq(l2_i), l3_a.eq(l2_a), l3_neg.eq(l2_a < 0),
                              l3_lt.eq(l2_a < limit)]
                 with m.If(l3_v):
@@ -479,7 +491,7 @@ class SelectUnit(wiring.Component):
                             m.d.comb += [mw.en.eq(1), mw.addr.eq(l3_i - 1),
                                          mw.data.lo.eq(prev), mw.data.n.eq(e_in - prev)]
                             m.d.sync += ncand.eq(l3_i)
-                with m.If(~issue & ~s1_v & ~l2_v):
+                with m.If(~issue & ~s1_v & ~lb_v & ~l2_v):
                     m.next = "LAST"
 
             with m.State("LAST"):
