@@ -49,8 +49,11 @@ rtl: $(STAMP)
 BITSTREAM_BOARDS ?= ulx3s-85f icebreaker
 BITSTREAM_CONFIG ?=
 BITSTREAM_CLOCK_MHZ ?= 25
+# the clock the ULX3S is placed and routed for (--timing-mhz), when it should differ from its
+# system clock: empty = the system clock
+BITSTREAM_TIMING_MHZ ?=
 bitstream: $(STAMP)
-	$(VPY) -m vitamin.boards.flow $(if $(BITSTREAM_CONFIG),--config $(BITSTREAM_CONFIG)) $(if $(BITSTREAM_CLOCK_MHZ),--clock-mhz $(BITSTREAM_CLOCK_MHZ)) $(BITSTREAM_BOARDS)
+	$(VPY) -m vitamin.boards.flow $(if $(BITSTREAM_CONFIG),--config $(BITSTREAM_CONFIG)) $(if $(BITSTREAM_CLOCK_MHZ),--clock-mhz $(BITSTREAM_CLOCK_MHZ)) $(if $(BITSTREAM_TIMING_MHZ),--timing-mhz $(BITSTREAM_TIMING_MHZ)) $(BITSTREAM_BOARDS)
 
 # Slow tests (exit 5 = none collected is fine here), then the measured report in bench/results/.
 bench: $(STAMP)

