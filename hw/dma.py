@@ -38,6 +38,9 @@ runs are not merged), and a run's bytes are packed before the next run's beats a
 
 from __future__ import annotations
 
+import functools
+import operator
+
 from amaranth import Array, Cat, Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, fifo, stream, wiring
 from amaranth.lib.wiring import In, Out
@@ -270,10 +273,16 @@ class DmaSequencer(wiring.Component):
         with m.If(nxt_b_en):
             m.d.sync += mul_b.eq(nxt_b)
 
-        def ops_next(a, b=None):
-            m.d.comb += [nxt_a.eq(a), nxt_a_en.eq(1)]
+        # The operand multiplexers are built after the state machine as AND-OR trees over the
+        # states' decodes (``fsm.ongoing``): written in the states, Yosys chained them as a
+        # priority multiplexer, ten LUTs from the state register into ``mul_a_r`` (12.5 ns,
+        # STORE, pre-route estimate of 01c5135).
+        ops_a, ops_b = [], []
+
+        def ops_next(state, a, b=None):
+            ops_a.append((state, a))
             if b is not None:
-                m.d.comb += [nxt_b.eq(b), nxt_b_en.eq(1)]
+                ops_b.append((state, b))
 
         base = Signal(signed(_DW))
         lo = Signal(signed(_DW))
@@ -317,6 +326,7 @@ class DmaSequencer(wiring.Component):
         total = Signal(range((1 << 23) + 1))   # saturating sum of span lengths
         min_start = Signal(signed(32))
         max_end = Signal(signed(34))
+        max_end_p1 = Signal(signed(35))    # max_end + 1, set with it (P_TOTAL's operand)
         rlo = Signal(signed(32))
         rhi = Signal(signed(34))
         any_rows = Signal()
@@ -337,6 +347,8 @@ class DmaSequencer(wiring.Component):
         c2 = Signal(isa.SPAD_ADDR + 1)
         rows_left = Signal(32)
         q_left = Signal.like(total)
+        total_m1 = Signal(signed(25))      # total - 1 (P_S0's operand; total is final by then)
+        m.d.sync += total_m1.eq(total - 1)
         span_t = Signal(unsigned(33))
         # Index memory reads (P_SCAN, G_RD): the address idx_addr + scan_t / span_t and the
         # request are registers, set with scan_t / span_t (in front of the shared port's
@@ -369,7 +381,7 @@ class DmaSequencer(wiring.Component):
         runs = self.runs
         m.d.comb += [runs.p.dram.eq(d0), runs.p.chip.eq(c0), runs.p.n.eq(f.run)]
 
-        with m.FSM():
+        with m.FSM() as fsm:
             with m.State("IDLE"):
                 # no operands are loaded here: nothing uses the product of this state's
                 # operands (BLK2), and ``start`` comes from the command queue's output (with the
@@ -384,12 +396,12 @@ class DmaSequencer(wiring.Component):
                 # start cycle), blk_stride from the latched instruction (from the command
                 # queue's output in the start cycle, it was LOAD's mul_b path: 13.3 ns,
                 # pre-route estimate)
-                ops_next(blk_v, f.blk_stride)
+                ops_next("FIELDS", blk_v, f.blk_stride)
                 m.next = "BLK"
 
             with m.State("BLK"):                    # REG * blk_stride
                 m.d.comb += self.busy.eq(1)
-                ops_next(n2m1, ds2)             # S_D2
+                ops_next("BLK", n2m1, ds2)             # S_D2
                 # SPANS' span count, for P_BASE's checks: the register file's value is selected
                 # here and registered (selected and compared in one cycle it was the ecp5
                 # design's LOAD ``error`` path, 21 ns routed)
@@ -406,7 +418,7 @@ class DmaSequencer(wiring.Component):
                     m.next = "BLK2"
             with m.State("BLK2"):                   # the product's second cycle
                 m.d.comb += self.busy.eq(1)
-                ops_next(n1m1, ds1)             # S_D1
+                ops_next("BLK2", n1m1, ds1)             # S_D1
                 with m.If(f.mode == DmaMode.STRIDED):
                     m.next = "S_BASE"
                 with m.Else():
@@ -417,22 +429,22 @@ class DmaSequencer(wiring.Component):
                 m.d.comb += self.busy.eq(1)
                 m.d.sync += [base.eq(f.dram_addr + prod), lo.eq(f.dram_addr + prod),
                              hi.eq(f.dram_addr + prod)]
-                ops_next(n0m1, ds0)             # S_D0
+                ops_next("S_BASE", n0m1, ds0)             # S_D0
                 m.next = "S_D2"
             with m.State("S_D2"):
                 m.d.comb += self.busy.eq(1)
                 ext_lohi()
-                ops_next(n2m1, f.ss2)           # S_S2
+                ops_next("S_D2", n2m1, f.ss2)           # S_S2
                 m.next = "S_D1"
             with m.State("S_D1"):
                 m.d.comb += self.busy.eq(1)
                 ext_lohi()
-                ops_next(n1m1, f.ss1)           # S_S1
+                ops_next("S_D1", n1m1, f.ss1)           # S_S1
                 m.next = "S_D0"
             with m.State("S_D0"):
                 m.d.comb += self.busy.eq(1)
                 ext_lohi()
-                ops_next(n0m1, f.ss0)           # S_S0
+                ops_next("S_D0", n0m1, f.ss0)           # S_S0
                 m.next = "S_S2"
             with m.State("S_S2"):
                 m.d.comb += self.busy.eq(1)
@@ -493,6 +505,7 @@ class DmaSequencer(wiring.Component):
                 m.d.sync += base.eq(f.dram_addr + prod)
                 cnt = cnt_r
                 m.d.sync += [count.eq(cnt), scan_t.eq(0), scan_pend.eq(0), scan_pend2.eq(0),
+                             max_end_p1.eq(-(1 << 33) + 1),
                              neg_len.eq(0),
                              total.eq(0), min_start.eq((1 << 31) - 1), max_end.eq(-(1 << 33)),
                              rlo.eq((1 << 31) - 1), rhi.eq(-(1 << 33)), any_rows.eq(0)]
@@ -506,7 +519,7 @@ class DmaSequencer(wiring.Component):
             with m.State("P_SCAN"):
                 m.d.comb += self.busy.eq(1)
                 # P_TOTAL's operands: max_end is final in the last P_SCAN cycle (no read pending)
-                ops_next(max_end + 1, ds0)
+                ops_next("P_SCAN", max_end_p1, ds0)
                 # one read per cycle; IDX_READ_LATENCY = 2, so the data of the read issued two
                 # cycles ago is on idx_rd_data now
                 assert IDX_READ_LATENCY == 2
@@ -530,7 +543,7 @@ class DmaSequencer(wiring.Component):
                     with m.If(a < min_start):
                         m.d.sync += min_start.eq(a)
                     with m.If(end > max_end):
-                        m.d.sync += max_end.eq(end)
+                        m.d.sync += [max_end.eq(end), max_end_p1.eq(end + 1)]
                     with m.If(ln > 0):
                         m.d.sync += any_rows.eq(1)
                         with m.If(a < rlo):
@@ -542,7 +555,7 @@ class DmaSequencer(wiring.Component):
                     m.next = "P_TOTAL"
             with m.State("P_TOTAL"):
                 m.d.comb += self.busy.eq(1)
-                ops_next(n1m1, ds1)             # P_D1
+                ops_next("P_TOTAL", n1m1, ds1)             # P_D1
                 m.d.sync += wcoarse.eq(wpad - base)
                 with m.If(neg_len):
                     fail(ErrorCode.BAD_FIELD)
@@ -556,11 +569,11 @@ class DmaSequencer(wiring.Component):
                     m.next = "P_WAIT"
             with m.State("P_WAIT"):                 # P_COARSE's product, second cycle
                 m.d.comb += self.busy.eq(1)
-                ops_next(rlo, ds0)                  # P_RLO
+                ops_next("P_WAIT", rlo, ds0)                  # P_RLO
                 m.next = "P_COARSE"
             with m.State("P_COARSE"):
                 m.d.comb += self.busy.eq(1)
-                ops_next(rhi, ds0)                  # P_RHI
+                ops_next("P_COARSE", rhi, ds0)                  # P_RHI
                 m.d.sync += [lo.eq(base), hi.eq(base)]
                 with m.If(prod > wcoarse):          # base + prod > window + 2 |ds0|
                     fail(ErrorCode.DRAM_RANGE)
@@ -571,12 +584,12 @@ class DmaSequencer(wiring.Component):
             with m.State("P_D1"):
                 m.d.comb += self.busy.eq(1)
                 ext_lohi()
-                ops_next(n1m1, f.ss1)           # P_S1
+                ops_next("P_D1", n1m1, f.ss1)           # P_S1
                 m.next = "P_RLO"
             with m.State("P_RLO"):
                 m.d.comb += self.busy.eq(1)
                 m.d.sync += p_save.eq(prod)
-                ops_next(total - 1, f.ss0)          # P_S0
+                ops_next("P_RLO", total_m1, f.ss0)          # P_S0
                 m.next = "P_RHI"
             with m.State("P_RHI"):
                 m.d.comb += self.busy.eq(1)
@@ -614,7 +627,7 @@ class DmaSequencer(wiring.Component):
                 # register, 21 ns routed).
                 m.d.sync += [g_a.eq(self.idx_rd_data.a), g_ln.eq(self.idx_rd_data.b)]
                 # G_ROW: a * ds0 (a, the span start, through ``from_idx`` in G_MUL)
-                m.d.comb += [nxt_b.eq(ds0), nxt_b_en.eq(1)]
+                ops_b.append(("G_SPAN", ds0))
                 with m.If(~g_acc):
                     m.d.sync += ird_req.eq(1)
                     m.next = "G_RD"
@@ -663,6 +676,16 @@ class DmaSequencer(wiring.Component):
             with m.State("FINISH"):
                 m.d.comb += self.finished.eq(1)
                 m.next = "IDLE"
+
+        # the operand multiplexers (see ops_next): one term per state, ORed
+        for target, en, pairs in ((nxt_a, nxt_a_en, ops_a), (nxt_b, nxt_b_en, ops_b)):
+            terms = []
+            for state, v in pairs:
+                t = Signal.like(target, name=f"{target.name}_{state.lower()}")
+                m.d.comb += t.eq(Mux(fsm.ongoing(state), v, 0))
+                terms.append(t)
+            m.d.comb += [target.eq(functools.reduce(operator.or_, terms)),
+                         en.eq(Cat(*(fsm.ongoing(st) for st, _ in pairs)).any())]
         return m
 
 
