@@ -200,9 +200,14 @@ json.dump({"design": {"num_cells_by_type": {"LUT4": 1000, "TRELLIS_FF": 500,
 
 _FAKE_NEXTPNR = """import sys
 args = sys.argv[1:]
+open("nextpnr_runs.txt", "a").write(" ".join(args) + "\\n")
 log = args[args.index("--log") + 1]
 with open(log, "w") as f:
-    f.write("Info: Max frequency for clock '$glbnet$clk': 24.00 MHz (FAIL at 100.00 MHz)\\n")
+    if "--no-place" not in args:
+        f.write("Info: Max frequency for clock '$glbnet$clk': 24.00 MHz (FAIL at 100.00 MHz)\\n")
+    if "--no-route" in args:
+        open(args[args.index("--write") + 1], "w").write("{{}}")
+        sys.exit(0)
     if "{mode}" != "unroutable":
         f.write("Info: Routing complete.\\n")
         f.write("Warning: Max frequency for clock '$glbnet$clk': 31.25 MHz (FAIL at 100.00 MHz)\\n")
@@ -387,7 +392,20 @@ def test_build_with_a_placement_target_checks_the_system_clock(tmp_path, monkeyp
     rep = flow.build("ulx3s-85f", "tiny", tmp_path / "out", throughput=False, units={},
                      clock_mhz=clock, timing_mhz=100)
     txt = (tmp_path / "out" / "report.txt").read_text()
-    assert rep["timing_mhz"] == 100 and "placed and routed for: 100 MHz" in txt
+    assert rep["timing_mhz"] == 100 and "placed for: 100 MHz" in txt
+    # two nextpnr runs: placed for 100 MHz (the LPF's constraint), written; then routed
+    # without placing again, for 25 MHz (no constraint on the PLL output net, the
+    # oscillator's scaled so that the derived one is 25 MHz)
+    place, route = (tmp_path / "out" / "nextpnr_runs.txt").read_text().splitlines()
+    assert "--no-route" in place and "--textcfg" not in place
+    assert "--write vitamin_ulx3s_85f_placed.json" in place
+    assert "--no-place" in route and "--json vitamin_ulx3s_85f_placed.json" in route
+    assert "--lpf vitamin_ulx3s_85f_route.lpf" in route and "--placer" not in route
+    rlpf = (tmp_path / "out" / "vitamin_ulx3s_85f_route.lpf").read_text()
+    assert "FREQUENCY NET" not in rlpf
+    osc = float(re.search(r'FREQUENCY PORT "clk25_0__io" ([\d.]+) HZ', rlpf).group(1))
+    assert osc * clock / 25 == pytest.approx(25e6)
+    assert rep["placement_clocks"]["$glbnet$clk"]["fmax_mhz"] == 24.0
     assert rep["timing_met"] is met
     if met:
         assert rep["status"] == "built" and "meets the 30 MHz system clock" in txt

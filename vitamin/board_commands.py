@@ -28,9 +28,10 @@ def _build_args(p):
                    help="system clock (ULX3S: PLL output; default: the preset's clock for the "
                         "board's own preset, else the 25 MHz oscillator)")
     p.add_argument("--timing-mhz", type=float, default=None,
-                   help="ULX3S: the clock nextpnr places and routes for, when it should differ "
-                        "from --clock-mhz (above the design's Fmax it gives the placer and "
-                        "router a timing drive; the PLL still runs at --clock-mhz)")
+                   help="ULX3S: the clock nextpnr places for, when it should differ from "
+                        "--clock-mhz (above the design's Fmax it gives the placer a timing "
+                        "drive; the PLL still runs at --clock-mhz, and the placed design is "
+                        "routed in a second nextpnr run for a clock it meets)")
     p.add_argument("--synth-only", action="store_true",
                    help="stop after synthesis: resources and a pre-route timing estimate "
                         "(ECP5) in minutes instead of the hour of place and route")
