@@ -49,7 +49,7 @@ rtl: $(STAMP)
 BITSTREAM_BOARDS ?= ulx3s-85f icebreaker
 BITSTREAM_CONFIG ?=
 BITSTREAM_CLOCK_MHZ ?= 25
-# the clock the ULX3S is placed and routed for (--timing-mhz), when it should differ from its
+# the clock the ULX3S is placed for (--timing-mhz; then routed in a second run for a met clock),
 # system clock: empty = the system clock
 BITSTREAM_TIMING_MHZ ?=
 bitstream: $(STAMP)

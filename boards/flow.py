@@ -536,7 +536,7 @@ def _open_flow(board, cfg, out_dir, progress, seed, timeout, units=None, clock_m
             if board.family == "ecp5" and netlist.exists():
                 report["dsp_registers"] = _dsp_register_pass(netlist, progress)
                 report["pre_route_estimate"] = _pre_route_estimate(
-                    netlist, timing_mhz or clock_mhz or board.clk_hz / 1e6, progress)
+                    netlist, clock_mhz or board.clk_hz / 1e6, progress)
             if synth_only:
                 progress("place and route skipped (--synth-only)")
                 break
@@ -645,9 +645,9 @@ def build(board: str, config=None, out_dir=None, progress=None, *, seed: int = 1
     with a subset of the accelerator's units; the default is all of them. ``clock_mhz`` is the
     system clock (ULX3S: from the PLL, or the 25 MHz oscillator); by default the preset's
     ``clock_mhz`` for the board's own preset and the oscillator for any other.
-    ``timing_mhz`` (ULX3S) is the clock nextpnr places and routes for, when it should differ
-    from the system clock (:class:`Ulx3sTop`); the bitstream meets timing when its Fmax reaches
-    the system clock.
+    ``timing_mhz`` (ULX3S) is the clock nextpnr places for, when it should differ from the
+    system clock (:class:`Ulx3sTop`, :func:`_split_place_route`); the bitstream meets timing
+    when its Fmax reaches the system clock.
     ``synth_only`` stops after synthesis (resources and, on ECP5, the pre-route timing estimate
     of :mod:`vitamin.sim.sta`): minutes instead of the hour of place and route."""
     if board not in BOARDS:
