@@ -49,8 +49,8 @@ rtl: $(STAMP)
 BITSTREAM_BOARDS ?= ulx3s-85f icebreaker
 BITSTREAM_CONFIG ?=
 BITSTREAM_CLOCK_MHZ ?= 25
-# the clock the ULX3S is placed for (--timing-mhz; then routed in a second run for a met clock),
-# system clock: empty = the system clock
+# the clock the ULX3S is placed for (--timing-mhz; then routed in a second run for a met clock)
+# when it should differ from its system clock: empty = the system clock
 BITSTREAM_TIMING_MHZ ?=
 bitstream: $(STAMP)
 	$(VPY) -m vitamin.boards.flow $(if $(BITSTREAM_CONFIG),--config $(BITSTREAM_CONFIG)) $(if $(BITSTREAM_CLOCK_MHZ),--clock-mhz $(BITSTREAM_CLOCK_MHZ)) $(if $(BITSTREAM_TIMING_MHZ),--timing-mhz $(BITSTREAM_TIMING_MHZ)) $(BITSTREAM_BOARDS)
