@@ -39,6 +39,7 @@ from amaranth.lib import io
 
 from vitamin.config import get_config
 from vitamin.hw.cmpmap import YOSYS_CMP2SUB, write_cmp_techmap
+from vitamin.hw.fsmenc import YOSYS_ONEHOT_FSM
 from vitamin.hw.lutmul import YOSYS_SOFT_MUL
 
 from .core import BoardCore
@@ -136,7 +137,9 @@ class Ulx3sTop(Elaboratable):
     clock inverted through an output DDR register, so commands are sampled mid-cycle).
 
     ``clk_hz`` is the system clock: the board's 25 MHz oscillator itself, or (any other value)
-    an EHXPLLL output (:func:`ecp5_pll`); the domain is held in reset until the PLL locks.
+    an EHXPLLL output (:func:`ecp5_pll`); the domain is held in reset for its first cycles
+    after configuration and until the PLL locks (the one-hot state machines need it:
+    :mod:`vitamin.hw.fsmenc`).
 
     ``timing_hz`` (default: the system clock) is the frequency the LPF constrains the system
     clock to: a constraint on the PLL's output net, which nextpnr takes instead of the one it
@@ -147,6 +150,8 @@ class Ulx3sTop(Elaboratable):
     for 25 MHz."""
 
     OSC_HZ = 25e6
+    #: without the PLL: cycles of the ``sync`` domain's reset after configuration
+    POR_CYCLES = 15
 
     def __init__(self, config, baud=1_000_000, units=None, clk_hz=None, timing_hz=None):
         self.clk_hz = float(clk_hz or self.OSC_HZ)
@@ -159,11 +164,23 @@ class Ulx3sTop(Elaboratable):
 
     def elaborate(self, platform):
         m = Module()
-        if self.pll:
+        osc = platform.request(platform.default_clk, dir="-")
+        osc_buf = m.submodules.osc_buf = io.Buffer("i", osc)
+        m.domains.sync = cd_sync = ClockDomain("sync")
+        if not self.pll:
+            # Power-on reset: the synthesis recodes the state machines one-hot
+            # (hw/fsmenc.py) and Yosys drops their initial values, so a state register powers
+            # up in no state and needs the domain's reset (Amaranth's own ECP5 domain is
+            # reset-less: it relies on the initial values). A counter that only the
+            # configuration initialises holds ``sync`` in reset for its first POR_CYCLES.
+            m.domains.por = cd_por = ClockDomain("por", reset_less=True)
+            por = Signal(range(self.POR_CYCLES + 1), init=self.POR_CYCLES)
+            with m.If(por != 0):
+                m.d.por += por.eq(por - 1)
+            m.d.comb += [cd_por.clk.eq(osc_buf.i), cd_sync.clk.eq(osc_buf.i),
+                         cd_sync.rst.eq(por != 0)]
+        else:
             ref, fb, op, fout = self.pll
-            osc = platform.request(platform.default_clk, dir="-")
-            osc_buf = m.submodules.osc_buf = io.Buffer("i", osc)
-            m.domains.sync = cd_sync = ClockDomain("sync")
             locked = Signal()
             m.submodules.pll = Instance(
                 "EHXPLLL",
@@ -179,6 +196,7 @@ class Ulx3sTop(Elaboratable):
                 i_RST=0, i_STDBY=0, i_CLKI=osc_buf.i, o_CLKOP=cd_sync.clk, i_CLKFB=cd_sync.clk,
                 i_PHASESEL0=0, i_PHASESEL1=0, i_PHASEDIR=1, i_PHASESTEP=1, i_PHASELOADREG=1,
                 i_PLLWAKESYNC=0, i_ENCLKOP=0, o_LOCK=locked)
+            # LOCK is low from configuration until the PLL locks: the reset at power-up
             m.d.comb += cd_sync.rst.eq(~locked)
             platform.add_clock_constraint(cd_sync.clk, self.timing_hz)
         core = m.submodules.core = self.core
@@ -419,7 +437,8 @@ def _open_flow(board, cfg, out_dir, progress, seed, timeout, units=None, clock_m
                                                       else ""),
                           script_after_read="\n".join(
                               ([YOSYS_SOFT_MUL] if board.soft_mul else [])
-                              + ([YOSYS_CMP2SUB] if board.family == "ecp5" else [])),
+                              + ([YOSYS_CMP2SUB, YOSYS_ONEHOT_FSM] if board.family == "ecp5"
+                                 else [])),
                           script_after_synth=after,
                           # ECP5: the analytic "static" placer and router1. On the whole
                           # ecp5 design HeAP's placements left router2 stalled at 28-42k

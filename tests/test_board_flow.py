@@ -16,6 +16,7 @@ from vitamin.boards.core import BoardCore
 from vitamin.boards.zcu102 import build_zcu102
 from vitamin.config import get_config
 from vitamin.hw.accel import discover_units
+from vitamin.hw.fsmenc import YOSYS_ONEHOT_FSM
 from vitamin.isa import Opcode
 
 TIM = """Info: Max frequency for clock '$glbnet$clk': 41.23 MHz (PASS at 25.00 MHz)
@@ -80,7 +81,14 @@ def test_ulx3s_top_elaborates_with_its_pins(tmp_path):
     # UART (FTDI) and the SDRAM's clock, data and address pins of the ULX3S
     for pin in ("M1", "L4", "F19", "M20", "U19"):
         assert f'SITE "{pin}"' in lpf, pin
-    assert "synth_ecp5" in (tmp_path / "top.ys").read_text()
+    ys = (tmp_path / "top.ys").read_text()
+    assert "synth_ecp5" in ys
+    # the one-hot state machines lose their initial values (vitamin.hw.fsmenc): without the
+    # PLL too, the sync domain has a reset at power-up, from a counter that only the
+    # configuration initialises (not Amaranth's reset-less domain with the global set/reset)
+    il = (tmp_path / "top.il").read_text()
+    assert "SGSR" not in il
+    assert re.search(r"attribute \\init 4'1111\n\s*wire width 4 \\por\n", il)
 
 
 def test_zcu102_handoff_files(tmp_path):
@@ -330,6 +338,8 @@ def test_synth_only_stops_before_place_and_route(tmp_path, monkeypatch):
     assert not rep["timing_verified"]
     assert any("place and route skipped" in m for m in msgs)
     assert not (tmp_path / "out" / "vitamin_ulx3s_85f.tim").exists()
+    # the flow's synthesis recodes the state machines one-hot (vitamin.hw.fsmenc)
+    assert YOSYS_ONEHOT_FSM in (tmp_path / "out" / "vitamin_ulx3s_85f.ys").read_text()
 
 
 def test_flow_main_passes_the_clock_to_ecp5_boards(tmp_path, monkeypatch, capsys):

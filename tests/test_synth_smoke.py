@@ -14,6 +14,7 @@ from amaranth.lib.wiring import In, Out
 
 from vitamin.config import PRESETS
 from vitamin.hw.cmpmap import CMP_TECHMAP_FILE, YOSYS_CMP2SUB, write_cmp_techmap
+from vitamin.hw.fsmenc import YOSYS_ONEHOT_FSM
 from vitamin.hw.lutmul import lut_mul
 from vitamin.hw.mac_array import MacArray
 from vitamin.sim.synth import _RUN_YOSYS, FAMILIES, parse_stat_json, synthesize, yosys_version
@@ -146,3 +147,85 @@ def test_ecp5_synthesis_maps_sum_compare_to_carry_chain(tmp_path):
     assert (tmp_path / CMP_TECHMAP_FILE).exists()
     assert YOSYS_CMP2SUB in (tmp_path / "sumcmp_ecp5.ys").read_text()
     assert result["PFUMX"] == 0 and result["CCU2C"] >= 17, result.cells
+
+
+class _TwoMachines(wiring.Component):
+    """Two state machines (one named) and a register whose name ends in ``_state`` too."""
+
+    go: In(1)
+    x: In(2)
+    y: Out(6)
+
+    def elaborate(self, platform):
+        m = Module()
+        cnt = Signal(3)
+        x_state = Signal(2, name="x_state")     # not a state machine: left binary
+        m.d.sync += x_state.eq(x_state + self.x)
+        with m.FSM():
+            with m.State("IDLE"):
+                with m.If(self.go):
+                    m.next = "A"
+            with m.State("A"):
+                m.d.comb += self.y[0].eq(1)
+                with m.If(self.x == 3):
+                    m.next = "IDLE"
+                with m.Elif(self.x[0]):
+                    m.next = "B"
+            with m.State("B"):
+                m.d.comb += self.y[1].eq(1)
+                m.d.sync += cnt.eq(cnt + 1)
+                with m.If(cnt == 5):
+                    m.next = "C"
+            with m.State("C"):
+                m.d.comb += self.y[2].eq(1)
+                m.next = "IDLE"
+        with m.FSM(name="mode"):
+            with m.State("OFF"):
+                with m.If(self.x == 2):
+                    m.next = "ON"
+            with m.State("ON"):
+                m.d.comb += self.y[3].eq(1)
+                with m.If(self.go):
+                    m.next = "HOLD"
+            with m.State("HOLD"):
+                with m.If(~self.go):
+                    m.next = "OFF"
+        m.d.comb += self.y[4:6].eq(x_state)
+        return m
+
+
+def test_onehot_fsm_recoding_is_equivalent_after_reset(tmp_path):
+    # The ECP5 flows recode Amaranth's state machines one-hot (vitamin.hw.fsmenc), and Yosys
+    # drops the state registers' initial values. Started all-zero (an ECP5 flip-flop without
+    # an initial value; no state at all for a one-hot register) and reset in the first cycle,
+    # the recoded design gives the original's outputs in every later cycle, for every input
+    # sequence of 12 cycles (Yosys' SAT solver).
+    (tmp_path / "fsm.il").write_text(convert_rtlil(_TwoMachines(), name="top"))
+    script = "; ".join([
+        "read_rtlil fsm.il", "proc", "opt_clean",
+        # exactly the two machines' state registers are selected, not x_state
+        f"select -assert-count 2 {YOSYS_ONEHOT_FSM.split(' ', 3)[3]}",
+        "copy top gold", "cd top", YOSYS_ONEHOT_FSM,
+        "opt -nosdff -nodffe", "fsm", "opt", "cd ..",
+        # recoded: one flip-flop per state (4 + 3)
+        "select -assert-count 1 top/w:fsm_state top/s:4 %i",
+        "select -assert-count 1 top/w:mode_state top/s:3 %i",
+        "miter -equiv -flatten -make_assert gold top miter",
+        "sat -verify -seq 12 -set-init-zero -set-at 1 in_rst 1 -prove-skip 1 "
+        "-prove-asserts miter"])
+    proc = subprocess.run([sys.executable, "-c", _RUN_YOSYS, "-p", script], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("using `one-hot' encoding") == 2
+    # and the reset is needed: without it the recoded machines never leave the all-zero state
+    bad = script.replace("-set-at 1 in_rst 1 ", "-set in_rst 0 ")
+    proc = subprocess.run([sys.executable, "-c", _RUN_YOSYS, "-p", bad], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0 and "SAT proof finished - model found: FAIL!" in proc.stdout
+
+
+def test_ecp5_synthesis_recodes_state_machines_one_hot(tmp_path):
+    synthesize(_TwoMachines(), "ecp5", tmp_path, name="fsm")
+    assert YOSYS_ONEHOT_FSM in (tmp_path / "fsm_ecp5.ys").read_text()
+    log = (tmp_path / "fsm_ecp5.log").read_text()
+    assert log.count("using `one-hot' encoding") == 2
