@@ -1158,6 +1158,9 @@ class StoreUnit(_DmaUnit):
         # byte buffer's 96-bit select, was STORE's ``buf`` path (15.4 ns pre-route estimate)
         tx_nz = Signal()
         acc_left = Signal(20)     # bytes still to take from the chunk FIFO
+        # acc_left != 0 as a register (the 20-bit compare in front of ``take``, and so of the
+        # count's adders, was the start of STORE's ``cnt`` path, 11.3 ns pre-route estimate)
+        acc_nz = Signal()
         # The byte buffer is a ring of a power of two of byte slots (at least cap; at most cap
         # bytes are held): a chunk's bytes are written at the write pointer, a W beat reads
         # its bytes at the read pointer, and no byte moves. As a shift register (drop the
@@ -1178,7 +1181,7 @@ class StoreUnit(_DmaUnit):
             m.d.comb += wq.r_en.eq(1)
             m.d.sync += [w_have.eq(1), w_first.eq(1), w_off.eq(wq.r_data.off),
                          tx_left.eq(wq.r_data.nbytes), acc_left.eq(wq.r_data.nbytes),
-                         tx_nz.eq(wq.r_data.nbytes != 0)]
+                         tx_nz.eq(wq.r_data.nbytes != 0), acc_nz.eq(wq.r_data.nbytes != 0)]
             room0 = bb - wq.r_data.off
             m.d.sync += nb.eq(Mux(wq.r_data.nbytes < room0, wq.r_data.nbytes, room0))
         skip = Signal(range(bb))
@@ -1195,11 +1198,9 @@ class StoreUnit(_DmaUnit):
                      ax.wlast.eq(beat_no == bq.r_data.last)]
         w_go = ax.wvalid & ax.wready
         take = Signal()
-        m.d.comb += take.eq(w_have & cq.r_rdy & (acc_left != 0) &
+        m.d.comb += take.eq(w_have & cq.r_rdy & acc_nz &
                             (cnt + cq.r_data.nbytes <= cap))
         m.d.comb += cq.r_en.eq(take)
-        got = Signal(range(chunk + 1))
-        m.d.comb += got.eq(Mux(take, cq.r_data.nbytes, 0))
         # a taken chunk's byte i lands in slot wr_ptr + i; slot j takes byte j - wr_ptr
         assert chunk & (chunk - 1) == 0 and chunk <= ring_n
         cbits = chunk.bit_length() - 1
@@ -1213,9 +1214,18 @@ class StoreUnit(_DmaUnit):
             m.d.sync += wr_ptr.eq(wr_ptr + cq.r_data.nbytes)
         with m.If(w_go):
             m.d.sync += rd_ptr.eq(rd_ptr + nb)
-        m.d.sync += cnt.eq(Mux(w_go, cnt - nb + got, cnt + got))
+        # the count's four outcomes are summed from registers and the late ``w_go`` (W ready,
+        # through the write arbiter) and ``take`` pick one at the end (adding after them was
+        # the rest of the ``cnt`` path)
+        cnt_w = Signal.like(cnt)
+        cnt_wt = Signal.like(cnt)
+        cnt_t = Signal.like(cnt)
+        m.d.comb += [cnt_w.eq(cnt - nb), cnt_wt.eq(cnt - nb + cq.r_data.nbytes),
+                     cnt_t.eq(cnt + cq.r_data.nbytes)]
+        m.d.sync += cnt.eq(Mux(w_go, Mux(take, cnt_wt, cnt_w), Mux(take, cnt_t, cnt)))
         with m.If(take):
-            m.d.sync += acc_left.eq(acc_left - cq.r_data.nbytes)
+            m.d.sync += [acc_left.eq(acc_left - cq.r_data.nbytes),
+                         acc_nz.eq(acc_left != cq.r_data.nbytes)]
         with m.If(w_go):
             rem = tx_left - nb
             m.d.sync += [tx_left.eq(rem), tx_nz.eq(tx_left != nb), w_first.eq(0),
