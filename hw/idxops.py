@@ -482,15 +482,30 @@ class SpansUnit(wiring.Component):
         cand_regs = [r.eq(v) for (rh, rs_, re_), (h, st, en) in zip(pr, pieces)
                      for r, v in ((rh, h), (rs_, st), (re_, en))]
         cand_regs += [r.eq(w) for r, w in zip(first_r, first)]
+        # The pieces' pairwise relations, registered in CAND with them: equal starts and
+        # larger ends (compared in MUL_S from the registered pieces, the 33-bit compares and
+        # the selection behind them were 11.4-11.7 ns into ``e_sel``, pre-route estimate).
+        n_pc = len(pieces)
+        s_eq, e_gt = {}, {}
+        for i in range(n_pc):
+            for j in range(n_pc):
+                if i < j:
+                    s_eq[i, j] = s_eq[j, i] = Signal(name=f"pc_seq{i}{j}")
+                    cand_regs.append(s_eq[i, j].eq(pieces[i][1] == pieces[j][1]))
+                if i != j:
+                    e_gt[i, j] = Signal(name=f"pc_egt{i}{j}")
+                    cand_regs.append(e_gt[i, j].eq(pieces[i][2] > pieces[j][2]))
         # MUL_S registers which piece's end that is (e_sel, one-hot), MUL_E picks it: the
         # compares and the 33-bit selection into ``e`` in one cycle were 15.8-16.1 ns in the
         # 94e8aa3 build's routed model.
         e_sel = Signal(len(pr))
         sel_next = Const(0, len(pr))
-        for i, (_, s_i, _) in enumerate(pr):
-            # among the pieces that start where piece i does, the largest end
-            ends = onehot_best([(h_j & (s_j == s_i), e_j) for h_j, s_j, e_j in pr],
-                               better=lambda a, b: a > b)
+        for i in range(n_pc):
+            # among the pieces that start where piece i does, the largest end (candidates are
+            # piece numbers; ``better`` looks their ends' relation up)
+            ends = onehot_best([(pr[j][0] & (s_eq[i, j] if j != i else 1), j)
+                                for j in range(n_pc)],
+                               better=lambda a, b: e_gt[a, b])
             sel_next = sel_next | Mux(first_r[i], Cat(*ends), 0)
         c_e = onehot_pick(list(e_sel), [e for _, _, e in pr], 33)
         # The step's piece starts at c_s, picked in MUL_S from the pieces as CAND registered
@@ -584,7 +599,9 @@ class SpansUnit(wiring.Component):
                     m.d.comb += [lst_w.en.eq(1), lst_w.addr.eq(n_l),
                                  lst_w.data.eq(idx.rd_data.a)]
                     m.d.sync += n_l.eq(n_l + 1)
-                with m.If((ri == f.k) & ~l_v & ~s1_v):
+                # all k read: ~rd_go (rd_go == ri < k, and ri <= k here); the 16-bit compare
+                # ri == k ran through start_walk's enables into ``x`` (11.4 ns pre-route)
+                with m.If(~rd_go & ~l_v & ~s1_v):
                     m.d.sync += emit.eq(f.out_addr + n_l + 2 <= n_ent)
                     start_walk()
 
