@@ -485,7 +485,11 @@ class Epilogue(wiring.Component):
             y, ev_y = _round_saturate(t_12, cfg.act_bits)
             y_13 = reg(y, f"y_13_{c}", signed(cfg.act_bits))
             ev_y_13.append(reg(ev_y, f"ev_y_13_{c}"))
-            rr_13 = reg(_round_shifted(tr_12), f"rr_13_{c}", signed(RES_BITS + MULT + 1))
+            # the residual clamped to act_bits + 2 bits: beyond that the sum below saturates
+            # alike (|y| < 2^(act_bits-1)), and the add and range test stay narrow (at the
+            # residual's full width they were 11.1 ns into o_14, pre-route estimate)
+            rr, _ = _round_saturate(tr_12, cfg.act_bits + 2)
+            rr_13 = reg(rr, f"rr_13_{c}", signed(cfg.act_bits + 2))
             # 14: residual add with saturation.
             o, ev_o = _saturate(y_13 + rr_13, cfg.act_bits)
             o_14.append(reg(o, f"o_14_{c}", signed(cfg.act_bits)))
@@ -505,17 +509,22 @@ class Epilogue(wiring.Component):
             prob_15 = chain(core.prob, E, "prob")[E]
             n_16 = chain(n_15, PRODUCT_LATENCY, "n_pa")[-1]
             out, ev_add = [], []
+            sh = cfg.act_bits - 1
             for c in range(cols):
-                old_16 = chain(core.lanes[c].old, P, f"old_{c}")[P]
                 o_16 = chain(o_15[c], PRODUCT_LATENCY, f"o_pa_{c}")[-1]
-                p_16 = staged_product(m, o_15[c], prob_15, en=advance, name=f"pa_{c}",
-                                      shape=signed(cfg.act_bits + PROB_BITS))
                 # old + rnd(p >> (b - 1)) == (p + old * 2^(b-1) + 2^(b-2)) >> (b - 1): the
                 # second addend is old beside a constant (no carry), so one adder, not two
-                # (n_sa, 12.7 ns pre-route estimate with two)
-                sh = cfg.act_bits - 1
-                old_rnd = Cat(Const(1 << (sh - 1), sh), old_16).as_signed()
-                s, ev_s = _saturate((p_16 + old_rnd) >> sh, cfg.act_bits)
+                # (n_sa, 12.7 ns pre-route estimate with two). It is added in the product's
+                # sum stage, with ``old`` as that stage sees it (stage P - 1): after the
+                # product register the adder, saturation and the count were 11.1 ns into
+                # o_sa and n_sa (pre-route estimate).
+                old_15 = chain(core.lanes[c].old, P - 1, f"old_{c}")[P - 1]
+                old_rnd = Cat(Const(1 << (sh - 1), sh), old_15).as_signed()
+                p_16 = staged_product(m, o_15[c], prob_15, en=advance, name=f"pa_{c}",
+                                      shape=signed(max(cfg.act_bits + PROB_BITS,
+                                                       len(old_rnd)) + 1),
+                                      addend=old_rnd)
+                s, ev_s = _saturate(p_16 >> sh, cfg.act_bits)
                 out.append(reg(Mux(add[P], s, o_16), f"o_sa_{c}", signed(cfg.act_bits)))
                 ev_add.append(ev_s & add[P])
             n_out = reg(n_16 + _popcount(ev_add), "n_sa", count_shape)
