@@ -1097,10 +1097,16 @@ class StoreUnit(_DmaUnit):
         credits_ok = Mux(acc, credits > 1, credits != 0)
         k = Signal(range(lanes + 1))
         m.d.comb += k.eq(Mux(is_idx, 1, Mux(left_e < lanes, left_e, lanes)))
+
+        def last_of(left):
+            # left == k (this request is the run's last), without k: computed for both
+            # values of left_e and picked by ``acc`` (through k it was 10.6 ns into last_q)
+            return Mux(is_idx, left == 1, left <= lanes)
+
         issue = Signal()                   # a read request (granted or not)
         m.d.comb += issue.eq(have_e & credits_ok & ~seq.idx_rd_req)
         m.d.sync += [req_q.eq(issue), gnt_q.eq(Mux(is_idx, self.idx_rd_gnt, self.spad_gnt)),
-                     k_q.eq(k), last_q.eq(left_e == k),
+                     k_q.eq(k), last_q.eq(Mux(acc, last_of(r_left_k), last_of(r_left))),
                      r_chip_k.eq(chip_e + k), r_left_k.eq(left_e - k)]
         with m.If(~have_e & rdq.r_rdy):
             m.d.comb += rdq.r_en.eq(1)
