@@ -722,8 +722,9 @@ def _burst_beats(m, addr, left, bb):
         return [to_4k.eq((4096 - (dram[:12] & ~(bb - 1))) >> bb_log)]
 
     def step():
-        # a burst that stops at the boundary leaves the next one a whole page
-        return [to_4k.eq(Mux(beats == to_4k, page, to_4k - beats))]
+        # After a burst that does not end the run: one that stopped at the boundary
+        # (to_4k <= lim) leaves the next one a whole page, one of lim beats to_4k - lim.
+        return [to_4k.eq(Mux(to_4k <= lim, page, to_4k - lim))]
 
     return beats, nxt, start, step
 
@@ -959,8 +960,14 @@ class LoadUnit(_DmaUnit):
                      ix.wr_addr.eq(w_hd.addr),
                      ix.wr_data.a.eq(w_hd.entry[:32]), ix.wr_data.b.eq(w_hd.entry[32:])]
         m.d.comb += self.dram_rd_inc.eq(consumed)
+        # el_left - k, the elements after this chunk, is a register kept one chunk ahead (the
+        # subtraction from k, in front of the next chunk's size and ``enough``, was 12.4 ns
+        # into ``enough``, pre-route estimate)
         el_next = Signal.like(el_left)
-        m.d.comb += el_next.eq(el_left - k)
+        with m.If(emit):
+            m.d.sync += el_next.eq(el_next - chunk_of(el_next))
+        with m.If(~have & dq.r_rdy):
+            m.d.sync += el_next.eq(dq.r_data.n - chunk_of(dq.r_data.n))
         with m.If(emit):
             m.d.comb += need_next.eq(chunk_of(el_next) << es_log)
             m.d.sync += [chip.eq(chip + k), el_left.eq(el_next), el_nz.eq(el_left != k),
@@ -1045,8 +1052,10 @@ class StoreUnit(_DmaUnit):
         m.d.comb += [awq.w_data.eq(seq.runs.p), rdq.w_data.eq(seq.runs.p),
                      awq.w_en.eq(push), rdq.w_en.eq(push)]
 
-        wrun_layout = data.StructLayout({"off": range(bb), "nbytes": 20})
-        wq = _Fifo(m, "wrunq", wrun_layout, 4)     # per run: first-beat offset and bytes
+        # per run: first-beat offset, bytes, and the first beat's bytes min(nbytes, bb - off)
+        # (computed on the way in: in front of the strobes it was 11.8 ns, pre-route estimate)
+        wrun_layout = data.StructLayout({"off": range(bb), "nbytes": 20, "nb0": range(bb + 1)})
+        wq = _Fifo(m, "wrunq", wrun_layout, 4)
         # per burst: its last beat's number (beats - 1), so that wlast is one compare of
         # registers (beat_no + 1 == beats, an adder before it, ran into the queue's level:
         # 12.4 ns pre-route estimate)
@@ -1063,10 +1072,12 @@ class StoreUnit(_DmaUnit):
                      ax.awvalid.eq(aw_busy & bq.w_rdy)]
         nbytes = Signal(20)
         m.d.comb += nbytes.eq(awq.r_data.n << es_log)
+        off_in = Signal(range(bb))
+        m.d.comb += off_in.eq(awq.r_data.dram[:bb_log] if bb_log else 0)
         with m.If(~aw_busy & awq.r_rdy & wq.w_rdy):
             m.d.comb += [awq.r_en.eq(1), wq.w_en.eq(1),
-                         wq.w_data.off.eq(awq.r_data.dram[:bb_log] if bb_log else 0),
-                         wq.w_data.nbytes.eq(nbytes)]
+                         wq.w_data.off.eq(off_in), wq.w_data.nbytes.eq(nbytes),
+                         wq.w_data.nb0.eq(Mux(nbytes < bb - off_in, nbytes, bb - off_in))]
             m.d.sync += ([aw_busy.eq(1), aw_addr.eq(awq.r_data.dram),
                          aw_left.eq(_run_beats(awq.r_data.dram, nbytes, bb))] +
                         b_start(awq.r_data.dram))
@@ -1198,9 +1209,7 @@ class StoreUnit(_DmaUnit):
         beat_no = Signal(9)
         # bytes of the next beat, min(tx_left, bb - skip), kept in a register
         nb = Signal(range(bb + 1))
-        nb0 = Signal.like(nb)      # the first beat's bytes (nb's value when an entry is taken)
-        room0 = bb - wq.r_data.off
-        m.d.comb += nb0.eq(Mux(wq.r_data.nbytes < room0, wq.r_data.nbytes, room0))
+        nb0 = wq.r_data.nb0        # the first beat's bytes (nb's value when an entry is taken)
         with m.If(~w_have & wq.r_rdy):
             m.d.comb += wq.r_en.eq(1)
             m.d.sync += [w_have.eq(1),
