@@ -756,6 +756,10 @@ def elaborate_v2(accel, platform):
     # The reports are registered first and selected in the next cycle (a report's condition
     # and the selection each took most of a cycle on the LFE5U-85F); ``halting`` is still set
     # in the cycle of the report, and the halt waits for the recording (``rep_pending``).
+    # The reports' pcs are compared pairwise before that register too (they come from
+    # registers: the fetch pc and the queue heads), so the selection after it starts from
+    # registered flags (compared after it, the carry chains and the one-hot selection were
+    # 10.2 ns into ``f_pc``, pre-route estimate).
     reg_reports = []
     for i, (v, c, p) in enumerate(reports):
         rv = Signal(name=f"rfault{i}")
@@ -763,11 +767,18 @@ def elaborate_v2(accel, platform):
         rp = Signal(32, name=f"rfault{i}_pc")
         m.d.sync += [rv.eq(v & ~start_pulse), rc.eq(c), rp.eq(p)]
         reg_reports.append((rv, rc, rp))
+    pc_lt = {}
+    for i, (_v, _c, p_i) in enumerate(reports):
+        for j, (_vj, _cj, p_j) in enumerate(reports):
+            if i != j:
+                pc_lt[i, j] = Signal(name=f"rfault_lt{i}_{j}")
+                m.d.sync += pc_lt[i, j].eq(p_i < p_j)
     any_report = Cat(*[v for v, _c, _p in reports]).any() if reports else Const(0)
     reports = reg_reports
     rep_pending = Signal()
     m.d.comb += rep_pending.eq(Cat(*[v for v, _c, _p in reports]).any() if reports else 0)
-    wins = onehot_best([(v, p) for v, _c, p in reports])
+    wins = onehot_best([(v, i) for i, (v, _c, _p) in enumerate(reports)],
+                       better=lambda a, b: pc_lt[a, b])
     best_v = Signal(name="fbest_v")
     best_c = Signal(4, name="fbest_c")
     best_p = Signal(32, name="fbest_p")
