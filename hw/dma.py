@@ -922,12 +922,29 @@ class LoadUnit(_DmaUnit):
         # through the board's read arbiter) picks them at the end. Adding the beat's bytes
         # after it was 9 LUTs from the arbiter's state into ``enough`` (11.2 ns pre-route
         # estimate).
+        # el_left - k, the elements after this chunk, is a register kept one chunk ahead (the
+        # subtraction from k, in front of the next chunk's size and ``enough``, was 12.4 ns
+        # into ``enough``, pre-route estimate)
+        el_next = Signal.like(el_left)
+        with m.If(emit):
+            m.d.sync += el_next.eq(el_next - chunk_of(el_next))
+        with m.If(~have & dq.r_rdy):
+            m.d.sync += el_next.eq(dq.r_data.n - chunk_of(dq.r_data.n))
+        # ``enough`` is prepared for both outcomes of the write too (``emit``, from the write
+        # queue's level, also picks the next chunk's size): the four compares run in parallel.
         kept = Signal.like(cnt)           # the count after this cycle's write, before the beat
         kept_got = Signal.like(cnt)
         m.d.comb += [kept.eq(Mux(emit, cnt - need, cnt)), kept_got.eq(kept + nb)]
         m.d.sync += [cnt.eq(Mux(take, kept_got, kept)),
-                     room.eq(Mux(take, kept_got <= cap - bb, kept <= cap - bb)),
-                     enough.eq(Mux(take, kept_got >= need_next, kept >= need_next))]
+                     room.eq(Mux(take, kept_got <= cap - bb, kept <= cap - bb))]
+        need_e = Signal.like(need)        # need_next when this cycle writes ...
+        need_n = Signal.like(need)        # ... and when it does not
+        cnt_e = Signal.like(cnt)
+        m.d.comb += [need_e.eq(chunk_of(el_next) << es_log), cnt_e.eq(cnt - need),
+                     need_n.eq(Mux(~have & dq.r_rdy, chunk_of(dq.r_data.n) << es_log, need))]
+        m.d.sync += enough.eq(Mux(emit,
+                                  Mux(take, cnt_e + nb >= need_e, cnt_e >= need_e),
+                                  Mux(take, cnt + nb >= need_n, cnt >= need_n)))
         with m.If(take):
             m.d.sync += [rx_left.eq(rx_left - nb), rx_more.eq(rx_left != nb), first.eq(0),
                          nb.eq(min_(rx_left - nb, bb))]
@@ -960,14 +977,6 @@ class LoadUnit(_DmaUnit):
                      ix.wr_addr.eq(w_hd.addr),
                      ix.wr_data.a.eq(w_hd.entry[:32]), ix.wr_data.b.eq(w_hd.entry[32:])]
         m.d.comb += self.dram_rd_inc.eq(consumed)
-        # el_left - k, the elements after this chunk, is a register kept one chunk ahead (the
-        # subtraction from k, in front of the next chunk's size and ``enough``, was 12.4 ns
-        # into ``enough``, pre-route estimate)
-        el_next = Signal.like(el_left)
-        with m.If(emit):
-            m.d.sync += el_next.eq(el_next - chunk_of(el_next))
-        with m.If(~have & dq.r_rdy):
-            m.d.sync += el_next.eq(dq.r_data.n - chunk_of(dq.r_data.n))
         with m.If(emit):
             m.d.comb += need_next.eq(chunk_of(el_next) << es_log)
             m.d.sync += [chip.eq(chip + k), el_left.eq(el_next), el_nz.eq(el_left != k),
