@@ -118,17 +118,6 @@ def _rnd(x, s):
     return Mux(s == 0, x, ((x >> (s - 1)[:len(s)]) + 1) >> 1)
 
 
-def _rnd_reg(m, s, name):
-    """``rnd(x, s)`` as :func:`_rnd`, for a shift field ``s`` that is constant while an
-    instruction runs: ``s - 1`` and ``s == 0`` are registered once (one cycle after ``s``), so
-    neither the decrement nor the field's way from the instruction register sits in front of
-    every lane's shifter. Returns ``rnd(x)``, a function of ``x``."""
-    sm1 = Signal(len(s), name=f"{name}_m1")
-    sz = Signal(name=f"{name}_z")
-    m.d.sync += [sm1.eq(s - 1), sz.eq(s == 0)]
-    return lambda x: Mux(sz, x, ((x >> sm1) + 1) >> 1)
-
-
 def _rnd_const(x, c):
     return x if c == 0 else (x + (1 << (c - 1))) >> c
 
@@ -1238,12 +1227,20 @@ class SoftmaxRowUnit(wiring.Component):
         m.d.sync += [prod2[lane].eq(d2[lane] * mult) for lane in range(n_e)]
         # S4: the product again, in the logic: the route from a far DSP block straight into
         # z's shifter was 14.3 ns into `on_z` in the bd79d12 build (as the FULL unit's `z`)
-        prod3 = pipe("on_prod_r", n_e, 31)
-        m.d.sync += [prod3[lane].eq(prod2[lane]) for lane in range(n_e)]
+        # ... with z's rounding term: rnd(p, s) = (p + 2^(s-1)) >> s, so S5 is a shifter alone
+        # (shifter, +1 carry chain and shift were 10.5 ns into ``on_z``, pre-route estimate).
+        # p < 2^31: every shift >= 32 gives 0, as 32 does, so the shift is clamped to 32 and
+        # p + 2^31 fits 32 bits. Both are registers from the field (constant while it runs).
+        on_sh = Signal(range(33), name="on_sh")
+        on_half = Signal(32, name="on_half")
+        sh_cv = Mux(f.shift > 32, 32, f.shift)
+        m.d.sync += [on_sh.eq(sh_cv),
+                     on_half.eq(Mux(sh_cv == 0, 0, Const(1, 32) << (sh_cv - 1)[:5]))]
+        prod3 = pipe("on_prod_r", n_e, 32)
+        m.d.sync += [prod3[lane].eq(prod2[lane] + on_half) for lane in range(n_e)]
         # S5: z
         z3 = pipe("on_z", n_e, 31)
-        rnd_z = _rnd_reg(m, f.shift, "on_shift")
-        m.d.sync += [z3[lane].eq(rnd_z(prod3[lane])) for lane in range(n_e)]
+        m.d.sync += [z3[lane].eq(prod3[lane] >> on_sh) for lane in range(n_e)]
         # S6..S9: table (INTERP_LATENCY stages), integer part of z alongside
         spec = table_spec("exp2", cfg)
         tab = make_table("exp2", cfg)

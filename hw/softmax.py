@@ -28,8 +28,9 @@ lanes, 19 for 8)::
     m          running max m (loop register); the beat's hi = m_new (pass 1) or final m (pass 2)
     sub        hi - x per lane, and m_new - m_old for the rescale lane (masked: 0)
     mul        the differences times mult (the product register sits in the DSP block)
-    mr         the product, registered again in the logic (the DSP blocks sit far away)
-    z          z = rnd(product >> shift)
+    mr         the product plus z's rounding term 2^(shift-1), registered again in the logic
+               (the DSP blocks sit far away)
+    z          z = rnd(product >> shift) = (product + 2^(shift-1)) >> shift
     rom        exp2 table read (synchronous ROM, one port per lane)
     word       table word, registered
     tp         interpolation product (T[i+1] - T[i]) * frac
@@ -64,7 +65,7 @@ long) the ``ecp5`` preset (8 lanes) reaches about 75 MHz on an LFE5U-85F (yowasp
 ``synth_ecp5``, nextpnr-ecp5 out of context): 4.8k LUT4, 3.5k FF, 29 MULT18X18D, 14 DP16KD.
 """
 
-from amaranth.hdl import Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
@@ -401,12 +402,17 @@ class SoftmaxUnit(wiring.Component):
         x_in = [Signal(WORD, name=f"x_in_{l}", reset_less=True) for l in range(lanes)]
         v_in = Signal(lanes, reset_less=True)
         mult = chain(15, "mult", Signal(15, name="mult_0", reset_less=True), 0, st["sub"])
-        # the row's shift as shift - 1 and shift == 0, for z's rounding shift (the subtraction
-        # in front of its shifter and carry chain made z 12.5 ns, pre-route estimate)
-        shift_m1 = chain(6, "shift_m1", Signal(6, name="shift_m1_0", reset_less=True), 0,
-                         st["mr"])
-        shift_z = chain(1, "shift_z", Signal(name="shift_z_0", reset_less=True), 0, st["mr"])
+        # z = rnd(prod >> shift) = (prod + 2^(shift-1)) >> shift (0 for shift = 0): the
+        # rounding term is added to the product in the ``mr`` stage, and ``z`` is a shifter
+        # alone (the shifter, +1 carry chain and final shift were 10.5 ns into ``z``,
+        # pre-route estimate). prod < 2^31: every shift >= 32 gives 0, as shift = 32 does, so
+        # the shift is clamped to 32 and prod + 2^31 still fits 32 bits.
+        z_half = chain(32, "z_half", Signal(32, name="z_half_0", reset_less=True), 0, st["mul"])
+        z_sh = chain(range(33), "z_sh", Signal(range(33), name="z_sh_0", reset_less=True), 0,
+                     st["mr"])
         sh_in = Mux(i_in.payload.first & ~issue, i_in.payload.shift, row_shift)
+        sh_c = Signal(range(33))
+        m.d.comb += sh_c.eq(Mux(sh_in > 32, 32, sh_in))
         with m.If(advance):
             m.d.sync += [
                 valid[0].eq(accept | issue),
@@ -416,8 +422,8 @@ class SoftmaxUnit(wiring.Component):
                 v_in.eq(i_in.payload.valid),
                 # Pass 2 reads row_mult/row_shift before the next row's first chunk changes them.
                 mult[0].eq(Mux(i_in.payload.first & ~issue, i_in.payload.mult, row_mult)),
-                shift_m1[0].eq((sh_in - 1)[:6]),
-                shift_z[0].eq(sh_in == 0),
+                z_sh[0].eq(sh_c),
+                z_half[0].eq(Mux(sh_c == 0, 0, Const(1, 32) << (sh_c - 1)[:5])),
             ]
             m.d.sync += [x_in[l].eq(i_in.payload.data[l]) for l in range(lanes)]
 
@@ -495,16 +501,15 @@ class SoftmaxUnit(wiring.Component):
         # The blocks sit in their own columns: with z's shifter right behind the block, the
         # route from a far block to the shifter was the bd79d12 build's critical path (14.8 ns
         # into `z`, 5.9 ns of it routing).
-        prod_r = [Signal(31, name=f"prod_r_{l}", reset_less=True) for l in range(n_e)]
+        # (with z's rounding term added)
+        prod_r = [Signal(32, name=f"prod_r_{l}", reset_less=True) for l in range(n_e)]
         with m.If(advance):
-            m.d.sync += [prod_r[l].eq(prod[l]) for l in range(n_e)]
+            m.d.sync += [prod_r[l].eq(prod[l] + z_half[st["mul"]]) for l in range(n_e)]
 
         # -- z: z = rnd(prod >> shift) -----------------------------------------------------------
         z = [Signal(31, name=f"z_{l}", reset_less=True) for l in range(n_e)]
         with m.If(advance):
-            m.d.sync += [z[l].eq(Mux(shift_z[st["mr"]], prod_r[l],
-                                     _rshift_round_pos(prod_r[l], shift_m1[st["mr"]])))
-                         for l in range(n_e)]
+            m.d.sync += [z[l].eq(prod_r[l] >> z_sh[st["mr"]]) for l in range(n_e)]
 
         # -- rom: exp2 table read ----------------------------------------------------------------
         # One ROM per two lanes: Yosys maps a memory with more than two read ports to logic
