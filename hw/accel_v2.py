@@ -84,6 +84,57 @@ _TOKQ = {"lc": (_LOAD, _COMPUTE), "cl": (_COMPUTE, _LOAD), "cs": (_COMPUTE, _STO
          "sc": (_STORE, _COMPUTE)}
 
 
+def record_faults(m, reports, start_pulse, f_valid, f_code, f_pc):
+    """Record the oldest of the fault ``reports`` [(valid, code, pc), ...] in the registers
+    ``f_valid``, ``f_code``, ``f_pc`` (kept when a report is younger than the recorded fault).
+    Returns ``(any_report, rep_pending)``: a report this cycle (comb), and one registered but not
+    recorded yet."""
+    # The valid report with the lowest pc wins, the earlier report on a tie. All comparisons
+    # run in parallel (one comparator deep, then one-hot selection): a chain of running minima
+    # put five 32-bit compare-and-select stages in series, the slowest path of the whole
+    # controller (26.7 MHz out of context on the LFE5U-85F).
+    # The reports are registered first and selected in the next cycle (a report's condition
+    # and the selection each took most of a cycle on the LFE5U-85F); ``halting`` is still set
+    # in the cycle of the report, and the halt waits for the recording (``rep_pending``).
+    # The reports' pcs are compared pairwise before that register too (they come from
+    # registers: the fetch pc and the queue heads), so the selection after it starts from
+    # registered flags (compared after it, the carry chains and the one-hot selection were
+    # 10.2 ns into ``f_pc``, pre-route estimate).
+    reg_reports = []
+    for i, (v, c, p) in enumerate(reports):
+        rv = Signal(name=f"rfault{i}")
+        rc = Signal(ErrorCode, name=f"rfault{i}_code")
+        rp = Signal(32, name=f"rfault{i}_pc")
+        m.d.sync += [rv.eq(v & ~start_pulse), rc.eq(c), rp.eq(p)]
+        reg_reports.append((rv, rc, rp))
+    pc_lt = {}
+    for i, (_v, _c, p_i) in enumerate(reports):
+        for j, (_vj, _cj, p_j) in enumerate(reports):
+            if i != j:
+                pc_lt[i, j] = Signal(name=f"rfault_lt{i}_{j}")
+                m.d.sync += pc_lt[i, j].eq(p_i < p_j)
+    any_report = Cat(*[v for v, _c, _p in reports]).any() if reports else Const(0)
+    reports = reg_reports
+    rep_pending = Signal()
+    m.d.comb += rep_pending.eq(Cat(*[v for v, _c, _p in reports]).any() if reports else 0)
+    wins = onehot_best([(v, i) for i, (v, _c, _p) in enumerate(reports)],
+                       better=lambda a, b: pc_lt[a, b])
+    best_v = Signal(name="fbest_v")
+    best_c = Signal(4, name="fbest_c")
+    best_p = Signal(32, name="fbest_p")
+    earlier = Signal(name="fbest_earlier")     # the winner is older than the recorded fault
+    m.d.comb += [
+        best_v.eq(Cat(*[v for v, _c, _p in reports]).any() if reports else 0),
+        best_c.eq(onehot_pick(wins, [c.as_value() for _v, c, _p in reports], 4)),
+        best_p.eq(onehot_pick(wins, [p for _v, _c, p in reports], 32)),
+        earlier.eq(Cat(*[w & (p < f_pc) for w, (_v, _c, p) in zip(wins, reports,
+                                                                   strict=True)]).any()),
+    ]
+    with m.If(best_v & (~f_valid | earlier)):
+        m.d.sync += [f_valid.eq(1), f_code.eq(best_c), f_pc.eq(best_p)]
+    return any_report, rep_pending
+
+
 def elaborate_v2(accel, platform):
     from .accel import _UNIT_OPS, ACCEL_ID, COUNTERS, REGISTERS, _enum_checks
 
@@ -749,49 +800,7 @@ def elaborate_v2(accel, platform):
                 m.next = "FETCH"
 
     # ---- fault collection and halt --------------------------------------------------------------
-    # The valid report with the lowest pc wins, the earlier report on a tie. All comparisons
-    # run in parallel (one comparator deep, then one-hot selection): a chain of running minima
-    # put five 32-bit compare-and-select stages in series, the slowest path of the whole
-    # controller (26.7 MHz out of context on the LFE5U-85F).
-    # The reports are registered first and selected in the next cycle (a report's condition
-    # and the selection each took most of a cycle on the LFE5U-85F); ``halting`` is still set
-    # in the cycle of the report, and the halt waits for the recording (``rep_pending``).
-    # The reports' pcs are compared pairwise before that register too (they come from
-    # registers: the fetch pc and the queue heads), so the selection after it starts from
-    # registered flags (compared after it, the carry chains and the one-hot selection were
-    # 10.2 ns into ``f_pc``, pre-route estimate).
-    reg_reports = []
-    for i, (v, c, p) in enumerate(reports):
-        rv = Signal(name=f"rfault{i}")
-        rc = Signal(ErrorCode, name=f"rfault{i}_code")
-        rp = Signal(32, name=f"rfault{i}_pc")
-        m.d.sync += [rv.eq(v & ~start_pulse), rc.eq(c), rp.eq(p)]
-        reg_reports.append((rv, rc, rp))
-    pc_lt = {}
-    for i, (_v, _c, p_i) in enumerate(reports):
-        for j, (_vj, _cj, p_j) in enumerate(reports):
-            if i != j:
-                pc_lt[i, j] = Signal(name=f"rfault_lt{i}_{j}")
-                m.d.sync += pc_lt[i, j].eq(p_i < p_j)
-    any_report = Cat(*[v for v, _c, _p in reports]).any() if reports else Const(0)
-    reports = reg_reports
-    rep_pending = Signal()
-    m.d.comb += rep_pending.eq(Cat(*[v for v, _c, _p in reports]).any() if reports else 0)
-    wins = onehot_best([(v, i) for i, (v, _c, _p) in enumerate(reports)],
-                       better=lambda a, b: pc_lt[a, b])
-    best_v = Signal(name="fbest_v")
-    best_c = Signal(4, name="fbest_c")
-    best_p = Signal(32, name="fbest_p")
-    earlier = Signal(name="fbest_earlier")     # the winner is older than the recorded fault
-    m.d.comb += [
-        best_v.eq(Cat(*[v for v, _c, _p in reports]).any() if reports else 0),
-        best_c.eq(onehot_pick(wins, [c.as_value() for _v, c, _p in reports], 4)),
-        best_p.eq(onehot_pick(wins, [p for _v, _c, p in reports], 32)),
-        earlier.eq(Cat(*[w & (p < f_pc) for w, (_v, _c, p) in zip(wins, reports,
-                                                                   strict=True)]).any()),
-    ]
-    with m.If(best_v & (~f_valid | earlier)):
-        m.d.sync += [f_valid.eq(1), f_code.eq(best_c), f_pc.eq(best_p)]
+    any_report, rep_pending = record_faults(m, reports, start_pulse, f_valid, f_code, f_pc)
     with m.If(any_report):
         m.d.sync += halting.eq(1)
 
