@@ -306,6 +306,13 @@ class DmaSequencer(wiring.Component):
         # SPANS scan results
         count = Signal(signed(33))
         cnt_r = Signal(32)                 # the span count as read in BLK
+        # its checks, registers (cnt_r is set in BLK, they are read in P_BASE after BLK2): the
+        # 32-bit sum and compares into the state were 11.4 ns into LOAD's ``finished``,
+        # pre-route estimate
+        cnt_neg = Signal()
+        cnt_over = Signal()
+        m.d.sync += [cnt_neg.eq(cnt_r.as_signed() < 0),
+                     cnt_over.eq(f.idx_addr + cnt_r > cfg.idx_entries)]
         scan_t = Signal(unsigned(33))
         scan_pend = Signal()               # a span-list read is in flight (first cycle)
         scan_pend2 = Signal()              # ... its second cycle (IDX_READ_LATENCY = 2)
@@ -509,9 +516,9 @@ class DmaSequencer(wiring.Component):
                              neg_len.eq(0),
                              total.eq(0), min_start.eq((1 << 31) - 1), max_end.eq(-(1 << 33)),
                              rlo.eq((1 << 31) - 1), rhi.eq(-(1 << 33)), any_rows.eq(0)]
-                with m.If(cnt.as_signed() < 0):
+                with m.If(cnt_neg):
                     fail(ErrorCode.BAD_FIELD)
-                with m.Elif(f.idx_addr + cnt > cfg.idx_entries):
+                with m.Elif(cnt_over):
                     fail(ErrorCode.IDX_RANGE)
                 with m.Else():
                     m.d.sync += [ird_a.eq(f.idx_addr), ird_req.eq(cnt != 0)]
