@@ -204,6 +204,10 @@ class Bridge(wiring.Component):
         # "cmd is a write", registered with cmd (decoded from it, in front of the header's
         # last byte it was the bridge's 12.5 ns path into hdr, pre-route estimate)
         is_write = Signal()
+        # "cmd is a register access" (READ_REG or WRITE_REG), likewise: decoded from cmd in
+        # front of the AXI4-Lite / AXI4 channel selection and their ready, it was 11.2 ns into
+        # the state register, pre-route estimate
+        is_reg = Signal()
         has_data = Signal()                      # the response carries count words
         # idx + 1 == nbytes (the payload's last byte), a register set with idx (the compare
         # in front of the state register was 13.3 ns into the state, pre-route estimate)
@@ -247,7 +251,9 @@ class Bridge(wiring.Component):
                         with m.Case(0):
                             m.d.sync += [cmd.eq(i.payload),
                                          is_write.eq((i.payload == Cmd.WRITE_REG) |
-                                                     (i.payload == Cmd.WRITE_MEM))]
+                                                     (i.payload == Cmd.WRITE_MEM)),
+                                         is_reg.eq((i.payload == Cmd.READ_REG) |
+                                                   (i.payload == Cmd.WRITE_REG))]
                         for k in range(4):
                             with m.Case(1 + k):
                                 m.d.sync += addr.word_select(k, 8).eq(i.payload)
@@ -304,7 +310,7 @@ class Bridge(wiring.Component):
                     bad_len.eq((count == 0) | (count > MAX_WORDS) |
                                ((cmd == Cmd.PING) & (count != 1))),
                     bad_align.eq(addr[:2] != 0),
-                    bad_reg.eq(((cmd == Cmd.READ_REG) | (cmd == Cmd.WRITE_REG)) &
+                    bad_reg.eq(is_reg &
                                ((addr >> self._ab != 0) |
                                 (addr[:self._ab] + (count << 2) > (1 << self._ab)))),
                 ]
@@ -332,7 +338,7 @@ class Bridge(wiring.Component):
             # ---- reads: count words into the buffer ----------------------------------------
             with m.State("R_ADDR"):
                 m.d.comb += self.busy.eq(1)
-                with m.If(cmd == Cmd.READ_REG):
+                with m.If(is_reg):          # READ_REG (a read state)
                     m.d.comb += [axil.arvalid.eq(1), axil.araddr.eq(bus_addr)]
                     with m.If(axil.arready):
                         m.next = "R_DATA"
@@ -343,7 +349,7 @@ class Bridge(wiring.Component):
             with m.State("R_DATA"):
                 m.d.comb += self.busy.eq(1)
                 got, data, resp = Signal(), Signal(32), Signal(2)
-                with m.If(cmd == Cmd.READ_REG):
+                with m.If(is_reg):          # READ_REG (a read state)
                     m.d.comb += [axil.rready.eq(1), got.eq(axil.rvalid), data.eq(axil.rdata),
                                  resp.eq(axil.rresp)]
                 with m.Else():
@@ -371,7 +377,7 @@ class Bridge(wiring.Component):
             with m.State("W_BUS"):
                 m.d.comb += self.busy.eq(1)
                 aw_ok, w_ok = Signal(), Signal()
-                with m.If(cmd == Cmd.WRITE_REG):
+                with m.If(is_reg):          # WRITE_REG (a write state)
                     m.d.comb += [axil.awvalid.eq(~aw_done), axil.awaddr.eq(bus_addr),
                                  axil.wvalid.eq(~w_done), axil.wdata.eq(word),
                                  aw_ok.eq(aw_done | axil.awready), w_ok.eq(w_done | axil.wready)]
@@ -389,7 +395,7 @@ class Bridge(wiring.Component):
             with m.State("W_RESP"):
                 m.d.comb += self.busy.eq(1)
                 got, resp = Signal(), Signal(2)
-                with m.If(cmd == Cmd.WRITE_REG):
+                with m.If(is_reg):          # WRITE_REG (a write state)
                     m.d.comb += [axil.bready.eq(1), got.eq(axil.bvalid), resp.eq(axil.bresp)]
                 with m.Else():
                     m.d.comb += [aw.bready.eq(1), got.eq(aw.bvalid), resp.eq(aw.bresp)]
