@@ -495,14 +495,17 @@ class VecUnit(wiring.Component):
                          under.eq(z < cfg.act_min)]
             m.d.sync += z4[lane].eq(Mux(over, cfg.act_max, Mux(under, cfg.act_min, z)))
             flags.append((over | under) & mask[3 + D][lane])
-        sat4 = Signal(range(L + 1))
-        m.d.sync += sat4.eq(_popcount(flags))
+        # the lanes' saturation flags are registered and counted after the register (the
+        # controller registers the count again): counted before it, the sum's carry chain,
+        # the range compares and the count were 10.9 ns into ``sat4``, pre-route estimate
+        flags4 = Signal(L, name="sat_flags4")
+        m.d.sync += flags4.eq(Cat(*flags))
         m.d.comb += [
             sp.wr_en.eq(v[4 + D] & ~dry),
             sp.wr_addr.eq(addr[4 + D]),
             sp.wr_data.eq(z4),
             sp.wr_mask.eq(mask[4 + D]),
-            ctl.sat.eq(Mux(v[4 + D], sat4, 0)),
+            ctl.sat.eq(Mux(v[4 + D], _popcount(list(flags4)), 0)),
         ]
         return m
 
