@@ -881,9 +881,8 @@ class LoadUnit(_DmaUnit):
         # front of ``emit``, which selects the whole byte buffer, the path from ``k`` into
         # ``buf`` was 16.6 ns (routed model of the f892a67 build).
         need = Signal(range(chunk + 1))
-        need_next = Signal.like(need)
+        need_next = Signal.like(need)     # need's next value (set below)
         enough = Signal(init=1)
-        m.d.comb += need_next.eq(need)
         # nb: the bytes the next R beat brings, min(rx_left, bb - skip), a register updated
         # with rx_left (the compare sat between R valid and the count, 16.4 ns into ``room``)
         nb = Signal(range(bb + 1))
@@ -892,7 +891,7 @@ class LoadUnit(_DmaUnit):
             return Mux(a < b, a, b)
 
         with m.If(~have & dq.r_rdy):
-            m.d.comb += [dq.r_en.eq(1), need_next.eq(dq.r_data.need0)]
+            m.d.comb += dq.r_en.eq(1)
             m.d.sync += [nb.eq(min_(dq.r_data.nbytes, bb - dq.r_data.off)),
                          have.eq(1), first.eq(1), off.eq(dq.r_data.off),
                          rx_left.eq(dq.r_data.nbytes), rx_more.eq(dq.r_data.nbytes != 0),
@@ -930,10 +929,6 @@ class LoadUnit(_DmaUnit):
         # Both outcomes of this cycle's write are prepared and ``emit`` picks one at the end.
         m.d.sync += buf.eq(Mux(emit, _shift_in(m, buf, cnt, need, ax.rdata, cap, skip),
                                _shift_in(m, buf, cnt, 0, ax.rdata, cap, skip)))
-        # The count, ``room`` and ``enough`` for both outcomes of the R beat: ``take`` (R valid
-        # through the board's read arbiter) picks them at the end. Adding the beat's bytes
-        # after it was 9 LUTs from the arbiter's state into ``enough`` (11.2 ns pre-route
-        # estimate).
         # el_left - k, the elements after this chunk, is a register kept one chunk ahead (the
         # subtraction from k, in front of the next chunk's size and ``enough``, was 12.4 ns
         # into ``enough``, pre-route estimate)
@@ -942,18 +937,22 @@ class LoadUnit(_DmaUnit):
             m.d.sync += el_next.eq(el_next - chunk_of(el_next))
         with m.If(~have & dq.r_rdy):
             m.d.sync += el_next.eq(dq.r_data.n - chunk_of(dq.r_data.n))
-        # ``enough`` is prepared for both outcomes of the write too (``emit``, from the write
-        # queue's level, also picks the next chunk's size): the four compares run in parallel.
-        kept = Signal.like(cnt)           # the count after this cycle's write, before the beat
+        # The count, ``room`` and ``enough`` for both outcomes of the R beat: ``take`` (R valid
+        # through the board's read arbiter) picks them at the end. Adding the beat's bytes
+        # after it was 9 LUTs from the arbiter's state into ``enough`` (11.2 ns pre-route
+        # estimate). ``enough`` is prepared for both outcomes of the write too (``emit``, from
+        # the write queue's level, also picks the next chunk's size): four compares in parallel.
+        need_e = Signal.like(need)        # the next chunk's bytes when this cycle writes ...
+        need_n = Signal.like(need)        # ... and when it does not
+        cnt_e = Signal.like(cnt)          # the count after this cycle's write, before the beat
+        m.d.comb += [need_e.eq(chunk_of(el_next) << es_log), cnt_e.eq(cnt - need),
+                     need_n.eq(Mux(~have & dq.r_rdy, dq.r_data.need0, need)),
+                     need_next.eq(Mux(emit, need_e, need_n))]
+        kept = Signal.like(cnt)           # the count before the beat, either way
         kept_got = Signal.like(cnt)
-        m.d.comb += [kept.eq(Mux(emit, cnt - need, cnt)), kept_got.eq(kept + nb)]
+        m.d.comb += [kept.eq(Mux(emit, cnt_e, cnt)), kept_got.eq(kept + nb)]
         m.d.sync += [cnt.eq(Mux(take, kept_got, kept)),
                      room.eq(Mux(take, kept_got <= cap - bb, kept <= cap - bb))]
-        need_e = Signal.like(need)        # need_next when this cycle writes ...
-        need_n = Signal.like(need)        # ... and when it does not
-        cnt_e = Signal.like(cnt)
-        m.d.comb += [need_e.eq(chunk_of(el_next) << es_log), cnt_e.eq(cnt - need),
-                     need_n.eq(Mux(~have & dq.r_rdy, dq.r_data.need0, need))]
         m.d.sync += enough.eq(Mux(emit,
                                   Mux(take, cnt_e + nb >= need_e, cnt_e >= need_e),
                                   Mux(take, cnt + nb >= need_n, cnt >= need_n)))
@@ -990,7 +989,6 @@ class LoadUnit(_DmaUnit):
                      ix.wr_data.a.eq(w_hd.entry[:32]), ix.wr_data.b.eq(w_hd.entry[32:])]
         m.d.comb += self.dram_rd_inc.eq(consumed)
         with m.If(emit):
-            m.d.comb += need_next.eq(chunk_of(el_next) << es_log)
             m.d.sync += [chip.eq(chip + k), el_left.eq(el_next), el_nz.eq(el_left != k),
                          k.eq(chunk_of(el_next))]
             with m.If(el_left == k):

@@ -71,7 +71,7 @@ from .ports import (
     spad_lanes,
 )
 from .rom import INTERP_LATENCY, build_interp
-from .softmax import SoftmaxUnit, softmax_in_layout
+from .softmax import SoftmaxUnit, round_shift_terms, softmax_in_layout
 
 __all__ = ["VecUnit", "TopKUnit", "SoftmaxRowUnit", "LayerNormRowUnit"]
 
@@ -463,9 +463,7 @@ class VecUnit(wiring.Component):
         # registers hold before E2's first chunk, CHECK takes longer.)
         sa_c = Signal(range(49), name="sa_c")
         half_a = Signal(48, name="half_a")
-        sa_cv = Mux(f.sa > 48, 48, f.sa)
-        m.d.sync += [sa_c.eq(sa_cv),
-                     half_a.eq(Mux(sa_cv == 0, 0, Const(1, 48) << (sa_cv - 1)[:6]))]
+        m.d.sync += [r.eq(v) for r, v in zip((sa_c, half_a), round_shift_terms(f.sa, 48))]
         v2 = [staged_product(m, t1[lane], ma, en=1, name=f"v2_{lane}", shape=signed(49),
                              addend=half_a)
               for lane in range(L)]
@@ -475,9 +473,7 @@ class VecUnit(wiring.Component):
         # sb = 32 does, so the shift is clamped to 32 and u + 2^31 fits 34 bits.
         sb_c = Signal(range(33), name="sb_c")
         half_b = Signal(32, name="half_b")
-        sb_cv = Mux(f.sb > 32, 32, f.sb)
-        m.d.sync += [sb_c.eq(sb_cv),
-                     half_b.eq(Mux(sb_cv == 0, 0, Const(1, 32) << (sb_cv - 1)[:5]))]
+        m.d.sync += [r.eq(v) for r, v in zip((sb_c, half_b), round_shift_terms(f.sb, 32))]
         u2 = stage("u2_0_", lambda lane: u1[lane] + half_b, signed(34))
         for k in range(1, D + 1):
             u2 = stage(f"u2_{k}_", lambda lane, u=u2: u[lane], signed(34))
@@ -1236,9 +1232,7 @@ class SoftmaxRowUnit(wiring.Component):
         # p + 2^31 fits 32 bits. Both are registers from the field (constant while it runs).
         on_sh = Signal(range(33), name="on_sh")
         on_half = Signal(32, name="on_half")
-        sh_cv = Mux(f.shift > 32, 32, f.shift)
-        m.d.sync += [on_sh.eq(sh_cv),
-                     on_half.eq(Mux(sh_cv == 0, 0, Const(1, 32) << (sh_cv - 1)[:5]))]
+        m.d.sync += [r.eq(v) for r, v in zip((on_sh, on_half), round_shift_terms(f.shift, 32))]
         prod3 = pipe("on_prod_r", n_e, 32)
         m.d.sync += [prod3[lane].eq(prod2[lane] + on_half) for lane in range(n_e)]
         # S5: z

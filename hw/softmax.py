@@ -125,6 +125,16 @@ def _rshift_round(x, s):
     return Mux(s == 0, x, ((x >> s_m1) + 1) >> 1)
 
 
+def round_shift_terms(s, cap):
+    """``(s_c, half)`` for ``rnd(x >> s) == (x + half) >> s_c`` (rounded half up), where the
+    caller knows ``|x| < 2^(cap-1)``: ``s_c = min(s, cap)`` (every shift >= cap gives 0, as cap
+    does) and ``half = 2^(s_c-1)`` (0 for ``s == 0``). Adding ``half`` a stage before the shift
+    leaves the shift alone in its stage; both values are meant for registers."""
+    s_c = Mux(s > cap, cap, s)
+    half = Mux(s_c == 0, 0, Const(1, cap) << (s_c - 1)[:(cap - 1).bit_length()])
+    return s_c, half
+
+
 def _rshift_round_pos(x, s_m1):
     """``x >> s`` rounded half up for a variable ``s >= 1`` given as ``s_m1 = s - 1`` (from a
     register: no subtractor in front of the shifter)."""
@@ -407,12 +417,12 @@ class SoftmaxUnit(wiring.Component):
         # alone (the shifter, +1 carry chain and final shift were 10.5 ns into ``z``,
         # pre-route estimate). prod < 2^31: every shift >= 32 gives 0, as shift = 32 does, so
         # the shift is clamped to 32 and prod + 2^31 still fits 32 bits.
-        z_half = chain(32, "z_half", Signal(32, name="z_half_0", reset_less=True), 0, st["mul"])
         z_sh = chain(range(33), "z_sh", Signal(range(33), name="z_sh_0", reset_less=True), 0,
                      st["mr"])
+        z_half = Signal(32, name="z_half", reset_less=True)     # at stage mul, from z_sh's
         sh_in = Mux(i_in.payload.first & ~issue, i_in.payload.shift, row_shift)
-        sh_c = Signal(range(33))
-        m.d.comb += sh_c.eq(Mux(sh_in > 32, 32, sh_in))
+        sh_c, _ = round_shift_terms(sh_in, 32)
+        _, half_sub = round_shift_terms(z_sh[st["sub"]], 32)
         with m.If(advance):
             m.d.sync += [
                 valid[0].eq(accept | issue),
@@ -423,7 +433,7 @@ class SoftmaxUnit(wiring.Component):
                 # Pass 2 reads row_mult/row_shift before the next row's first chunk changes them.
                 mult[0].eq(Mux(i_in.payload.first & ~issue, i_in.payload.mult, row_mult)),
                 z_sh[0].eq(sh_c),
-                z_half[0].eq(Mux(sh_c == 0, 0, Const(1, 32) << (sh_c - 1)[:5])),
+                z_half.eq(half_sub),
             ]
             m.d.sync += [x_in[l].eq(i_in.payload.data[l]) for l in range(lanes)]
 
@@ -504,7 +514,7 @@ class SoftmaxUnit(wiring.Component):
         # (with z's rounding term added)
         prod_r = [Signal(32, name=f"prod_r_{l}", reset_less=True) for l in range(n_e)]
         with m.If(advance):
-            m.d.sync += [prod_r[l].eq(prod[l] + z_half[st["mul"]]) for l in range(n_e)]
+            m.d.sync += [prod_r[l].eq(prod[l] + z_half) for l in range(n_e)]
 
         # -- z: z = rnd(prod >> shift) -----------------------------------------------------------
         z = [Signal(31, name=f"z_{l}", reset_less=True) for l in range(n_e)]
