@@ -22,7 +22,7 @@ tile and free when the next tile's weights arrive, so no stream ever stalls (a s
               --D---> weight line -> MacArray.w_stream      (B^T: transpose buffer first)
                       A line      -> MacArray.a_stream
                       channel table / residual / SPAD_ADD destination words -> FIFOs
-    MacArray  --R0--> ACC (and EXT) data of the line (read one cycle before, registered)
+    MacArray  --R0--> ACC (and EXT) data of the line (read two cycles before, registered twice)
               --R1--> acc_in = SCALE: old * c
               --R2--> base + partial sum
               --R3--> last K slice: sat_acc -> ACC write (out = ACC) or Epilogue input;
@@ -139,11 +139,11 @@ __all__ = ["MatmulUnit", "HAZARD_SLOTS", "VALID_WORD"]
 assert SPAD_READ_LATENCY >= 1 and ACC_READ_LATENCY == 1
 assert IDX_READ_LATENCY == 2 and RS_READ_LATENCY == 1
 
-#: Accumulator lines are read one cycle before R0 (the data is registered at R0, so the SCALE
-#: multipliers start from a register, not from the block RAM) and written back at R3; a line
-#: read again before R3 + 1 would miss its own update, so the same line's slots of consecutive
-#: K slices are at least this many slots apart.
-HAZARD_SLOTS = 5
+#: Accumulator lines are read two cycles before R0 (the data is registered twice, so the SCALE
+#: multipliers' operand registers are fed by a register and go into the DSP blocks' input
+#: registers) and written back at R3; a line read again before R3 + 1 would miss its own
+#: update, so the same line's slots of consecutive K slices are at least this many slots apart.
+HAZARD_SLOTS = 6
 #: Bits per word of the accumulator-validity flip-flops (the check scans a word per cycle).
 VALID_WORD = 16
 # Rows, tokens and columns enter the address multipliers as 24-bit signed values: a token
@@ -948,8 +948,13 @@ class MatmulUnit(wiring.Component):
         m.submodules.ext = ext
         ext_rd = ext.read_port()
         ext_wr = ext.write_port()
-        # the read is issued with the tag one stage before the array's output (R0 - 1)
-        q_tag = pt[lm - 1]
+        # The read is issued with the tag two stages before the array's output (R0 - 2) and
+        # its data registered twice: the block RAM's output went through the memory's read
+        # multiplexer into ``old1`` at about 7.5 ns (pre-route), too late for the build flow to
+        # move ``old1`` into the SCALE blocks' input registers, and the route from ``old1`` to
+        # the blocks was then 13.8 ns into ``sc17_2_1`` (101b217 build, routed).
+        assert lm >= 2
+        q_tag = pt[lm - 2]
         m.d.comb += [
             self.acc.rd_en.eq(q_tag.valid), self.acc.rd_addr.eq(q_tag.line),
             ext_rd.en.eq(q_tag.valid), ext_rd.addr.eq(q_tag.line),
@@ -962,8 +967,10 @@ class MatmulUnit(wiring.Component):
         psum2 = [Signal(signed(ab), name=f"psum2_{c}") for c in range(cols)]
         old2 = [Signal(signed(ab), name=f"old2_{c}") for c in range(cols)]
         old3 = [Signal(signed(ab), name=f"old3_{c}") for c in range(cols)]
+        ext0 = Signal(cols)
         ext1 = Signal(cols)
         ext2 = Signal(cols)
+        old0 = [Signal(signed(ab), name=f"old0_{c}") for c in range(cols)]
         old1 = [Signal(signed(ab), name=f"old1_{c}") for c in range(cols)]
         # old * c as registered partial products, one per 17-bit piece of old (one DSP block
         # each, nothing between the block and its register); their sum joins the addition of
@@ -974,11 +981,12 @@ class MatmulUnit(wiring.Component):
         assert ab > 17 and len(r1.c) <= 17
         sc_parts = [[] for _ in range(cols)]     # (register, shift) per column
         sum3 = [Signal(signed(ab + 4), name=f"sum3_{c}") for c in range(cols)]
-        m.d.sync += [ext1.eq(ext_rd.data), ext2.eq(ext1)]
+        m.d.sync += [ext0.eq(ext_rd.data), ext1.eq(ext0), ext2.eq(ext1)]
         for c in range(cols):
             old = old1[c]
             m.d.sync += [
-                old1[c].eq(self.acc.rd_data[c]),
+                old0[c].eq(self.acc.rd_data[c]),
+                old1[c].eq(old0[c]),
                 psum1[c].eq(o_mac.payload.data[c]),
                 psum2[c].eq(psum1[c]),
                 old2[c].eq(old),
