@@ -41,14 +41,22 @@ def onehot_pick(wins, values, width):
 def msb_index(v):
     """``(any, index)``: whether ``v`` has a set bit and the index of its highest one (0 when
     none), as a balanced tree of log2(width) 2:1 multiplexer levels; a priority chain over the
-    bits (``with m.If(v[i])`` per bit) is one level per bit (40 for the row sum of SOFTMAX)."""
-    bits = [v[i] for i in range(len(v))]
+    bits (``with m.If(v[i])`` per bit) is one level per bit (40 for the row sum of SOFTMAX).
 
-    def tree(lo, n):
+    The tree splits at the largest power of two ``h`` below the width, so an index in the upper
+    part is its own index with bit ``log2(h)`` set: no adder anywhere (``idx + h`` at each level
+    and a final ``- 1`` were 13.8 ns into SOFTMAX's ``rc_k`` in the 101b217 build, routed)."""
+    def fit(idx, b):
+        return Cat(idx, Const(0, b))[:b]
+
+    def tree(x):
+        n = len(x)
         if n == 1:
-            return bits[lo], Const(0, 1)
-        h = n // 2
-        any_l, idx_l = tree(lo, h)
-        any_h, idx_h = tree(lo + h, n - h)
-        return any_l | any_h, Mux(any_h, idx_h + h, idx_l)
-    return tree(0, len(bits))
+            return x[0], Const(0, 1)
+        h = 1 << ((n - 1).bit_length() - 1)
+        b = h.bit_length() - 1              # index bits within either part
+        any_l, idx_l = tree(x[:h])
+        any_h, idx_h = tree(x[h:])
+        return any_l | any_h, Mux(any_h, Cat(fit(idx_h, b), Const(1, 1)),
+                                  Cat(fit(idx_l, b), Const(0, 1)))
+    return tree(v)

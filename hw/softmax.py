@@ -65,13 +65,15 @@ long) the ``ecp5`` preset (8 lanes) reaches about 75 MHz on an LFE5U-85F (yowasp
 ``synth_ecp5``, nextpnr-ecp5 out of context): 4.8k LUT4, 3.5k FF, 29 MULT18X18D, 14 DP16KD.
 """
 
-from amaranth.hdl import Cat, Const, Module, Mux, Signal, signed, unsigned
+from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
 from amaranth.lib import data, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
 from vitamin.config import Config, get_config
 from vitamin.golden.tables import make_table, table_spec
+
+from .onehot import msb_index
 
 __all__ = ["SoftmaxUnit", "softmax_in_layout", "softmax_out_layout"]
 
@@ -146,24 +148,6 @@ def _rshift_round_const(x, c):
     if c == 0:
         return x
     return (x + (1 << (c - 1))) >> c
-
-
-def _msb_index(x):
-    """Index of the leading one of the unsigned value ``x`` (0 for 0 and for 1), ``bit_length(x)
-    - 1`` clamped at 0, as a tree of ``log2(len(x))`` multiplexer levels with no adder: the
-    halves split at a power of two ``h``, so the upper half's index is its own index with bit
-    ``log2(h)`` set. (``bit_length`` as sums of ``+ h`` and a final ``- 1`` was 13.8 ns into
-    ``rc_k`` in the 101b217 build, routed.)"""
-    if len(x) == 1:
-        return Const(0, 1)
-    h = 1 << ((len(x) - 1).bit_length() - 1)   # largest power of two below len(x)
-    b = h.bit_length() - 1                     # index bits of either half
-    lo, hi = x[:h], x[h:]
-    if b == 0:
-        return hi[0]
-    p_hi, p_lo = _msb_index(hi), _msb_index(lo)
-    p_hi = Cat(p_hi, Const(0, b - len(p_hi))) if len(p_hi) < b else p_hi
-    return Mux(hi.any(), Cat(p_hi, Const(1, 1)), Cat(p_lo, Const(0, 1)))
 
 
 def _table_rom(name, config):
@@ -588,7 +572,7 @@ class SoftmaxUnit(wiring.Component):
         rc_k = Signal(range(s_bits), reset_less=True)
         rc_zero = Signal(reset_less=True)
         with m.If(rc_go[0]):
-            m.d.sync += [rc_k.eq(_msb_index(s_reg)), rc_zero.eq(s_reg == 0)]
+            m.d.sync += [rc_k.eq(msb_index(s_reg)[1]), rc_zero.eq(s_reg == 0)]
         # Step 1: s = 2^k (1 + f): shift the leading one to bit w_norm; the 16 bits below it
         # are f (bits beyond 16 are truncated, as golden.units.recip_norm).
         w_norm = max(16, s_bits - 1)

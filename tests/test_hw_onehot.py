@@ -10,7 +10,7 @@ from amaranth.sim import Simulator
 from vitamin.hw.onehot import msb_index
 
 
-@pytest.mark.parametrize("width", [1, 2, 3, 5, 8, 11, 40])
+@pytest.mark.parametrize("width", [1, 2, 3, 5, 8, 11, 17, 28, 40])
 def test_msb_index_matches_bit_length(width):
     m = Module()
     v = Signal(width)

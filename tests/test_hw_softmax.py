@@ -244,31 +244,3 @@ def test_full_throughput():
         n_chunks = -(-len(x) // config.row_lanes)
         assert out_cycles[out_cycles.index(f_out) + n_chunks - 1] == f_out + n_chunks - 1
 
-
-@pytest.mark.parametrize("width", [1, 2, 3, 8, 13, 17, 26])
-def test_msb_index(width):
-    """The leading-one encoder behind 1/s: bit_length(x) - 1 (0 for 0), for every value of the
-    narrow widths, every power of two and random values of the wide ones."""
-    from amaranth import Module, Signal
-    from amaranth.sim import Simulator
-
-    from vitamin.hw.softmax import _msb_index
-
-    x, y = Signal(width), Signal(8)
-    m = Module()
-    m.d.comb += y.eq(_msb_index(x))
-    rng = make_rng(width)
-    values = list(range(min(1 << width, 1024))) + [(1 << width) - 1]
-    values += [1 << i for i in range(width)] + [(1 << i) - 1 for i in range(width)]
-    values += [rng.getrandbits(width) for _ in range(200)]
-    got = []
-
-    async def bench(ctx):
-        for v in values:
-            ctx.set(x, v)
-            got.append(ctx.get(y))
-
-    sim = Simulator(m)
-    sim.add_testbench(bench)
-    sim.run()
-    assert got == [max(0, v.bit_length() - 1) for v in values]
