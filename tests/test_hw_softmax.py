@@ -132,7 +132,7 @@ def test_layouts_and_timing_figures():
     assert dut.config is TINY
     assert softmax_in_layout(TINY).size == 2 * 16 + 2 + 2 + 15 + 6
     assert dut.s_bits == 26  # max_dim 1024 * 2^15 fits 26 bits unsigned
-    assert dut.row_cycles(33) == 2 * 17 + 7
+    assert dut.row_cycles(33) == 3 * 17 + 10
     eight = PRESETS["ecp5"].replace(row_lanes=8)
     assert dut.latency == 17 and SoftmaxUnit(eight).latency == 19
     with pytest.raises(TypeError):
@@ -200,7 +200,7 @@ def test_longest_row(config):
 def test_full_throughput():
     """Without backpressure the unit takes one chunk per cycle in each pass and accepts a new
     row every ``row_cycles(n)`` cycles; the first output follows the last input chunk by
-    ``row_latency`` cycles."""
+    ``row_latency(n)`` cycles."""
     config = TINY4
     dut = SoftmaxUnit(config)
     rng = np.random.default_rng(4)
@@ -237,7 +237,7 @@ def test_full_throughput():
     for (x, *_), f_in, l_in, f_out in zip(rows, firsts, lasts, starts, strict=True):
         n_chunks = -(-len(x) // config.row_lanes)
         assert l_in - f_in == n_chunks - 1
-        assert f_out - l_in == dut.row_latency
+        assert f_out - l_in == dut.row_latency(len(x))
     out_cycles = [c for c, _ in outputs]
     assert out_cycles == sorted(out_cycles)
     for f_out, (x, *_) in zip(starts, rows, strict=True):
