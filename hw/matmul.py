@@ -22,9 +22,9 @@ tile and free when the next tile's weights arrive, so no stream ever stalls (a s
               --D---> weight line -> MacArray.w_stream      (B^T: transpose buffer first)
                       A line      -> MacArray.a_stream
                       channel table / residual / SPAD_ADD destination words -> FIFOs
-    MacArray  --R0--> ACC (and EXT) data of the line (read two cycles before, registered twice)
-              --R1--> acc_in = SCALE: old * c
-              --R2--> base + partial sum
+    MacArray  --R0--> ACC (and EXT) data of the line (read three cycles before, registered twice)
+              --R1--> acc_in = SCALE: old * c as 17-bit pieces' products
+              --R2--> the pieces' sum; base + partial sum
               --R3--> last K slice: sat_acc -> ACC write (out = ACC) or Epilogue input;
                       otherwise the partial sum goes back to ACC
     Epilogue  ------> scratchpad write (lanes masked for a partial column tile)
@@ -139,11 +139,12 @@ __all__ = ["MatmulUnit", "HAZARD_SLOTS", "VALID_WORD"]
 assert SPAD_READ_LATENCY >= 1 and ACC_READ_LATENCY == 1
 assert IDX_READ_LATENCY == 2 and RS_READ_LATENCY == 1
 
-#: Accumulator lines are read two cycles before R0 (the data is registered twice, so the SCALE
-#: multipliers' operand registers are fed by a register and go into the DSP blocks' input
-#: registers) and written back at R3; a line read again before R3 + 1 would miss its own
-#: update, so the same line's slots of consecutive K slices are at least this many slots apart.
-HAZARD_SLOTS = 6
+#: Accumulator lines are read three cycles before R0 (the data is registered twice before R0,
+#: so the SCALE multipliers' operand registers are fed by a register and go into the DSP
+#: blocks' input registers) and written back at R3; a line read again before R3 + 1 would miss
+#: its own update, so the same line's slots of consecutive K slices are at least this many slots
+#: apart.
+HAZARD_SLOTS = 7
 #: Bits per word of the accumulator-validity flip-flops (the check scans a word per cycle).
 VALID_WORD = 16
 # Rows, tokens and columns enter the address multipliers as 24-bit signed values: a token
@@ -948,13 +949,15 @@ class MatmulUnit(wiring.Component):
         m.submodules.ext = ext
         ext_rd = ext.read_port()
         ext_wr = ext.write_port()
-        # The read is issued with the tag two stages before the array's output (R0 - 2) and
-        # its data registered twice: the block RAM's output went through the memory's read
-        # multiplexer into ``old1`` at about 7.5 ns (pre-route), too late for the build flow to
-        # move ``old1`` into the SCALE blocks' input registers, and the route from ``old1`` to
-        # the blocks was then 13.8 ns into ``sc17_2_1`` (101b217 build, routed).
-        assert lm >= 2
-        q_tag = pt[lm - 2]
+        # The read is issued with the tag three stages before the array's output (R0 - 3) and
+        # its data registered twice before R0 (``old_a``, ``old0``): the block RAM's output goes
+        # through the memory's read multiplexer into ``old_a`` (about 7.5 ns, pre-route), too
+        # late for the build flow to move that register into the SCALE blocks' input
+        # registers, and the route from such a register to the blocks was 13.8 ns into
+        # ``sc17_2_1`` (101b217 build, routed). ``old0`` is fed by a register and goes into
+        # the blocks; the products are registered at R1 and their sum at R2.
+        assert lm >= 3
+        q_tag = pt[lm - 3]
         m.d.comb += [
             self.acc.rd_en.eq(q_tag.valid), self.acc.rd_addr.eq(q_tag.line),
             ext_rd.en.eq(q_tag.valid), ext_rd.addr.eq(q_tag.line),
@@ -967,52 +970,64 @@ class MatmulUnit(wiring.Component):
         psum2 = [Signal(signed(ab), name=f"psum2_{c}") for c in range(cols)]
         old2 = [Signal(signed(ab), name=f"old2_{c}") for c in range(cols)]
         old3 = [Signal(signed(ab), name=f"old3_{c}") for c in range(cols)]
+        ext_a = Signal(cols)
         ext0 = Signal(cols)
         ext1 = Signal(cols)
         ext2 = Signal(cols)
+        old_a = [Signal(signed(ab), name=f"old_a_{c}") for c in range(cols)]
         old0 = [Signal(signed(ab), name=f"old0_{c}") for c in range(cols)]
         old1 = [Signal(signed(ab), name=f"old1_{c}") for c in range(cols)]
-        # old * c as registered partial products, one per 17-bit piece of old (one DSP block
-        # each, nothing between the block and its register); their sum joins the addition of
+        # old * c as registered partial products at R1, one per 17-bit piece of old (one DSP
+        # block each, nothing between the block and its register), and their sum registered at
         # R2. (The product and its adder in one cycle were the 2da45db build's slowest MATMUL
         # path in the routed model, 20 ns, most of it the way to the DSPs; a 31-bit piece
         # needed two blocks and their adder before its register, 15.7 ns into ``sc_hi2``,
-        # e30bab3 build, routed.)
-        assert ab > 17 and len(r1.c) <= 17
-        sc_parts = [[] for _ in range(cols)]     # (register, shift) per column
+        # e30bab3 build, routed; the pieces' sum in the addition of R2 was 13.5 ns into
+        # ``sum3_1``, 101b217 build, routed.)
+        assert ab > 17 and len(p_tag.c) <= 17
+        scaled = [Signal(signed(ab + 18), name=f"scaled_{c}") for c in range(cols)]
         sum3 = [Signal(signed(ab + 4), name=f"sum3_{c}") for c in range(cols)]
-        m.d.sync += [ext0.eq(ext_rd.data), ext1.eq(ext0), ext2.eq(ext1)]
+        m.d.sync += [ext_a.eq(ext_rd.data), ext0.eq(ext_a), ext1.eq(ext0), ext2.eq(ext1)]
+        # R2's choice of addend as registers set at R1 (decoding acc_in and kt_first in front of
+        # the adder was 7.6 ns into ``sum3``, pre-route, from the instruction register)
+        sel_scale = Signal()        # kt_first, acc_in = SCALE: the scaled old value
+        sel_zero = Signal()         # kt_first, acc_in = ZERO: 0
+        sel_old = Signal()          # kt_first otherwise: old; later K slices: old with EXT
+        m.d.sync += [sel_scale.eq(r1.kt_first & is_scale), sel_zero.eq(r1.kt_first & is_zero),
+                     sel_old.eq(r1.kt_first)]
         for c in range(cols):
-            old = old1[c]
             m.d.sync += [
-                old0[c].eq(self.acc.rd_data[c]),
+                old_a[c].eq(self.acc.rd_data[c]),
+                old0[c].eq(old_a[c]),
                 old1[c].eq(old0[c]),
                 psum1[c].eq(o_mac.payload.data[c]),
                 psum2[c].eq(psum1[c]),
-                old2[c].eq(old),
+                old2[c].eq(old1[c]),
                 old3[c].eq(old2[c]),
             ]
+            sc_parts = []     # (register, shift)
             for lo in range(0, ab, 17):
-                piece = old[lo:lo + 17]
+                piece = old0[c][lo:lo + 17]
                 top = lo + 17 >= ab
                 if top:
                     piece = piece.as_signed()
-                sc = Signal(signed(len(piece) + 18) if top else 34, name=f"sc{lo}_2_{c}")
-                m.d.sync += sc.eq(piece * r1.c)
-                sc_parts[c].append((sc, lo))
+                sc = Signal(signed(len(piece) + 18) if top else 34, name=f"sc{lo}_1_{c}")
+                m.d.sync += sc.eq(piece * p_tag.c)
+                sc_parts.append((sc, lo))
+            m.d.sync += scaled[c].eq(sum(sc << lo for sc, lo in sc_parts))
             # R2: what the products are added to; scaled: rnd(old * c >> 15) + psum
             # = (sum of the pieces' products + psum * 2^15 + 2^14) >> 15, exact, one sum
             base = Signal(signed(ab + 4), name=f"base_{c}")
-            with m.If(r2.kt_first):
-                with m.If(is_zero):
-                    m.d.comb += base.eq(0)
-                with m.Else():
-                    m.d.comb += base.eq(old2[c])
+            with m.If(sel_zero):
+                m.d.comb += base.eq(0)
+            with m.Elif(sel_old):
+                m.d.comb += base.eq(old2[c])
             with m.Else():
                 m.d.comb += base.eq(Cat(old2[c], ext2[c]).as_signed())
-            with m.If(r2.kt_first & is_scale):
-                scaled = sum(sc << lo for sc, lo in sc_parts[c])
-                m.d.sync += sum3[c].eq((scaled + (psum2[c] << 15) + (1 << 14)) >> 15)
+            with m.If(sel_scale):
+                # (psum * 2^15 + 2^14: the constant fills the low bits, no adder)
+                m.d.sync += sum3[c].eq((scaled[c] + Cat(Const(1 << 14, 15), psum2[c]).as_signed())
+                                       >> 15)
             with m.Else():
                 m.d.sync += sum3[c].eq(base + psum2[c])
 
