@@ -974,8 +974,11 @@ class MatmulUnit(wiring.Component):
         ext0 = Signal(cols)
         ext1 = Signal(cols)
         ext2 = Signal(cols)
-        old_a = [Signal(signed(ab), name=f"old_a_{c}") for c in range(cols)]
-        old0 = [Signal(signed(ab), name=f"old0_{c}") for c in range(cols)]
+        # (reset-less: the build flow moves only plain flip-flops into a DSP block)
+        old_a = [Signal(signed(ab), name=f"old_a_{c}", reset_less=True) for c in range(cols)]
+        old0 = [Signal(signed(ab), name=f"old0_{c}", reset_less=True) for c in range(cols)]
+        c0 = Signal.like(p_tag.c, name="scale_c0", reset_less=True)    # p_tag.c, plain
+        m.d.sync += c0.eq(pt[lm - 1].c)
         old1 = [Signal(signed(ab), name=f"old1_{c}") for c in range(cols)]
         # old * c as registered partial products at R1, one per 17-bit piece of old (one DSP
         # block each, nothing between the block and its register), and their sum registered at
@@ -1011,8 +1014,9 @@ class MatmulUnit(wiring.Component):
                 top = lo + 17 >= ab
                 if top:
                     piece = piece.as_signed()
-                sc = Signal(signed(len(piece) + 18) if top else 34, name=f"sc{lo}_1_{c}")
-                m.d.sync += sc.eq(piece * p_tag.c)
+                sc = Signal(signed(len(piece) + 18) if top else 34, name=f"sc{lo}_1_{c}",
+                            reset_less=True)
+                m.d.sync += sc.eq(piece * c0)
                 sc_parts.append((sc, lo))
             m.d.sync += scaled[c].eq(sum(sc << lo for sc, lo in sc_parts))
             # R2: what the products are added to; scaled: rnd(old * c >> 15) + psum
