@@ -342,7 +342,10 @@ class MatmulUnit(wiring.Component):
                 m.d.sync += err_flag.eq(1)
 
         # -- instruction and static decode --------------------------------------------------------
-        f = Signal(isa.Matmul)
+        # Reset-less, as the operand registers of multipliers below (the build flow moves only
+        # plain flip-flops into the DSP blocks): the reset is the power-on one, and these
+        # registers load only while the unit runs, so they hold their initial value through it.
+        f = Signal(isa.Matmul, reset_less=True)
         acc_in = f.acc_in.as_value()
         out = f.out.as_value()
         act = f.act.as_value()
@@ -362,7 +365,7 @@ class MatmulUnit(wiring.Component):
         L = Signal(17)          # rows processed
         T = Signal(17)          # column tiles
         KT = Signal(17)         # K slices
-        used_t = Signal(17)     # tiles whose accumulator lines the instruction may touch
+        used_t = Signal(17, reset_less=True)     # tiles whose accumulator lines the instruction may touch
         qoff = Signal.like(q_ent.off)
         st = Signal(data.StructLayout({
             "field": 1, "queue": 1, "idx": 1, "rows": 1, "add": 1, "rs": 1,
@@ -743,9 +746,9 @@ class MatmulUnit(wiring.Component):
         stride_a = Mux(w_side, f.b_stride, f.a_stride)
         # S1 registers the operands (the token row arrives from index memory in this cycle),
         # S1b multiplies: no operand multiplexer in front of the DSP blocks
-        ra1 = Signal(signed(_ROW_BITS))
-        ro1 = Signal(signed(_ROW_BITS))
-        sa1 = Signal(stride_a.shape())
+        ra1 = Signal(signed(_ROW_BITS), reset_less=True)
+        ro1 = Signal(signed(_ROW_BITS), reset_less=True)
+        sa1 = Signal(stride_a.shape(), reset_less=True)
         # "the token row does not fit" is decided in S1b from registered inputs: the token's
         # top bits, read from index memory in this cycle (block RAM clock-to-output, the way
         # across the chip, then the wide compare: 15.1 ns into far_a1, e30bab3 build, routed)
@@ -887,8 +890,12 @@ class MatmulUnit(wiring.Component):
         with m.If(k4 == _Op.A):
             m.d.comb += [a_in.valid.eq(1), a_in.payload.first.eq(t4.first),
                          self.macs_inc.eq(t4.kval * t4.nval)]
-            for r in range(rows):
-                m.d.comb += a_in.payload.data[r].eq(rd[r])
+        # The line's words whatever the slot (the array multiplies every cycle and only valid
+        # lines reach its output): zero outside A slots would make Yosys give the array's ``a``
+        # registers a synchronous reset, and the build flow moves only plain flip-flops into
+        # the DSP blocks' input registers.
+        for r in range(rows):
+            m.d.comb += a_in.payload.data[r].eq(rd[r])
         protocol(a_in.valid & ~a_in.ready)
 
         # channel table of a column tile -> FIFO of per-lane (bias, mult, shift)
