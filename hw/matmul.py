@@ -365,7 +365,8 @@ class MatmulUnit(wiring.Component):
         L = Signal(17)          # rows processed
         T = Signal(17)          # column tiles
         KT = Signal(17)         # K slices
-        used_t = Signal(17, reset_less=True)     # tiles whose accumulator lines the instruction may touch
+        # tiles whose accumulator lines the instruction may touch
+        used_t = Signal(17, reset_less=True)
         qoff = Signal.like(q_ent.off)
         st = Signal(data.StructLayout({
             "field": 1, "queue": 1, "idx": 1, "rows": 1, "add": 1, "rs": 1,

@@ -152,8 +152,9 @@ def _shared_mul(m, step, widths, pairs_of, name):
     pairs = pairs_of(prods)
     xw = max(len(Value.cast(x)) for x, _ in pairs)
     yw = max(len(Value.cast(y)) for _, y in pairs)
-    x_op = Signal(xw, name=f"{name}_x")
-    y_op = Signal(yw, name=f"{name}_y")
+    # (reset-less: the build flow moves only plain flip-flops into the DSP blocks)
+    x_op = Signal(xw, name=f"{name}_x", reset_less=True)
+    y_op = Signal(yw, name=f"{name}_y", reset_less=True)
     with m.Switch(step):
         for i, (x, y) in enumerate(pairs):
             with m.Case(i):
@@ -208,7 +209,10 @@ class _Control:
         self.m = m
         self.ctl = ctl
         size = data.Layout.cast(fmt).size
-        self.instr = Signal(size, name="instr")
+        # Reset-less: it loads only at ``start``, so it holds its initial value through the
+        # power-on reset anyway, and the build flow moves only plain flip-flops into the DSP
+        # blocks' operand registers (several units multiply instruction fields).
+        self.instr = Signal(size, name="instr", reset_less=True)
         self.fields = data.View(fmt, self.instr)
         self.error = Signal(4, name="error")
         self.sat = Signal(8, name="sat")
@@ -422,8 +426,10 @@ class VecUnit(wiring.Component):
         a_hold = Signal(word_l)
         acc = Signal(data.ArrayLayout(signed(33), L))
         acc_next = [Signal(signed(33), name=f"acc_next{lane}") for lane in range(L)]
-        x0 = Signal(data.ArrayLayout(signed(33), L))
-        y0 = Signal(word_l)
+        # (reset-less, as every register of the lanes: the build flow moves only plain
+        # flip-flops into the DSP blocks)
+        x0 = Signal(data.ArrayLayout(signed(33), L), reset_less=True)
+        y0 = Signal(word_l, reset_less=True)
         for lane in range(L):
             m.d.comb += acc_next[lane].eq(Mux(tag_a.first_g, 0, acc[lane]) + sp.rd_data[lane])
         with m.If(tag_a.valid & tag_a.store_a):
