@@ -1222,11 +1222,12 @@ class SoftmaxRowUnit(wiring.Component):
             anyv[1].eq(vm[0].any()),
             x1.eq(x0),
         ]
-        # S2: differences (hi >= x on valid lanes: 0..65535), registered beside the multipliers
-        d2 = pipe("on_diff", n_e, 16)
-        for lane in range(R):
-            m.d.sync += d2[lane].eq(Mux(vm[1][lane], (hi1 - x1[lane])[:16], 0))
-        m.d.sync += d2[sc].eq(Mux(sc_en[1], (sc_hi1 - sc_lo1)[:16], 0))
+        # S2: differences (hi >= x on valid lanes: 0..65535), registered beside the multipliers.
+        # Not masked: S10 masks E (a zero here made Yosys give these registers a synchronous
+        # reset, and the build flow moves only plain flip-flops into the DSP blocks).
+        d2 = [Signal(16, name=f"on_diff_{i}", reset_less=True) for i in range(n_e)]
+        m.d.sync += [d2[lane].eq((hi1 - x1[lane])[:16]) for lane in range(R)]
+        m.d.sync += d2[sc].eq((sc_hi1 - sc_lo1)[:16])
         # S3: times mult (the build flow moves this register into the DSP blocks)
         prod2 = pipe("on_prod", n_e, 31)
         m.d.sync += [prod2[lane].eq(d2[lane] * mult) for lane in range(n_e)]

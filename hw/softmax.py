@@ -543,14 +543,15 @@ class SoftmaxUnit(wiring.Component):
             ]
 
         # -- sub: score differences ---------------------------------------------------------------
-        # hi >= x on every valid lane, so hi - x is in 0..65535; masked lanes use z = 0 (as
-        # golden, which then discards them). Registered before the multipliers: the DSPs sit
-        # away from the unit's logic, and the subtractor in front of them was its slowest path.
+        # hi >= x on every valid lane, so hi - x is in 0..65535. Masked lanes and a rescale lane
+        # without an old max are not zeroed here: stage "e" zeroes their E (a zero here made
+        # Yosys give these registers a synchronous reset, and the build flow moves only plain
+        # flip-flops into the DSP blocks). Registered before the multipliers: the DSPs sit away
+        # from the unit's logic, and the subtractor in front of them was its slowest path.
         diff = [Signal(16, name=f"diff_{l}", reset_less=True) for l in range(n_e)]
         with m.If(advance):
-            for l in range(lanes):
-                m.d.sync += diff[l].eq(Mux(vmask[st["m"]][l], (hi - x[l][st["m"]])[:16], 0))
-            m.d.sync += diff[sc].eq(Mux(have_o[st["m"]], (hi - m_old)[:16], 0))
+            m.d.sync += [diff[l].eq((hi - x[l][st["m"]])[:16]) for l in range(lanes)]
+            m.d.sync += diff[sc].eq((hi - m_old)[:16])
 
         # -- mul: score differences times mult ---------------------------------------------------
         prod = [Signal(31, name=f"prod_{l}", reset_less=True) for l in range(n_e)]
