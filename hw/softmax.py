@@ -170,7 +170,7 @@ def running_sum(m, name, s, depth, *, w_en, scale, esum, upd, last):
     q_in = Signal(layout, name=f"{name}_q_in")
     m.d.comb += [q_in.scale.eq(scale), q_in.esum.eq(esum), q_in.upd.eq(upd),
                  q_in.last.eq(last), q.w_data.eq(q_in), q.w_en.eq(w_en)]
-    hd = Signal(layout, name=f"{name}_hd")
+    hd = Signal(layout, name=f"{name}_hd", reset_less=True)   # (valid: hd_v)
     hd_v = Signal(name=f"{name}_hd_valid")
     take = Signal(name=f"{name}_take")
     with m.If(q.r_rdy & (~hd_v | take)):
@@ -617,7 +617,10 @@ class SoftmaxUnit(wiring.Component):
 
         # -- 1/s: recip_norm(s), _RECIP_CYCLES after s is final, never stalled ------------------
         s_bits = self.s_bits
-        s_reg = Signal(s_bits)
+        # (reset-less: a row's first chunk discards s, and the build flow can then move s into
+        # the running sum's DSP blocks, whose operand register it is: the loop's cycle through
+        # the blocks stays inside them, its other cycle is the adder and the routes)
+        s_reg = Signal(s_bits, reset_less=True)
         r_reg = Signal(16)
         k_m1 = Signal(range(s_bits))     # k - 1 (k >= 15 for a row with a valid element)
         s_done = Signal()   # s is final (the row's last pass-1 chunk updated it on the edge before)
