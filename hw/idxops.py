@@ -118,7 +118,9 @@ class _Control:
     """Instruction latch, ``busy``/``done``/``error`` of one unit (see the module docstring)."""
 
     def __init__(self, m, ctl, fmt):
-        self.instr = Signal(INSTR_BITS)
+        # reset-less: loaded only at start (it holds its initial value through the power-on
+        # reset), and the build flow moves only plain flip-flops into the DSP blocks
+        self.instr = Signal(INSTR_BITS, reset_less=True)
         self.f = _view(fmt, self.instr)
         self.done = Signal()
         self.err = Signal(ErrorCode)

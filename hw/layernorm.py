@@ -373,7 +373,7 @@ class LayerNormUnit(wiring.Component):
         # Registers of the row being replayed (pass 2), loaded when pass 2 starts.
         p2_n = Signal(w["n"])
         p2_s1 = Signal(signed(w["s1"]))
-        p2_r = Signal(16)
+        p2_r = Signal(16, reset_less=True)     # (a multiplier's operand register, see dspregs)
         p2_xh_m1 = Signal(range(w["d"] + 15))   # x_hat's shift 15 + k - LN_FRAC, minus 1
         # the row's output shift, clamped to w_aff + 1 (below), and its rounding term
         w_aff = max(w["x_hat"] + 16, 32) + 1

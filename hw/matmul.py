@@ -97,7 +97,7 @@ computes it exactly)::
             so the sequencer leaves idle slots between those rows)
     drain = 15 + log2(rows) (out = ACC); epilogue: that + Epilogue.latency (29 for tiny)
 
-For a plain MATMUL (``L = m``, ``m + rows >= 4``) this is ``T * KT * (m + rows) + 34 +
+For a plain MATMUL (``L = m``, ``m + rows >= HAZARD_SLOTS``) this is ``T * KT * (m + rows) + 34 +
 log2(rows) + Epilogue.latency`` (``34 + log2(rows)`` for ``out = ACC``), against a first-order
 cost of ``T * KT * m`` plus a fixed fill: the weight tile costs ``rows`` slots per
 tile because it shares the single scratchpad read port with the A lines, and the fixed part is
