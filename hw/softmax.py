@@ -491,7 +491,7 @@ class SoftmaxUnit(wiring.Component):
         # -- x: the chunk, registered (a block RAM's output is too slow for more logic) ----------
         x_1 = [Signal(WORD, name=f"x{l}_1", reset_less=True) for l in range(lanes)]
         vmask = chain(lanes, "vmask", Signal(lanes, name="vmask_1", reset_less=True),
-                      st["x"], st["e"] - 1)
+                      st["x"], st["p15"])
         with m.If(advance):
             with m.If(pass2[0]):
                 m.d.sync += [x_1[l].eq(rd.data.data[l]) for l in range(lanes)]
@@ -614,6 +614,12 @@ class SoftmaxUnit(wiring.Component):
                 m.d.sync += e[l].eq(Mux(vmask[st["t"]][l], _rshift_round(t[l], ip[l][st["t"]]),
                                         0))
             m.d.sync += e[sc].eq(Mux(have_o[st["t"]], _rshift_round(t[sc], ip[sc][st["t"]]), 0))
+        # E unmasked, for pass 2's product E * r (masked lanes are zeroed at the output): the
+        # mask made Yosys give ``e`` a synchronous reset, and the build flow moves only plain
+        # flip-flops into the DSP blocks' operand registers
+        e_u = [Signal(16, name=f"e_u_{l}", reset_less=True) for l in range(lanes)]
+        with m.If(advance):
+            m.d.sync += [e_u[l].eq(_rshift_round(t[l], ip[l][st["t"]])) for l in range(lanes)]
 
         # -- 1/s: recip_norm(s), _RECIP_CYCLES after s is final, never stalled ------------------
         s_bits = self.s_bits
@@ -621,7 +627,7 @@ class SoftmaxUnit(wiring.Component):
         # the running sum's DSP blocks, whose operand register it is: the loop's cycle through
         # the blocks stays inside them, its other cycle is the adder and the routes)
         s_reg = Signal(s_bits, reset_less=True)
-        r_reg = Signal(16)
+        r_reg = Signal(16, reset_less=True)     # (written before any pass 2 reads it)
         k_m1 = Signal(range(s_bits))     # k - 1 (k >= 15 for a row with a valid element)
         s_done = Signal()   # s is final (the row's last pass-1 chunk updated it on the edge before)
         rcp_rom, rcp_spec = _table_rom("recip", cfg)
@@ -664,7 +670,7 @@ class SoftmaxUnit(wiring.Component):
         pr = [Signal(31, name=f"pr_{l}", reset_less=True) for l in range(lanes)]
         with m.If(advance):
             m.d.sync += [esum.eq(sum(e[:lanes])), scale.eq(e[sc])]
-            m.d.sync += [pr[l].eq(e[l] * r_reg) for l in range(lanes)]
+            m.d.sync += [pr[l].eq(e_u[l] * r_reg) for l in range(lanes)]
 
         # -- acc: pass 1 chunks into the running sum; pass 2 E * r, registered again ------------
         before_acc = st["acc"] - 1
@@ -700,10 +706,12 @@ class SoftmaxUnit(wiring.Component):
             for l in range(lanes):
                 y = _rshift_round_const(p15[l], 16 - cfg.act_bits)
                 # Probabilities are >= 0: only the top can clamp (p = 1.0 -> largest word).
+                # A masked lane gives 0 (its E was not zeroed for the product).
+                v = vmask[st["p15"]][l]
                 over = Signal(name=f"over_{l}")
-                m.d.comb += over.eq(y > act_max)
+                m.d.comb += over.eq(v & (y > act_max))
                 flags.append(over)
-                m.d.sync += y_out[l].eq(Mux(over, act_max, y))
+                m.d.sync += y_out[l].eq(Mux(v, Mux(over, act_max, y), 0))
             m.d.sync += sat_out.eq(sum(flags))
 
         m.d.comb += [
