@@ -343,6 +343,10 @@ class SelectUnit(wiring.Component):
             m.d.sync += d.eq(dl[-1])
             dl.append(d)
         d4 = dl[-1]
+        # d4.s again as a plain register, and the product as one: the build flow moves only
+        # flip-flops without a reset into the DSP blocks (operand and product registers)
+        s4 = Signal(signed(sw), name="s4", reset_less=True)
+        m.d.sync += s4.eq(dl[-2].s)
         # The chunk's tokens outside F, [max(a, sk), min(a + l, rs)), along the delay line (sk
         # and rs are fixed since CHECK): in P6, after the sum and two compares, the length was
         # SELECT's slowest routed path (14.7 ns into p6, e30bab3 build)
@@ -360,11 +364,11 @@ class SelectUnit(wiring.Component):
             m.d.sync += [lo_b.eq(lo_a), n_b.eq(n_a)]
         lo5, n5 = lo_n[-1]                # aligned with p5
         # P5: the product; P6: the rounded score and the chunk's tokens outside F
-        p5 = Signal(data.StructLayout({"valid": 1, "prod": signed(sw + 17), "c": nb, "a": 31,
-                                       "l": lw, "k": 5}))
-        m.d.sync += [p5.valid.eq(d4.valid), p5.prod.eq(lut_mul(d4.s, r_out)), p5.c.eq(d4.c),
+        p5 = Signal(data.StructLayout({"valid": 1, "c": nb, "a": 31, "l": lw, "k": 5}))
+        prod5 = Signal(signed(sw + 17), name="prod5", reset_less=True)
+        m.d.sync += [p5.valid.eq(d4.valid), prod5.eq(lut_mul(s4, r_out)), p5.c.eq(d4.c),
                      p5.a.eq(d4.a), p5.l.eq(d4.l), p5.k.eq(d4.k)]
-        score = ((p5.prod >> (14 + p5.k)) + 1) >> 1
+        score = ((prod5 >> (14 + p5.k)) + 1) >> 1
         p6 = Signal(data.StructLayout({"valid": 1, "score": signed(32), "c": nb, "lo": 31,
                                        "n": lw}))
         m.d.sync += [p6.valid.eq(p5.valid), p6.score.eq(score), p6.c.eq(p5.c), p6.lo.eq(lo5),
