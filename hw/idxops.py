@@ -536,6 +536,10 @@ class SpansUnit(wiring.Component):
         # dc9338d build's routed critical path (16.87 ns).
         assert PRODUCT_LATENCY == 3     # MUL_S, MUL_E, MUL_W, MUL_P below
         mul_a = Signal(32)
+        # c_s unless MUL_E sets c_e (the product of other states is not used): with 0 as the
+        # default, Yosys gave the operand register a synchronous reset, and the build flow
+        # moves only plain flip-flops into the DSP blocks
+        m.d.comb += mul_a.eq(c_s)
         prod = staged_product(m, mul_a, block, en=1, name="span_prod", shape=unsigned(48))
         m.d.comb += pe.eq(prod)         # e * block, in DECIDE
 
@@ -632,7 +636,6 @@ class SpansUnit(wiring.Component):
                 m.next = "MUL_S"
 
             with m.State("MUL_S"):
-                m.d.comb += mul_a.eq(c_s)
                 m.d.sync += e_sel.eq(sel_next)
                 m.next = "MUL_E"
 
