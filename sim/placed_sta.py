@@ -40,8 +40,10 @@ from .sta import (
     Endpoint,
     TimingEstimate,
     _bit_names,
+    _dsp_regs,
     _load_top,
     _readable,
+    _start_delay,
     _unit_of,
     format_estimate,
     print_paths,
@@ -136,6 +138,9 @@ def estimate_placed(placed, *, routed=False) -> TimingEstimate:
         if c["type"] in start:
             arrival[key] = start[c["type"]]
             return arrival[key]
+        if c["type"] == "MULT18X18D" and any(_dsp_regs(c)):
+            arrival[key] = _start_delay(c)  # registered (boards/dspregs.py): P starts a path
+            return arrival[key]
         if c["type"] in _UNTIMED:
             arrival[key] = _NOT_TIMED
             return arrival[key]
@@ -181,6 +186,22 @@ def estimate_placed(placed, *, routed=False) -> TimingEstimate:
                         t = into(b, cn, ip)
                         if t >= 0:
                             eps.append((t, name, cn, b, ip))
+        elif t == "MULT18X18D" and any(_dsp_regs(c)):
+            # a block with registers (boards/dspregs.py): its operand pins end a path, through
+            # the multiplier when only the product is registered; so do its clock enables
+            reg_in, _ = _dsp_regs(c)
+            name = _readable(cn) or cn
+            for ip, bits in c["connections"].items():
+                is_op = ip[0] in "AB" and ip[1:].isdigit()
+                if c.get("port_directions", {}).get(ip) != "input" or not (
+                        is_op or ip.startswith("CE")):
+                    continue
+                for b in bits:
+                    if isinstance(b, int) and b in driver and not is_const(driver[b][0]):
+                        a = into(b, cn, ip)
+                        if a >= 0:
+                            eps.append((a + (d["MULT18X18D"] if is_op and not reg_in else 0.0),
+                                        name, cn, b, ip))
     eps.sort(key=lambda e: -e[0])
     endpoints = [Endpoint(round(t, 3), name, _unit_of(name), cn) for t, name, cn, _b, _p in eps]
     est = TimingEstimate(endpoints)

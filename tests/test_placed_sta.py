@@ -108,3 +108,35 @@ def test_cli_routed(tmp_path, capsys):
     assert placed_sta.main([str(good), "--routed"]) == 0
     routed = capsys.readouterr().out
     assert "slowest register input" in routed and routed != placed
+
+
+@pytest.mark.parametrize("reg_in,reg_out", [(True, True), (False, True), (False, False)])
+def test_dsp_registers_cut_the_path(reg_in, reg_out):
+    """A multiplier block with the registers of boards/dspregs.py starts and ends paths (its
+    operand pins are endpoints); without registers it is combinational."""
+    ff = {"CLK": "input", "DI": "input", "Q": "output"}
+    dsp = {"A0": "input", "B0": "input", "CE0": "input", "P0": "output"}
+    on = lambda b: "CLK0" if b else "NONE"  # noqa: E731
+    params = {"REG_INPUTA_CLK": on(reg_in), "REG_INPUTB_CLK": on(reg_in),
+              "REG_OUTPUT_CLK": on(reg_out)}
+    cells = {
+        "q0": _cell("TRELLIS_FF", "X0/Y0/SLICEA.FF0", {"CLK": [2], "DI": [9], "Q": [3]}, ff),
+        "m": _cell("MULT18X18D", "X20/Y0/MULT18_R0C0", {"A0": [3], "B0": [3], "CE0": [3],
+                                                       "P0": [4]}, dsp, params),
+        "q1": _cell("TRELLIS_FF", "X30/Y5/SLICEA.FF0", {"CLK": [2], "DI": [4], "Q": [5]}, ff),
+    }
+    names = {"core.q0": [3], "core.q1": [5]}
+    design = {"modules": {"top": {"cells": cells,
+                                  "netnames": {k: {"bits": v} for k, v in names.items()}}}}
+    got = {}
+    for e in placed_sta.estimate_placed(design).endpoints:
+        got[e.name] = max(got.get(e.name, 0.0), e.arrival_ns)
+    to_m = DELAYS["FF_CLK_Q"] + placed_sta.net_delay((0, 0), (20, 0))
+    from_m = placed_sta.net_delay((20, 0), (30, 5))
+    if reg_in or reg_out:
+        start = DELAYS["DSP_REG_CLK_P"] if reg_out else DELAYS["DSP_REG_IN_CLK_P"]
+        assert got["core.q1"] == pytest.approx(start + from_m)
+        assert got["m"] == pytest.approx(to_m + (0.0 if reg_in else DELAYS["MULT18X18D"]))
+    else:
+        assert "m" not in got
+        assert got["core.q1"] == pytest.approx(to_m + DELAYS["MULT18X18D"] + from_m)
