@@ -35,8 +35,8 @@ lanes, 19 for 8)::
     word       table word, registered
     tp         interpolation product (T[i+1] - T[i]) * frac
     t          interpolation T
-    e          E = rnd(T >> int(z)), masked
-    sum        pass 1: lane sum of E, rescale factor;  pass 2: E * r
+    e          E = rnd(T >> int(z)) (the rescale factor masked)
+    sum        pass 1: lane sum of the valid lanes' E, rescale factor;  pass 2: E * r
     acc        pass 1: (scale, sum) into the running sum's FIFO (:func:`running_sum`:
                s = rnd(s * scale >> 15) + sum, two cycles per chunk);  pass 2: E * r again,
                in the logic (the product register sits in its DSP block)
@@ -607,19 +607,16 @@ class SoftmaxUnit(wiring.Component):
         with m.If(advance):
             m.d.sync += [t[l].eq(_interp_sum(*tp[l], in_frac)) for l in range(n_e)]
 
-        # -- e: E = rnd(T >> ip), masked ---------------------------------------------------------
-        e = [Signal(16, name=f"e_{l}", reset_less=True) for l in range(n_e)]
-        with m.If(advance):
-            for l in range(lanes):
-                m.d.sync += e[l].eq(Mux(vmask[st["t"]][l], _rshift_round(t[l], ip[l][st["t"]]),
-                                        0))
-            m.d.sync += e[sc].eq(Mux(have_o[st["t"]], _rshift_round(t[sc], ip[sc][st["t"]]), 0))
-        # E unmasked, for pass 2's product E * r (masked lanes are zeroed at the output): the
-        # mask made Yosys give ``e`` a synchronous reset, and the build flow moves only plain
-        # flip-flops into the DSP blocks' operand registers
+        # -- e: E = rnd(T >> ip); the rescale factor is 0 without an old max -------------------
+        # The lanes' E is not masked here: pass 2's product E * r takes it as it is (masked
+        # lanes are zeroed at the output), and the lane sum masks it. A mask here made Yosys give
+        # these registers a synchronous reset, and the build flow moves only plain flip-flops
+        # into the DSP blocks' operand registers.
         e_u = [Signal(16, name=f"e_u_{l}", reset_less=True) for l in range(lanes)]
+        e_sc = Signal(16, name="e_sc", reset_less=True)
         with m.If(advance):
             m.d.sync += [e_u[l].eq(_rshift_round(t[l], ip[l][st["t"]])) for l in range(lanes)]
+            m.d.sync += e_sc.eq(Mux(have_o[st["t"]], _rshift_round(t[sc], ip[sc][st["t"]]), 0))
 
         # -- 1/s: recip_norm(s), _RECIP_CYCLES after s is final, never stalled ------------------
         s_bits = self.s_bits
@@ -669,7 +666,8 @@ class SoftmaxUnit(wiring.Component):
         scale = Signal(16, reset_less=True)
         pr = [Signal(31, name=f"pr_{l}", reset_less=True) for l in range(lanes)]
         with m.If(advance):
-            m.d.sync += [esum.eq(sum(e[:lanes])), scale.eq(e[sc])]
+            m.d.sync += [esum.eq(sum(Mux(vmask[st["e"]][l], e_u[l], 0) for l in range(lanes))),
+                         scale.eq(e_sc)]
             m.d.sync += [pr[l].eq(e_u[l] * r_reg) for l in range(lanes)]
 
         # -- acc: pass 1 chunks into the running sum; pass 2 E * r, registered again ------------
