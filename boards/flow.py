@@ -167,6 +167,7 @@ class Ulx3sTop(Elaboratable):
         osc = platform.request(platform.default_clk, dir="-")
         osc_buf = m.submodules.osc_buf = io.Buffer("i", osc)
         m.domains.sync = cd_sync = ClockDomain("sync")
+        rst_src = Signal(init=1)    # the reset's register, before the global buffer
         if not self.pll:
             # Power-on reset: the synthesis recodes the state machines one-hot
             # (hw/fsmenc.py) and Yosys drops their initial values, so a state register powers
@@ -177,8 +178,8 @@ class Ulx3sTop(Elaboratable):
             por = Signal(range(self.POR_CYCLES + 1), init=self.POR_CYCLES)
             with m.If(por != 0):
                 m.d.por += por.eq(por - 1)
-            m.d.comb += [cd_por.clk.eq(osc_buf.i), cd_sync.clk.eq(osc_buf.i),
-                         cd_sync.rst.eq(por != 0)]
+            m.d.por += rst_src.eq(por != 0)
+            m.d.comb += [cd_por.clk.eq(osc_buf.i), cd_sync.clk.eq(osc_buf.i)]
         else:
             ref, fb, op, fout = self.pll
             locked = Signal()
@@ -196,9 +197,19 @@ class Ulx3sTop(Elaboratable):
                 i_RST=0, i_STDBY=0, i_CLKI=osc_buf.i, o_CLKOP=cd_sync.clk, i_CLKFB=cd_sync.clk,
                 i_PHASESEL0=0, i_PHASESEL1=0, i_PHASEDIR=1, i_PHASESTEP=1, i_PHASELOADREG=1,
                 i_PLLWAKESYNC=0, i_ENCLKOP=0, o_LOCK=locked)
-            # LOCK is low from configuration until the PLL locks: the reset at power-up
-            m.d.comb += cd_sync.rst.eq(~locked)
+            # LOCK is low from configuration until the PLL locks: the reset at power-up,
+            # released on the PLL's clock through two registers (LOCK is asynchronous to it)
+            m.domains.por = cd_por = ClockDomain("por", reset_less=True)
+            lock_1 = Signal(init=1)
+            m.d.por += [lock_1.eq(~locked), rst_src.eq(lock_1)]
+            m.d.comb += cd_por.clk.eq(cd_sync.clk)
             platform.add_clock_constraint(cd_sync.clk, self.timing_hz)
+        # The reset reaches every register with a reset (thousands of them, all over the
+        # chip): through a global clock buffer it takes a global line to every tile instead
+        # of the general routing, where it was the slowest placed path (session 25) and a
+        # large net for the router. Its source is a register, so nothing but the buffer and
+        # the global line is in front of the registers.
+        m.submodules.rst_gbuf = Instance("DCCA", i_CLKI=rst_src, i_CE=1, o_CLKO=cd_sync.rst)
         core = m.submodules.core = self.core
         uart = platform.request("uart", 0, dir={"rx": "-", "tx": "-", "rts": "-", "dtr": "-"})
         rx = m.submodules.rx_buf = io.Buffer("i", uart.rx)
