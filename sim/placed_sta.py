@@ -127,6 +127,8 @@ def estimate_placed(placed, *, routed=False) -> TimingEstimate:
         t = cell_out(dcn, dp)
         if t < 0:
             return t
+        if cells[dcn]["type"] == "DCCA":    # a global line: the same delay everywhere
+            return t + d["GLOBAL"]
         a, c = loc[dcn], loc[cn]
         return t + (net_delay(a, c, dp, port, routed) if a and c else d["NET"])
 

@@ -140,3 +140,24 @@ def test_dsp_registers_cut_the_path(reg_in, reg_out):
     else:
         assert "m" not in got
         assert got["core.q1"] == pytest.approx(to_m + DELAYS["MULT18X18D"] + from_m)
+
+
+@pytest.mark.parametrize("far", [(2, 2), (80, 90)])
+def test_a_global_buffer_costs_the_same_everywhere(far):
+    # rst_src (FF at X0/Y0) -> DCCA (X40/Y0) -> the LSR of a register near and of one far away:
+    # a global line, so both reset inputs arrive at the same time, whatever the distance
+    ff = {"CLK": "input", "DI": "input", "LSR": "input", "Q": "output"}
+    cells = {
+        "src": _cell("TRELLIS_FF", "X0/Y0/SLICEA.FF0", {"CLK": [2], "Q": [3]}, ff),
+        "gbuf": _cell("DCCA", "X40/Y0/DCC", {"CLKI": [3], "CLKO": [4]},
+                      {"CLKI": "input", "CLKO": "output"}),
+        "near": _cell("TRELLIS_FF", "X1/Y1/SLICEA.FF0", {"CLK": [2], "LSR": [4], "Q": [5]}, ff),
+        "far": _cell("TRELLIS_FF", f"X{far[0]}/Y{far[1]}/SLICEA.FF0",
+                     {"CLK": [2], "LSR": [4], "Q": [6]}, ff),
+    }
+    names = {"core.near": [5], "core.far": [6]}
+    got = {e.name: e.arrival_ns for e in placed_sta.estimate_placed(
+        {"modules": {"top": {"cells": cells,
+                             "netnames": {k: {"bits": v} for k, v in names.items()}}}}).endpoints}
+    want = DELAYS["FF_CLK_Q"] + placed_sta.net_delay((0, 0), (40, 0)) + DELAYS["GLOBAL"]
+    assert got["core.near"] == pytest.approx(want) and got["core.far"] == pytest.approx(want)

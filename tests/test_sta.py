@@ -179,3 +179,20 @@ def test_build_report_carries_the_routed_groups(netlist, routed_report):
     text = format_report(rep)
     assert "routed register inputs (nextpnr)" in text and "q_chain" in text
     assert "error" in _routed_summary(netlist, {"fmax": {}}, 10.0)
+
+
+def test_a_global_buffer_drives_every_sink_in_the_same_time():
+    # src (FF) -> DCCA -> the set/reset of 500 registers: the global line's delay, not the
+    # fanout-dependent net of the general routing
+    ff = {"CLK": "input", "DI": "input", "LSR": "input", "Q": "output"}
+    cells = {"src": {"type": "TRELLIS_FF", "connections": {"CLK": [2], "Q": [3]},
+                     "port_directions": ff},
+             "gbuf": {"type": "DCCA", "connections": {"CLKI": [3], "CE": ["1"], "CLKO": [4]},
+                      "port_directions": {"CLKI": "input", "CE": "input", "CLKO": "output"}}}
+    for i in range(500):
+        cells[f"r{i}"] = {"type": "TRELLIS_FF", "port_directions": ff,
+                          "connections": {"CLK": [2], "LSR": [4], "Q": [10 + i]}}
+    est = estimate({"modules": {"top": {"cells": cells, "netnames": {}}}})
+    want = DELAYS["FF_CLK_Q"] + DELAYS["NET"] + DELAYS["GLOBAL"]
+    assert len(est.endpoints) == 500
+    assert all(e.arrival_ns == pytest.approx(want) for e in est.endpoints)
