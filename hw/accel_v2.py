@@ -84,6 +84,14 @@ _TOKQ = {"lc": (_LOAD, _COMPUTE), "cl": (_COMPUTE, _LOAD), "cs": (_COMPUTE, _STO
          "sc": (_STORE, _COMPUTE)}
 
 
+def global_buffer(m, platform, sig, name):
+    """``sig`` through the platform's global buffer, for a net with thousands of loads across
+    the chip: ``platform.global_buffer(m, sig, name)`` where the platform has one (the ULX3S
+    flow: an ECP5 DCCA, :mod:`vitamin.boards.flow`), else ``sig`` itself (simulation)."""
+    fn = getattr(platform, "global_buffer", None)
+    return sig if fn is None else fn(m, sig, name)
+
+
 def record_faults(m, reports, start_pulse, f_valid, f_code, f_pc):
     """Record the oldest of the fault ``reports`` [(valid, code, pc), ...] in the registers
     ``f_valid``, ``f_code``, ``f_pc`` (kept when a report is younger than the recorded fault).
@@ -166,7 +174,10 @@ def elaborate_v2(accel, platform):
     # ---- state ------------------------------------------------------------------------
     regfile = Signal(data.ArrayLayout(signed(32), N_REGS))
     qsig = QueuePort(cfg)
-    qstate = Signal(qsig.members["q"].shape)
+    # the program state that START clears is reset-less: `start_clr` clears it (and is 1
+    # while the domain is in reset), so its registers take one set/reset net, not an OR with
+    # the reset
+    qstate = Signal(qsig.members["q"].shape, reset_less=True)
     # one "queue is empty" flag per entry, written with it: the predicate selects one bit
     # from the instruction's queue field instead of comparing a selected length
     q_empty = Signal(cfg.max_experts, init=(1 << cfg.max_experts) - 1)
@@ -185,10 +196,17 @@ def elaborate_v2(accel, platform):
     clearing = Signal()
     error = Signal(ErrorCode)
     error_pc = Signal(32)
-    pc = Signal(32)
-    last_mark = Signal(16)
-    marks = Signal(32)
+    pc = Signal(32, reset_less=True)
+    last_mark = Signal(16, reset_less=True)
+    marks = Signal(32, reset_less=True)
     m.d.comb += accel.irq.eq(done)
+    # START's clear, registered (1 in the START cycle, and during the reset: its init value),
+    # behind the platform's global buffer where it has one: about 2,100 registers, all over
+    # the chip (the program state above and the performance counters)
+    going_start = Signal()
+    start_clr_r = Signal(init=1)
+    m.d.sync += start_clr_r.eq(going_start)
+    start_clr = global_buffer(m, platform, start_clr_r, "start_clr")
 
     # ---- memories and their port multiplexers -----------------------------------------
     mem_kinds = [("spad", SpadPort, Scratchpad), ("acc", AccPort, AccMemory),
@@ -236,7 +254,7 @@ def elaborate_v2(accel, platform):
             m.d.comb += u.window.eq(window)
 
     # ---- counters ---------------------------------------------------------------------
-    cnt = {name: Signal(64, name=f"cnt_{name}") for name in COUNTERS}
+    cnt = {name: Signal(64, name=f"cnt_{name}", reset_less=True) for name in COUNTERS}
     # each unit's saturation count is registered before the sum (it comes from the unit's
     # data path: a popcount of saturating lanes), so sat_events lags by two cycles
     sat_u = [Signal.like(u.ctl.sat_inc, name=f"sat_u{i}") for i, u in enumerate(instances)]
@@ -930,24 +948,27 @@ def elaborate_v2(accel, platform):
                                  start_after_clear.eq(sl.wdata[0])]
                     m.next = "CLEAR"
                 with m.Else():
+                    m.d.comb += going_start.eq(1)
                     m.next = "START"
         with m.State("CLEAR"):
             m.d.sync += clr_addr.eq(clr_addr + 1)
             with m.If(clr_addr == clr_len - 1):
                 m.d.sync += clearing.eq(0)
                 with m.If(start_after_clear):
+                    m.d.comb += going_start.eq(1)
                     m.next = "START"
                 with m.Else():
                     m.d.sync += busy.eq(0)
                     m.next = "IDLE"
         with m.State("START"):
             m.d.comb += start_pulse.eq(1)
-            m.d.sync += [pc.eq(0), last_mark.eq(0), marks.eq(0), qstate.eq(0),
-                         q_empty.eq(q_empty.init), started.eq(1),
-                         seq_mode.eq(start_seq)]
-            m.d.sync += [c.eq(0) for c in cnt.values()]
+            m.d.sync += [q_empty.eq(q_empty.init), started.eq(1), seq_mode.eq(start_seq)]
             m.next = "RUN"
         with m.State("RUN"):
             with m.If(~busy):
                 m.next = "IDLE"
+    # last: the clear wins over every other write of these registers
+    with m.If(start_clr):
+        m.d.sync += [pc.eq(0), last_mark.eq(0), marks.eq(0), qstate.eq(0)]
+        m.d.sync += [c.eq(0) for c in cnt.values()]
     return m

@@ -471,8 +471,16 @@ class MatmulUnit(wiring.Component):
         m.d.sync += [L1.eq(L - 1), T1.eq(T - 1), L2.eq(L - 2), T2.eq(T - 2), KT2.eq(KT - 2)]
         for e, tv in enumerate(tile_v):
             cs_e = Mux(f.chan_en, nch, 0) if e else Const(0, 1)
-            fixed_e = wslots + Mux(f.b_trans, rows, 0) + cs_e
-            pad_e = Mux((KT > 1) & (L + fixed_e < HAZARD_SLOTS), HAZARD_SLOTS - L - fixed_e, 0)
+            # the tile's fixed slots and L + fixed, registered one after the other (from the
+            # fields through two additions, the compare and the padding's subtraction ran
+            # into tile_epi1 in one cycle: 11.7 ns, pre-route estimate of 9168795). The fields
+            # are set on IDLE's exit and L, KT in STATIC; RUN comes at least SPLIT_LATENCY + 4
+            # cycles later, and tile_v is registered once more behind these.
+            fixed_e = Signal(range(cols + rows + nch + 1), name=f"fixed_epi{e}")
+            lf_e = Signal(18, name=f"lf_epi{e}")       # L (17 bits) + fixed_e
+            m.d.sync += [fixed_e.eq(wslots + Mux(f.b_trans, rows, 0) + cs_e),
+                         lf_e.eq(L + fixed_e)]
+            pad_e = Mux((KT > 1) & (lf_e < HAZARD_SLOTS), HAZARD_SLOTS - lf_e, 0)
             side_e = (f.res_en + out_add) if e else Const(0, 1)
             # the slot of a row's A line: after its side reads, and with a narrow epilogue
             # (epi_ratio > 1) no earlier than epi_ratio - 1 idle slots after the previous row's

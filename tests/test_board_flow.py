@@ -71,11 +71,10 @@ def test_unknown_board_and_bad_core():
 
 
 def test_ulx3s_top_elaborates_with_its_pins(tmp_path):
-    from amaranth_boards.ulx3s import ULX3S_85F_Platform
     os.environ.setdefault("OPENFPGALOADER", "true")
     # units={}: the accelerator's controller only, so that the test stays quick
-    plan = ULX3S_85F_Platform().build(flow.Ulx3sTop("tiny", units={}), name="top",
-                                      do_build=False)
+    plan = flow.ulx3s_platform().build(flow.Ulx3sTop("tiny", units={}), name="top",
+                                       do_build=False)
     plan.extract(str(tmp_path))
     lpf = (tmp_path / "top.lpf").read_text()
     # UART (FTDI) and the SDRAM's clock, data and address pins of the ULX3S
@@ -94,6 +93,8 @@ def test_ulx3s_top_elaborates_with_its_pins(tmp_path):
     assert re.search(r"cell \\DCCA \\rst_gbuf\n\s*connect \\CLKI \\rst_src \[0\]\n"
                      r"\s*connect \\CE 1'1\n\s*connect \\CLKO \\rst\n", il)
     assert re.search(r"attribute \\init 1'1\n\s*wire width 1 \\rst_src\n", il)
+    # the platform's global_buffer hook puts the controller's START clear on a global line too
+    assert re.search(r"cell \\DCCA \\start_clr_gbuf\n\s*connect \\CLKI \\start_clr_r \[0\]", il)
 
 
 def test_zcu102_handoff_files(tmp_path):
@@ -145,6 +146,13 @@ def test_bitstream_ulx3s_infrastructure_reproducible(tmp_path):
     assert len(rst) == 1 and rst[0]["driver"] == "rst_gbuf"
     delays = [max(e["delay"]) for e in rst[0]["endpoints"] if e["port"] == "LSR"]
     assert len(delays) > 1000 and max(delays) < 5.0 and max(delays) - min(delays) < 0.5
+    # so is the controller's START clear (the platform's global_buffer hook), straight into
+    # the set/reset pins of the program state and counters (no OR with the reset before them)
+    clr = [n for n in nets["detailed_net_timings"] if n["net"] == "core.accel.start_clr_g"]
+    assert len(clr) == 1 and clr[0]["driver"] == "core.accel.start_clr_gbuf"
+    delays = [max(e["delay"]) for e in clr[0]["endpoints"] if e["port"] == "LSR"]
+    assert len(delays) >= 400 and len(delays) == len(clr[0]["endpoints"])
+    assert max(delays) < 5.0 and max(delays) - min(delays) < 0.5
 
 
 @pytest.mark.slow
