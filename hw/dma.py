@@ -1143,8 +1143,20 @@ class StoreUnit(_DmaUnit):
                      chip_e.eq(Mux(acc, r_chip_k, r_chip)),
                      left_e.eq(Mux(acc, r_left_k, r_left))]
         credits_ok = Mux(acc, credits > 1, credits != 0)
+
+        def k_of(left):
+            return Mux(is_idx, 1, Mux(left < lanes, left, lanes))
+
+        # The request's element count for both outcomes of the previous request, picked by
+        # ``acc``. The successor state (r_chip_k, r_left_k) is used only if this request is
+        # not the run's last, and then its count is a full one (``step``): so it is the
+        # state plus or minus ``step`` for both outcomes, picked at the end. Through ``acc``,
+        # ``left_e``'s compare and the count, the addition ran into r_chip_k (12.9 ns, routed,
+        # 9168795).
+        k0, k1 = k_of(r_left), k_of(r_left_k)
         k = Signal(range(lanes + 1))
-        m.d.comb += k.eq(Mux(is_idx, 1, Mux(left_e < lanes, left_e, lanes)))
+        m.d.comb += k.eq(Mux(acc, k1, k0))
+        step = Mux(is_idx, 1, lanes)
 
         def last_of(left):
             # left == k (this request is the run's last), without k: computed for both
@@ -1155,7 +1167,8 @@ class StoreUnit(_DmaUnit):
         m.d.comb += issue.eq(have_e & credits_ok & ~seq.idx_rd_req)
         m.d.sync += [req_q.eq(issue), gnt_q.eq(Mux(is_idx, self.idx_rd_gnt, self.spad_gnt)),
                      k_q.eq(k), last_q.eq(Mux(acc, last_of(r_left_k), last_of(r_left))),
-                     r_chip_k.eq(chip_e + k), r_left_k.eq(left_e - k)]
+                     r_chip_k.eq(Mux(acc, r_chip_k + step, r_chip + step)),
+                     r_left_k.eq(Mux(acc, r_left_k - step, r_left - step))]
         with m.If(~have_e & rdq.r_rdy):
             m.d.comb += rdq.r_en.eq(1)
             m.d.sync += [r_have.eq(1), r_chip.eq(rdq.r_data.chip), r_left.eq(rdq.r_data.n)]
