@@ -908,9 +908,16 @@ class MatmulUnit(wiring.Component):
 
         # A lines
         a_in = mac.a_stream
+        # the slot's MAC count, registered from the stage before t4 (the product at t4 went
+        # from t4 to a multiplier block and on to the controller's counter increment in one
+        # cycle: 13.9 ns, routed, d52dd61's critical path); reset-less, so the block takes the
+        # register
+        assert len(t_rd) >= 2
+        macs_q = Signal(range(rows * cols + 1), reset_less=True)
+        m.d.sync += macs_q.eq(t_rd[-2].kval * t_rd[-2].nval)
         with m.If(k4 == _Op.A):
             m.d.comb += [a_in.valid.eq(1), a_in.payload.first.eq(t4.first),
-                         self.macs_inc.eq(t4.kval * t4.nval)]
+                         self.macs_inc.eq(macs_q)]
         # The line's words whatever the slot (the array multiplies every cycle and only valid
         # lines reach its output): zero outside A slots would make Yosys give the array's ``a``
         # registers a synchronous reset, and the build flow moves only plain flip-flops into
