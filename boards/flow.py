@@ -132,11 +132,13 @@ def ecp5_pll(fin_hz, fout_hz):
     return best[1:]
 
 
-def ecp5_global_buffer(m, sig, name):
-    """``sig`` through an ECP5 global clock buffer (DCCA): nextpnr routes its output on a
-    global line, the same delay (about 3.5 ns) to every tile, instead of the general routing.
-    For a net with thousands of loads across the chip, driven by a register."""
-    out = Signal(name=f"{name}_g")
+def ecp5_global_buffer(m, sig, name, out=None):
+    """``sig`` through an ECP5 global clock buffer (DCCA) ``<name>_gbuf``, driving ``out``
+    (default: a new signal ``<name>_g``), which it returns: nextpnr routes it on a global
+    line, the same delay (about 3.5 ns) to every tile, instead of the general routing. For a
+    net with thousands of loads across the chip, driven by a register."""
+    if out is None:
+        out = Signal(name=f"{name}_g")
     m.submodules[f"{name}_gbuf"] = Instance("DCCA", i_CLKI=sig, i_CE=1, o_CLKO=out)
     return out
 
@@ -229,7 +231,7 @@ class Ulx3sTop(Elaboratable):
         # of the general routing, where it was the slowest placed path (session 25) and a
         # large net for the router. Its source is a register, so nothing but the buffer and
         # the global line is in front of the registers.
-        m.submodules.rst_gbuf = Instance("DCCA", i_CLKI=rst_src, i_CE=1, o_CLKO=cd_sync.rst)
+        ecp5_global_buffer(m, rst_src, "rst", out=cd_sync.rst)
         core = m.submodules.core = self.core
         uart = platform.request("uart", 0, dir={"rx": "-", "tx": "-", "rts": "-", "dtr": "-"})
         rx = m.submodules.rx_buf = io.Buffer("i", uart.rx)
