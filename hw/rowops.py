@@ -1200,8 +1200,17 @@ class SoftmaxRowUnit(wiring.Component):
         x0 = Signal(data.ArrayLayout(WORD, R))
         m.d.sync += x0.eq(Cat(sp.rd_data[lane] for lane in range(R)))
 
+        # S0 also takes the first level of the chunk's max (pairs of lanes, masked), so that
+        # S1 has one compare less in front of the running max: the masked max of the lanes and
+        # the compare with m_run in one cycle were 12.2 ns into m_run and hi1 (d52dd61 build,
+        # routed; at row_lanes = 2 the chunk's max is now whole in S0)
+        lv0 = [Mux(mask_a[lane], sp.rd_data[lane], -(1 << 15)) for lane in range(R)]
+        pairs = [Mux(a > b, a, b) for a, b in zip(lv0[0::2], lv0[1::2])] + lv0[len(lv0) & ~1:]
+        cm0 = [Signal(WORD, name=f"on_cm0_{i}") for i in range(len(pairs))]
+        m.d.sync += [c.eq(v) for c, v in zip(cm0, pairs, strict=True)]
+
         # S1: running max
-        cands = [Mux(vm[0][lane], x0[lane], -(1 << 15)) for lane in range(R)]
+        cands = list(cm0)
         while len(cands) > 1:
             cands = [Mux(a > b, a, b) for a, b in zip(cands[0::2], cands[1::2], strict=True)]
         cm = Signal(WORD)
