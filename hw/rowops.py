@@ -868,7 +868,9 @@ class SoftmaxRowUnit(wiring.Component):
                                               depth=n_lines, init=[])
         kb_wr = kbuf.write_port()
         kb_rd = kbuf.read_port()
-        left = Signal(17, name="w_left")  # key positions still to find (n - known)
+        # key positions still to find (n - known), as its excess over R + 1 and low bits
+        left_ex = Signal(signed(max(18, len(f.n) + 2)), name="w_left_ex")
+        left_lo = Signal(max(1, R.bit_length()), name="w_left_lo")
         w_tleft = Signal(33)              # spans not read yet (cnt >= 0 when walking)
         w_pos_done = Signal()             # all n key positions known
         w_tzero = Signal()                # w_tleft == 0 (registered: it drives the idx read)
@@ -883,7 +885,8 @@ class SoftmaxRowUnit(wiring.Component):
         w_lane = Signal(range(R))
         w_line = Signal(range(n_lines))
         w_start = Signal(kpos_shape)
-        w_rem = Signal(32)
+        w_rem_ex = Signal(signed(34), name="w_rem_ex")    # w_rem - (R + 1)
+        w_rem_lo = Signal(max(1, R.bit_length()), name="w_rem_lo")
         line = Signal(data.ArrayLayout(kpos_shape, R))
         line_next = Signal(data.ArrayLayout(kpos_shape, R))
         take = Signal(range(R + 1))
@@ -900,6 +903,22 @@ class SoftmaxRowUnit(wiring.Component):
 
         def sat_r(v):
             return Mux(v > R, R + 1, v)
+
+        # w_rem and left, each kept as its excess over R + 1 (signed) and its low bits: the
+        # step's saturated value is then the sign of one subtraction and a short one, where
+        # sat_r(w_rem - take) was a 32-bit subtraction and a compare behind it (13.1 ns into
+        # w_rem_s, d52dd61 build, routed). take <= the count, so a count minus take below
+        # R + 1 is its low bits.
+        k_lo = max(1, R.bit_length())
+
+        def load_parts(ex, lo, v):
+            """Assignments of the parts of the count ``v >= 0``."""
+            return [ex.eq(v - (R + 1)), lo.eq(v[:k_lo])]
+
+        def sat_step(ex, lo):
+            """(ex', lo', sat_r(count - take)) from the count's parts."""
+            ex_n, lo_n = ex - take, (lo - take)[:k_lo]
+            return ex_n, lo_n, Mux(ex_n >= 0, R + 1, lo_n)
 
         # left saturated at R + 1 as well (a register beside it): the 17-bit compares of
         # ``left`` ran through take into the 32-bit w_start adder (14.7 ns into w_start, e30bab3
@@ -1026,7 +1045,8 @@ class SoftmaxRowUnit(wiring.Component):
             with m.State("CHECK"):
                 m.d.sync += step.eq(step + 1)
                 with m.If(step == n_steps):
-                    m.d.sync += [w_addr.eq(f.idx_addr), left.eq(f.n), left_s.eq(sat_r(f.n)),
+                    m.d.sync += [w_addr.eq(f.idx_addr), *load_parts(left_ex, left_lo, f.n),
+                                 left_s.eq(sat_r(f.n)),
                                  w_lane.eq(0), room.eq(R),
                                  w_line.eq(0),
                                  w_tleft.eq(cnt), w_tzero.eq(cnt == 0),
@@ -1056,7 +1076,8 @@ class SoftmaxRowUnit(wiring.Component):
                 # negative span lengths give no positions
                 m.d.sync += [w_start.eq(ix.rd_data.a), w_addr.eq(w_addr + 1),
                              w_tleft.eq(w_tleft - 1), w_tzero.eq(w_tleft == 1),
-                             w_rem.eq(Mux(ix.rd_data.b < 0, 0, ix.rd_data.b)),
+                             *load_parts(w_rem_ex, w_rem_lo,
+                                         Mux(ix.rd_data.b < 0, 0, ix.rd_data.b)),
                              w_rem_s.eq(Mux(ix.rd_data.b < 0, 0, sat_r(ix.rd_data.b)))]
                 m.next = "WALK_EX"
             with m.State("WALK_EX"):
@@ -1064,10 +1085,12 @@ class SoftmaxRowUnit(wiring.Component):
                     m.d.sync += w_rd.eq(1)
                     m.next = "WALK_RD"
                 with m.Else():
-                    m.d.sync += [line.eq(line_next), w_rem.eq(w_rem - take),
-                                 w_rem_s.eq(sat_r(w_rem - take)),
-                                 w_start.eq(w_start + take), left.eq(left - take),
-                                 left_s.eq(sat_r(left - take)),
+                    rem_ex_n, rem_lo_n, rem_s_n = sat_step(w_rem_ex, w_rem_lo)
+                    left_ex_n, left_lo_n, left_s_n = sat_step(left_ex, left_lo)
+                    m.d.sync += [line.eq(line_next), w_rem_ex.eq(rem_ex_n),
+                                 w_rem_lo.eq(rem_lo_n), w_rem_s.eq(rem_s_n),
+                                 w_start.eq(w_start + take), left_ex.eq(left_ex_n),
+                                 left_lo.eq(left_lo_n), left_s.eq(left_s_n),
                                  w_pos_done.eq(take == left_s),
                                  w_lane.eq(w_lane + take), room.eq(room - take)]
                     with m.If(line_full):
