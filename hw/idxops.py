@@ -195,7 +195,9 @@ class RouteUnit(wiring.Component):
         ptr_w = ptr.write_port()
         ptr_r = ptr.read_port(transparent_for=(ptr_w,))
 
-        mk = Signal(range(cfg.max_dim * cfg.max_topk + 1))
+        # reset-less: the ECP5 flow moves only plain registers into a DSP block's output
+        # register (boards/dspregs.py); loaded in CHECK before any use
+        mk = Signal(range(cfg.max_dim * cfg.max_topk + 1), reset_less=True)
         in_room = Signal(signed(len(f.idx_addr) + 2), name="in_room")
         m.d.sync += in_room.eq(n_ent - f.idx_addr)
         ri = Signal.like(mk)                        # entries read so far

@@ -1261,7 +1261,8 @@ class SoftmaxRowUnit(wiring.Component):
         m.d.sync += [d2[lane].eq((hi1 - x1[lane])[:16]) for lane in range(R)]
         m.d.sync += d2[sc].eq((sc_hi1 - sc_lo1)[:16])
         # S3: times mult (the build flow moves this register into the DSP blocks)
-        prod2 = pipe("on_prod", n_e, 31)
+        # (reset-less: with the reset the flow left them in the fabric, 31 flip-flops each)
+        prod2 = [Signal(31, name=f"on_prod_{i}", reset_less=True) for i in range(n_e)]
         m.d.sync += [prod2[lane].eq(d2[lane] * mult) for lane in range(n_e)]
         # S4: the product again, in the logic: the route from a far DSP block straight into
         # z's shifter was 14.3 ns into `on_z` in the bd79d12 build (as the FULL unit's `z`)
