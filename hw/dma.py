@@ -240,8 +240,11 @@ class DmaSequencer(wiring.Component):
         # (In one cycle, register -> DSP blocks -> 70-bit sum was 16.1 ns into ``prod``: routed
         # model of the dc9338d build.)
         blk_v = Mux(f.blk_reg == 0, 0, self.regs[f.blk_reg])
-        mul_a_r = Signal(signed(36))
-        mul_b = Signal(signed(34))
+        # reset-less (loaded by the state before their product is used), so that the ECP5
+        # flow can move them into the multiplier blocks' input registers (boards/dspregs.py
+        # takes plain flip-flops only)
+        mul_a_r = Signal(signed(36), reset_less=True)
+        mul_b = Signal(signed(34), reset_less=True)
         assert SPLIT_LATENCY == 2
         # 36 x 34: 4 DSPs, ~3.4k LUT4 as logic
         prod = split_product(m, mul_a_r, mul_b, en=1, name="prod", shape=signed(70))
