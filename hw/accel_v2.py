@@ -905,36 +905,55 @@ def elaborate_v2(accel, platform):
                 with m.Case((REGISTERS["REG0"] >> 2) + r):
                     m.d.sync += regfile[r].eq(sl.wdata)
 
-    r_pend = Signal()
+    # Reads take two cycles: the cycle that accepts the address registers the word of each
+    # group of eight registers (an 8-way selection by the address's low bits), the next one
+    # the group's word (by the registered high bits), then rvalid. In one cycle the 70-word
+    # selection from araddr was eight LUTs deep (11.1 ns, the slowest path of 635ca2e's
+    # pre-route estimate). The values are sampled in the accepting cycle, as before.
+    r_pend = Signal()                 # a read accepted, not answered yet
+    r_val = Signal()                  # rdata holds its answer (rvalid)
     rdata = Signal(32)
-    m.d.comb += [sl.arready.eq(~r_pend), sl.rvalid.eq(r_pend), sl.rdata.eq(rdata),
+    m.d.comb += [sl.arready.eq(~r_pend), sl.rvalid.eq(r_val), sl.rdata.eq(rdata),
                  sl.rresp.eq(0)]
-    with m.If(r_pend & sl.rready):
-        m.d.sync += r_pend.eq(0)
+    with m.If(r_val & sl.rready):
+        m.d.sync += [r_pend.eq(0), r_val.eq(0)]
     units_mask = sum(1 << op.value for op in accel.opcodes)
     fp = int.from_bytes(cfg.fingerprint(), "little")
+    read_map = {
+        REGISTERS["STATUS"]: Cat(busy, done, clearing, Const(0, 1), error),
+        REGISTERS["ERROR_PC"]: error_pc, REGISTERS["PC"]: pc,
+        REGISTERS["PROG_BASE"]: prog_base, REGISTERS["PROG_LEN"]: prog_len,
+        REGISTERS["WINDOW"]: window_reg, REGISTERS["WATCHDOG"]: watchdog_lim,
+        REGISTERS["ID"]: Const(ACCEL_ID, 32),
+        REGISTERS["FP_LO"]: Const(fp & 0xFFFFFFFF, 32),
+        REGISTERS["FP_HI"]: Const(fp >> 32, 32), REGISTERS["LAST_MARK"]: last_mark,
+        REGISTERS["MARKS"]: marks, REGISTERS["UNITS"]: Const(units_mask, 32),
+    }
+    for r in range(1, N_REGS):
+        read_map[REGISTERS["REG0"] + 4 * r] = regfile[r]
+    for name, off in COUNTERS.items():
+        read_map[off] = cnt[name][:32]
+        read_map[off + 4] = cnt[name][32:]
+    word_a = sl.araddr[2:]
+    groups = {}
+    for off, val in read_map.items():
+        groups.setdefault((off >> 2) >> 3, {})[(off >> 2) & 7] = val
+    g_word = {g: Signal(32, name=f"rd_group{g}") for g in groups}
+    g_sel = Signal(len(word_a) - 3, name="rd_group_sel")
     with m.If(sl.arvalid & ~r_pend):
-        m.d.sync += r_pend.eq(1)
-        read_map = {
-            REGISTERS["STATUS"]: Cat(busy, done, clearing, Const(0, 1), error),
-            REGISTERS["ERROR_PC"]: error_pc, REGISTERS["PC"]: pc,
-            REGISTERS["PROG_BASE"]: prog_base, REGISTERS["PROG_LEN"]: prog_len,
-            REGISTERS["WINDOW"]: window_reg, REGISTERS["WATCHDOG"]: watchdog_lim,
-            REGISTERS["ID"]: Const(ACCEL_ID, 32),
-            REGISTERS["FP_LO"]: Const(fp & 0xFFFFFFFF, 32),
-            REGISTERS["FP_HI"]: Const(fp >> 32, 32), REGISTERS["LAST_MARK"]: last_mark,
-            REGISTERS["MARKS"]: marks, REGISTERS["UNITS"]: Const(units_mask, 32),
-        }
-        for r in range(1, N_REGS):
-            read_map[REGISTERS["REG0"] + 4 * r] = regfile[r]
-        for name, off in COUNTERS.items():
-            read_map[off] = cnt[name][:32]
-            read_map[off + 4] = cnt[name][32:]
-        m.d.sync += rdata.eq(0)
-        with m.Switch(sl.araddr[2:]):
-            for off, val in read_map.items():
-                with m.Case(off >> 2):
-                    m.d.sync += rdata.eq(val)
+        m.d.sync += [r_pend.eq(1), g_sel.eq(word_a[3:])]
+        for g, members in groups.items():
+            m.d.sync += g_word[g].eq(0)
+            with m.Switch(word_a[:3]):
+                for lo, val in members.items():
+                    with m.Case(lo):
+                        m.d.sync += g_word[g].eq(val)
+    with m.If(r_pend & ~r_val):
+        m.d.sync += [r_val.eq(1), rdata.eq(0)]
+        with m.Switch(g_sel):
+            for g in groups:
+                with m.Case(g):
+                    m.d.sync += rdata.eq(g_word[g])
 
     # ---- host control: CLEAR, START; the modules run while `started` ------------------------
     ctrl_wr = wr & (waddr == REGISTERS["CTRL"] >> 2)
