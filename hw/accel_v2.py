@@ -848,7 +848,11 @@ def elaborate_v2(accel, platform):
         m.d.sync += [stall.eq(stall + 1), cnt["stall_cycles"].eq(cnt["stall_cycles"] + 1)]
     with m.Else():
         m.d.sync += stall.eq(0)
-    m.d.comb += wd_fire.eq(running_prog & (watchdog_lim != 0) & (stall >= watchdog_lim))
+    # the limit's compare is registered (the watchdog fires a cycle later): the 32-bit compare
+    # in front of the halt's multiplexers was 10.1 ns into error_pc (pre-route estimate, 635ca2e)
+    wd_hit = Signal()
+    m.d.sync += wd_hit.eq((watchdog_lim != 0) & (stall >= watchdog_lim))
+    m.d.comb += wd_fire.eq(running_prog & wd_hit)
     # oldest instruction not retired (the watchdog's error pc). Registered, and the four
     # candidates compared in parallel: as a chain of running minima it was the controller's
     # slowest path (three 32-bit compares in series). The watchdog fires only after at least
