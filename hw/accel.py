@@ -155,6 +155,28 @@ UNIT_MODULES = ("vitamin.hw.dma", "vitamin.hw.matmul", "vitamin.hw.rowops", "vit
                 "vitamin.hw.select")
 
 
+def host_read_map(cfg, units_mask, regfile, cnt, *, status, error_pc, pc, prog_base, prog_len,
+                  window, watchdog, last_mark, marks):
+    """{byte offset: value} of every readable host register (``REGISTERS``, ``REG1..``,
+    ``COUNTERS`` as two 32-bit words), shared by the v1 and v2 controllers."""
+    fp = int.from_bytes(cfg.fingerprint(), "little")
+    read_map = {
+        REGISTERS["STATUS"]: status, REGISTERS["ERROR_PC"]: error_pc, REGISTERS["PC"]: pc,
+        REGISTERS["PROG_BASE"]: prog_base, REGISTERS["PROG_LEN"]: prog_len,
+        REGISTERS["WINDOW"]: window, REGISTERS["WATCHDOG"]: watchdog,
+        REGISTERS["ID"]: Const(ACCEL_ID, 32),
+        REGISTERS["FP_LO"]: Const(fp & 0xFFFFFFFF, 32),
+        REGISTERS["FP_HI"]: Const(fp >> 32, 32), REGISTERS["LAST_MARK"]: last_mark,
+        REGISTERS["MARKS"]: marks, REGISTERS["UNITS"]: Const(units_mask, 32),
+    }
+    for r in range(1, N_REGS):
+        read_map[REGISTERS["REG0"] + 4 * r] = regfile[r]
+    for name, off in COUNTERS.items():
+        read_map[off] = cnt[name][:32]
+        read_map[off + 4] = cnt[name][32:]
+    return read_map
+
+
 class AxiLite(wiring.Signature):
     """AXI4-Lite, master side (the accelerator's ``s_axil`` is ``In(AxiLite())``)."""
 
@@ -486,24 +508,12 @@ class Accelerator(wiring.Component):
         with m.If(r_pend & sl.rready):
             m.d.sync += r_pend.eq(0)
         units_mask = sum(1 << op.value for op in self.opcodes)
-        fp = int.from_bytes(cfg.fingerprint(), "little")
         with m.If(sl.arvalid & ~r_pend):
             m.d.sync += r_pend.eq(1)
-            read_map = {
-                REGISTERS["STATUS"]: Cat(busy, done, clearing, Const(0, 1), error),
-                REGISTERS["ERROR_PC"]: error_pc, REGISTERS["PC"]: pc,
-                REGISTERS["PROG_BASE"]: prog_base, REGISTERS["PROG_LEN"]: prog_len,
-                REGISTERS["WINDOW"]: window_reg, REGISTERS["WATCHDOG"]: watchdog_lim,
-                REGISTERS["ID"]: Const(ACCEL_ID, 32),
-                REGISTERS["FP_LO"]: Const(fp & 0xFFFFFFFF, 32),
-                REGISTERS["FP_HI"]: Const(fp >> 32, 32), REGISTERS["LAST_MARK"]: last_mark,
-                REGISTERS["MARKS"]: marks, REGISTERS["UNITS"]: Const(units_mask, 32),
-            }
-            for r in range(1, N_REGS):
-                read_map[REGISTERS["REG0"] + 4 * r] = regfile[r]
-            for name, off in COUNTERS.items():
-                read_map[off] = cnt[name][:32]
-                read_map[off + 4] = cnt[name][32:]
+            read_map = host_read_map(
+                cfg, units_mask, regfile, cnt, status=Cat(busy, done, clearing, Const(0, 1), error),
+                error_pc=error_pc, pc=pc, prog_base=prog_base, prog_len=prog_len,
+                window=window_reg, watchdog=watchdog_lim, last_mark=last_mark, marks=marks)
             m.d.sync += rdata.eq(0)
             with m.Switch(sl.araddr[2:]):
                 for off, val in read_map.items():

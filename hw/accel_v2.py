@@ -144,7 +144,7 @@ def record_faults(m, reports, start_pulse, f_valid, f_code, f_pc):
 
 
 def elaborate_v2(accel, platform):
-    from .accel import _UNIT_OPS, ACCEL_ID, COUNTERS, REGISTERS, _enum_checks
+    from .accel import _UNIT_OPS, COUNTERS, REGISTERS, _enum_checks, host_read_map
 
     cfg = accel.config
     m = Module()
@@ -922,22 +922,10 @@ def elaborate_v2(accel, platform):
     with m.If(r_val & sl.rready):
         m.d.sync += [r_pend.eq(0), r_val.eq(0)]
     units_mask = sum(1 << op.value for op in accel.opcodes)
-    fp = int.from_bytes(cfg.fingerprint(), "little")
-    read_map = {
-        REGISTERS["STATUS"]: Cat(busy, done, clearing, Const(0, 1), error),
-        REGISTERS["ERROR_PC"]: error_pc, REGISTERS["PC"]: pc,
-        REGISTERS["PROG_BASE"]: prog_base, REGISTERS["PROG_LEN"]: prog_len,
-        REGISTERS["WINDOW"]: window_reg, REGISTERS["WATCHDOG"]: watchdog_lim,
-        REGISTERS["ID"]: Const(ACCEL_ID, 32),
-        REGISTERS["FP_LO"]: Const(fp & 0xFFFFFFFF, 32),
-        REGISTERS["FP_HI"]: Const(fp >> 32, 32), REGISTERS["LAST_MARK"]: last_mark,
-        REGISTERS["MARKS"]: marks, REGISTERS["UNITS"]: Const(units_mask, 32),
-    }
-    for r in range(1, N_REGS):
-        read_map[REGISTERS["REG0"] + 4 * r] = regfile[r]
-    for name, off in COUNTERS.items():
-        read_map[off] = cnt[name][:32]
-        read_map[off + 4] = cnt[name][32:]
+    read_map = host_read_map(
+        cfg, units_mask, regfile, cnt, status=Cat(busy, done, clearing, Const(0, 1), error),
+        error_pc=error_pc, pc=pc, prog_base=prog_base, prog_len=prog_len, window=window_reg,
+        watchdog=watchdog_lim, last_mark=last_mark, marks=marks)
     word_a = sl.araddr[2:]
     groups = {}
     for off, val in read_map.items():
