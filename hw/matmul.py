@@ -137,7 +137,7 @@ __all__ = ["MatmulUnit", "HAZARD_SLOTS", "VALID_WORD"]
 
 # The pipeline below is written for these port latencies (the stage names S0..D and R0..R3).
 assert SPAD_READ_LATENCY >= 1 and ACC_READ_LATENCY == 1
-assert IDX_READ_LATENCY == 2 and RS_READ_LATENCY == 1
+assert IDX_READ_LATENCY == 2 and RS_READ_LATENCY == 2
 
 #: Accumulator lines are read three cycles before R0 (the data is registered twice before R0,
 #: so the SCALE multipliers' operand registers are fed by a register and go into the DSP
@@ -724,16 +724,15 @@ class MatmulUnit(wiring.Component):
 
         # -- S0, S0b: queue entry and row state reads -----------------------------------------
         # The addresses are registered with the slot (the sequencer's multiplexers and these
-        # sums do not reach the shared index memory's port in the same cycle). Index memory's
-        # data comes IDX_READ_LATENCY = 2 cycles later, the row state's one: its address
-        # waits a cycle (S0b), so both arrive at S1.
+        # sums do not reach the shared memories' ports in the same cycle). Index memory's and
+        # the row state's data come IDX_READ_LATENCY = RS_READ_LATENCY = 2 cycles later: both
+        # arrive at S1.
         idx_a0 = Signal.like(self.idx.rd_addr)
         rs_a0 = Signal.like(self.rs.rd_addr)
-        rs_a0b = Signal.like(self.rs.rd_addr)
-        m.d.sync += [idx_a0.eq(qoff + t0.i), rs_a0.eq(f.rs_base + t0.i), rs_a0b.eq(rs_a0)]
+        m.d.sync += [idx_a0.eq(qoff + t0.i), rs_a0.eq(f.rs_base + t0.i)]
         m.d.comb += [
             self.idx.rd_en.eq(1), self.idx.rd_addr.eq(idx_a0),
-            self.rs.rd_en.eq(1), self.rs.rd_addr.eq(rs_a0b),
+            self.rs.rd_en.eq(1), self.rs.rd_addr.eq(rs_a0),
         ]
 
         # -- S1: row * stride products ------------------------------------------------------------

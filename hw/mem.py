@@ -9,10 +9,11 @@ land one cycle after the port presents them, so reads and writes keep their orde
 the data and mask into bank order.
 
 ``AccMemory``, ``IdxMemory`` and ``RowStateMemory`` are plain one-read, one-write memories.
-``AccMemory`` and ``RowStateMemory`` have a read latency of 1. ``IdxMemory`` registers its read
-data once more beside the block RAMs (``IDX_READ_LATENCY`` = 2): every unit reads index memory,
-and the block RAM's clock-to-output, Yosys's read/write collision logic (a LUT per bit) and the
-way across the chip to the reader were in one cycle (13.9-15.6 ns in the routed builds).
+``AccMemory`` has a read latency of 1. ``IdxMemory`` and ``RowStateMemory`` register their read
+data once more beside the block RAMs (``IDX_READ_LATENCY`` = ``RS_READ_LATENCY`` = 2): the block
+RAM's clock-to-output, Yosys's read/write collision logic (a LUT per bit) and the way across the
+chip to the reader were in one cycle (index memory: 13.9-15.6 ns in the routed builds; the row
+state into SOFTMAX ONLINE's ``s_run``: 13.4 ns, the slowest path of the 90718e9 build).
 
 Initial contents: unless a test preloads them, these memories are declared without an
 initialiser in the Verilog (attribute :data:`NOINIT_ATTR`); the accelerator clears them with
@@ -32,6 +33,7 @@ from amaranth.lib.wiring import In
 
 from .ports import (
     IDX_READ_LATENCY,
+    RS_READ_LATENCY,
     AccPort,
     IdxPort,
     RowStateLayout,
@@ -206,4 +208,9 @@ class RowStateMemory(_Plain):
     """``rowstate_rows`` row states; port: In(RowStatePort(config))."""
 
     def __init__(self, config, init=None):
-        super().__init__(RowStatePort(config), RowStateLayout(), config.rowstate_rows, init)
+        # the read data is registered beside the block RAMs (the second cycle), like index
+        # memory's; the read enable still comes from the port (a unit reads a row state only
+        # in the cycles it asks for one)
+        assert RS_READ_LATENCY == 2
+        super().__init__(RowStatePort(config), RowStateLayout(), config.rowstate_rows, init,
+                         out_reg=True)

@@ -1103,6 +1103,8 @@ class SoftmaxRowUnit(wiring.Component):
                 m.d.sync += [row.eq(0), cbase.eq(0), in_row.eq(f.in_addr), qpos.eq(f.q_pos),
                              out_row.eq(f.out_addr), o_row.eq(f.out_addr), o_cbase.eq(0),
                              rows_out.eq(0)]
+                # the first row's state read (RS_READ_LATENCY = 2: the data is there in ON_RS2)
+                m.d.comb += [rs.rd_en.eq(online), rs.rd_addr.eq(f.rs_base)]
                 with m.If(err_out != ErrorCode.OK):
                     ctl.finish(err_out)
                 with m.Elif(online):
@@ -1123,10 +1125,11 @@ class SoftmaxRowUnit(wiring.Component):
                     ctl.finish(ErrorCode.OK)
             # ONLINE
             with m.State("ON_RS"):
-                m.d.comb += [rs.rd_en.eq(1), rs.rd_addr.eq(f.rs_base + row)]
+                # the row's state read went out in the cycle before (POST, or the previous
+                # row's ON_RSW)
                 m.next = "ON_RS2"
             with m.State("ON_RS2"):
-                assert RS_READ_LATENCY == 1
+                assert RS_READ_LATENCY == 2
                 m.d.comb += on["load"].eq(1)
                 m.next = "ON_P1"
             with m.State("ON_P1"):
@@ -1143,8 +1146,10 @@ class SoftmaxRowUnit(wiring.Component):
                 with m.If(~on["busy"] & ~Cat(t.valid for t in tags[1:]).any()):
                     m.next = "ON_RSW"
             with m.State("ON_RSW"):
+                # the row's state out, and the next row's in (read-only when it is the last)
                 m.d.comb += [rs.wr_en.eq(1), rs.wr_addr.eq(f.rs_base + row),
-                             rs.wr_data.eq(on["state"])]
+                             rs.wr_data.eq(on["state"]),
+                             rs.rd_en.eq(1), rs.rd_addr.eq(f.rs_base + row + 1)]
                 next_row()
                 m.d.sync += out_row.eq(out_row + f.out_stride)
                 with m.If(row == m_last):
