@@ -13,8 +13,9 @@ tile and free when the next tile's weights arrive, so no stream ever stalls (a s
 ``protocol_error`` flag checks this and the FIFO levels)::
 
     sequencer ------> slot and its IDX / row-state addresses registered
-              --S0--> IDX read (queue entry; its data registered beside the block RAMs)
-              --S0b-> row-state read (c, r, k)
+              --S0--> IDX and row-state reads (queue entry; c, r, k; the data of both
+                      registered beside the block RAMs)
+              --S0b-> (the memories' output registers)
               --S1--> row * stride operands (the token row from IDX) into registers
               --S1b-> row * stride partial products (two 24 x 22-bit multipliers)
               --S1c-> their sums
@@ -410,7 +411,7 @@ class MatmulUnit(wiring.Component):
 
         t0 = Signal(tag_layout)         # the slot issued this cycle (comb, from the sequencer)
         t0q = Signal(tag_layout)        # S0: the issued slot, registered; reads index memory
-        t0r = Signal(tag_layout)        # S0b: reads the row state (index memory's data registered)
+        t0r = Signal(tag_layout)        # S0b: the memories' output registers hold the read data
         t1 = Signal(tag_layout)
         t1b = Signal(tag_layout)        # S1b: the row products' partial products ...
         t1c = Signal(tag_layout)        # S1c: ... and their sums
