@@ -12,9 +12,9 @@ in one cycle: 13.7-14.7 ns for such paths in the e30bab3 build's routed timing, 
 nextpnr reads it, block by block:
 
 * **inputs**: when every bit of ``A`` and of ``B`` comes from a flip-flop (or is a constant)
-  whose own inputs arrive early (:data:`INPUT_LIMIT_NS`, pre-route estimate), the block's input
-  registers take the flip-flops' data inputs with the same clock enable, and a flip-flop that
-  feeds nothing else is removed;
+  whose own inputs arrive early (:data:`INPUT_LIMIT_NS`, pre-route estimate) and not from a
+  block RAM's output, the block's input registers take the flip-flops' data inputs with the
+  same clock enable, and a flip-flop that feeds nothing else is removed;
 * **output**: when every used bit of ``P`` feeds one flip-flop and nothing else, the block's
   output register replaces those flip-flops (their outputs become ``P``'s nets).
 
@@ -110,6 +110,13 @@ def absorb_dsp_registers(netlist: dict, ff_arrival=None, input_limit_ns=INPUT_LI
                 info = plain_ff(d[0]) if d and d[1] == "Q" else None
                 if info is None or (ff_arrival is not None
                                     and ff_arrival.get(d[0], 0.0) > input_limit_ns):
+                    break
+                src = driver.get(cells[d[0]]["connections"]["DI"][0])
+                if src and cells[src[0]]["type"] == "DP16KD":
+                    # a block RAM's output: the RAM and the multiplier block are fixed sites,
+                    # and the register in the block left 5.83 ns of clock-to-output plus the
+                    # whole way between them in one cycle (12.1-12.7 ns into the exp2 tables'
+                    # words, 90718e9 routed); in the fabric it sits between the two
                     break
                 clocks.add(info[0])
                 side_ce.add(info[1])

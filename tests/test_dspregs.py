@@ -327,3 +327,68 @@ def test_softmax_z_products_take_their_operand_registers(tmp_path):
     regs = [top["cells"][cn]["parameters"].get("REG_INPUTA_CLK", "NONE").strip()
             for cn in z_blocks]
     assert regs == ["CLK0"] * len(z_blocks)
+
+
+def _ff(d, q, ce=None):
+    conn = {"CLK": [2], "DI": [d], "Q": [q], "LSR": ["0"]}
+    prm = {"CLKMUX": "CLK", "REGSET": "RESET", "GSR": "DISABLED", "CEMUX": "1"}
+    if ce is not None:
+        conn["CE"] = [ce]
+        prm["CEMUX"] = "CE"
+    return {"type": "TRELLIS_FF", "parameters": prm, "connections": conn,
+            "port_directions": {"CLK": "input", "DI": "input", "Q": "output", "LSR": "input",
+                                "CE": "input"}}
+
+
+def _operand_netlist(a_source):
+    """One MULT18X18D, A0..A3 and B0..B3 from flip-flops; the A flip-flops' data comes from a
+    DP16KD's DOA0..3 (``a_source`` "ram") or from LUT4s ("lut")."""
+    cells, nxt = {}, [100]
+
+    def bit():
+        nxt[0] += 1
+        return nxt[0]
+
+    a_d = [bit() for _ in range(4)]
+    if a_source == "ram":
+        cells["ram"] = {"type": "DP16KD", "parameters": {},
+                        "connections": {**{f"DOA{i}": [b] for i, b in enumerate(a_d)},
+                                        "CLKA": [2], "ADA0": [3]},
+                        "port_directions": {**{f"DOA{i}": "output" for i in range(4)},
+                                            "CLKA": "input", "ADA0": "input"}}
+    else:
+        for i, b in enumerate(a_d):
+            cells[f"lut{i}"] = {"type": "LUT4", "parameters": {"INIT": "1" * 16},
+                                "connections": {"A": [3], "Z": [b]},
+                                "port_directions": {"A": "input", "Z": "output"}}
+    mul = {"type": "MULT18X18D", "parameters": {}, "connections": {}, "port_directions": {}}
+    for side, ds in (("A", a_d), ("B", [3, 4, 5, 6])):
+        for i, d in enumerate(ds):
+            q = bit()
+            cells[f"ff_{side}{i}"] = _ff(d, q)
+            mul["connections"][f"{side}{i}"] = [q]
+            mul["port_directions"][f"{side}{i}"] = "input"
+    for i in range(8):
+        p = bit()
+        mul["connections"][f"P{i}"] = [p]
+        mul["port_directions"][f"P{i}"] = "output"
+        cells[f"out{i}"] = {"type": "LUT4", "parameters": {"INIT": "1" * 16},
+                            "connections": {"A": [p], "Z": [bit()]},
+                            "port_directions": {"A": "input", "Z": "output"}}
+    cells["mul"] = mul
+    return {"modules": {"top": {"ports": {}, "cells": cells, "netnames": {}}}}
+
+
+@pytest.mark.parametrize("source, registered", [("lut", True), ("ram", False)])
+def test_operand_registers_fed_by_a_block_ram_stay_in_the_fabric(source, registered):
+    """A block RAM and a multiplier block are fixed sites: an operand register whose data comes
+    straight from a DP16KD stays in the fabric, between them (the same register fed by logic
+    goes into the block)."""
+    net = _operand_netlist(source)
+    stats = absorb_dsp_registers(net)
+    cells = net["modules"]["top"]["cells"]
+    mul = cells["mul"]["parameters"]
+    assert stats["inputs_registered"] == int(registered)
+    assert (mul.get("REG_INPUTA_CLK", "NONE") == "CLK0") == registered
+    assert (mul.get("REG_INPUTB_CLK", "NONE") == "CLK0") == registered
+    assert ("ff_A0" in cells) != registered
