@@ -111,7 +111,8 @@ def absorb_dsp_registers(netlist: dict, ff_arrival=None, input_limit_ns=INPUT_LI
                 if info is None or (ff_arrival is not None
                                     and ff_arrival.get(d[0], 0.0) > input_limit_ns):
                     break
-                src = driver.get(cells[d[0]]["connections"]["DI"][0])
+                d_in = cells[d[0]]["connections"]["DI"][0]
+                src = driver.get(d_in)
                 if src and cells[src[0]]["type"] == "DP16KD":
                     # a block RAM's output: the RAM and the multiplier block are fixed sites,
                     # and the register in the block left 5.83 ns of clock-to-output plus the
@@ -120,7 +121,7 @@ def absorb_dsp_registers(netlist: dict, ff_arrival=None, input_limit_ns=INPUT_LI
                     break
                 clocks.add(info[0])
                 side_ce.add(info[1])
-                bits_in.append(cells[d[0]]["connections"]["DI"][0])
+                bits_in.append(d_in)
             else:
                 if len(side_ce) <= 1:
                     new_in[side] = (bits_in, next(iter(side_ce), _CONST1))

@@ -1146,10 +1146,11 @@ class SoftmaxRowUnit(wiring.Component):
                 with m.If(~on["busy"] & ~Cat(t.valid for t in tags[1:]).any()):
                     m.next = "ON_RSW"
             with m.State("ON_RSW"):
-                # the row's state out, and the next row's in (read-only when it is the last)
+                # the row's state out, and the next row's in (none after the last row: its
+                # address may lie past the memory)
                 m.d.comb += [rs.wr_en.eq(1), rs.wr_addr.eq(f.rs_base + row),
                              rs.wr_data.eq(on["state"]),
-                             rs.rd_en.eq(1), rs.rd_addr.eq(f.rs_base + row + 1)]
+                             rs.rd_en.eq(row != m_last), rs.rd_addr.eq(f.rs_base + row + 1)]
                 next_row()
                 m.d.sync += out_row.eq(out_row + f.out_stride)
                 with m.If(row == m_last):
