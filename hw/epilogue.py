@@ -195,11 +195,16 @@ def epilogue_out_layout(config, *, row_norm=False, spad_add=False):
         ``row_norm`` and ``spad_add``.
     """
     config = get_config(config)
-    events = _EVENTS_PER_LANE + int(row_norm) + int(spad_add)
     return data.StructLayout({
         "data": data.ArrayLayout(signed(config.act_bits), config.cols),
-        "sat": range(events * config.cols + 1),
+        "sat": range(epilogue_events_max(config, row_norm=row_norm, spad_add=spad_add) + 1),
     })
+
+
+def epilogue_events_max(config, *, row_norm=False, spad_add=False):
+    """Most saturation events one output line of the epilogue can count."""
+    config = get_config(config)
+    return (_EVENTS_PER_LANE + int(row_norm) + int(spad_add)) * config.cols
 
 
 def _saturate(value, bits):

@@ -118,7 +118,7 @@ from vitamin.config import Config, get_config
 from vitamin.isa import AccIn, ErrorCode, OutMode
 
 from .dspmul import SPLIT_LATENCY, split_product
-from .epilogue import _popcount, _saturate, make_epilogue
+from .epilogue import _popcount, _saturate, epilogue_events_max, make_epilogue
 from .mac_array import MacArray
 from .ports import (
     ACC_READ_LATENCY,
@@ -239,6 +239,12 @@ class MatmulUnit(wiring.Component):
     def chan_slots(self) -> int:
         """Scratchpad reads of one column tile's channel-table words (4 per column)."""
         return max(1, 4 * self._cfg.cols // self._lanes)
+
+    @property
+    def events_per_cycle_max(self) -> int:
+        """Most saturation events MATMUL can count in one cycle: one per lane of an accumulator
+        write-back, plus those of the epilogue's output line."""
+        return self._cfg.cols + epilogue_events_max(self._cfg, row_norm=True, spad_add=True)
 
     @property
     def acc_drain(self) -> int:
@@ -547,8 +553,10 @@ class MatmulUnit(wiring.Component):
         vw_start_clear = Signal()
         vw_busy = Signal()
 
-        sat_pend = Signal(32)
-        ev_r = Signal(16)       # this cycle's saturation events, registered
+        sat_pend = Signal(32)   # saturation events carried over (only if > 255 per cycle)
+        ev_r = Signal(range(self.events_per_cycle_max + 1))  # this cycle's, registered
+        sat_clear = ((sat_pend == 0) & (ev_r <= 255) if self.events_per_cycle_max > 255
+                     else Const(1))
         finishing = Signal()
 
         with m.FSM():
@@ -673,7 +681,7 @@ class MatmulUnit(wiring.Component):
                     m.d.sync += drain.eq(drain + 1)
                     with m.If(drain == drain_m2):
                         m.d.sync += drain_ok.eq(1)
-                    with m.If(drain_ok & ~vw_busy & (sat_pend == 0) & (ev_r <= 255)):
+                    with m.If(drain_ok & ~vw_busy & sat_clear):
                         m.next = "FINISH"
                 with m.Else():
                     m.d.sync += cnt.eq(cnt + 1)
@@ -1153,14 +1161,19 @@ class MatmulUnit(wiring.Component):
 
         # -- saturation events --------------------------------------------------------------------
         # Counted in the cycle they happen and reported in the next one (a register after the
-        # popcount); only more than 255 in one cycle (cols >= 43 with every lane clamping at
-        # several stages) are carried over to the next cycles.
-        ev_all = Signal(32)
+        # popcount). More than 255 in one cycle can only happen when cols * (1 + epilogue
+        # events) > 255 (cols >= 37); then the excess is carried over to the next cycles.
+        # Otherwise there is no carry register at all (its 32-bit add, compare and subtract
+        # were a 12.1 ns routed path on the ULX3S build).
         m.d.sync += ev_r.eq(_popcount(ev_rmw) + Mux(e_out.valid, e_out.payload.sat, 0))
-        m.d.comb += ev_all.eq(sat_pend + ev_r)
-        sat_out = Mux(ev_all > 255, 255, ev_all)
-        m.d.comb += ctl.sat_inc.eq(sat_out)
-        m.d.sync += sat_pend.eq(ev_all - sat_out)
+        if self.events_per_cycle_max > 255:
+            ev_all = Signal(32)
+            m.d.comb += ev_all.eq(sat_pend + ev_r)
+            sat_out = Mux(ev_all > 255, 255, ev_all)
+            m.d.comb += ctl.sat_inc.eq(sat_out)
+            m.d.sync += sat_pend.eq(ev_all - sat_out)
+        else:
+            m.d.comb += ctl.sat_inc.eq(ev_r)
 
         # -- accumulator validity -----------------------------------------------------------------
         self._validity(m, f, L, T, used, is_zero, out_acc, r3, vw_start_scan, vw_start_clear,
