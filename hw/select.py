@@ -417,13 +417,22 @@ class SelectUnit(wiring.Component):
         # between the merge's compare and the ``rows`` adder (14.0 ns into rows, 88efb0c build,
         # routed)
         sp_len = Signal(32)
+        # a span's length is added to ``rows`` one cycle after it is emitted (rows_add,
+        # rows_add_v): the merge's 32-bit compares chose the adder's enable, 11.8 ns into rows
+        # (90718e9 build, routed). The last span is emitted in W_FLUSH, rows is read in REG_DST
+        # (two cycles later), and start_walk (after the pending add, below) clears both.
+        rows_add = Signal(32)
+        rows_add_v = Signal()
+        m.d.sync += rows_add_v.eq(0)
+        with m.If(rows_add_v):
+            m.d.sync += rows.eq(rows + rows_add)
 
         def emit_span():
             length = sp_len
             with m.If(emit):
                 m.d.sync += [iw.en.eq(1), iw.addr.eq(f.out_addr + count),
                              iw.a.eq(sp_s), iw.b.eq(length)]
-            m.d.sync += [count.eq(count + 1), rows.eq(rows + length)]
+            m.d.sync += [count.eq(count + 1), rows_add.eq(length), rows_add_v.eq(1)]
 
         def piece(s, e):
             """Merge the piece [s, e) (s ascending) into the open span."""
@@ -440,7 +449,8 @@ class SelectUnit(wiring.Component):
         ri_more = Signal()
 
         def start_walk():
-            m.d.sync += [open_.eq(0), count.eq(0), rows.eq(0), ri.eq(0), ri_more.eq(ncand != 0)]
+            m.d.sync += [open_.eq(0), count.eq(0), rows.eq(0), rows_add_v.eq(0), ri.eq(0),
+                         ri_more.eq(ncand != 0)]
             m.next = "W_SINK"
 
         # The register-file writes (REG_DST, REG_ROWS) leave registers set in the state before:
