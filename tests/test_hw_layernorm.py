@@ -151,7 +151,7 @@ def test_layouts_and_widths():
     assert dut.row_cycles(33) == 2 * 17 + 18
     # 14 stages: the affine product is staged (PRODUCT_LATENCY = 3 stages, was one) and pass
     # 2's (n x - S1) * r is split (SPLIT_LATENCY = 2 stages, was one)
-    assert dut.latency == 14 and dut.row_latency == 33
+    assert dut.latency == 15 and dut.row_latency == 34
     with pytest.raises(TypeError):
         LayerNormUnit(42)
     with pytest.raises(ValueError, match="max_dim a multiple of row_lanes"):
