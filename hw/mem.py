@@ -21,13 +21,13 @@ CTRL.CLEAR, and a program started without CLEAR sees what the previous one left.
 
 Each memory serves ONE port (a unit's, granted by the controller); its ``port`` member is the
 flipped port signature, so ``wiring.connect(m, unit.spad, spad.port)`` joins them. Tests preload
-and inspect contents with :meth:`Scratchpad.init_words` or through ``mem.banks[b].data[row]``
-in the simulator.
+and inspect contents with :meth:`Scratchpad.init_words` or through :meth:`Scratchpad.word` in the
+simulator.
 """
 
 from __future__ import annotations
 
-from amaranth import Module, Signal, signed
+from amaranth import Array, Module, Signal, signed
 from amaranth.lib import data, memory, wiring
 from amaranth.lib.wiring import In
 
@@ -50,6 +50,11 @@ __all__ = ["Scratchpad", "AccMemory", "IdxMemory", "RowStateMemory", "NOINIT_ATT
 #: of this module before a program runs, which is the state the golden model starts from.
 NOINIT_ATTR = "vitamin_noinit"
 
+#: Rows of one block of a scratchpad bank: a bank deeper than this is split into blocks of this
+#: many rows, each registered on its own (8192 x 16 bits is one column of eight DP16KD at
+#: 8192 x 2 on the ECP5, with no multiplexer between the block RAMs and the register).
+SPAD_PART_ROWS = 8192
+
 
 def _noinit_attrs(init):
     """No initialiser needed when the caller gave no contents (the Amaranth simulator still
@@ -66,8 +71,11 @@ class Scratchpad(wiring.Component):
         One read (latency 4) and one write per cycle, ``spad_lanes`` consecutive words each.
     """
 
-    def __init__(self, config, init=None):
+    def __init__(self, config, init=None, *, part_rows=None):
         self._cfg = config
+        self._part = SPAD_PART_ROWS if part_rows is None else part_rows
+        if self._part < 1 or self._part & (self._part - 1):
+            raise ValueError(f"part_rows {self._part} is not a power of two")
         self._lanes = spad_lanes(config)
         if config.spad_words % self._lanes:
             raise ValueError(f"spad_words {config.spad_words} is not a multiple of the "
@@ -81,24 +89,43 @@ class Scratchpad(wiring.Component):
     def lanes(self) -> int:
         return self._lanes
 
+    @property
+    def part_rows(self) -> int:
+        """Rows of one block of a bank (:data:`SPAD_PART_ROWS` unless given, or the bank's depth
+        if smaller)."""
+        return min(self._depth, self._part)
+
     def init_words(self, words):
         """Initial contents (element order), for simulation; call before elaboration."""
         self._init = list(words)
 
+    def word(self, e):
+        """The simulator's view of element ``e`` (after elaboration): bank ``e % lanes``, row
+        ``e // lanes``, in that row's block of the bank."""
+        row = e // self._lanes
+        return self.banks[e % self._lanes][row // self.part_rows].data[row % self.part_rows]
+
     def elaborate(self, platform):
         m = Module()
         lanes, depth = self._lanes, self._depth
+        part = self.part_rows
+        n_parts = -(-depth // part)
+        pb = max(1, (part - 1).bit_length())
         p = self.port
         lb = max(1, (lanes - 1).bit_length())
+        # bank b = its blocks (memories of ``part`` rows each, the last one shorter)
         self.banks = []
-        rd_rot = Signal(range(lanes))
         for b in range(lanes):
-            init = [self._init[r * lanes + b] if r * lanes + b < len(self._init) else 0
-                    for r in range(depth)]
-            mem = memory.Memory(shape=signed(16), depth=depth, init=init,
-                                attrs=_noinit_attrs(self._init))
-            m.submodules[f"bank{b}"] = mem
-            self.banks.append(mem)
+            blocks = []
+            for j in range(n_parts):
+                rows = range(j * part, min(depth, (j + 1) * part))
+                init = [self._init[r * lanes + b] if r * lanes + b < len(self._init) else 0
+                        for r in rows]
+                mem = memory.Memory(shape=signed(16), depth=len(rows), init=init,
+                                    attrs=_noinit_attrs(self._init))
+                m.submodules[f"bank{b}" if n_parts == 1 else f"bank{b}_{j}"] = mem
+                blocks.append(mem)
+            self.banks.append(blocks)
         # request stage: the shared port's read address and write request are registered
         # here, so the wires from the units' address logic and the port multiplexer end at
         # a register, and the banks (spread over the device) are driven from one
@@ -114,22 +141,34 @@ class Scratchpad(wiring.Component):
         ra_lo = ra[:lb] if lanes > 1 else 0
         ra_hi = ra >> lb if lanes > 1 else ra
         outs = []
-        for b, mem in enumerate(self.banks):
-            rp = mem.read_port()
+        for b, blocks in enumerate(self.banks):
             off = Signal(range(lanes), name=f"rd_off{b}")
             m.d.comb += off.eq((b - ra_lo) % lanes if lanes > 1 else 0)
-            # the banks read every cycle: ``rd_data`` is defined only READ_LATENCY cycles after
-            # ``rd_en`` (hw/ports.py), and an enable would put the arbitration of the shared
-            # port (which unit reads this cycle) in front of every bank
-            m.d.comb += [rp.addr.eq(ra_hi + ((ra_lo + off) >> lb) if lanes > 1 else ra),
-                         rp.en.eq(1)]
-            # the bank's output register (placed beside the block RAM; whether Yosys packs it
-            # into the DP16KD's own output register was not checked): the rotation below
-            # starts at a register, not at the RAM's 5.8 ns clock-to-output
-            q = Signal.like(rp.data, name=f"rd_q{b}")
-            m.d.sync += q.eq(rp.data)
-            outs.append(q)
+            row = Signal(range(depth + 1), name=f"rd_row{b}")
+            m.d.comb += row.eq(ra_hi + ((ra_lo + off) >> lb) if lanes > 1 else ra)
+            # every block's output is registered beside it (its own block RAMs, no
+            # multiplexer in between: one 24576-row bank was three block RAM columns behind a
+            # multiplexer, 12.1 ns into its output register, 90718e9 build, routed); the
+            # block is chosen after that register, in the rotate stage
+            qs = []
+            for j, mem in enumerate(blocks):
+                rp = mem.read_port()
+                # the banks read every cycle: ``rd_data`` is defined only READ_LATENCY cycles
+                # after ``rd_en`` (hw/ports.py), and an enable would put the arbitration of the
+                # shared port (which unit reads this cycle) in front of every bank
+                m.d.comb += [rp.addr.eq(row[:pb] if n_parts > 1 else row), rp.en.eq(1)]
+                q = Signal.like(rp.data, name=f"rd_q{b}" if n_parts == 1 else f"rd_q{b}_{j}")
+                m.d.sync += q.eq(rp.data)
+                qs.append(q)
+            if n_parts == 1:
+                outs.append(qs[0])
+            else:
+                sel_d = Signal(range(n_parts), name=f"rd_blk{b}_0")
+                sel_q = Signal(range(n_parts), name=f"rd_blk{b}")
+                m.d.sync += [sel_d.eq(row >> pb), sel_q.eq(sel_d)]
+                outs.append(Array(qs)[sel_q])
         ra_lo_d = Signal(range(lanes), name="rd_rot0")
+        rd_rot = Signal(range(lanes))
         m.d.sync += [ra_lo_d.eq(ra_lo), rd_rot.eq(ra_lo_d)]
         # rotate register: lane i <- bank (rot + i) % lanes
         rot = Signal(data.ArrayLayout(signed(16), lanes))
@@ -143,16 +182,20 @@ class Scratchpad(wiring.Component):
         wa = rq_wa
         wa_lo = wa[:lb] if lanes > 1 else 0
         wa_hi = wa >> lb if lanes > 1 else wa
-        for b, mem in enumerate(self.banks):
-            wp = mem.write_port()
+        for b, blocks in enumerate(self.banks):
             lane = Signal(range(lanes), name=f"wr_lane{b}")
             m.d.comb += lane.eq((b - wa_lo) % lanes if lanes > 1 else 0)
-            m.d.comb += wp.addr.eq(wa_hi + ((wa_lo + lane) >> lb) if lanes > 1 else wa)
-            with m.Switch(lane):
-                for i in range(lanes):
-                    with m.Case(i):
-                        m.d.comb += [wp.data.eq(rq_wd[i]),
-                                     wp.en.eq(rq_we & rq_wm[i])]
+            row = Signal(range(depth + 1), name=f"wr_row{b}")
+            m.d.comb += row.eq(wa_hi + ((wa_lo + lane) >> lb) if lanes > 1 else wa)
+            for j, mem in enumerate(blocks):
+                wp = mem.write_port()
+                here = (row >> pb) == j if n_parts > 1 else 1
+                m.d.comb += wp.addr.eq(row[:pb] if n_parts > 1 else row)
+                with m.Switch(lane):
+                    for i in range(lanes):
+                        with m.Case(i):
+                            m.d.comb += [wp.data.eq(rq_wd[i]),
+                                         wp.en.eq(rq_we & rq_wm[i] & here)]
         return m
 
 

@@ -310,7 +310,6 @@ def run_dma_sequence(cfg, op, descs, *, seed, window, regs, state=None, p_ready=
     Returns ``[(word, golden error code, golden sat events, golden bytes)]``.
     """
     rng = make_rng(seed)
-    lanes = spad_lanes(cfg)
     dram, spad, idx = state if state is not None else initial_state(cfg, op, window, seed)
 
     gold = Machine(cfg, dram.copy(), regs)
@@ -361,7 +360,7 @@ def run_dma_sequence(cfg, op, descs, *, seed, window, regs, state=None, p_ready=
             got.append((err, sat, nbytes))
             for _ in range(rng.randrange(0, 3)):
                 await ctx.tick()
-        final["spad"] = [ctx.get(bench.spad.banks[e % lanes].data[e // lanes])
+        final["spad"] = [ctx.get(bench.spad.word(e))
                          for e in range(cfg.spad_words)]
         final["idx"] = [(ctx.get(bench.idx.mem.data[i]).a, ctx.get(bench.idx.mem.data[i]).b)
                         for i in range(cfg.idx_entries)]

@@ -196,8 +196,7 @@ def _run(cfg, state, words, *, deadline=200_000):
                                                          dut.macs_inc)
             assert (busy, si, mi) == (0, 0, 0)
         assert not ctx.get(dut.unit.protocol_error)
-        lanes = dut.spad_mem.lanes
-        final["spad"] = np.array([ctx.get(dut.spad_mem.banks[a % lanes].data[a // lanes])
+        final["spad"] = np.array([ctx.get(dut.spad_mem.word(a))
                                   for a in range(cfg.spad_words)], dtype=np.int64)
         final["acc"] = np.array([[ctx.get(dut.acc_mem.mem.data[i])[c] for c in range(cfg.cols)]
                                  for i in range(cfg.acc_lines)], dtype=np.int64)

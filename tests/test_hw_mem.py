@@ -10,18 +10,24 @@ from vitamin.hw.mem import Scratchpad
 from vitamin.hw.ports import SPAD_READ_LATENCY
 
 
-@pytest.mark.parametrize("preset", ["tiny", "ecp5"])
-def test_scratchpad_random_unaligned(preset):
-    cfg = get_config(preset).replace(spad_words=2048)
+@pytest.mark.parametrize("preset,words,part_rows", [("tiny", 2048, None), ("ecp5", 2048, None),
+                                                     ("ecp5", 2048, 128), ("ecp5", 1536, 256),
+                                                     ("tiny", 2048, 64)])
+def test_scratchpad_random_unaligned(preset, words, part_rows):
+    """part_rows splits each bank into blocks (as the ``ecp5`` preset's 24,576-row banks are, in
+    three blocks of 8,192 rows): 384 rows in blocks of 256 leave a shorter last block."""
+    cfg = get_config(preset).replace(spad_words=words)
     rng = random.Random(1)
     init = [rng.randrange(-32768, 32768) for _ in range(cfg.spad_words)]
-    dut = Scratchpad(cfg, init=init)
+    dut = Scratchpad(cfg, init=init, part_rows=part_rows)
     lanes = dut.lanes
     model = list(init)
+    n_parts = -(-(cfg.spad_words // lanes) // dut.part_rows)
+    assert n_parts == (1 if part_rows is None else -(-(cfg.spad_words // lanes) // part_rows))
 
     async def tb(ctx):
         p = dut.port
-        for it in range(200):
+        for it in range(400):
             a = rng.randrange(0, cfg.spad_words - lanes + 1)
             w = rng.randrange(0, cfg.spad_words - lanes + 1)
             wd = [rng.randrange(-32768, 32768) for _ in range(lanes)]
@@ -45,6 +51,8 @@ def test_scratchpad_random_unaligned(preset):
                 await ctx.tick()
             got = [ctx.get(p.rd_data[i]) for i in range(lanes)]
             assert got == expect, (it, a, got, expect)
+        # the simulator's view of every element (Scratchpad.word) matches the model too
+        assert [ctx.get(dut.word(e)) for e in range(cfg.spad_words)] == model
 
     sim = Simulator(dut)
     sim.add_clock(1e-6)

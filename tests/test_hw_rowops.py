@@ -154,11 +154,9 @@ class Bench:
             cycles += 1
 
     def read_spad(self, ctx, addrs=None):
-        lanes = spad_lanes(self.cfg)
-        banks = self.h.spad.banks
         if addrs is None:
             addrs = range(self.cfg.spad_words)
-        return np.array([ctx.get(banks[a % lanes].data[a // lanes]) for a in addrs],
+        return np.array([ctx.get(self.h.spad.word(a)) for a in addrs],
                         dtype=np.int64)
 
     def read_idx(self, ctx, lo=0, n=None):
@@ -404,9 +402,8 @@ def test_topk_timing():
 
 async def _write_spad(ctx, bench, lo, n):
     """Copy golden scratchpad words lo .. lo + n - 1 into the hardware scratchpad."""
-    lanes = spad_lanes(bench.cfg)
     for a in range(lo, lo + n):
-        ctx.set(bench.h.spad.banks[a % lanes].data[a // lanes], int(bench.mach.spad[a]))
+        ctx.set(bench.h.spad.word(a), int(bench.mach.spad[a]))
 
 
 # -- SOFTMAX --------------------------------------------------------------------------------------

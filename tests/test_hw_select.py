@@ -20,7 +20,7 @@ from vitamin import isa
 from vitamin.config import PRESETS
 from vitamin.golden.isasim import Fault, Machine
 from vitamin.hw.mem import IdxMemory, Scratchpad
-from vitamin.hw.ports import N_REGS, UnitControl, spad_lanes
+from vitamin.hw.ports import N_REGS, UnitControl
 from vitamin.hw.select import SelectUnit, select_cycles
 from vitamin.isa import ErrorCode, Opcode
 
@@ -89,12 +89,10 @@ def _run(cfg, cases):
     """Run ``cases`` in one simulation; returns [(error code, cycles)]."""
     h = _Harness(cfg)
     n_ent = cfg.idx_entries
-    lanes = spad_lanes(cfg)
     out = []
 
     async def tb(ctx):
         rows = [h.idxmem.mem.data[i].as_value() for i in range(n_ent)]
-        banks = h.spadmem.banks
         idx_now = np.zeros((n_ent, 2), np.int64)
         spad = np.zeros(cfg.spad_words, np.int64)
         for ci, case in enumerate(cases):
@@ -106,7 +104,7 @@ def _run(cfg, cases):
             for j, v in enumerate(words[:max(0, cfg.spad_words - addr)]):
                 e = addr + j
                 if spad[e] != v:
-                    ctx.set(banks[e % lanes].data[e // lanes], int(v))
+                    ctx.set(h.spadmem.word(e), int(v))
                     spad[e] = v
             ctx.set(h.regfile, [int(v) for v in case.regs])
             ctx.set(h.ctl.instr, int.from_bytes(case.word, "little"))
