@@ -4,7 +4,9 @@
 ``e % lanes`` at row ``e // lanes``, so any ``lanes`` consecutive elements sit in distinct banks and
 one access of ``lanes`` words at any element address takes one cycle. Reads rotate the banks'
 outputs into element order (latency ``SPAD_READ_LATENCY`` = 4: request register, bank read, the
-bank's output register, then rotate register); writes pass the same request register (they
+bank's output register, then rotate register; a bank deeper than :data:`SPAD_PART_ROWS` is
+split into blocks with an output register each, and the rotate stage also picks the block);
+writes pass the same request register (they
 land one cycle after the port presents them, so reads and writes keep their order) and rotate
 the data and mask into bank order.
 
