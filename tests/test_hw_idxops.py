@@ -120,7 +120,10 @@ def _run(cfg, unit, cases, max_cycles, *, extra_starts=None):
     async def tb(ctx):
         # Raw 64-bit rows (b << 32 | a): struct views cost the simulator much more per access.
         rows = [h.idxmem.mem.data[i].as_value() for i in range(n_ent)]
+        seen = [h.idxmem.word(i).as_value() for i in range(n_ent)]   # + a write under way
         for ci, case in enumerate(cases):
+            if ctx.get(h.idxmem.write_pending):   # the last write lands before the preset
+                await ctx.tick()
             for i in np.nonzero((case.idx != state["idx"]).any(axis=1))[0]:
                 a, b = (int(v) & 0xFFFFFFFF for v in case.idx[i])
                 ctx.set(rows[i], b << 32 | a)
@@ -161,7 +164,7 @@ def _run(cfg, unit, cases, max_cycles, *, extra_starts=None):
             assert not ctx.get(h.ctl.busy)
             cycles.append(n)
             code = ctx.get(h.ctl.error)
-            raw = np.array([ctx.get(r) for r in rows], dtype=np.uint64)
+            raw = np.array([ctx.get(r) for r in seen], dtype=np.uint64)
             got = _wrap32(np.stack([raw & 0xFFFFFFFF, raw >> 32], axis=1).astype(np.int64))
             state["idx"] = got
             regs = np.array([ctx.get(h.regfile[i]) for i in range(N_REGS)], dtype=np.int64)

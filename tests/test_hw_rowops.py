@@ -163,13 +163,13 @@ class Bench:
         n = self.cfg.idx_entries - lo if n is None else n
         out = np.zeros((n, 2), dtype=np.int64)
         for i in range(n):
-            e = ctx.get(self.h.idx.mem.data[lo + i])
+            e = ctx.get(self.h.idx.word(lo + i))
             out[i] = (e.a, e.b)
         return out
 
     def read_rs(self, ctx, lo=0, n=None):
         n = self.cfg.rowstate_rows - lo if n is None else n
-        return [_rs_fields(ctx.get(self.h.rs.mem.data[lo + i])) for i in range(n)]
+        return [_rs_fields(ctx.get(self.h.rs.word(lo + i))) for i in range(n)]
 
     def golden_rs(self, lo, n):
         rs = self.mach.rs

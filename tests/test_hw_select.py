@@ -93,9 +93,12 @@ def _run(cfg, cases):
 
     async def tb(ctx):
         rows = [h.idxmem.mem.data[i].as_value() for i in range(n_ent)]
+        seen = [h.idxmem.word(i).as_value() for i in range(n_ent)]   # + a write under way
         idx_now = np.zeros((n_ent, 2), np.int64)
         spad = np.zeros(cfg.spad_words, np.int64)
         for ci, case in enumerate(cases):
+            if ctx.get(h.idxmem.write_pending):   # the last write lands before the preset
+                await ctx.tick()
             for i in np.nonzero((case.idx != idx_now).any(axis=1))[0]:
                 a, b = (int(v) & 0xFFFFFFFF for v in case.idx[i])
                 ctx.set(rows[i], b << 32 | a)
@@ -119,7 +122,7 @@ def _run(cfg, cases):
                 n += 1
             assert not ctx.get(h.ctl.busy)
             code = ErrorCode(ctx.get(h.ctl.error))
-            raw = np.array([ctx.get(r) for r in rows], dtype=np.uint64)
+            raw = np.array([ctx.get(r) for r in seen], dtype=np.uint64)
             got = _wrap32(np.stack([raw & 0xFFFFFFFF, raw >> 32], axis=1).astype(np.int64))
             idx_now = got
             regs = np.array([ctx.get(h.regfile[i]) for i in range(N_REGS)], dtype=np.int64)

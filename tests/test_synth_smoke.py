@@ -229,3 +229,21 @@ def test_ecp5_synthesis_recodes_state_machines_one_hot(tmp_path):
     assert YOSYS_ONEHOT_FSM in (tmp_path / "fsm_ecp5.ys").read_text()
     log = (tmp_path / "fsm_ecp5.log").read_text()
     assert log.count("using `one-hot' encoding") == 2
+
+
+def test_ecp5_synthesis_adds_no_collision_logic_to_bypassed_memories(tmp_path):
+    """Index and row state memory handle a read and a write at one address themselves
+    (hw/mem.py); the script marks their read ports, and Yosys emulates no collision behaviour
+    for them. The scratchpad's banks are not marked: Yosys still emulates theirs (the control
+    that the log line is there to find)."""
+    from vitamin.config import get_config
+    from vitamin.hw.mem import YOSYS_BYPASSED_MEMORY, IdxMemory, RowStateMemory, Scratchpad
+
+    cfg = get_config("tiny")
+    for name, comp, emulated in (("idx", IdxMemory(cfg), False),
+                                 ("rs", RowStateMemory(cfg), False),
+                                 ("spad", Scratchpad(cfg.replace(spad_words=1024)), True)):
+        synthesize(comp, "ecp5", tmp_path / name, name=name)
+        assert YOSYS_BYPASSED_MEMORY in (tmp_path / name / f"{name}_ecp5.ys").read_text()
+        log = (tmp_path / name / f"{name}_ecp5.log").read_text()
+        assert ("emulate_transparency" in log) == emulated, name
