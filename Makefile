@@ -52,8 +52,10 @@ BITSTREAM_CLOCK_MHZ ?= 25
 # the clock the ULX3S is placed for (--timing-mhz; then routed in a second run for a met clock)
 # when it should differ from its system clock: empty = the system clock
 BITSTREAM_TIMING_MHZ ?=
+# placement seeds (e.g. 1-4): place once per seed, two at a time, route the best (--seeds)
+BITSTREAM_SEEDS ?=
 bitstream: $(STAMP)
-	$(VPY) -m vitamin.boards.flow $(if $(BITSTREAM_CONFIG),--config $(BITSTREAM_CONFIG)) $(if $(BITSTREAM_CLOCK_MHZ),--clock-mhz $(BITSTREAM_CLOCK_MHZ)) $(if $(BITSTREAM_TIMING_MHZ),--timing-mhz $(BITSTREAM_TIMING_MHZ)) $(BITSTREAM_BOARDS)
+	$(VPY) -m vitamin.boards.flow $(if $(BITSTREAM_CONFIG),--config $(BITSTREAM_CONFIG)) $(if $(BITSTREAM_CLOCK_MHZ),--clock-mhz $(BITSTREAM_CLOCK_MHZ)) $(if $(BITSTREAM_TIMING_MHZ),--timing-mhz $(BITSTREAM_TIMING_MHZ)) $(if $(BITSTREAM_SEEDS),--seeds $(BITSTREAM_SEEDS)) $(BITSTREAM_BOARDS)
 
 # Slow tests (exit 5 = none collected is fine here), then the measured report in bench/results/.
 bench: $(STAMP)

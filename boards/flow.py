@@ -397,55 +397,151 @@ def _log_timing(tim_text):
 ROUTE_MHZ = 25.0
 
 
-def _split_place_route(argv, name, out_dir, clock_mhz):
-    """nextpnr-ecp5's one run (``argv``) as two, for ``--timing-mhz``: place for the LPF's
-    constraint on the system clock (the placement target) and write the placed design, then route
-    that design without placing it again (``--no-place``) for :data:`ROUTE_MHZ`.
+def _drop_opt(args, opt, has_value=True):
+    out, i = [], 0
+    while i < len(args):
+        if args[i] == opt:
+            i += 2 if has_value else 1
+            continue
+        out.append(args[i])
+        i += 1
+    return out
 
+
+def _set_opt(args, opt, value):
+    """``args`` with ``opt``'s value replaced by ``value`` (or ``opt value`` appended)."""
+    args = args[:]
+    if opt in args:
+        args[args.index(opt) + 1] = value
+    else:
+        args += [opt, value]
+    return args
+
+
+def _split_place_route(argv, name, out_dir, clock_mhz, timing=True, seeds=None):
+    """nextpnr's one run (``argv``) as two: place (``--no-route``) and write the placed design,
+    then route that design without placing it again (``--no-place``). Returns the steps
+    ``[("NEXTPNR_PLACE", place argv), ("NEXTPNR_ECP5", route argv)]``; with ``seeds`` (more
+    than one) the first step is ``("NEXTPNR_PLACE_SEEDS", [(seed, argv), ...])``, one placement
+    per seed (:func:`_place_seeds` runs them side by side and the route argv is pointed at the
+    best one's placed design).
+
+    ``timing`` (``--timing-mhz``): the placement is for the LPF's constraint on the system clock
+    (the placement target) and the routing for :data:`ROUTE_MHZ`.
     router1 driven by a target the design misses did not converge: 13.4k arcs left after 4,000 s
     at 70 MHz (session 22), 10.6k after 6,300 s at 80 MHz (session 21), where the same design
     routes in about an hour for a target it meets. While every path meets its target nextpnr
     weighs all connections alike, so routing for 25 MHz or for any met clock is the same work.
     The routing run's LPF has no constraint on the PLL's output net; the oscillator's is scaled
     so that the constraint nextpnr derives for the PLL output is :data:`ROUTE_MHZ`."""
-    def drop(args, opt, has_value=True):
-        out, i = [], 0
-        while i < len(args):
-            if args[i] == opt:
-                i += 2 if has_value else 1
-                continue
-            out.append(args[i])
-            i += 1
-        return out
+    def place_argv(placed, log):
+        place = argv[:]
+        for opt in ("--report", "--write", "--textcfg", "--log"):
+            place = _drop_opt(place, opt)
+        place = _drop_opt(place, "--detailed-timing-report", has_value=False)
+        return place + ["--no-route", "--write", placed, "--log", log]
 
     placed = f"{name}_placed.json"
-    place = argv[:]
-    for opt in ("--report", "--write", "--textcfg", "--log"):
-        place = drop(place, opt)
-    place = drop(place, "--detailed-timing-report", has_value=False)
-    place += ["--no-route", "--write", placed, "--log", f"{name}_place.tim"]
-    route = drop(argv, "--placer")
+    route = _drop_opt(argv, "--placer")
     route[route.index("--json") + 1] = placed
-    lpf_i = route.index("--lpf") + 1
-    lpf = Path(out_dir) / route[lpf_i]
-    route_lpf = f"{name}_route.lpf"
-    scale = ROUTE_MHZ / clock_mhz
-    lines = []
-    for ln in lpf.read_text().splitlines():
-        if ln.startswith("FREQUENCY NET"):
-            continue
-        mm = re.match(r'(FREQUENCY PORT "[^"]+" )([\d.eE+]+) HZ;', ln)
-        if mm:
-            ln = f"{mm.group(1)}{float(mm.group(2)) * scale} HZ;"
-        lines.append(ln)
-    (Path(out_dir) / route_lpf).write_text("\n".join(lines) + "\n")
-    route[lpf_i] = route_lpf
+    if timing:
+        lpf_i = route.index("--lpf") + 1
+        lpf = Path(out_dir) / route[lpf_i]
+        route_lpf = f"{name}_route.lpf"
+        scale = ROUTE_MHZ / clock_mhz
+        lines = []
+        for ln in lpf.read_text().splitlines():
+            if ln.startswith("FREQUENCY NET"):
+                continue
+            mm = re.match(r'(FREQUENCY PORT "[^"]+" )([\d.eE+]+) HZ;', ln)
+            if mm:
+                ln = f"{mm.group(1)}{float(mm.group(2)) * scale} HZ;"
+            lines.append(ln)
+        (Path(out_dir) / route_lpf).write_text("\n".join(lines) + "\n")
+        route[lpf_i] = route_lpf
     route += ["--no-place"]
-    return [("NEXTPNR_PLACE", place), ("NEXTPNR_ECP5", route)]
+    if seeds and len(seeds) > 1:
+        runs = [(s, _set_opt(place_argv(_seed_file(name, s, "placed.json"),
+                                        _seed_file(name, s, "place.tim")), "--seed", str(s)))
+                for s in seeds]
+        return [("NEXTPNR_PLACE_SEEDS", runs), ("NEXTPNR_ECP5", route)]
+    return [("NEXTPNR_PLACE", place_argv(placed, f"{name}_place.tim")), ("NEXTPNR_ECP5", route)]
+
+
+def _seed_file(name, seed, what):
+    return f"{name}_seed{seed}_{what}"
+
+
+def _placement_score(clocks):
+    """How well a placement meets its clocks: the smallest post-placement Fmax / constraint
+    over the clocks (None when nextpnr printed no Fmax)."""
+    ratios = [v["fmax_mhz"] / v["target_mhz"] for v in clocks.values() if v.get("target_mhz")]
+    return min(ratios) if ratios else None
+
+
+def _place_seeds(progress, runs, cwd, timeout, jobs):
+    """Run the placements ``runs`` ([(seed, nextpnr argv)]), ``jobs`` at a time; returns
+    ({seed: {"clocks", "score", "place_s"} or {"error"}}, wall time). Each run logs to its
+    ``--log`` file and its own stdout file."""
+    results, pending, running = {}, list(runs), {}
+    t0 = time.monotonic()
+    progress(f"place: seeds {', '.join(str(s) for s, _ in runs)}, {jobs} at a time ...")
+    try:
+        while pending or running:
+            while pending and len(running) < jobs:
+                seed, argv = pending.pop(0)
+                out = open(Path(cwd) / f"place_seed{seed}.stdout", "w")
+                running[seed] = (subprocess.Popen(argv, cwd=cwd, stdout=out,
+                                                  stderr=subprocess.STDOUT),
+                                 out, time.monotonic(), argv)
+            time.sleep(0.2)
+            for seed, (proc, out, ts, argv) in list(running.items()):
+                dt = time.monotonic() - ts
+                if proc.poll() is None:
+                    if dt > timeout:
+                        proc.kill()
+                        proc.wait()
+                        out.close()
+                        del running[seed]
+                        results[seed] = {"error": f"timed out after {timeout} s"}
+                        progress(f"place seed {seed}: timed out after {timeout} s")
+                    continue
+                out.close()
+                del running[seed]
+                log = Path(cwd) / argv[argv.index("--log") + 1]
+                text = log.read_text(errors="replace") if log.exists() else ""
+                if proc.returncode != 0:
+                    last = [ln.strip() for ln in text.splitlines() if ln.startswith("ERROR")]
+                    results[seed] = {"error": f"exit {proc.returncode}"
+                                     + (f": {last[-1]}" if last else "")}
+                    progress(f"place seed {seed} failed ({results[seed]['error']})")
+                    continue
+                _routed, clocks = _log_timing(text)
+                results[seed] = {"clocks": clocks, "score": _placement_score(clocks),
+                                 "place_s": round(dt, 1)}
+                progress(f"place seed {seed} done ({dt:.1f} s): post-placement "
+                         + (", ".join(f"{c} {v['fmax_mhz']:.2f} MHz" for c, v in clocks.items())
+                            or "no Fmax in the log"))
+    finally:
+        for proc, out, _ts, _argv in running.values():
+            proc.kill()
+            proc.wait()
+            out.close()
+    return {s: results[s] for s, _ in runs}, time.monotonic() - t0
+
+
+def _best_seed(results):
+    """The seed whose placement has the best :func:`_placement_score` (the first listed of
+    equals); None when none placed."""
+    best = None
+    for seed, r in results.items():
+        if r.get("score") is not None and (best is None or r["score"] > results[best]["score"]):
+            best = seed
+    return best
 
 
 def _open_flow(board, cfg, out_dir, progress, seed, timeout, units=None, clock_mhz=None,
-               synth_only=False, timing_mhz=None):
+               synth_only=False, timing_mhz=None, seeds=None, jobs=2):
     from amaranth_boards.icebreaker import ICEBreakerPlatform
     name = f"vitamin_{board.name.replace('-', '_')}"
     if board.family == "ecp5":
@@ -505,8 +601,9 @@ def _open_flow(board, cfg, out_dir, progress, seed, timeout, units=None, clock_m
             if var not in tools:
                 continue
             argv[0] = tools[var]
-            if var == "NEXTPNR_ECP5" and timing_mhz is not None:
-                steps += _split_place_route(argv, name, out_dir, top.clk_hz / 1e6)
+            if var.startswith("NEXTPNR") and (timing_mhz is not None or len(seeds or ()) > 1):
+                steps += _split_place_route(argv, name, out_dir, top.clk_hz / 1e6,
+                                            timing=timing_mhz is not None, seeds=seeds)
                 continue
             steps.append((var, argv))
     labels = {"YOSYS": ("synthesis", f"{name}.rpt"), "NEXTPNR_ECP5": ("place_route", f"{name}.tim"),
@@ -514,7 +611,25 @@ def _open_flow(board, cfg, out_dir, progress, seed, timeout, units=None, clock_m
               "NEXTPNR_ICE40": ("place_route", f"{name}.tim"), "ECPPACK": ("pack", None),
               "ICEPACK": ("pack", None)}
     report = {"steps": {}}
-    for var, argv in steps:
+    place_log = f"{name}_place.tim"
+    for i, (var, argv) in enumerate(steps):
+        if var == "NEXTPNR_PLACE_SEEDS":
+            results, times["place_s"] = _place_seeds(progress, argv, out_dir, timeout, jobs)
+            report["placement_seeds"] = results
+            best = _best_seed(results)
+            if best is None:
+                report["pnr_error"] = "placement failed for every seed: " + "; ".join(
+                    f"seed {s}: {r.get('error', 'no Fmax in the log')}"
+                    for s, r in results.items())
+                progress(f"place and route failed: {report['pnr_error']}")
+                break
+            report["seed"] = best
+            place_log = _seed_file(name, best, "place.tim")
+            route = steps[i + 1][1]
+            route[route.index("--json") + 1] = _seed_file(name, best, "placed.json")
+            route[route.index("--seed") + 1] = str(best)
+            progress(f"routing seed {best}'s placement (the best post-placement Fmax)")
+            continue
         label, log = labels[var]
         if var.startswith("NEXTPNR") and "--log" not in argv:
             argv += ["--log", f"{name}.tim"]
@@ -598,8 +713,9 @@ def _open_flow(board, cfg, out_dir, progress, seed, timeout, units=None, clock_m
             report["clocks"] = routed
         if placed:
             report["placement_clocks"] = placed
-    tim = Path(out_dir) / f"{name}_place.tim"
-    if tim.exists() and timing_mhz is not None:     # the placement run of --timing-mhz
+    tim = Path(out_dir) / place_log
+    if tim.exists() and any(v == "NEXTPNR_ECP5" and "--no-place" in a for v, a in steps):
+        # the placement run of --timing-mhz or --seeds (the one routed)
         _routed, placed = _log_timing(tim.read_text(errors="replace"))
         if placed:
             report["placement_clocks"] = placed
@@ -687,7 +803,7 @@ def _routed_summary(netlist, pnr_report, period_ns, top=12):
 def build(board: str, config=None, out_dir=None, progress=None, *, seed: int = 1,
           timeout: float = 4 * 3600, throughput: bool = True, units=None,
           clock_mhz: float | None = None, synth_only: bool = False,
-          timing_mhz: float | None = None) -> dict:
+          timing_mhz: float | None = None, seeds=None, jobs: int = 2) -> dict:
     """Run the flow of ``board`` for ``config`` (default: the board's preset) in ``out_dir``
     (default ``build/boards/<board>-<config>``); returns the report (also written as
     ``report.json`` and ``report.txt``). ``progress(message)`` is called for every step.
@@ -699,7 +815,11 @@ def build(board: str, config=None, out_dir=None, progress=None, *, seed: int = 1
     system clock (:class:`Ulx3sTop`, :func:`_split_place_route`); the bitstream meets timing
     when its Fmax reaches the system clock.
     ``synth_only`` stops after synthesis (resources and, on ECP5, the pre-route timing estimate
-    of :mod:`vitamin.sim.sta`): minutes instead of the hour of place and route."""
+    of :mod:`vitamin.sim.sta`): minutes instead of the hour of place and route.
+    ``seeds`` (more than one nextpnr seed) places the design once per seed, ``jobs`` placements
+    at a time, and routes the placement with the best post-placement Fmax (report
+    ``placement_seeds`` and ``seed``): the placement decides most of the routed Fmax, and it
+    changes with the seed (docs/BOARDS.md). ``seed`` is then unused."""
     if board not in BOARDS:
         raise ValueError(f"unknown board {board!r}; boards: {', '.join(BOARDS)}")
     b = BOARDS[board]
@@ -713,6 +833,11 @@ def build(board: str, config=None, out_dir=None, progress=None, *, seed: int = 1
                          f"({b.clk_hz / 1e6:g} MHz); only the ULX3S has a PLL here")
     if timing_mhz is not None and not timing_mhz > 0:
         raise ValueError(f"--timing-mhz must be positive, not {timing_mhz!r}")
+    seeds = parse_seeds(seeds) if seeds is not None else None
+    if seeds and len(seeds) > 1 and not b.open_flow:
+        raise ValueError(f"--seeds: board {board} has no open place and route here")
+    if not (isinstance(jobs, int) and jobs >= 1):
+        raise ValueError(f"--jobs must be a positive integer, not {jobs!r}")
     cfg = get_config(config or b.default_config)
     out_dir = Path(out_dir or REPO_ROOT / "build" / "boards" / f"{board}-{cfg.name}")
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -728,8 +853,13 @@ def build(board: str, config=None, out_dir=None, progress=None, *, seed: int = 1
         rep["clock_mhz"] = clock_mhz or b.clk_hz / 1e6
         if timing_mhz is not None:
             rep["timing_mhz"] = timing_mhz
+        if seeds and len(seeds) > 1:
+            rep["seeds"] = seeds
+        elif seeds:
+            seed = seeds[0]
+        rep["seed"] = seed
         rep.update(_open_flow(b, cfg, out_dir, progress, seed, timeout, units, clock_mhz,
-                              synth_only, timing_mhz))
+                              synth_only, timing_mhz, seeds, jobs))
         if units is not None:
             rep["units"] = sorted(getattr(k, "name", str(k)) for k in units)
         rep["timing_verified"] = "clocks" in rep
@@ -782,6 +912,31 @@ def build(board: str, config=None, out_dir=None, progress=None, *, seed: int = 1
     (out_dir / "report.txt").write_text(format_report(rep))
     progress(f"report: {out_dir / 'report.txt'}")
     return rep
+
+
+def parse_seeds(spec) -> list[int]:
+    """Seeds from ``"1,2,5"``, ``"1-4"`` (both ends included), a mix of them, or a sequence of
+    integers; an error names the part that is not a seed or a repeated seed."""
+    if isinstance(spec, str):
+        out = []
+        for part in spec.split(","):
+            mm = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", part)
+            if not mm or (mm.group(2) and int(mm.group(2)) < int(mm.group(1))):
+                raise ValueError(f"--seeds: {part.strip()!r} is not a seed or a range of seeds "
+                                 f"(e.g. 1,2,5 or 1-4)")
+            lo = int(mm.group(1))
+            out += range(lo, int(mm.group(2) or lo) + 1)
+    else:
+        out = list(spec)
+        for x in out:
+            if not isinstance(x, int) or isinstance(x, bool) or x < 0:
+                raise ValueError(f"--seeds: {x!r} is not a seed (a non-negative integer)")
+    if not out:
+        raise ValueError("--seeds: no seed given")
+    dup = sorted({x for x in out if out.count(x) > 1})
+    if dup:
+        raise ValueError(f"--seeds: seed {dup[0]} is given twice")
+    return out
 
 
 def format_report(rep: dict) -> str:
@@ -837,6 +992,16 @@ def format_report(rep: dict) -> str:
         lines.append(f"routed register inputs: {rt['error']}")
     if rep.get("clock_mhz"):
         lines.append(f"system clock: {rep['clock_mhz']:g} MHz")
+    ps = rep.get("placement_seeds") or {}
+    if ps:
+        def one(seed, r):
+            if r.get("error"):
+                return f"seed {seed} failed ({r['error']})"
+            return f"seed {seed} " + (", ".join(f"{v['fmax_mhz']:.2f} MHz"
+                                                for v in r["clocks"].values()) or "no Fmax")
+        lines.append("placements (post-placement Fmax): " + "; ".join(
+            one(s, r) for s, r in ps.items())
+            + (f"; routed: seed {rep['seed']}" if rep.get("seed") in ps else ""))
     if not rep.get("clocks"):
         for clk, v in (rep.get("placement_clocks") or {}).items():
             lines.append(f"clock {clk}: post-placement estimate {round(v['fmax_mhz'], 2)} MHz "
@@ -886,6 +1051,9 @@ def main(argv=None) -> int:
     ap.add_argument("boards", nargs="+", choices=sorted(BOARDS))
     ap.add_argument("--config", help="preset for every board (default: each board's own)")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--seeds", default=None,
+                    help="place with each of these seeds (1,2,5 or 1-4), route the best")
+    ap.add_argument("--jobs", type=int, default=2, help="placements at a time (--seeds)")
     ap.add_argument("--clock-mhz", type=float, default=None,
                     help="system clock of the ECP5 boards (default: the preset's)")
     ap.add_argument("--timing-mhz", type=float, default=None,
@@ -898,7 +1066,8 @@ def main(argv=None) -> int:
         def progress(msg, b=b):
             print(f"[{time.monotonic() - t0:7.1f} s] {b}: {msg}", flush=True)
         ecp5 = BOARDS[b].family == "ecp5"
-        rep = build(b, args.config, None, progress, seed=args.seed,
+        rep = build(b, args.config, None, progress, seed=args.seed, seeds=args.seeds,
+                    jobs=args.jobs,
                     clock_mhz=args.clock_mhz if ecp5 else None,
                     timing_mhz=args.timing_mhz if ecp5 else None)
         print(format_report(rep), flush=True)

