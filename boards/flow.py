@@ -419,15 +419,22 @@ def _set_opt(args, opt, value):
 
 
 def _split_place_route(argv, name, out_dir, clock_mhz, timing=True, seeds=None):
-    """nextpnr's one run (``argv``) as two: place (``--no-route``) and write the placed design,
-    then route that design without placing it again (``--no-place``). Returns the steps
-    ``[("NEXTPNR_PLACE", place argv), ("NEXTPNR_ECP5", route argv)]``; with ``seeds`` (more
-    than one) the first step is ``("NEXTPNR_PLACE_SEEDS", [(seed, argv), ...])``, one placement
-    per seed (:func:`_place_seeds` runs them side by side and the route argv is pointed at the
-    best one's placed design).
+    """nextpnr's one run (``argv``) as steps. Returns ``[(placement step), (routing step)]``.
 
-    ``timing`` (``--timing-mhz``): the placement is for the LPF's constraint on the system clock
-    (the placement target) and the routing for :data:`ROUTE_MHZ`.
+    With ``timing`` (``--timing-mhz``) the two runs are: place (``--no-route``) for the LPF's
+    constraint on the system clock (the placement target) and write the placed design, then
+    route that design without placing it again (``--no-place``) for :data:`ROUTE_MHZ`:
+    ``[("NEXTPNR_PLACE", place argv), ("NEXTPNR_ECP5", route argv)]``.
+
+    With ``seeds`` (more than one) the placement step is ``("NEXTPNR_PLACE_SEEDS", [(seed,
+    argv), ...])``, one placement per seed (:func:`_place_seeds` runs them side by side); the
+    routing step is then given the best seed. Without ``timing`` that step is ``argv`` itself,
+    the one-run flow, which places again with that seed (the same placement: nextpnr is
+    deterministic for a seed, checked cell by cell) and routes. Routing a placed design read
+    back from JSON (``--no-place``) failed at once on the ULX3S top in session 30 ("Failed to
+    find a route for arc 9 of net core.accel.halting", a LUT input the one-run flow reaches
+    through the router's LUT input permutation), so the one-run flow is what ``--seeds`` routes;
+    the cost is one placement more.
     router1 driven by a target the design misses did not converge: 13.4k arcs left after 4,000 s
     at 70 MHz (session 22), 10.6k after 6,300 s at 80 MHz (session 21), where the same design
     routes in about an hour for a target it meets. While every path meets its target nextpnr
@@ -443,6 +450,8 @@ def _split_place_route(argv, name, out_dir, clock_mhz, timing=True, seeds=None):
 
     placed = f"{name}_placed.json"
     route = _drop_opt(argv, "--placer")
+    if not timing and not (seeds and len(seeds) > 1):
+        raise ValueError("nothing to split: no --timing-mhz and one seed")
     route[route.index("--json") + 1] = placed
     if timing:
         lpf_i = route.index("--lpf") + 1
@@ -461,10 +470,14 @@ def _split_place_route(argv, name, out_dir, clock_mhz, timing=True, seeds=None):
         route[lpf_i] = route_lpf
     route += ["--no-place"]
     if seeds and len(seeds) > 1:
-        runs = [(s, _set_opt(place_argv(_seed_file(name, s, "placed.json"),
-                                        _seed_file(name, s, "place.tim")), "--seed", str(s)))
-                for s in seeds]
-        return [("NEXTPNR_PLACE_SEEDS", runs), ("NEXTPNR_ECP5", route)]
+        runs = []
+        for s in seeds:
+            run = _set_opt(place_argv(_seed_file(name, s, "placed.json"),
+                                      _seed_file(name, s, "place.tim")), "--seed", str(s))
+            if not timing:      # scored only: the one-run flow places the best seed again
+                run = _drop_opt(run, "--write")
+            runs.append((s, run))
+        return [("NEXTPNR_PLACE_SEEDS", runs), ("NEXTPNR_ECP5", route if timing else argv[:])]
     return [("NEXTPNR_PLACE", place_argv(placed, f"{name}_place.tim")), ("NEXTPNR_ECP5", route)]
 
 
@@ -624,11 +637,15 @@ def _open_flow(board, cfg, out_dir, progress, seed, timeout, units=None, clock_m
                 progress(f"place and route failed: {report['pnr_error']}")
                 break
             report["seed"] = best
-            place_log = _seed_file(name, best, "place.tim")
             route = steps[i + 1][1]
-            route[route.index("--json") + 1] = _seed_file(name, best, "placed.json")
             route[route.index("--seed") + 1] = str(best)
-            progress(f"routing seed {best}'s placement (the best post-placement Fmax)")
+            if "--no-place" in route:       # --timing-mhz: route the placed design
+                place_log = _seed_file(name, best, "place.tim")
+                route[route.index("--json") + 1] = _seed_file(name, best, "placed.json")
+                progress(f"routing seed {best}'s placement (the best post-placement Fmax)")
+            else:
+                progress(f"placing and routing with seed {best} (the best post-placement "
+                         "Fmax; nextpnr places it the same way again)")
             continue
         label, log = labels[var]
         if var.startswith("NEXTPNR") and "--log" not in argv:

@@ -458,6 +458,9 @@ args = sys.argv[1:]
 seed = int(args[args.index("--seed") + 1])
 open("nextpnr_runs.txt", "a").write(" ".join(args) + "\\n")
 log = args[args.index("--log") + 1]
+fmax = {{1: 24.0, 2: 27.5, 3: 26.0, 5: 27.5}}
+placement = f"Info: Max frequency for clock '$glbnet$clk': {{fmax.get(seed, 0):.2f}} MHz "
+placement += "(FAIL at 100.00 MHz)\\n"
 if "--no-route" in args:
     open("events.txt", "a").write(f"start {{seed}}\\n")
     time.sleep({sleep})
@@ -465,14 +468,17 @@ if "--no-route" in args:
     if seed in (4, 6):
         open(log, "w").write("ERROR: Unable to find legal placement\\n")
         sys.exit(1)
-    fmax = {{1: 24.0, 2: 27.5, 3: 26.0, 5: 27.5}}[seed]
-    open(log, "w").write(f"Info: Max frequency for clock '$glbnet$clk': {{fmax:.2f}} MHz "
-                         "(FAIL at 100.00 MHz)\\n")
-    open(args[args.index("--write") + 1], "w").write(str(seed))
+    open(log, "w").write(placement)
+    if "--write" in args:
+        open(args[args.index("--write") + 1], "w").write(str(seed))
     sys.exit(0)
-assert "--no-place" in args
-placed = open(args[args.index("--json") + 1]).read()
+if "--no-place" in args:
+    placed = open(args[args.index("--json") + 1]).read()
+else:       # the one-run flow: places (as the placement run of this seed did) and routes
+    placed = str(seed)
 with open(log, "w") as f:
+    if "--no-place" not in args:
+        f.write(placement)
     f.write("Info: Routing complete.\\n")
     f.write(f"Warning: Max frequency for clock '$glbnet$clk': {{30 + int(placed)}}.00 MHz "
             "(FAIL at 100.00 MHz)\\n")
@@ -519,11 +525,14 @@ def test_seeds_place_each_and_route_the_best(tmp_path, monkeypatch):
     assert sorted(places) == [1, 2, 3, 4]
     for s, run in places.items():
         assert "--no-route" in run and "--textcfg" not in run
-        assert f"--write vitamin_ulx3s_85f_seed{s}_placed.json" in run
+    for s, run in places.items():
+        # scored only: no placed design written (the one-run flow places the best again)
+        assert "--write" not in run and f"--log vitamin_ulx3s_85f_seed{s}_place.tim" in run
     [route] = runs[4:]
-    assert "--no-place" in route and "--json vitamin_ulx3s_85f_seed2_placed.json" in route
+    # the one-run flow with seed 2: places (the same way) and routes, for the LPF's clock
+    assert "--no-place" not in route and "--no-route" not in route
+    assert "--json vitamin_ulx3s_85f.json" in route and "--placer static" in route
     assert "--seed 2 " in route and "--lpf vitamin_ulx3s_85f.lpf" in route
-    assert "--placer" not in route
     assert rep["seed"] == 2 and rep["seeds"] == [1, 2, 3, 4]
     ps = rep["placement_seeds"]
     assert [ps[s]["clocks"]["$glbnet$clk"]["fmax_mhz"] for s in (1, 2, 3)] == [24, 27.5, 26]
@@ -536,17 +545,21 @@ def test_seeds_place_each_and_route_the_best(tmp_path, monkeypatch):
     assert ("placements (post-placement Fmax): seed 1 24.00 MHz; seed 2 27.50 MHz; seed 3 "
             "26.00 MHz; seed 4 failed (exit 1: ERROR: Unable to find legal placement); "
             "routed: seed 2") in txt
-    assert any("routing seed 2's placement" in m for m in msgs)
+    assert any("placing and routing with seed 2" in m for m in msgs)
 
 
 def test_seeds_ties_go_to_the_first_listed_and_timing_target_applies(tmp_path, monkeypatch):
     # seeds 5 and 2 place equally well: the first listed (5) is routed; with --timing-mhz the
-    # routing run gets the scaled LPF as in a one-seed build
+    # placements are written and the best one is routed from its file (--no-place), with the
+    # scaled LPF as in a one-seed build
     _seed_tools(tmp_path, monkeypatch)
     rep = flow.build("ulx3s-85f", "tiny", tmp_path / "out", throughput=False, units={},
                      clock_mhz=30, timing_mhz=100, seeds=[5, 2])
-    route = (tmp_path / "out" / "nextpnr_runs.txt").read_text().splitlines()[-1]
+    runs = (tmp_path / "out" / "nextpnr_runs.txt").read_text().splitlines()
+    route = runs[-1]
+    assert all("--write vitamin_ulx3s_85f_seed" in r for r in runs[:2])
     assert rep["seed"] == 5 and "--json vitamin_ulx3s_85f_seed5_placed.json" in route
+    assert "--no-place" in route and "--placer" not in route
     assert "--lpf vitamin_ulx3s_85f_route.lpf" in route and "--seed 5 " in route
     assert rep["clocks"]["$glbnet$clk"]["fmax_mhz"] == 35.0 and rep["timing_met"] is True
 
@@ -613,3 +626,21 @@ def test_seeds_reach_build_from_both_command_lines(monkeypatch, capsys):
     assert cli.main(["build", "--board", "ulx3s-85f", "--seeds", "2,5"]) == 0
     assert seen == [("ulx3s-85f", "1-4", 3), ("ulx3s-85f", "2,5", 2)]
     capsys.readouterr()
+
+
+@pytest.mark.slow
+def test_bitstream_ulx3s_seeds_reproducible(tmp_path):
+    """--seeds with the real nextpnr: the infrastructure top (as above) placed with two seeds
+    side by side, the better placement routed from its written placement (--no-place); two such
+    builds pick the same seed and give the same bitstream."""
+    reps = [flow.build("ulx3s-85f", "tiny", tmp_path / f"s{i}", print, units={},
+                       throughput=False, seeds="1-2") for i in range(2)]
+    for rep in reps:
+        assert rep["status"] == "built", rep.get("reason")
+        ps = rep["placement_seeds"]
+        assert sorted(ps) == [1, 2] and all(r["clocks"] for r in ps.values())
+        best = max(ps, key=lambda s: (ps[s]["score"], -s))
+        assert rep["seed"] == best and rep["clocks"]
+        assert rep["placement_clocks"] == ps[best]["clocks"]
+    assert reps[0]["seed"] == reps[1]["seed"]
+    assert reps[0]["bitstream_sha256"] == reps[1]["bitstream_sha256"]
