@@ -681,6 +681,11 @@ def _open_flow(board, cfg, out_dir, progress, seed, timeout, units=None, clock_m
                         if ln.startswith("ERROR") or "overused=" in ln]
                 report["pnr_error"] = str(exc).splitlines()[0] + (
                     " " + "; ".join(last[-2:]) if last else "")
+                if label == "place_route" and "--no-place" in argv:
+                    report["pnr_error"] += (
+                        " (routing a placement read back from JSON: nextpnr-ecp5 fails so on "
+                        "the ULX3S top since its DCCA global buffers, docs/BOARDS.md "
+                        "--timing-mhz)")
                 progress(f"place and route failed: {report['pnr_error']}")
                 break
             if label != "synthesis":

