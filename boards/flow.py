@@ -432,8 +432,9 @@ def _split_place_route(argv, name, out_dir, clock_mhz, timing=True, seeds=None):
     the one-run flow, which places again with that seed (the same placement: nextpnr is
     deterministic for a seed, checked cell by cell) and routes. Routing a placed design read
     back from JSON (``--no-place``) failed at once on the ULX3S top in session 30 ("Failed to
-    find a route for arc 9 of net core.accel.halting", a LUT input the one-run flow reaches
-    through the router's LUT input permutation), so the one-run flow is what ``--seeds`` routes;
+    find a route for arc 9 of net core.accel.halting") while logic inputs hung on its global
+    buffers; ``--timing-mhz`` builds move them first (:mod:`vitamin.boards.gbufloads`), but a
+    ``--seeds`` build keeps the netlist of the one-run flow, whose reproducibility is checked:
     the cost is one placement more.
     router1 driven by a target the design misses did not converge: 13.4k arcs left after 4,000 s
     at 70 MHz (session 22), 10.6k after 6,300 s at 80 MHz (session 21), where the same design
@@ -683,9 +684,9 @@ def _open_flow(board, cfg, out_dir, progress, seed, timeout, units=None, clock_m
                     " " + "; ".join(last[-2:]) if last else "")
                 if label == "place_route" and "--no-place" in argv:
                     report["pnr_error"] += (
-                        " (routing a placement read back from JSON: nextpnr-ecp5 fails so on "
-                        "the ULX3S top since its DCCA global buffers, docs/BOARDS.md "
-                        "--timing-mhz)")
+                        " (routing a placement read back from JSON: nextpnr-ecp5 failed so on "
+                        "the ULX3S top while logic inputs hung on its DCCA global buffers, "
+                        "docs/BOARDS.md --timing-mhz)")
                 progress(f"place and route failed: {report['pnr_error']}")
                 break
             if label != "synthesis":
@@ -722,6 +723,8 @@ def _open_flow(board, cfg, out_dir, progress, seed, timeout, units=None, clock_m
             netlist = Path(out_dir) / f"{name}.json"
             if board.family == "ecp5" and netlist.exists():
                 report["dsp_registers"] = _dsp_register_pass(netlist, progress)
+                if timing_mhz is not None:
+                    report["global_logic_loads_moved"] = _global_loads_pass(netlist, progress)
                 report["pre_route_estimate"] = _pre_route_estimate(
                     netlist, clock_mhz or board.clk_hz / 1e6, progress)
             if synth_only:
@@ -773,6 +776,18 @@ def _dsp_register_pass(netlist, progress):
              f"blocks take their operand registers, {stats['outputs_registered']} their product "
              f"register ({stats['ffs_removed']} flip-flops fewer)")
     return stats
+
+
+def _global_loads_pass(netlist, progress):
+    """vitamin.boards.gbufloads on the synthesised netlist, in place, for the read-back
+    routing of ``--timing-mhz``: the global buffers' logic loads take the buffer's input."""
+    from .gbufloads import move_global_logic_loads
+    design = json.loads(Path(netlist).read_text())
+    moved = move_global_logic_loads(design)
+    Path(netlist).write_text(json.dumps(design))
+    progress("global buffers: " + ", ".join(f"{n} loads of {b} moved before it"
+                                            for b, n in moved.items()))
+    return moved
 
 
 def _pre_route_estimate(netlist, clock_mhz, progress):

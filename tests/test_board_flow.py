@@ -659,4 +659,49 @@ def test_timing_target_routing_failure_names_the_read_back(tmp_path, monkeypatch
     assert rep["status"] == "place and route failed"
     assert "overused=32895" in rep["pnr_error"]
     assert "read back from JSON" in rep["pnr_error"] and "DCCA" in rep["pnr_error"]
+
     assert rep["placement_clocks"]["$glbnet$clk"]["fmax_mhz"] == 24.0
+
+
+def test_global_buffer_logic_loads_move_before_the_buffer():
+    from vitamin.boards.gbufloads import move_global_logic_loads
+
+    def cell(typ, dirs, conn):
+        return {"type": typ, "port_directions": dirs, "connections": conn}
+    ff_dirs = {"CLK": "input", "LSR": "input", "CE": "input", "DI": "input", "Q": "output"}
+    lut_dirs = {"A": "input", "B": "input", "C": "input", "D": "input", "Z": "output"}
+    net = {"modules": {"top": {"cells": {
+        "buf": cell("DCCA", {"CLKI": "input", "CE": "input", "CLKO": "output"},
+                    {"CLKI": [10], "CE": ["1"], "CLKO": [11]}),
+        "ff": cell("TRELLIS_FF", ff_dirs, {"CLK": [2], "LSR": [11], "CE": [11], "DI": [11],
+                                           "Q": [12]}),
+        "lut": cell("LUT4", lut_dirs, {"A": [11], "B": [3], "C": [11], "D": ["0"], "Z": [13]}),
+        "ram": cell("DP16KD", {"RSTA": "input", "DOA0": "output"}, {"RSTA": [11],
+                                                                    "DOA0": [14]}),
+        "mux": cell("PFUMX", {"ALUT": "input", "BLUT": "input", "C0": "input", "Z": "output"},
+                    {"ALUT": [4], "BLUT": [5], "C0": [11], "Z": [15]}),
+    }}}}
+    assert move_global_logic_loads(net) == {"buf": 4}
+    c = net["modules"]["top"]["cells"]
+    # set/reset, enable and the block RAM's reset stay on the global line; logic inputs move
+    assert c["ff"]["connections"] == {"CLK": [2], "LSR": [11], "CE": [11], "DI": [10],
+                                      "Q": [12]}
+    assert c["lut"]["connections"] == {"A": [10], "B": [3], "C": [10], "D": ["0"], "Z": [13]}
+    assert c["ram"]["connections"]["RSTA"] == [11] and c["mux"]["connections"]["C0"] == [10]
+    assert move_global_logic_loads(net) == {"buf": 0}
+    c["buf"]["connections"]["CLKO"] = [11, 16]
+    with pytest.raises(ValueError, match="DCCA buf: CLKI and CLKO must be one bit each"):
+        move_global_logic_loads(net)
+
+
+@pytest.mark.slow
+def test_bitstream_ulx3s_timing_target_routes(tmp_path):
+    """--timing-mhz with the real nextpnr on the infrastructure top: placed for 100 MHz,
+    routed from the placement read back from JSON. Without moving the global buffers' logic
+    loads first this routing failed within seconds (session 30)."""
+    rep = flow.build("ulx3s-85f", "tiny", tmp_path / "t", print, units={}, throughput=False,
+                     clock_mhz=25, timing_mhz=100)
+    assert rep["status"] == "built", rep.get("reason")
+    moved = rep["global_logic_loads_moved"]
+    assert set(moved) == {"rst_gbuf", "core.accel.start_clr_gbuf"} and moved["rst_gbuf"] > 0
+    assert rep["placement_clocks"] and rep["clocks"] and rep["timing_met"]
