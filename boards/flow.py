@@ -443,42 +443,44 @@ def _split_place_route(argv, name, out_dir, clock_mhz, timing=True, seeds=None):
     The routing run's LPF has no constraint on the PLL's output net; the oscillator's is scaled
     so that the constraint nextpnr derives for the PLL output is :data:`ROUTE_MHZ`."""
     def place_argv(placed, log):
+        """A placement run (``placed``: the file it writes the placed design to, or None)."""
         place = argv[:]
         for opt in ("--report", "--write", "--textcfg", "--log"):
             place = _drop_opt(place, opt)
         place = _drop_opt(place, "--detailed-timing-report", has_value=False)
-        return place + ["--no-route", "--write", placed, "--log", log]
+        return place + ["--no-route"] + (["--write", placed] if placed else []) + ["--log", log]
 
+    several = bool(seeds) and len(seeds) > 1
+    if not timing:
+        if not several:
+            raise ValueError("nothing to split: no --timing-mhz and one seed")
+        # scored only (no placed design written): the one-run flow places the best seed again
+        runs = [(s, _set_opt(place_argv(None, _seed_file(name, s, "place.tim")), "--seed", str(s)))
+                for s in seeds]
+        return [("NEXTPNR_PLACE_SEEDS", runs), ("NEXTPNR_ECP5", argv[:])]
     placed = f"{name}_placed.json"
     route = _drop_opt(argv, "--placer")
-    if not timing and not (seeds and len(seeds) > 1):
-        raise ValueError("nothing to split: no --timing-mhz and one seed")
     route[route.index("--json") + 1] = placed
-    if timing:
-        lpf_i = route.index("--lpf") + 1
-        lpf = Path(out_dir) / route[lpf_i]
-        route_lpf = f"{name}_route.lpf"
-        scale = ROUTE_MHZ / clock_mhz
-        lines = []
-        for ln in lpf.read_text().splitlines():
-            if ln.startswith("FREQUENCY NET"):
-                continue
-            mm = re.match(r'(FREQUENCY PORT "[^"]+" )([\d.eE+]+) HZ;', ln)
-            if mm:
-                ln = f"{mm.group(1)}{float(mm.group(2)) * scale} HZ;"
-            lines.append(ln)
-        (Path(out_dir) / route_lpf).write_text("\n".join(lines) + "\n")
-        route[lpf_i] = route_lpf
+    lpf_i = route.index("--lpf") + 1
+    lpf = Path(out_dir) / route[lpf_i]
+    route_lpf = f"{name}_route.lpf"
+    scale = ROUTE_MHZ / clock_mhz
+    lines = []
+    for ln in lpf.read_text().splitlines():
+        if ln.startswith("FREQUENCY NET"):
+            continue
+        mm = re.match(r'(FREQUENCY PORT "[^"]+" )([\d.eE+]+) HZ;', ln)
+        if mm:
+            ln = f"{mm.group(1)}{float(mm.group(2)) * scale} HZ;"
+        lines.append(ln)
+    (Path(out_dir) / route_lpf).write_text("\n".join(lines) + "\n")
+    route[lpf_i] = route_lpf
     route += ["--no-place"]
-    if seeds and len(seeds) > 1:
-        runs = []
-        for s in seeds:
-            run = _set_opt(place_argv(_seed_file(name, s, "placed.json"),
-                                      _seed_file(name, s, "place.tim")), "--seed", str(s))
-            if not timing:      # scored only: the one-run flow places the best seed again
-                run = _drop_opt(run, "--write")
-            runs.append((s, run))
-        return [("NEXTPNR_PLACE_SEEDS", runs), ("NEXTPNR_ECP5", route if timing else argv[:])]
+    if several:
+        runs = [(s, _set_opt(place_argv(_seed_file(name, s, "placed.json"),
+                                        _seed_file(name, s, "place.tim")), "--seed", str(s)))
+                for s in seeds]
+        return [("NEXTPNR_PLACE_SEEDS", runs), ("NEXTPNR_ECP5", route)]
     return [("NEXTPNR_PLACE", place_argv(placed, f"{name}_place.tim")), ("NEXTPNR_ECP5", route)]
 
 

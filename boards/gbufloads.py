@@ -18,17 +18,14 @@ the global line.
 
 from __future__ import annotations
 
+from .dspregs import _top
+
 __all__ = ["LOGIC_CELLS", "move_global_logic_loads"]
 
 #: Cell types whose every input is a logic input.
 LOGIC_CELLS = frozenset({"LUT4", "PFUMX", "L6MUX21", "CCU2C"})
 #: Logic inputs of other cells: (cell type, port).
 LOGIC_PORTS = frozenset({("TRELLIS_FF", "DI")})
-
-
-def _top(netlist):
-    mods = netlist["modules"]
-    return max(mods.values(), key=lambda m: len(m.get("cells", {})))
 
 
 def move_global_logic_loads(netlist: dict) -> dict:
