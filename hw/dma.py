@@ -317,6 +317,7 @@ class DmaSequencer(wiring.Component):
         m.d.sync += [cnt_neg.eq(cnt_r.as_signed() < 0),
                      cnt_over.eq(f.idx_addr + cnt_r > cfg.idx_entries)]
         scan_t = Signal(unsigned(33))
+        scan_t1 = Signal(unsigned(33))     # scan_t + 1 (see ird_a1)
         scan_pend = Signal()               # a span-list read is in flight (first cycle)
         scan_pend2 = Signal()              # ... its second cycle (IDX_READ_LATENCY = 2)
         scan_v = Signal()                  # the span read three cycles ago is in scan_a/scan_ln
@@ -364,10 +365,29 @@ class DmaSequencer(wiring.Component):
         # request are registers, set with scan_t / span_t (in front of the shared port's
         # multiplexer and the block RAMs' collision logic, the state decode and the adders
         # were 14.9 ns, pre-route estimate).
+        #
+        # The grant arrives late (the running COMPUTE unit's read enable through the owner
+        # multiplexer, from anywhere on the chip: 12.8 ns routed into STORE's ird_a enable,
+        # seed 4 of 0f1d11e), so P_SCAN takes it only into a register (gnt_q), as the chunk
+        # reader does: ird_a / ird_req / scan_t hold the request presented in the previous
+        # cycle, ird_a1 / ird_req1 / scan_t1 its successor, and ``s_acc`` (that request was
+        # granted) picks the one presented now. Cycle for cycle the same reads as taking the
+        # grant into the counters directly.
         ird_a = Signal.like(self.idx_rd_addr)
         ird_req = Signal()
-        m.d.comb += [self.idx_rd_addr.eq(ird_a), self.idx_rd_req.eq(ird_req),
-                     self.idx_rd_en.eq(ird_req & self.idx_rd_gnt)]   # outside the FSM
+        ird_a1 = Signal.like(self.idx_rd_addr)
+        ird_req1 = Signal()
+        s_req = Signal()                   # P_SCAN presented a request in the previous cycle
+        gnt_q = Signal()
+        s_acc = Signal()                   # ... and it was granted
+        m.d.sync += [s_req.eq(0), gnt_q.eq(self.idx_rd_gnt)]
+        m.d.comb += s_acc.eq(s_req & gnt_q)
+        ird_a_c = Signal.like(self.idx_rd_addr)
+        ird_req_c = Signal()
+        m.d.comb += [ird_a_c.eq(Mux(s_acc, ird_a1, ird_a)),
+                     ird_req_c.eq(Mux(s_acc, ird_req1, ird_req))]
+        m.d.comb += [self.idx_rd_addr.eq(ird_a_c), self.idx_rd_req.eq(ird_req_c),
+                     self.idx_rd_en.eq(ird_req_c & self.idx_rd_gnt)]   # outside the FSM
         # span_t + 1 < count as a register, from span_t in every cycle: span_t changes only in
         # CMP2 and G_NEXT, and G_NEXT comes three or more cycles after either (the 33-bit
         # compare ran through G_NEXT's branches into r1, d1, c1: 14.4 ns into STORE's r1,
@@ -514,7 +534,7 @@ class DmaSequencer(wiring.Component):
                 m.d.comb += self.busy.eq(1)
                 m.d.sync += base.eq(f.dram_addr + prod)
                 cnt = cnt_r
-                m.d.sync += [count.eq(cnt), scan_t.eq(0), scan_pend.eq(0), scan_pend2.eq(0),
+                m.d.sync += [count.eq(cnt), scan_t.eq(0), scan_t1.eq(1), scan_pend2.eq(0),
                              max_end_p1.eq(-(1 << 33) + 1),
                              neg_len.eq(0),
                              total.eq(0), min_start.eq((1 << 31) - 1), max_end.eq(-(1 << 33)),
@@ -533,11 +553,16 @@ class DmaSequencer(wiring.Component):
                 # one read per cycle; IDX_READ_LATENCY = 2, so the data of the read issued two
                 # cycles ago is on idx_rd_data now
                 assert IDX_READ_LATENCY == 2
-                issue = ird_req & self.idx_rd_gnt      # ird_req == scan_t < count here
-                m.d.sync += [scan_pend.eq(issue), scan_pend2.eq(scan_pend)]
-                with m.If(issue):
-                    m.d.sync += [scan_t.eq(scan_t + 1), ird_a.eq(ird_a + 1),
-                                 ird_req.eq(scan_t + 1 < count.as_unsigned())]
+                # ird_req_c == (the presented scan_t) < count here; the successor's compare is
+                # made for both outcomes from registers and picked by s_acc
+                m.d.comb += scan_pend.eq(s_acc)
+                m.d.sync += [scan_pend2.eq(scan_pend), s_req.eq(ird_req_c),
+                             ird_a.eq(ird_a_c), ird_req.eq(ird_req_c),
+                             ird_a1.eq(Mux(s_acc, ird_a1, ird_a) + 1),
+                             scan_t.eq(Mux(s_acc, scan_t1, scan_t)),
+                             scan_t1.eq(Mux(s_acc, scan_t1 + 1, scan_t1)),
+                             ird_req1.eq(Mux(s_acc, scan_t1 + 1 < count.as_unsigned(),
+                                             scan_t1 < count.as_unsigned()))]
                 # the span is registered before the sums and comparisons (the index memory's
                 # data crosses the chip from the shared port)
                 m.d.sync += [scan_v.eq(scan_pend2), scan_a.eq(self.idx_rd_data.a),
@@ -560,8 +585,7 @@ class DmaSequencer(wiring.Component):
                             m.d.sync += rlo.eq(a)
                         with m.If(end - 1 > rhi):
                             m.d.sync += rhi.eq(end - 1)
-                with m.If((scan_t >= count.as_unsigned()) & ~scan_pend & ~scan_pend2 & ~scan_v
-                          & ~scan_v2):
+                with m.If(~ird_req_c & ~scan_pend & ~scan_pend2 & ~scan_v & ~scan_v2):
                     m.next = "P_TOTAL"
             with m.State("P_TOTAL"):
                 m.d.comb += self.busy.eq(1)

@@ -413,6 +413,39 @@ def test_random_descriptors_under_port_contention(op, name):
     assert sum(c == ErrorCode.OK for _, c, _, _ in expect) >= 20
 
 
+@pytest.mark.parametrize("p_gnt", [0.3, 0.8])
+@pytest.mark.parametrize("op", [Opcode.LOAD, Opcode.STORE])
+def test_span_scan_reads_exactly_the_list_under_port_contention(op, p_gnt):
+    """SPANS span lists fenced by poison entries (negative lengths: reading one is BAD_FIELD),
+    some ending in a span too long for the scratchpad (skipping it is a missed SPAD_RANGE),
+    scanned while the index memory's read port is granted only part of the time: one read too
+    many or too few shows. (The scan takes its grant through a register and picks the next
+    address by the previous request's outcome.)"""
+    cfg = CONFIGS["l4b32"]
+    window = 10_000
+    rng = make_rng(zlib.crc32(f"scan{op.name}{p_gnt}".encode()))
+    dram, spad, idx = initial_state(cfg, op, window, 5)
+    idx[:] = (0, -1)                       # poison everywhere but in the lists
+    descs = []
+    addr = 1
+    while addr < cfg.idx_entries - 8:
+        count = rng.randrange(1, 7)
+        spans = [(rng.randrange(0, 12), rng.randrange(0, 4)) for _ in range(count)]
+        if rng.random() < 0.3:
+            spans[-1] = (0, 100_000)
+        idx[addr:addr + count] = spans
+        f = _base(mode=DmaMode.SPANS, run=rng.randrange(1, 5), n1=rng.randrange(1, 3),
+                  n2=count, idx_addr=addr, ds0=16, ss0=8, ds1=4, ss1=1,
+                  dram_addr=rng.randrange(0, 4000), spad_addr=rng.randrange(0, 1024))
+        descs.append(f)
+        addr += count + 1
+    expect = run_dma_sequence(cfg, op, descs, seed=17, window=window, regs=REGS,
+                              state=(dram, spad, idx), p_gnt=p_gnt)
+    codes = [c for _, c, _, _ in expect]
+    assert codes.count(ErrorCode.OK) >= 5 and ErrorCode.SPAD_RANGE in codes, codes
+    assert ErrorCode.BAD_FIELD not in codes, codes
+
+
 def _base(**kw):
     f = {"mem": Mem.SPAD, "mode": DmaMode.STRIDED, "dtype": DType.I16, "dram_addr": 0,
          "spad_addr": 0, "run": 4, "n0": 1, "n1": 1, "n2": 1, "ds0": 0, "ds1": 0, "ds2": 0,
