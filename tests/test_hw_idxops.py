@@ -299,6 +299,12 @@ def _route_error_cases(cfg, rng):
     case("expert -2", patch=bad_expert(-2))
     case("expert min int", patch=bad_expert(I32_MIN))
     case("expert max int", patch=bad_expert(I32_MAX))
+    # low bits below n_experts, a higher bit set (the unit checks the low bits and the rest
+    # apart); and the largest good expert beside it
+    wide = 1 << cfg.max_experts.bit_length()
+    case("expert 2^bits", kind="uniform", patch=bad_expert(wide))
+    case("expert 2^30", kind="uniform", patch=bad_expert(1 << 30, last=False))
+    case("expert 2^bits + 1", kind="uniform", patch=bad_expert(wide + 1, last=False))
 
     def move_input_to_0(idx, f):
         """Move the input to entry 0 (with at least one queue entry); returns nq."""
