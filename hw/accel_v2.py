@@ -220,7 +220,10 @@ def elaborate_v2(accel, platform):
         users = [i for i, u in enumerate(instances) if has(u, kind)]
         if not users:
             continue
-        mem = mem_cls(cfg)
+        # LOAD's scratchpad writes take the scratchpad's second write port (see below)
+        ld_i = unit_of.get(Opcode.LOAD)
+        two = kind == "spad" and ld_i is not None and has(instances[ld_i], kind)
+        mem = mem_cls(cfg, second_writer=True) if two else mem_cls(cfg)
         m.submodules[f"mem_{kind}"] = mem
         sig = sig_cls(cfg)
         clr = sig.create(path=(f"clear_{kind}",))
@@ -333,21 +336,35 @@ def elaborate_v2(accel, platform):
         ld_wr = ld is not None and kind in ("spad", "idx")
         ld_rd = ld is not None and kind == "idx"
         st_rd = st is not None and kind in ("spad", "idx")
-        with m.If(clear_on):
-            for n in wr_names:
-                m.d.comb += getattr(mp, n).eq(getattr(clr, n))
-        with m.Elif(cb.wr_en | (not ld_wr)):
+        if kind == "spad" and ld_wr:
+            # The COMPUTE unit's write on the first port; the clear's (with priority) or
+            # LOAD's on the second. The scratchpad registers them apart and picks one after
+            # its registers: clear > COMPUTE > LOAD, as for the other memories below. LOAD's
+            # request is its write enable (its grant, ~cb.wr_en, only moves its queue).
+            p2 = mem.port2
             for n in wr_names:
                 m.d.comb += getattr(mp, n).eq(getattr(cb, n))
-        if ld_wr:
-            with m.Else():
+            m.d.comb += [p2.wr_en.eq(Mux(clear_on, clr.wr_en, instances[load_i].spad_wr_req)),
+                         p2.wr_prio.eq(clear_on)]
+            for n in ("wr_addr", "wr_data", "wr_mask"):
+                m.d.comb += getattr(p2, n).eq(Mux(clear_on, getattr(clr, n), getattr(ld, n)))
+        else:
+            with m.If(clear_on):
                 for n in wr_names:
-                    m.d.comb += getattr(mp, n).eq(getattr(ld, n))
-            # the same enable as the selection above (LOAD's wr_en is its request and its
-            # grant, ~cb.wr_en), without LOAD's grant logic between the COMPUTE unit's enable
-            # and the memory's
-            m.d.comb += mp.wr_en.eq(Mux(clear_on, clr.wr_en,
-                                        cb.wr_en | getattr(instances[load_i], f"{kind}_wr_req")))
+                    m.d.comb += getattr(mp, n).eq(getattr(clr, n))
+            with m.Elif(cb.wr_en | (not ld_wr)):
+                for n in wr_names:
+                    m.d.comb += getattr(mp, n).eq(getattr(cb, n))
+            if ld_wr:
+                with m.Else():
+                    for n in wr_names:
+                        m.d.comb += getattr(mp, n).eq(getattr(ld, n))
+                # the same enable as the selection above (LOAD's wr_en is its request and its
+                # grant, ~cb.wr_en), without LOAD's grant logic between the COMPUTE unit's
+                # enable and the memory's
+                m.d.comb += mp.wr_en.eq(Mux(clear_on, clr.wr_en,
+                                            cb.wr_en | getattr(instances[load_i],
+                                                               f"{kind}_wr_req")))
         # read side
         with m.If(cb.rd_en | (not (ld_rd or st_rd))):
             for n in rd_names:

@@ -46,6 +46,7 @@ from .ports import (
     RowStateLayout,
     RowStatePort,
     SpadPort,
+    SpadWritePort,
     idx_entry_layout,
     spad_lanes,
 )
@@ -87,8 +88,9 @@ class Scratchpad(wiring.Component):
         One read (latency 4) and one write per cycle, ``spad_lanes`` consecutive words each.
     """
 
-    def __init__(self, config, init=None, *, part_rows=None):
+    def __init__(self, config, init=None, *, part_rows=None, second_writer=False):
         self._cfg = config
+        self._second = second_writer
         self._part = SPAD_PART_ROWS if part_rows is None else part_rows
         if self._part < 1 or self._part & (self._part - 1):
             raise ValueError(f"part_rows {self._part} is not a power of two")
@@ -98,7 +100,10 @@ class Scratchpad(wiring.Component):
                              f"{self._lanes} scratchpad lanes")
         self._depth = config.spad_words // self._lanes
         self._init = list(init or [])
-        super().__init__({"port": In(SpadPort(config))})
+        members = {"port": In(SpadPort(config))}
+        if second_writer:
+            members["port2"] = In(SpadWritePort(config))
+        super().__init__(members)
         self.banks = []
 
     @property
@@ -152,6 +157,28 @@ class Scratchpad(wiring.Component):
         rq_wm = Signal.like(p.wr_mask, name="rq_wr_mask")
         m.d.sync += [rq_ra.eq(p.rd_addr), rq_wa.eq(p.wr_addr), rq_we.eq(p.wr_en),
                      rq_wd.eq(p.wr_data), rq_wm.eq(p.wr_mask)]
+        if self._second:
+            # the second writer's request has registers of its own, and the write is chosen
+            # after them: in front of one register the choice (by the first port's late write
+            # enable, the owner multiplexer's) was the slowest path into ``rq_wr_addr`` (12.3-12.7
+            # ns routed, seed 4 of 0f1d11e)
+            p2 = self.port2
+            r2_wa = Signal.like(p2.wr_addr, name="rq2_wr_addr")
+            r2_we = Signal(name="rq2_wr_en")
+            r2_pr = Signal(name="rq2_wr_prio")
+            r2_wd = Signal.like(p2.wr_data, name="rq2_wr_data")
+            r2_wm = Signal.like(p2.wr_mask, name="rq2_wr_mask")
+            m.d.sync += [r2_wa.eq(p2.wr_addr), r2_we.eq(p2.wr_en), r2_pr.eq(p2.wr_prio),
+                         r2_wd.eq(p2.wr_data), r2_wm.eq(p2.wr_mask)]
+            use2 = Signal(name="wr_use2")
+            m.d.comb += use2.eq(r2_we & (r2_pr | ~rq_we))
+            w_a = Signal.like(rq_wa, name="wr_addr_sel")
+            w_e = Signal(name="wr_en_sel")
+            w_d = Signal.like(rq_wd, name="wr_data_sel")
+            w_m = Signal.like(rq_wm, name="wr_mask_sel")
+            m.d.comb += [w_a.eq(Mux(use2, r2_wa, rq_wa)), w_e.eq(rq_we | r2_we),
+                         w_d.eq(Mux(use2, r2_wd, rq_wd)), w_m.eq(Mux(use2, r2_wm, rq_wm))]
+            rq_wa, rq_we, rq_wd, rq_wm = w_a, w_e, w_d, w_m
         # read: bank b serves element a + ((b - a) mod lanes)
         ra = rq_ra
         ra_lo = ra[:lb] if lanes > 1 else 0

@@ -37,7 +37,7 @@ from vitamin.isa import INSTR_BITS, ErrorCode
 
 __all__ = [
     "spad_lanes", "SPAD_READ_LATENCY", "ACC_READ_LATENCY", "IDX_READ_LATENCY", "RS_READ_LATENCY",
-    "SpadPort", "AccPort", "IdxPort", "RowStateLayout", "RowStatePort", "UnitControl",
+    "SpadPort", "SpadWritePort", "AccPort", "IdxPort", "RowStateLayout", "RowStatePort", "UnitControl",
     "RegPort", "QueuePort", "AxiRead", "AxiWrite", "idx_entry_layout", "N_REGS",
 ]
 
@@ -67,6 +67,21 @@ class SpadPort(wiring.Signature):
         super().__init__({
             "rd_en": Out(1), "rd_addr": Out(aw), "rd_data": In(word),
             "wr_en": Out(1), "wr_addr": Out(aw), "wr_data": Out(word), "wr_mask": Out(lanes),
+        })
+
+
+class SpadWritePort(wiring.Signature):
+    """Unit -> scratchpad, a second write request (:class:`~vitamin.hw.mem.Scratchpad` with
+    ``second_writer``): registered beside the first port's, so the choice between them is made
+    after the registers. ``wr_prio`` makes this write win over the first port's; otherwise the
+    first port's write wins and this one is dropped (the caller's grant says so)."""
+
+    def __init__(self, config):
+        lanes = spad_lanes(config)
+        aw = _bits(config.spad_words)
+        super().__init__({
+            "wr_en": Out(1), "wr_prio": Out(1), "wr_addr": Out(aw),
+            "wr_data": Out(data.ArrayLayout(signed(16), lanes)), "wr_mask": Out(lanes),
         })
 
 

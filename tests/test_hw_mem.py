@@ -60,6 +60,63 @@ def test_scratchpad_random_unaligned(preset, words, part_rows):
     sim.run()
 
 
+@pytest.mark.parametrize("preset,part_rows", [("tiny", None), ("ecp5", 128)])
+def test_scratchpad_second_writer(preset, part_rows):
+    """The second write port (LOAD's and the clear's in the v2 top): both ports write in random
+    cycles, alone or together; together the first wins unless the second has ``wr_prio``. Reads
+    issued in every cycle see exactly the writes requested before them, from either port."""
+    cfg = get_config(preset).replace(spad_words=1024)
+    rng = random.Random(2)
+    init = [rng.randrange(-32768, 32768) for _ in range(cfg.spad_words)]
+    dut = Scratchpad(cfg, init=init, part_rows=part_rows, second_writer=True)
+    lanes = dut.lanes
+    model = list(init)
+    both = {"first": 0, "second": 0}
+
+    def req():
+        return (rng.randrange(0, cfg.spad_words - lanes + 1),
+                [rng.randrange(-32768, 32768) for _ in range(lanes)],
+                rng.randrange(1, 1 << lanes))
+
+    async def tb(ctx):
+        p, p2 = dut.port, dut.port2
+        pending = []                             # (cycle due, address, expected words)
+        for cyc in range(600):
+            a = rng.randrange(0, cfg.spad_words - lanes + 1)
+            ctx.set(p.rd_en, 1)
+            ctx.set(p.rd_addr, a)
+            pending.append((cyc + SPAD_READ_LATENCY, a, model[a:a + lanes]))
+            e1, e2 = rng.random() < 0.5, rng.random() < 0.5
+            prio = rng.random() < 0.3
+            (w1, d1, m1), (w2, d2, m2) = req(), req()
+            for port, en, w, d, mk in ((p, e1, w1, d1, m1), (p2, e2, w2, d2, m2)):
+                ctx.set(port.wr_en, en)
+                ctx.set(port.wr_addr, w)
+                ctx.set(port.wr_data, d)
+                ctx.set(port.wr_mask, mk)
+            ctx.set(p2.wr_prio, prio)
+            if e1 and e2:
+                both["second" if prio else "first"] += 1
+            win = (w2, d2, m2) if e2 and (prio or not e1) else (w1, d1, m1) if e1 else None
+            if win is not None:
+                w, d, mk = win
+                for i in range(lanes):
+                    if mk >> i & 1:
+                        model[w + i] = d[i]
+            await ctx.tick()
+            for due, ra, want in [x for x in pending if x[0] == cyc + 1]:
+                got = [ctx.get(p.rd_data[i]) for i in range(lanes)]
+                assert got == want, (cyc, ra, got, want)
+            pending = [x for x in pending if x[0] > cyc + 1]
+        assert [ctx.get(dut.word(e)) for e in range(cfg.spad_words)] == model
+        assert both["first"] > 50 and both["second"] > 20, both
+
+    sim = Simulator(dut)
+    sim.add_clock(1e-6)
+    sim.add_testbench(tb)
+    sim.run()
+
+
 def test_cleared_memories_have_no_initialiser_in_verilog():
     """The on-chip memories are zeroed by CTRL.CLEAR, so their Verilog carries no per-word
     initialiser; a preloaded memory (tests) keeps its contents; ROM-like data is untouched."""
