@@ -8,7 +8,8 @@ bank's output register, then rotate register; a bank deeper than :data:`SPAD_PAR
 split into blocks with an output register each, and the rotate stage also picks the block);
 writes pass the same request register (they
 land one cycle after the port presents them, so reads and writes keep their order) and rotate
-the data and mask into bank order.
+the data and mask into bank order. A second write port (``second_writer``) has request
+registers of its own; the choice between the two writes comes after the registers.
 
 ``AccMemory``, ``IdxMemory`` and ``RowStateMemory`` are plain one-read, one-write memories.
 ``AccMemory`` has a read latency of 1. ``IdxMemory`` and ``RowStateMemory`` register their read
@@ -86,6 +87,10 @@ class Scratchpad(wiring.Component):
     -----
     port : In(SpadPort(config))
         One read (latency 4) and one write per cycle, ``spad_lanes`` consecutive words each.
+    port2 : In(SpadWritePort(config)), with ``second_writer``
+        A second write request, registered apart from ``port``'s; when both write in one
+        cycle, ``port``'s is taken unless ``port2.wr_prio`` is set. Its writes land like
+        ``port``'s (one cycle later), so reads see them in the same order.
     """
 
     def __init__(self, config, init=None, *, part_rows=None, second_writer=False):

@@ -37,8 +37,8 @@ from vitamin.isa import INSTR_BITS, ErrorCode
 
 __all__ = [
     "spad_lanes", "SPAD_READ_LATENCY", "ACC_READ_LATENCY", "IDX_READ_LATENCY", "RS_READ_LATENCY",
-    "SpadPort", "SpadWritePort", "AccPort", "IdxPort", "RowStateLayout", "RowStatePort", "UnitControl",
-    "RegPort", "QueuePort", "AxiRead", "AxiWrite", "idx_entry_layout", "N_REGS",
+    "SpadPort", "SpadWritePort", "AccPort", "IdxPort", "RowStateLayout", "RowStatePort",
+    "UnitControl", "RegPort", "QueuePort", "AxiRead", "AxiWrite", "idx_entry_layout", "N_REGS",
 ]
 
 SPAD_READ_LATENCY = 4
