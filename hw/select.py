@@ -274,6 +274,11 @@ class SelectUnit(wiring.Component):
         c_last = Signal()                 # c_cur + 1 == ncand, registered with c_cur (the
         # compare was in front of SELECT's state register: 14.2 ns, pre-route estimate)
         off = Signal(lw + 1)
+        # rem <= lanes and c_cur + 2 as registers, set with rem and c_cur (the compare and the
+        # adder were in front of the chunk memory's read address: 10.6-10.7 ns into
+        # ``mr__addr``, pre-route estimate of e000a2e)
+        rem_last = Signal()
+        c_cur2 = Signal(nb)
         sc_issue = Signal()
         tag = data.StructLayout({"valid": 1, "first": 1, "last": 1, "c": nb, "a": 31,
                                  "l": lw, "mask": lanes})
@@ -290,7 +295,7 @@ class SelectUnit(wiring.Component):
         m.d.comb += [
             sp.rd_en.eq(sp_en),
             sp.rd_addr.eq(sp_addr),
-            t0.valid.eq(sc_issue), t0.first.eq(off == 0), t0.last.eq(rem <= lanes),
+            t0.valid.eq(sc_issue), t0.first.eq(off == 0), t0.last.eq(rem_last),
             t0.c.eq(c_cur), t0.a.eq(a_cur), t0.l.eq(l_cur),
             t0.mask.eq(Cat(rem > i for i in range(lanes))),
         ]
@@ -531,7 +536,7 @@ class SelectUnit(wiring.Component):
 
             with m.State("SC_FETCH"):
                 m.d.comb += [mr.en.eq(1), mr.addr.eq(0)]
-                m.d.sync += [c_cur.eq(0), c_last.eq(ncand == 1), off.eq(0)]
+                m.d.sync += [c_cur.eq(0), c_cur2.eq(2), c_last.eq(ncand == 1), off.eq(0)]
                 with m.If(ncand == 0):
                     m.next = "SEL_INIT"
                 with m.Else():
@@ -539,20 +544,24 @@ class SelectUnit(wiring.Component):
 
             with m.State("SC_LATCH"):
                 m.d.comb += [mr.en.eq(1), mr.addr.eq(1)]
-                m.d.sync += [a_cur.eq(rd.lo), l_cur.eq(rd.n), rem.eq(rd.n)]
+                m.d.sync += [a_cur.eq(rd.lo), l_cur.eq(rd.n), rem.eq(rd.n),
+                             rem_last.eq(rd.n <= lanes)]
                 m.next = "SC_ISSUE"
 
             with m.State("SC_ISSUE"):
                 m.d.comb += sc_issue.eq(1)
-                with m.If(rem <= lanes):
+                with m.If(rem_last):
                     # (beyond the last candidate the read-ahead returns an unused entry)
-                    m.d.comb += [mr.en.eq(1), mr.addr.eq(c_cur + 2)]
-                    m.d.sync += [c_cur.eq(c_cur + 1), c_last.eq(c_cur + 2 == ncand), off.eq(0),
-                                 a_cur.eq(rd.lo), l_cur.eq(rd.n), rem.eq(rd.n)]
+                    m.d.comb += [mr.en.eq(1), mr.addr.eq(c_cur2)]
+                    m.d.sync += [c_cur.eq(c_cur + 1), c_cur2.eq(c_cur2 + 1),
+                                 c_last.eq(c_cur2 == ncand), off.eq(0),
+                                 a_cur.eq(rd.lo), l_cur.eq(rd.n), rem.eq(rd.n),
+                                 rem_last.eq(rd.n <= lanes)]
                     with m.If(c_last):
                         m.next = "SC_DRAIN"
                 with m.Else():
-                    m.d.sync += [off.eq(off + lanes), rem.eq(rem - lanes)]
+                    m.d.sync += [off.eq(off + lanes), rem.eq(rem - lanes),
+                                 rem_last.eq(rem <= 2 * lanes)]
 
             with m.State("SC_DRAIN"):
                 with m.If(~pipe_busy):
