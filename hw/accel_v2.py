@@ -208,6 +208,9 @@ def elaborate_v2(accel, platform):
     m.d.sync += start_clr_r.eq(going_start)
     start_clr = global_buffer(m, platform, start_clr_r, "start_clr")
 
+    load_i = unit_of.get(Opcode.LOAD)
+    store_i = unit_of.get(Opcode.STORE)
+
     # ---- memories and their port multiplexers -----------------------------------------
     mem_kinds = [("spad", SpadPort, Scratchpad), ("acc", AccPort, AccMemory),
                  ("idx", IdxPort, IdxMemory), ("rs", RowStatePort, RowStateMemory)]
@@ -221,8 +224,7 @@ def elaborate_v2(accel, platform):
         if not users:
             continue
         # LOAD's scratchpad writes take the scratchpad's second write port (see below)
-        ld_i = unit_of.get(Opcode.LOAD)
-        two = kind == "spad" and ld_i is not None and has(instances[ld_i], kind)
+        two = kind == "spad" and load_i is not None and has(instances[load_i], kind)
         mem = mem_cls(cfg, second_writer=True) if two else mem_cls(cfg)
         m.submodules[f"mem_{kind}"] = mem
         sig = sig_cls(cfg)
@@ -282,8 +284,6 @@ def elaborate_v2(accel, platform):
         m.d.sync += cnt["cycles"].eq(cnt["cycles"] + 1)
 
 
-    load_i = unit_of.get(Opcode.LOAD)
-    store_i = unit_of.get(Opcode.STORE)
     compute_ops = {op: i for op, i in unit_of.items() if op not in (Opcode.LOAD, Opcode.STORE)}
     compute_units = sorted(set(compute_ops.values()))
     if load_i is not None and load_i in compute_units or \
