@@ -756,7 +756,7 @@ def _seq_spans(f, spans):
 
 
 def _load_cycles(f, starts, cfg, lanes, seq):
-    """LoadUnit: start -> done. The runs flow sequencer -> AR issuer (one run in flight, a
+    """LoadUnit: start -> done. The runs flow sequencer -> two-entry run queue -> AR issuer (one run in flight, a
     4-deep run FIFO) -> RAM -> data path (one run at a time)."""
     first, steps, empty = seq
     if first is None or len(starts) == 0:
@@ -776,12 +776,17 @@ def _load_cycles(f, starts, cfg, lanes, seq):
         else:
             pend += 1
     tail = pend
-    acc = None
+    acc = gen = None
     ar_free = ram_idle = last_emit = last_take = -(1 << 40)
-    pops = []
+    pops, accs = [], []
     for i, a in enumerate(starts):
         a = int(a)
-        offer = first + gaps[0] if i == 0 else acc + 1 + gaps[i]
+        # the sequencer hands run i to the two-entry run queue (``runslice``) in cycle gen,
+        # once run i - 2 has left it; the AR issuer sees it the cycle after
+        gen = first + gaps[0] if i == 0 else gen + 1 + gaps[i]
+        if i >= 2:
+            gen = max(gen, accs[i - 2] + 1)
+        offer = gen + 1
         acc = max(offer, ar_free)                 # the AR issuer takes one run at a time
         if i >= 4:
             acc = max(acc, pops[i - 4] + 1)        # ... and the 4-deep run FIFO must have room
@@ -802,7 +807,31 @@ def _load_cycles(f, starts, cfg, lanes, seq):
         last_take = t0 + lt
         last_emit = t0 + le
         ar_free = (t0 + far if len(bursts) > 1 else ar_hs) + 1
-    return max(last_emit + 2, acc + 2 + tail)     # the write queue: +1 after the last emit
+        accs.append(acc)
+    return max(last_emit + 2, gen + 2 + tail)     # the write queue: +1 after the last emit
+
+
+class _SyncFifo:
+    """amaranth ``SyncFIFO(depth)``: an entry written in cycle t can be read in cycle t + 1;
+    ready and valid are functions of the level alone."""
+
+    def __init__(self, depth):
+        self.items, self.depth = [], depth
+
+    def r_rdy(self):
+        return bool(self.items)
+
+    def w_rdy(self):
+        return len(self.items) != self.depth
+
+    def empty(self):
+        return not self.items
+
+    def tick(self, r_en, item):
+        if r_en:
+            self.items.pop(0)
+        if item is not None:
+            self.items.append(item)
 
 
 class _Fifo:
@@ -833,9 +862,10 @@ class _Fifo:
 
 
 def _store_cycles(f, starts, cfg, lanes, seq):
-    """StoreUnit: start -> done, cycle by cycle (hw/dma.py): run FIFOs -> AW issuer (bursts;
-    the RAM takes one AW, its W beats and the B response at a time) and chunk reader
-    (``lanes`` words per read, 5 credits) -> chunk FIFO -> byte packer -> W beats."""
+    """StoreUnit: start -> done, cycle by cycle (hw/dma.py): two-entry run queue -> run
+    FIFOs -> AW issuer (bursts; the RAM takes one AW, its W beats and the B response at a
+    time) and chunk reader (``lanes`` words per read, 5 credits) -> chunk FIFO -> byte packer
+    -> W beats."""
     from vitamin.hw.dma import StoreUnit
     from vitamin.hw.ports import SPAD_READ_LATENCY
     first, steps, empty = seq
@@ -850,6 +880,7 @@ def _store_cycles(f, starts, cfg, lanes, seq):
     nbytes = run * es
     lat = StoreUnit.IDX_DATA_LATENCY if is_idx else SPAD_READ_LATENCY
     depth = SPAD_READ_LATENCY + 3
+    sl = _SyncFifo(2)                # the sequencer's two-entry run queue (``runslice``)
     awq, rdq, wq, bq, cq = _Fifo(4), _Fifo(4), _Fifo(4), _Fifo(8), _Fifo(depth)
     n_runs = len(starts)
     nxt = si = 0
@@ -864,7 +895,8 @@ def _store_cycles(f, starts, cfg, lanes, seq):
     t = 0
     while True:
         st = steps[si] if (si < len(steps) and t >= step_t) else None
-        push = st == "e" and awq.w_rdy() and rdq.w_rdy()
+        gen = st == "e" and sl.w_rdy()
+        push = sl.r_rdy() and awq.w_rdy() and rdq.w_rdy()
         aw_pop = not aw_busy and awq.r_rdy() and wq.w_rdy()
         aw_go = aw_busy and bq.w_rdy() and not w_active and not b_pend
         b_go = b_pend
@@ -877,15 +909,18 @@ def _store_cycles(f, starts, cfg, lanes, seq):
         w_go = w_have and tx_left != 0 and cnt >= nb and bq.r_rdy() and w_active
         wlast = w_go and beat_no + 1 == bq.out
         take = w_have and cq.r_rdy() and acc_left != 0 and cnt + cq.out <= cap
-        if (gen_done_t is not None and t >= gen_done_t and awq.empty() and rdq.empty()
+        if (gen_done_t is not None and t >= gen_done_t and sl.empty() and awq.empty()
+                and rdq.empty()
                 and not aw_busy and not r_have and cq.empty() and not w_have and wq.empty()
                 and bq.empty() and outstanding == 0 and all(p is None for p in pipe)):
             return t
-        q_item = wq_item = bq_item = cq_item = None
-        if push:
-            q_item = int(starts[nxt])
+        g_item = q_item = wq_item = bq_item = cq_item = None
+        if gen:
+            g_item = int(starts[nxt])
             nxt += 1
-        if st is not None and (st != "e" or push):
+        if push:
+            q_item = sl.items[0]
+        if st is not None and (st != "e" or gen):
             si += 1
             step_t = t + 1
             if si == len(steps):
@@ -926,6 +961,7 @@ def _store_cycles(f, starts, cfg, lanes, seq):
             w_have, w_first = True, True
             w_off, tx_left = wq.out
             acc_left = tx_left
+        sl.tick(push, g_item)
         awq.tick(aw_pop, q_item)
         rdq.tick(rd_pop, q_item)
         wq.tick(wq_pop, wq_item)

@@ -10,6 +10,8 @@ Structure (shared by both units)::
                    one *run* (DRAM byte address, on-chip address, element count) per innermost
                    loop iteration (STRIDED) or per gathered row (SPANS)
       |
+    run queue      two entries (its ready and valid are registers: the sequencer and the
+      |            unit's queues sit apart on the chip)
     LoadUnit:  runs -> AR issuer (INCR bursts <= 256 beats, never across 4 KiB)
                        R beats -> byte aligner -> element packer -> lanes-wide masked writes
     StoreUnit: runs -> AW issuer (same burst rule)
@@ -847,7 +849,17 @@ class _DmaUnit(wiring.Component):
         f = instr_view(isa.Dma, instr)
         with m.If(self.ctl.start):
             m.d.sync += instr.eq(self.ctl.instr)
-        return seq, f
+        # The runs pass through a two-entry queue (``SyncFIFO``: its ready and valid are its
+        # level register, so no path runs from the unit's queues through the sequencer's
+        # ``ready`` into its address counters, or back). The sequencer sits by the register
+        # file and index memory, the queues by the AXI port: through ``ready`` the queues'
+        # levels reached the sequencer's ``d0`` and its state across the chip (12.3-12.8 ns
+        # routed, STORE's ``finished`` and ``seq.d0``, e000a2e seed 4). One cycle more from
+        # the sequencer to the unit, full throughput.
+        runs = _Fifo(m, "runslice", run_layout(self._cfg), 2, buffered=False)
+        m.d.comb += [runs.w_data.eq(seq.runs.p), runs.w_en.eq(seq.runs.valid & runs.w_rdy),
+                     seq.runs.ready.eq(runs.w_rdy)]
+        return seq, f, runs
 
 
 class LoadUnit(_DmaUnit):
@@ -881,7 +893,7 @@ class LoadUnit(_DmaUnit):
         bb_log = bb.bit_length() - 1
         cap = bb + chunk
         m = Module()
-        seq, f = self._sequencer(m)
+        seq, f, runs = self._sequencer(m)
         es_log = Signal(2)
         m.d.comb += es_log.eq(_es_log(f.dtype))
         ctl = self.ctl
@@ -908,15 +920,16 @@ class LoadUnit(_DmaUnit):
         m.d.comb += [ax.araddr.eq(ar_addr & ~(bb - 1)), ax.arlen.eq(beats - 1),
                      ax.arsize.eq(bb_log), ax.arburst.eq(1), ax.arid.eq(0),
                      ax.arvalid.eq(ar_busy)]
-        run = seq.runs.p
+        run = runs.r_data
         nbytes = Signal(20)
         m.d.comb += nbytes.eq(run.n << es_log)
-        m.d.comb += seq.runs.ready.eq(~ar_busy & dq.w_rdy)
+        run_acc = Signal()
+        m.d.comb += [run_acc.eq(runs.r_rdy & ~ar_busy & dq.w_rdy), runs.r_en.eq(run_acc)]
         m.d.comb += [dq.w_data.off.eq(run.dram[:bb_log] if bb_log else 0),
                      dq.w_data.nbytes.eq(nbytes), dq.w_data.chip.eq(run.chip),
-                     dq.w_data.n.eq(run.n), dq.w_en.eq(seq.runs.valid & seq.runs.ready),
+                     dq.w_data.n.eq(run.n), dq.w_en.eq(run_acc),
                      dq.w_data.need0.eq(chunk_of(run.n) << es_log)]
-        with m.If(seq.runs.valid & seq.runs.ready):
+        with m.If(run_acc):
             m.d.sync += [ar_busy.eq(1), ar_addr.eq(run.dram),
                          ar_left.eq(_run_beats(run.dram, nbytes, bb))] + b_start(run.dram)
         with m.If(ax.arvalid & ax.arready):
@@ -1078,7 +1091,7 @@ class LoadUnit(_DmaUnit):
             m.d.sync += [busy.eq(1), gen_done.eq(0), err.eq(ErrorCode.OK), bus_err.eq(0)]
         with m.If(seq.finished):
             m.d.sync += [gen_done.eq(1), err.eq(seq.error)]
-        drained = gen_done & ~ar_busy & dq.empty & ~have & ~wrq.r_rdy
+        drained = gen_done & runs.empty & ~ar_busy & dq.empty & ~have & ~wrq.r_rdy
         with m.If(busy & drained):
             m.d.comb += ctl.done.eq(1)
             m.d.sync += busy.eq(0)
@@ -1122,7 +1135,7 @@ class StoreUnit(_DmaUnit):
         bb_log = bb.bit_length() - 1
         cap = bb + chunk
         m = Module()
-        seq, f = self._sequencer(m)
+        seq, f, runs = self._sequencer(m)
         es_log = Signal(2)
         m.d.comb += es_log.eq(_es_log(f.dtype))
         ctl = self.ctl
@@ -1132,9 +1145,9 @@ class StoreUnit(_DmaUnit):
         rl = run_layout(cfg)
         awq = _Fifo(m, "awq", rl, 4)      # runs for the AW issuer
         rdq = _Fifo(m, "rdq", rl, 4)      # runs for the chunk reader
-        m.d.comb += seq.runs.ready.eq(awq.w_rdy & rdq.w_rdy)
-        push = seq.runs.valid & seq.runs.ready
-        m.d.comb += [awq.w_data.eq(seq.runs.p), rdq.w_data.eq(seq.runs.p),
+        push = Signal()
+        m.d.comb += [push.eq(runs.r_rdy & awq.w_rdy & rdq.w_rdy), runs.r_en.eq(push)]
+        m.d.comb += [awq.w_data.eq(runs.r_data), rdq.w_data.eq(runs.r_data),
                      awq.w_en.eq(push), rdq.w_en.eq(push)]
 
         # per run: first-beat offset, bytes, and the first beat's bytes min(nbytes, bb - off)
@@ -1387,7 +1400,7 @@ class StoreUnit(_DmaUnit):
             m.d.sync += [busy.eq(1), gen_done.eq(0), err.eq(ErrorCode.OK), bus_err.eq(0)]
         with m.If(seq.finished):
             m.d.sync += [gen_done.eq(1), err.eq(seq.error)]
-        drained = (gen_done & awq.empty & rdq.empty & ~aw_busy & ~r_have & cq.empty &
+        drained = (gen_done & runs.empty & awq.empty & rdq.empty & ~aw_busy & ~r_have & cq.empty &
                    ~w_have & wq.empty & bq.empty & (outstanding == 0) &
                    ~Cat(*pipe_v).any())
         with m.If(busy & drained):
