@@ -756,8 +756,8 @@ def _seq_spans(f, spans):
 
 
 def _load_cycles(f, starts, cfg, lanes, seq):
-    """LoadUnit: start -> done. The runs flow sequencer -> two-entry run queue -> AR issuer (one run in flight, a
-    4-deep run FIFO) -> RAM -> data path (one run at a time)."""
+    """LoadUnit: start -> done. The runs flow sequencer -> two-entry run queue -> AR issuer
+    (one run in flight, a 4-deep run FIFO) -> RAM -> data path (one run at a time)."""
     first, steps, empty = seq
     if first is None or len(starts) == 0:
         return empty if empty is not None else 13
