@@ -893,10 +893,24 @@ class MatmulUnit(wiring.Component):
                 for c in range(cols)]
         pushing = Signal()
         push_r = Signal(range(rows))
+        # Which words of the slot are kept and which transpose-buffer column takes them, as
+        # registers set from the stage before t4: the scratchpad's read data crosses the chip
+        # from its rotate register, and the compares and decodes in front of ``tbuf`` were
+        # MATMUL's slowest path (tbuf_2_*, 12.6-12.7 ns routed, e000a2e seed 4)
+        t_pre = t_rd[-2]
+        w_keep = Signal(cols)
+        bt_col = Signal(cols)
+        bt_keep = [Signal(rows, name=f"bt_keep{c}") for c in range(cols)]
+        m.d.sync += [w_keep.eq(Cat(*[(t_pre.i < t_pre.kval) & (j < t_pre.nval)
+                                     for j in range(cols)])),
+                     bt_col.eq(Cat(*[(t_pre.kind == _Op.BT) & (t_pre.i == c)
+                                     for c in range(cols)]))]
+        m.d.sync += [bt_keep[c].eq(Cat(*[(r < t_pre.kval) & (c < t_pre.nval)
+                                         for r in range(rows)])) for c in range(cols)]
         with m.If(k4 == _Op.W):
             m.d.comb += w_in.valid.eq(1)
             for j in range(cols):
-                m.d.comb += w_in.payload[j].eq(Mux((t4.i < t4.kval) & (j < t4.nval), rd[j], 0))
+                m.d.comb += w_in.payload[j].eq(Mux(w_keep[j], rd[j], 0))
         with m.Elif(pushing):
             m.d.comb += w_in.valid.eq(1)
             for j in range(cols):
@@ -905,12 +919,11 @@ class MatmulUnit(wiring.Component):
             with m.If(push_r == rows - 1):
                 m.d.sync += [pushing.eq(0), push_r.eq(0)]
         protocol(w_in.valid & ~w_in.ready)
+        for c in range(cols):
+            with m.If(bt_col[c]):
+                for r in range(rows):
+                    m.d.sync += tbuf[c][r].eq(Mux(bt_keep[c][r], rd[r], 0))
         with m.If(k4 == _Op.BT):
-            for c in range(cols):
-                with m.If(t4.i == c):
-                    for r in range(rows):
-                        m.d.sync += tbuf[c][r].eq(
-                            Mux((r < t4.kval) & (c < t4.nval), rd[r], 0))
             with m.If(t4.i == cols - 1):
                 m.d.sync += [pushing.eq(1), push_r.eq(0)]
 
