@@ -844,8 +844,18 @@ def elaborate_v2(accel, platform):
     hs = [mr.arvalid & mr.arready, mr.rvalid & mr.rready, mw.awvalid & mw.awready,
           mw.wvalid & mw.wready, mw.bvalid & mw.bready, dispatched, *retire,
           *[tok_pop[k] | tok_push[k] for k in _TOKQ], *start_sig]
-    for mem in mems.values():
-        hs += [mem.port.rd_en, mem.port.wr_en]
+    # memory traffic: each compute unit's own enables and the DMA sequencers' span-list
+    # reads (LOAD's and STORE's other accesses follow their AXI beats), not the memories'
+    # port enables: those gather every unit's enable through the owner multiplexers
+    # (prog_ev23, 12.3 ns routed, e000a2e seed 4)
+    for kind in mems:
+        for i in compute_units:
+            if has(instances[i], kind):
+                port = getattr(instances[i], kind)
+                hs += [getattr(port, n) for n in ("rd_en", "wr_en") if hasattr(port, n)]
+    hs += [instances[i].idx_rd_req for i in (load_i, store_i)
+           if i is not None and has(instances[i], "idx_rd_req")]
+    hs.append(clear_on)
     stall = Signal(32)
     running_prog = Signal()
     m.d.comb += running_prog.eq(started)

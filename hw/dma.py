@@ -832,7 +832,7 @@ class _DmaUnit(wiring.Component):
             # LOAD: the write this cycle if granted (``wr_en`` = ``wr_req`` & grant), so the v2
             # top can form the memories' write enables without the late grant
             "spad_wr_req": Out(1), "idx_wr_req": Out(1),
-            # LOAD: its span-list read this cycle if granted
+            # the sequencer's span-list read this cycle if granted
             "idx_rd_req": Out(1),
         })
 
@@ -1256,6 +1256,7 @@ class StoreUnit(_DmaUnit):
         m.d.sync += credits.eq(credits - acc + cq.r_en)
         sp, ix = self.spad, self.idx
         m.d.comb += [sp.rd_en.eq(issue & ~is_idx), sp.rd_addr.eq(chip_e)]
+        m.d.comb += self.idx_rd_req.eq(seq.idx_rd_req)    # (the v2 top's watchdog reads it)
         m.d.comb += [ix.rd_en.eq(Mux(seq.idx_rd_req, seq.idx_rd_en, issue & is_idx)),
                      ix.rd_addr.eq(Mux(seq.idx_rd_req, seq.idx_rd_addr, chip_e)),
                      seq.idx_rd_data.eq(ix.rd_data)]
